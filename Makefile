@@ -1,0 +1,62 @@
+# Two commands do all the set-up: `make demo` and `make test`. Both create what they need.
+PYTHON ?= python3.11
+VENV := .venv
+VENV_TRITON := .venv-triton
+BIN := $(VENV)/bin
+# Telemetry off for everything started from here (the Python code sets it too).
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
+export AIRFLOW__USAGE_DATA_COLLECTION__ENABLED := False
+export SCARF_ANALYTICS := false
+PYTEST_ARGS ?=
+
+.PHONY: help venv venv-triton demo test test-slow up down status assets clean-stack lint
+
+help:
+	@echo "make demo       create environments, start the local stack, run optimize_model end to end"
+	@echo "make test       create environments and run the test suite"
+	@echo "make test-slow  the long checks (real demo assets)"
+	@echo "make up|down|status  start, stop or inspect the local stack"
+
+venv: $(VENV)/.installed
+venv-triton: $(VENV_TRITON)/.installed
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $@
+
+# The Triton runtime: a real tritonserver 2.51 from the nvidia-pytriton wheel (installed without
+# its dependencies), plus what the python backend models need. numpy<2: the python backend
+# returns empty tensors with numpy 2.
+$(VENV_TRITON)/.installed: requirements-triton.lock
+	@test -x $(VENV_TRITON)/bin/python || $(PYTHON) -m venv $(VENV_TRITON)
+	$(VENV_TRITON)/bin/pip install --quiet --disable-pip-version-check --no-deps nvidia-pytriton==0.7.0
+	$(VENV_TRITON)/bin/pip install --quiet --disable-pip-version-check -r requirements-triton.lock
+	@touch $@
+
+up: venv venv-triton
+	$(BIN)/opsctl up
+
+down:
+	@if [ -x $(BIN)/opsctl ]; then $(BIN)/opsctl down; else echo "nothing to stop: no environment"; fi
+
+status: venv
+	$(BIN)/opsctl status
+
+assets: venv
+	$(BIN)/opsctl fetch-assets
+
+demo: venv venv-triton
+	$(BIN)/opsctl up
+	$(BIN)/opsctl demo
+
+test: venv venv-triton
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-slow: venv venv-triton
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+clean-stack: down
+	rm -rf .stack

@@ -1,0 +1,1 @@
+"""Serving-side monitoring: prediction log, latency, drift, and the re-optimization policy."""

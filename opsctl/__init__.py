@@ -1,0 +1,1 @@
+"""opsctl: start, stop and inspect the local stack (MLflow, Triton, Airflow) and run the demo."""

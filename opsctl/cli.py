@@ -1,0 +1,107 @@
+"""``opsctl``: the command line of the local stack.
+
+Exit codes: 0 success, 1 a step failed (the message says what to do), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from opsctl.process import ServiceError
+from opsctl.settings import SettingsError, StackSettings
+
+
+def _cmd_up(settings: StackSettings, args: argparse.Namespace) -> int:
+    from opsctl.services import LocalStack
+
+    stack = LocalStack(settings)
+    stack.up(with_airflow=not args.no_airflow)
+    _print_urls(settings, stack.airflow_admin_password())
+    return 0
+
+
+def _cmd_down(settings: StackSettings, args: argparse.Namespace) -> int:
+    from opsctl.services import LocalStack
+
+    stack = LocalStack(settings)
+    stack.down()
+    print("local stack stopped")
+    return 0
+
+
+def _cmd_status(settings: StackSettings, args: argparse.Namespace) -> int:
+    from opsctl.services import LocalStack
+
+    states = LocalStack(settings).status()
+    if args.json:
+        print(json.dumps(states, indent=2))
+    else:
+        for name, state in states.items():
+            marker = f"running (pid {state['pid']})" if state["running"] else "stopped"
+            print(f"{name:24s} {marker:22s} log: {state['log']}")
+    return 0 if all(state["running"] for state in states.values()) else 3
+
+
+def _cmd_fetch_assets(settings: StackSettings, args: argparse.Namespace) -> int:
+    from tasks.assets import fetch_demo_assets
+
+    assets = fetch_demo_assets(settings.assets_cache, progress=print)
+    for key, path in assets.as_dict().items():
+        print(f"{key:10s} {path}")
+    return 0
+
+
+def _cmd_demo(settings: StackSettings, args: argparse.Namespace) -> int:
+    from opsctl.demo import run_demo
+
+    return run_demo(settings, profile=args.profile, timeout_s=args.timeout)
+
+
+def _print_urls(settings: StackSettings, password: str | None) -> None:
+    print()
+    print(f"MLflow UI:   {settings.mlflow_url}")
+    print(f"Airflow UI:  {settings.airflow_url}  (user admin, password {password or '(not generated yet)'};"
+          f" stored in {settings.airflow_passwords_file})")
+    print(f"Triton:      http://{settings.triton_http_url}  (gRPC {settings.host}:{settings.triton_grpc_port},"
+          f" metrics http://{settings.host}:{settings.triton_metrics_port}/metrics)")
+    print(f"Logs:        {settings.logs_dir}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opsctl", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    up = commands.add_parser("up", help="start MLflow, Triton and Airflow on 127.0.0.1 (no-op when running)")
+    up.add_argument("--no-airflow", action="store_true", help="start only MLflow and Triton")
+    up.set_defaults(handler=_cmd_up)
+    commands.add_parser("down", help="stop every service the stack started").set_defaults(handler=_cmd_down)
+    status = commands.add_parser("status", help="show which services run (exit 3 when any is stopped)")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=_cmd_status)
+    commands.add_parser(
+        "fetch-assets", help="download and verify the demo teacher and data (cached; never fetched twice)"
+    ).set_defaults(handler=_cmd_fetch_assets)
+    demo = commands.add_parser("demo", help="trigger optimize_model through Airflow and print what it did")
+    demo.add_argument("--profile", choices=["demo", "quick"], default="demo", help="size of the demo run")
+    demo.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the DAG run")
+    demo.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = StackSettings.from_env(os.environ)
+        return args.handler(settings, args)
+    except (ServiceError, SettingsError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

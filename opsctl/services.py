@@ -1,0 +1,212 @@
+"""The services of the local stack: what runs, with which environment, in which order."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+
+from opsctl.process import ProcessManager, ServiceError, ServiceSpec
+from opsctl.settings import TELEMETRY_OFF, StackSettings, load_or_create_secrets
+from serving.triton_server import TritonPorts, discover_runtime, prepare_backends, server_command, server_environment
+
+AIRFLOW_COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+
+
+def base_environment(settings: StackSettings, inherited: Mapping[str, str]) -> dict[str, str]:
+    """The inherited environment plus telemetry off and the pipeline's own variables."""
+    env = {key: value for key, value in inherited.items() if not key.startswith("AIRFLOW__")}
+    env.update(TELEMETRY_OFF)
+    env.update(settings.pipeline_environment())
+    env["PATH"] = f"{settings.venv / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}"
+    return env
+
+
+def mlflow_spec(settings: StackSettings, env: dict[str, str]) -> ServiceSpec:
+    settings.mlflow_dir.mkdir(parents=True, exist_ok=True)
+    return ServiceSpec(
+        name="mlflow",
+        argv=[
+            str(settings.venv / "bin" / "mlflow"),
+            "server",
+            "--host",
+            settings.host,
+            "--port",
+            str(settings.mlflow_port),
+            "--backend-store-uri",
+            f"sqlite:///{settings.mlflow_dir / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(settings.mlflow_dir / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        ports=(settings.mlflow_port,),
+        health_url=f"{settings.mlflow_url}/health",
+        stop_signal=signal.SIGINT,
+        cwd=settings.mlflow_dir,
+    )
+
+
+def triton_spec(settings: StackSettings, env: dict[str, str]) -> ServiceSpec:
+    runtime = discover_runtime(settings.triton_venv / "bin" / "python")
+    settings.triton_model_repository.mkdir(parents=True, exist_ok=True)
+    backends = prepare_backends(runtime, settings.triton_dir / "backends")
+    ports = TritonPorts(settings.triton_http_port, settings.triton_grpc_port, settings.triton_metrics_port)
+    return ServiceSpec(
+        name="triton",
+        argv=server_command(runtime, settings.triton_model_repository, backends, ports, host=settings.host),
+        env=server_environment(runtime, env),
+        ports=(ports.http, ports.grpc, ports.metrics),
+        health_url=f"http://{settings.triton_http_url}/v2/health/ready",
+        stop_signal=signal.SIGINT,
+        cwd=settings.triton_dir,
+    )
+
+
+def airflow_environment(settings: StackSettings, env: dict[str, str]) -> dict[str, str]:
+    """Airflow 3 on SQLite with LocalExecutor, simple auth manager, loopback only."""
+    secrets = load_or_create_secrets(settings.home / "secrets.json")
+    home = settings.airflow_home
+    airflow_env = dict(env)
+    airflow_env.update(
+        {
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(settings.repo_root / "dags"),
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__PARALLELISM": str(settings.airflow_parallelism),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(settings.airflow_passwords_file),
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{settings.airflow_url}/execution/",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+            "AIRFLOW__API__HOST": settings.host,
+            "AIRFLOW__API__PORT": str(settings.airflow_port),
+            "AIRFLOW__API__BASE_URL": settings.airflow_url,
+            "AIRFLOW__API__WORKERS": "1",
+            "AIRFLOW__API__SECRET_KEY": secrets["api_secret_key"],
+            "AIRFLOW__API_AUTH__JWT_SECRET": secrets["jwt_secret"],
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
+            "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
+            "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+            "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
+        }
+    )
+    return airflow_env
+
+
+def airflow_db_migrate(settings: StackSettings, env: dict[str, str]) -> None:
+    """Create or upgrade the Airflow metadata database (idempotent)."""
+    settings.airflow_home.mkdir(parents=True, exist_ok=True)
+    settings.logs_dir.mkdir(parents=True, exist_ok=True)
+    with (settings.logs_dir / "airflow-db-migrate.log").open("ab") as log:
+        result = subprocess.run(
+            [str(settings.venv / "bin" / "airflow"), "db", "migrate"],
+            env=env,
+            cwd=settings.airflow_home,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            check=False,
+        )
+    if result.returncode != 0:
+        raise ServiceError(
+            f"`airflow db migrate` failed (exit {result.returncode}); see {settings.logs_dir / 'airflow-db-migrate.log'}"
+        )
+
+
+def airflow_specs(settings: StackSettings, env: dict[str, str]) -> list[ServiceSpec]:
+    airflow = str(settings.venv / "bin" / "airflow")
+    specs = []
+    for component in AIRFLOW_COMPONENTS:
+        argv = [airflow, component]
+        if component == "api-server":
+            argv += ["--host", settings.host, "--port", str(settings.airflow_port)]
+        specs.append(
+            ServiceSpec(
+                name=f"airflow-{component}",
+                argv=argv,
+                env=env,
+                ports=(settings.airflow_port,) if component == "api-server" else (),
+                health_url=f"{settings.airflow_url}/api/v2/monitor/health",
+                stop_signal=signal.SIGINT,
+                cwd=settings.airflow_home,
+                ready_check=_component_healthy(settings, component),
+            )
+        )
+    return specs
+
+
+def _component_healthy(settings: StackSettings, component: str):
+    """Airflow's health endpoint reports scheduler, dag processor and triggerer heartbeats."""
+    key = {"scheduler": "scheduler", "dag-processor": "dag_processor", "triggerer": "triggerer"}.get(component)
+
+    def check() -> bool:
+        if key is None:
+            return True
+        try:
+            with urllib.request.urlopen(f"{settings.airflow_url}/api/v2/monitor/health", timeout=2) as response:  # noqa: S310
+                body = json.load(response)
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+        return (body.get(key) or {}).get("status") == "healthy"
+
+    return check
+
+
+class LocalStack:
+    """The whole local stack: MLflow, Triton and the Airflow services."""
+
+    def __init__(self, settings: StackSettings, inherited_env: Mapping[str, str] | None = None) -> None:
+        self.settings = settings
+        self.manager = ProcessManager(settings.pids_dir, settings.logs_dir, settings.host)
+        self._env = base_environment(settings, os.environ if inherited_env is None else inherited_env)
+
+    @property
+    def service_names(self) -> list[str]:
+        return ["mlflow", "triton", *[f"airflow-{c}" for c in AIRFLOW_COMPONENTS]]
+
+    def up(self, *, with_airflow: bool = True, progress=print) -> None:
+        """Start every service not yet running and wait until each is healthy (idempotent)."""
+        self.settings.home.mkdir(parents=True, exist_ok=True)
+        specs = [mlflow_spec(self.settings, self._env), triton_spec(self.settings, self._env)]
+        if with_airflow:
+            airflow_env = airflow_environment(self.settings, self._env)
+            if not all(self.manager.state(spec.name).running for spec in airflow_specs(self.settings, airflow_env)):
+                progress("airflow: migrating the metadata database")
+                airflow_db_migrate(self.settings, airflow_env)
+            specs += airflow_specs(self.settings, airflow_env)
+        for spec in specs:
+            pid, started = self.manager.start(spec)
+            progress(f"{spec.name}: {'started' if started else 'already running'} (pid {pid})")
+        for spec in specs:
+            self.manager.wait_healthy(spec, timeout_s=180.0)
+            progress(f"{spec.name}: healthy")
+
+    def down(self, progress=print) -> None:
+        """Stop every running service, Airflow first (its tasks talk to MLflow and Triton)."""
+        for name in reversed(self.service_names):
+            if self.manager.stop(name):
+                progress(f"{name}: stopped")
+
+    def status(self) -> dict[str, dict]:
+        return {
+            name: {"running": state.running, "pid": state.pid, "log": str(state.log_file)}
+            for name in self.service_names
+            for state in [self.manager.state(name)]
+        }
+
+    def airflow_admin_password(self) -> str | None:
+        path = self.settings.airflow_passwords_file
+        if not path.exists():
+            return None
+        return json.loads(path.read_text()).get("admin")
+
+    def environment(self) -> dict[str, str]:
+        """The environment tools need to reach this stack (used by the demo and tests)."""
+        return dict(self._env)
+

@@ -1,0 +1,142 @@
+"""One settings object for the local stack, built from the environment at the entrypoint."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Usage data off for every process the stack starts (MLflow 3, Evidently, Airflow).
+TELEMETRY_OFF = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "AIRFLOW__USAGE_DATA_COLLECTION__ENABLED": "False",
+    "SCARF_ANALYTICS": "false",
+}
+
+
+class SettingsError(ValueError):
+    """A PIPELINE_* environment variable holds a value the stack cannot use."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not an integer") from None
+    if not 0 < value < 65536:
+        raise SettingsError(f"{name}={value} is outside 1..65535")
+    return value
+
+
+@dataclass(frozen=True)
+class StackSettings:
+    """Where the local stack keeps its state and which loopback ports it uses.
+
+    Everything lives under ``home`` (default ``<repo>/.stack``): databases, artifacts, the
+    Triton model repository, logs and pid files. Deleting that folder resets the stack.
+    """
+
+    home: Path
+    repo_root: Path = REPO_ROOT
+    host: str = "127.0.0.1"
+    mlflow_port: int = 5000
+    triton_http_port: int = 8000
+    triton_grpc_port: int = 8001
+    triton_metrics_port: int = 8002
+    airflow_port: int = 8080
+    airflow_parallelism: int = 2
+    assets_cache: Path = Path.home() / ".cache" / "transformer-optimization-pipeline"
+    venv: Path = REPO_ROOT / ".venv"
+    triton_venv: Path = REPO_ROOT / ".venv-triton"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> StackSettings:
+        """Build settings from ``PIPELINE_*`` variables; unset ones take the defaults."""
+        home = Path(env.get("PIPELINE_HOME") or REPO_ROOT / ".stack").resolve()
+        cache = env.get("PIPELINE_ASSETS_CACHE")
+        return cls(
+            home=home,
+            mlflow_port=_int(env, "PIPELINE_MLFLOW_PORT", 5000),
+            triton_http_port=_int(env, "PIPELINE_TRITON_HTTP_PORT", 8000),
+            triton_grpc_port=_int(env, "PIPELINE_TRITON_GRPC_PORT", 8001),
+            triton_metrics_port=_int(env, "PIPELINE_TRITON_METRICS_PORT", 8002),
+            airflow_port=_int(env, "PIPELINE_AIRFLOW_PORT", 8080),
+            assets_cache=Path(cache).resolve() if cache else cls.assets_cache,
+        )
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def pids_dir(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def mlflow_dir(self) -> Path:
+        return self.home / "mlflow"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://{self.host}:{self.mlflow_port}"
+
+    @property
+    def triton_dir(self) -> Path:
+        return self.home / "triton"
+
+    @property
+    def triton_model_repository(self) -> Path:
+        return self.triton_dir / "models"
+
+    @property
+    def triton_http_url(self) -> str:
+        return f"{self.host}:{self.triton_http_port}"
+
+    @property
+    def airflow_home(self) -> Path:
+        return self.home / "airflow"
+
+    @property
+    def airflow_url(self) -> str:
+        return f"http://{self.host}:{self.airflow_port}"
+
+    @property
+    def runs_dir(self) -> Path:
+        """Run-scoped artifacts of pipeline runs (one folder per Airflow run id)."""
+        return self.home / "runs"
+
+    @property
+    def airflow_passwords_file(self) -> Path:
+        return self.airflow_home / "simple_auth_manager_passwords.json.generated"
+
+    def pipeline_environment(self) -> dict[str, str]:
+        """Variables the pipeline tasks read (see tasks.settings.PipelineSettings.from_env)."""
+        return {
+            "PIPELINE_HOME": str(self.home),
+            "PIPELINE_ASSETS_CACHE": str(self.assets_cache),
+            "PIPELINE_MLFLOW_TRACKING_URI": self.mlflow_url,
+            "PIPELINE_TRITON_URL": self.triton_http_url,
+            "PIPELINE_TRITON_MODEL_REPOSITORY": str(self.triton_model_repository),
+            "PIPELINE_RUNS_DIR": str(self.runs_dir),
+        }
+
+
+def load_or_create_secrets(path: Path) -> dict[str, str]:
+    """Secrets shared by the Airflow processes (JWT signing, API secret key), kept across restarts."""
+    if path.exists():
+        return json.loads(path.read_text())
+    values = {"jwt_secret": secrets.token_urlsafe(32), "api_secret_key": secrets.token_urlsafe(32)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_suffix(".tmp")
+    temp.write_text(json.dumps(values))
+    temp.chmod(0o600)
+    temp.rename(path)
+    return values

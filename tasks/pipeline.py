@@ -1,0 +1,252 @@
+"""The optimize_model flow as one function per DAG task.
+
+Each function takes the settings, the run's config and the upstream results (plain dicts from
+XCom), calls one step, and returns the step's result as a plain dict. The DAG file only wires.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from tasks import data as data_step
+from tasks import evaluate as evaluate_step
+from tasks import export as export_step
+from tasks import finetune as finetune_step
+from tasks import gate as gate_step
+from tasks import promote as promote_step
+from tasks import quantize as quantize_step
+from tasks import registry
+from tasks.assets import fetch_demo_assets
+from tasks.config import PipelineConfig
+from tasks.errors import ConfigError
+from tasks.results import ModelFormat, StepResult, StepStatus, write_json_atomic
+from tasks.settings import PipelineSettings
+
+log = logging.getLogger(__name__)
+
+DEMO_PREFIX = "demo:"
+DEMO_SOURCES = {"demo:imdb": "imdb", "demo:tweets": "tweets", "demo:minilm": "teacher"}
+
+# Params shown in the Airflow UI (flat, with defaults) and where each goes in the nested config.
+PARAM_PATHS = {
+    "data_source": ("data", "source"),
+    "text_column": ("data", "text_column"),
+    "label_column": ("data", "label_column"),
+    "max_train": ("data", "max_train"),
+    "max_eval": ("data", "max_eval"),
+    "teacher": ("finetune", "model"),
+    "epochs": ("finetune", "epochs"),
+    "max_steps": ("finetune", "max_steps"),
+    "batch_size": ("finetune", "batch_size"),
+    "learning_rate": ("finetune", "learning_rate"),
+    "max_length": ("finetune", "max_length"),
+    "max_relative_accuracy_drop": ("gate", "max_relative_accuracy_drop"),
+    "max_p95_latency_ms": ("gate", "max_p95_latency_ms"),
+    "registered_model": ("promote", "registered_model"),
+    "triton_model": ("promote", "triton_model"),
+}
+DEFAULT_PARAMS: dict[str, Any] = {
+    "data_source": "demo:imdb",
+    "text_column": "text",
+    "label_column": "label",
+    "max_train": 1000,
+    "max_eval": 500,
+    "teacher": "demo:minilm",
+    "epochs": 1.0,
+    "max_steps": 0,
+    "batch_size": 16,
+    "learning_rate": 5e-5,
+    "max_length": 128,
+    "max_relative_accuracy_drop": 0.03,
+    "max_p95_latency_ms": 0.0,
+    "registered_model": "text-classifier",
+    "triton_model": "text_classifier",
+}
+CANDIDATES = {
+    "teacher_pytorch": ("finetune", ModelFormat.PYTORCH, "finetune (PyTorch FP32)"),
+    "onnx_fp32": ("export", ModelFormat.ONNX, "finetune > ONNX export (FP32)"),
+    "onnx_int8": ("quantize", ModelFormat.ONNX, "finetune > ONNX export > dynamic INT8"),
+}
+# The unquantized / unexported model each candidate is compared with.
+SOURCE_OF = {"onnx_fp32": "teacher_pytorch", "onnx_int8": "onnx_fp32"}
+PROMOTED_CANDIDATE = "onnx_int8"
+
+
+def config_from_params(params: dict[str, Any]) -> PipelineConfig:
+    """Flat UI params (plus an optional nested ``overrides`` object) -> a validated PipelineConfig."""
+    nested: dict[str, dict[str, Any]] = {}
+    unknown = set(params) - set(PARAM_PATHS) - {"overrides"}
+    if unknown:
+        raise ConfigError(f"unknown params {sorted(unknown)}; known: {sorted(PARAM_PATHS)} and 'overrides'")
+    for name, value in (DEFAULT_PARAMS | params).items():
+        if name == "overrides":
+            continue
+        section, key = PARAM_PATHS[name]
+        nested.setdefault(section, {})[key] = value
+    for section, values in (params.get("overrides") or {}).items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"overrides.{section} must be an object")
+        nested.setdefault(section, {}).update(values)
+    # The evaluation and export use the fine-tuning sequence length unless told otherwise.
+    nested.setdefault("evaluate", {}).setdefault("max_length", nested["finetune"].get("max_length", 128))
+    return PipelineConfig.from_dict(nested)
+
+
+def resolve_source(source: str, settings: PipelineSettings) -> str:
+    """Replace ``demo:*`` names with the cached demo asset paths (fetched once)."""
+    if not source.startswith(DEMO_PREFIX):
+        return source
+    if source not in DEMO_SOURCES:
+        raise ConfigError(f"unknown demo asset {source!r}; known: {sorted(DEMO_SOURCES)}")
+    assets = fetch_demo_assets(settings.assets_cache, progress=log.info)
+    return assets.as_dict()[DEMO_SOURCES[source]]
+
+
+def _run_dir(settings: PipelineSettings, run_id: str) -> Path:
+    return settings.run_dir(run_id)
+
+
+def prepare_data(settings: PipelineSettings, config: PipelineConfig, run_id: str) -> dict:
+    from dataclasses import replace
+
+    data_config = replace(config.data, source=resolve_source(config.data.source, settings))
+    result = data_step.run(data_config, _run_dir(settings, run_id) / "data")
+    return result.to_dict()
+
+
+def finetune_teacher(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict) -> dict:
+    from dataclasses import replace
+
+    finetune_config = replace(config.finetune, model=resolve_source(config.finetune.model, settings))
+    data_dir = Path(StepResult.from_dict(data).uri("data"))
+    return finetune_step.run(finetune_config, data_dir, _run_dir(settings, run_id) / "teacher").to_dict()
+
+
+def export_onnx(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict, teacher: dict) -> dict:
+    result = export_step.run(
+        config.export,
+        model_dir=Path(StepResult.from_dict(teacher).uri("model")),
+        data_dir=Path(StepResult.from_dict(data).uri("data")),
+        out_dir=_run_dir(settings, run_id) / "onnx_fp32",
+        max_length=config.finetune.max_length,
+    )
+    return result.to_dict()
+
+
+def quantize_int8(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict, onnx: dict) -> dict:
+    result = quantize_step.run(
+        config.quantize,
+        onnx_dir=Path(StepResult.from_dict(onnx).uri("model")),
+        data_dir=Path(StepResult.from_dict(data).uri("data")),
+        out_dir=_run_dir(settings, run_id) / "onnx_int8",
+        max_length=config.finetune.max_length,
+    )
+    return result.to_dict()
+
+
+def evaluate_candidates(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict,
+                        produced: dict[str, dict]) -> dict[str, dict]:
+    """Evaluate every candidate on the same test split. ``produced`` maps step name -> result."""
+    data_dir = Path(StepResult.from_dict(data).uri("data"))
+    evaluations = {}
+    for candidate, (step, model_format, _) in CANDIDATES.items():
+        model_dir = Path(StepResult.from_dict(produced[step]).uri("model"))
+        log.info("evaluating %s (%s) from %s", candidate, model_format.value, model_dir)
+        result = evaluate_step.run(config.evaluate, candidate, model_dir, model_format, data_dir,
+                                   _run_dir(settings, run_id) / "evaluation" / candidate)
+        evaluations[candidate] = result.to_dict()
+        log.info("%s: accuracy %.4f p50 %.2f ms p95 %.2f ms", candidate, result.metrics["accuracy"],
+                 result.metrics["latency_p50_ms"], result.metrics["latency_p95_ms"])
+    return evaluations
+
+
+def candidate_metrics(evaluations: dict[str, dict], candidate: str) -> dict[str, float]:
+    """A candidate's evaluation metrics plus its agreement with its source model on the same test texts."""
+    metrics = dict(StepResult.from_dict(evaluations[candidate]).metrics)
+    source = SOURCE_OF.get(candidate)
+    if source is not None:
+        agreement = export_step.compare_logits(
+            evaluate_step.read_logits(Path(StepResult.from_dict(evaluations[source]).uri("predictions"))),
+            evaluate_step.read_logits(Path(StepResult.from_dict(evaluations[candidate]).uri("predictions"))),
+        )
+        metrics.update({f"source_{key}": value for key, value in agreement.items()})
+    return metrics
+
+
+def register_candidates(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict,
+                        evaluations: dict[str, dict]) -> dict[str, Any]:
+    """One MLflow parent run, a nested run per candidate, ONNX candidates registered as versions."""
+    data_result = StepResult.from_dict(data)
+    parent = registry.parent_run_id(settings.mlflow_tracking_uri, settings.experiment, run_id,
+                                    _flatten(config.to_dict()))
+    lineage = {"data_hash": data_result.info["data_hash"],
+               "split_sizes": ",".join(f"{k}={int(v)}" for k, v in data_result.metrics.items())}
+    versions: dict[str, str | None] = {}
+    for candidate, (_, model_format, technique) in CANDIDATES.items():
+        evaluation = StepResult.from_dict(evaluations[candidate])
+        metrics = candidate_metrics(evaluations, candidate)
+        versions[candidate] = registry.log_candidate(
+            settings.mlflow_tracking_uri, settings.experiment, parent, run_id, config.promote.registered_model,
+            registry.Candidate(candidate, Path(evaluation.uri("model")), metrics, technique,
+                               registrable=model_format is ModelFormat.ONNX),
+            lineage,
+        )
+    return {"parent_run_id": parent, "versions": versions}
+
+
+def gate_and_promote(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict,
+                     evaluations: dict[str, dict], registered: dict) -> dict:
+    """Gate the INT8 candidate against the teacher; promote it to Triton when every gate passes."""
+    teacher = StepResult.from_dict(evaluations["teacher_pytorch"]).metrics
+    candidate = StepResult.from_dict(evaluations[PROMOTED_CANDIDATE])
+    metrics = candidate_metrics(evaluations, PROMOTED_CANDIDATE)
+    checks = gate_step.evaluate_gates(config.gate, metrics, teacher)
+    version = registered["versions"][PROMOTED_CANDIDATE]
+    registry.tag_version(settings.mlflow_tracking_uri, config.promote.registered_model, version,
+                         {f"gate.{c.name}": f"{c.decision.value}: {c.detail}" for c in checks})
+    if not gate_step.passed(checks):
+        reasons = gate_step.failure_reasons(checks)
+        log.warning("%s not promoted: %s", PROMOTED_CANDIDATE, "; ".join(reasons))
+        result = StepResult(step="promote", status=StepStatus.SKIPPED,
+                            reason=f"gates failed: {'; '.join(reasons)}; the champion stays")
+    else:
+        data_dir = Path(StepResult.from_dict(data).uri("data"))
+        result = promote_step.run(
+            config.promote,
+            promote_step.PromotionTarget(settings.triton_url, settings.triton_model_repository,
+                                         settings.mlflow_tracking_uri),
+            model_dir=Path(candidate.uri("model")),
+            predictions=Path(candidate.uri("predictions")),
+            data_dir=data_dir,
+            mlflow_version=version,
+            max_length=config.evaluate.max_length,
+            intra_op_threads=config.evaluate.threads,
+        )
+    summary = {
+        "run_id": run_id,
+        "mlflow_parent_run_id": registered["parent_run_id"],
+        "registered_model": config.promote.registered_model,
+        "versions": registered["versions"],
+        "candidates": {name: StepResult.from_dict(value).metrics for name, value in evaluations.items()},
+        "gates": [{"name": c.name, "decision": c.decision.value, "detail": c.detail} for c in checks],
+        "promotion": result.to_dict(),
+    }
+    summary_path = _run_dir(settings, run_id) / "summary.json"
+    write_json_atomic(summary_path, summary)
+    registry.log_run_summary(settings.mlflow_tracking_uri, registered["parent_run_id"], summary_path,
+                             {f"{name}.{key}": value for name, value in summary["candidates"].items()
+                              for key, value in value.items() if key in ("accuracy", "latency_p95_ms")})
+    return result.to_dict() | {"summary": str(summary_path)}
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    flat = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat

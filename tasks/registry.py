@@ -1,0 +1,151 @@
+"""Record a pipeline run in MLflow: one parent run, a nested run per candidate, model versions.
+
+Re-running a task finds the parent run and the model versions it already created (by the
+``pipeline_run_id`` and ``candidate`` tags) instead of creating duplicates.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tasks.export import INPUT_NAMES, MODEL_FILENAME
+from tasks.quantize import TOKENIZER_FILES
+
+log = logging.getLogger(__name__)
+
+RUN_TAG = "pipeline_run_id"
+ROLE_TAG = "pipeline_role"
+CANDIDATE_TAG = "candidate"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One model the run produced and measured."""
+
+    name: str  # e.g. "onnx_fp32", "onnx_int8"
+    model_dir: Path
+    metrics: dict[str, float]
+    technique: str  # human-readable chain, e.g. "finetune > onnx export > dynamic int8"
+    registrable: bool = True  # only ONNX candidates become model versions
+
+
+def _client(tracking_uri: str):
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    return mlflow.MlflowClient(tracking_uri)
+
+
+def parent_run_id(tracking_uri: str, experiment: str, pipeline_run_id: str, params: dict[str, str]) -> str:
+    """The MLflow run of this pipeline run, created once."""
+    import mlflow
+
+    client = _client(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    existing = client.search_runs([experiment_id], filter_string=f"tags.{RUN_TAG} = '{pipeline_run_id}' and tags.{ROLE_TAG} = 'parent'",
+                                  max_results=1)
+    if existing:
+        return existing[0].info.run_id
+    run = client.create_run(experiment_id, run_name=pipeline_run_id, tags={RUN_TAG: pipeline_run_id, ROLE_TAG: "parent"})
+    for key, value in params.items():
+        client.log_param(run.info.run_id, key, str(value)[:6000])
+    log.info("MLflow run %s created (%s)", run.info.run_id, mlflow.get_tracking_uri())
+    return run.info.run_id
+
+
+def existing_version(tracking_uri: str, registered_model: str, pipeline_run_id: str, candidate: str) -> str | None:
+    client = _client(tracking_uri)
+    try:
+        versions = client.search_model_versions(f"name = '{registered_model}'")
+    except Exception:  # noqa: BLE001 - the registered model does not exist yet
+        return None
+    for version in versions:
+        if version.tags.get(RUN_TAG) == pipeline_run_id and version.tags.get(CANDIDATE_TAG) == candidate:
+            return version.version
+    return None
+
+
+def log_candidate(tracking_uri: str, experiment: str, parent_id: str, pipeline_run_id: str, registered_model: str,
+                  candidate: Candidate, lineage: dict[str, str]) -> str | None:
+    """Log one candidate as a nested run; register ONNX candidates. Returns the model version (or None)."""
+    import mlflow
+    import onnx
+
+    client = _client(tracking_uri)
+    version = existing_version(tracking_uri, registered_model, pipeline_run_id, candidate.name)
+    if version is not None:
+        log.info("candidate %s already registered as version %s; not registering again", candidate.name, version)
+        return version
+    mlflow.set_experiment(experiment)
+    tags = {RUN_TAG: pipeline_run_id, CANDIDATE_TAG: candidate.name, ROLE_TAG: "candidate",
+            "technique": candidate.technique} | lineage
+    with mlflow.start_run(run_id=parent_id):
+        with mlflow.start_run(run_name=candidate.name, nested=True, tags=tags):
+            mlflow.log_metrics(candidate.metrics)
+            if not candidate.registrable:
+                return None
+            signature, example = _signature(candidate.model_dir)
+            info = mlflow.onnx.log_model(
+                onnx_model=onnx.load(str(candidate.model_dir / MODEL_FILENAME)),
+                name="model",
+                registered_model_name=registered_model,
+                signature=signature,
+                input_example=example,
+                onnx_execution_providers=["CPUExecutionProvider"],
+                save_as_external_data=False,
+                pip_requirements=["onnxruntime", "onnx", "numpy"],
+                extra_files=[str(candidate.model_dir / name) for name in TOKENIZER_FILES
+                             if (candidate.model_dir / name).exists()],
+            )
+    version = str(info.registered_model_version)
+    for key, value in tags.items():
+        client.set_model_version_tag(registered_model, version, key, value)
+    for key, value in candidate.metrics.items():
+        client.set_model_version_tag(registered_model, version, f"metric.{key}", f"{value:.6g}")
+    client.update_model_version(
+        registered_model, version,
+        description=f"{candidate.name}: {candidate.technique}. Accuracy {candidate.metrics.get('accuracy', float('nan')):.4f}, "
+                    f"p95 latency {candidate.metrics.get('latency_p95_ms', float('nan')):.2f} ms (batch 1, CPU).",
+    )
+    return version
+
+
+def _signature(model_dir: Path):
+    from mlflow.models import infer_signature
+
+    example = {name: np.ones((1, 8), dtype=np.int64) for name in INPUT_NAMES}
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_dir / MODEL_FILENAME), providers=["CPUExecutionProvider"])
+    output = session.run(None, example)[0]
+    return infer_signature(example, output), example
+
+
+def set_alias(tracking_uri: str, registered_model: str, alias: str, version: str) -> None:
+    _client(tracking_uri).set_registered_model_alias(registered_model, alias, version)
+
+
+def alias_version(tracking_uri: str, registered_model: str, alias: str) -> str | None:
+    client = _client(tracking_uri)
+    try:
+        return client.get_model_version_by_alias(registered_model, alias).version
+    except Exception:  # noqa: BLE001 - MLflow raises RestException for "no such alias/model"
+        return None
+
+
+def tag_version(tracking_uri: str, registered_model: str, version: str, tags: dict[str, str]) -> None:
+    client = _client(tracking_uri)
+    for key, value in tags.items():
+        client.set_model_version_tag(registered_model, version, key, value)
+
+
+def log_run_summary(tracking_uri: str, parent_id: str, summary_path: Path, metrics: dict[str, float]) -> None:
+    client = _client(tracking_uri)
+    client.log_artifact(parent_id, str(summary_path))
+    for key, value in metrics.items():
+        client.log_metric(parent_id, key, value)

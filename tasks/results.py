@@ -1,0 +1,76 @@
+"""Closed sets and the result every step returns."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+
+class StepStatus(str, Enum):
+    SUCCESS = "success"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+class ModelFormat(str, Enum):
+    PYTORCH = "pytorch"
+    ONNX = "onnx"
+    TENSORRT = "tensorrt"
+
+
+class Precision(str, Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What a step hands to the next one: where its outputs are and what it measured.
+
+    ``uris`` maps a role ("model", "onnx", "predictions", ...) to a path or URI string;
+    ``metrics`` holds scalars only; ``reason`` says why a step was SKIPPED or FAILED.
+    """
+
+    step: str
+    status: StepStatus
+    uris: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    info: dict[str, str] = field(default_factory=dict)
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["status"] = self.status.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StepResult:
+        return cls(
+            step=data["step"],
+            status=StepStatus(data["status"]),
+            uris=dict(data.get("uris", {})),
+            metrics={key: float(value) for key, value in data.get("metrics", {}).items()},
+            info=dict(data.get("info", {})),
+            reason=data.get("reason", ""),
+        )
+
+    def uri(self, role: str) -> str:
+        try:
+            return self.uris[role]
+        except KeyError:
+            raise KeyError(f"step {self.step!r} produced no {role!r} output; it has {sorted(self.uris)}") from None
+
+    def save(self, path: Path) -> None:
+        write_json_atomic(path, self.to_dict())
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary name in the same folder, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+    temp.replace(path)

@@ -1,0 +1,63 @@
+import pytest
+
+from tasks.config import DataConfig, FinetuneConfig, GateConfig, PipelineConfig, PromoteConfig, QuantizeConfig
+from tasks.errors import ConfigError
+from tasks.pipeline import DEFAULT_PARAMS, config_from_params
+
+
+def test_defaults_build_a_valid_config():
+    config = config_from_params({})
+    assert config.data.source == "demo:imdb"
+    assert config.finetune.model == "demo:minilm"
+    assert config.evaluate.max_length == config.finetune.max_length
+
+
+def test_round_trip_through_plain_data():
+    config = config_from_params({"max_train": 10, "overrides": {"quantize": {"per_channel": True}}})
+    again = PipelineConfig.from_dict(config.to_dict())
+    assert again == config
+    assert again.quantize.per_channel is True
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"max_tran": 5}, "unknown params"),
+        ({"epochs": 0}, "finetune.epochs"),
+        ({"max_train": 1.5}, "must be an integer"),
+        ({"max_train": True}, "must be an integer"),
+        ({"learning_rate": "fast"}, "invalid value"),
+        ({"max_relative_accuracy_drop": 1.5}, "gate.max_relative_accuracy_drop"),
+        ({"triton_model": "bad name!"}, "promote.triton_model"),
+        ({"overrides": {"quantize": {"per_chanel": True}}}, "unknown keys in quantize"),
+        ({"overrides": {"nonsense": {}}}, "unknown config sections"),
+        ({"overrides": {"quantize": {"per_channel": "yes"}}}, "true or false"),
+    ],
+)
+def test_invalid_params_name_the_field(params, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_params(params)
+
+
+def test_every_ui_param_has_a_default_and_a_target():
+    from tasks.pipeline import PARAM_PATHS
+
+    assert set(DEFAULT_PARAMS) == set(PARAM_PATHS)
+
+
+def test_direct_construction_validates():
+    with pytest.raises(ConfigError):
+        DataConfig(source="")
+    with pytest.raises(ConfigError):
+        DataConfig(source="x.csv", labels=("a", "a"))
+    with pytest.raises(ConfigError):
+        FinetuneConfig(model="m", batch_size=0)
+    with pytest.raises(ConfigError):
+        PromoteConfig(alias="latest")
+    with pytest.raises(ConfigError):
+        GateConfig(min_source_agreement=2)
+
+
+def test_quantize_presets_differ_where_the_cpu_does():
+    assert QuantizeConfig.avx2().reduce_range is True
+    assert QuantizeConfig.avx512_vnni().reduce_range is False

@@ -1,0 +1,88 @@
+"""Each pipeline step on a tiny random BERT and generated texts (no download)."""
+
+import json
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+
+from tasks import evaluate, export, gate, quantize
+from tasks.config import EvaluateConfig, ExportConfig, GateConfig, QuantizeConfig
+from tasks.errors import ExportError
+from tasks.results import ModelFormat, StepResult, StepStatus
+
+
+def test_finetune_learns_the_generated_task(trained_teacher):
+    config = json.loads((trained_teacher / "finetune_config.json").read_text())
+    assert config["epochs"] == 3
+    assert (trained_teacher / "model.safetensors").exists()
+    assert (trained_teacher / "tokenizer.json").exists()
+
+
+def test_finetuned_teacher_beats_chance(trained_teacher, prepared_data, tmp_path):
+    result = evaluate.run(EvaluateConfig(warmup=1, max_length=32), "teacher", trained_teacher, ModelFormat.PYTORCH,
+                          prepared_data, tmp_path / "eval")
+    assert result.metrics["accuracy"] >= 0.8
+
+
+def test_export_has_dynamic_axes_and_matches_pytorch(exported_onnx):
+    model = onnx.load(str(exported_onnx / "model.onnx"))
+    inputs = {item.name: [d.dim_param or d.dim_value for d in item.type.tensor_type.shape.dim] for item in model.graph.input}
+    assert inputs == {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"]}
+    assert [item.name for item in model.graph.output] == ["logits"]
+    check = json.loads((exported_onnx / "export_config.json").read_text())["check"]
+    assert check["max_abs_diff"] < 1e-3
+    assert check["label_agreement"] == 1.0
+
+
+def test_export_rejects_a_model_that_does_not_match(trained_teacher, prepared_data, tmp_path):
+    with pytest.raises(ExportError, match="differs from PyTorch"):
+        export.run(ExportConfig(max_abs_diff=1e-30), trained_teacher, prepared_data, tmp_path / "onnx", max_length=32)
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_dynamic_int8_quantizes_matmuls_and_shrinks_the_file(exported_onnx, prepared_data, tmp_path):
+    result = quantize.run(QuantizeConfig(), exported_onnx, prepared_data, tmp_path / "int8", max_length=32)
+    ops = Counter(node.op_type for node in onnx.load(str(tmp_path / "int8" / "model.onnx")).graph.node)
+    fp32_ops = Counter(node.op_type for node in onnx.load(str(exported_onnx / "model.onnx")).graph.node)
+    assert ops["DynamicQuantizeLinear"] > 0
+    assert ops["MatMulInteger"] > 0
+    assert ops["MatMul"] < fp32_ops["MatMul"]
+    assert result.metrics["size_bytes"] < export.model_size_bytes(exported_onnx)
+    assert result.metrics["source_label_agreement"] >= 0.9
+    assert (tmp_path / "int8" / "tokenizer.json").exists()
+
+
+def test_evaluate_writes_predictions_and_metrics(exported_onnx, prepared_data, tmp_path):
+    result = evaluate.run(EvaluateConfig(warmup=2, max_length=32), "onnx_fp32", exported_onnx, ModelFormat.ONNX,
+                          prepared_data, tmp_path / "eval")
+    assert result.status is StepStatus.SUCCESS
+    logits = evaluate.read_logits(tmp_path / "eval" / "predictions.parquet")
+    assert logits.shape == (int(result.metrics["test_rows"]), 2)
+    assert np.isfinite(logits).all()
+    m = result.metrics
+    assert 0 <= m["accuracy"] <= 1 and 0 <= m["macro_f1"] <= 1
+    assert 0 < m["latency_p50_ms"] <= m["latency_p95_ms"] <= m["latency_p99_ms"]
+    assert m["nan_outputs"] == 0.0
+    assert StepResult.from_dict(result.to_dict()) == result
+
+
+def test_macro_f1_matches_hand_computed_values():
+    labels = np.array([0, 0, 1, 1])
+    assert evaluate.macro_f1(labels, np.array([0, 0, 1, 1]), 2) == 1.0
+    # class 0: tp=1 fp=0 fn=1 -> 2/3; class 1: tp=2 fp=1 fn=0 -> 4/5
+    assert evaluate.macro_f1(labels, np.array([0, 1, 1, 1]), 2) == pytest.approx((2 / 3 + 4 / 5) / 2)
+
+
+def test_gates_pass_and_fail_with_reasons():
+    teacher = {"accuracy": 0.9}
+    good = {"accuracy": 0.89, "nan_outputs": 0.0, "source_label_agreement": 0.99, "latency_p95_ms": 5.0}
+    checks = gate.evaluate_gates(GateConfig(max_relative_accuracy_drop=0.03, max_p95_latency_ms=10), good, teacher)
+    assert gate.passed(checks)
+    bad = good | {"accuracy": 0.5, "nan_outputs": 1.0, "source_label_agreement": 0.5, "latency_p95_ms": 50.0}
+    checks = gate.evaluate_gates(GateConfig(max_relative_accuracy_drop=0.03, max_p95_latency_ms=10), bad, teacher)
+    assert not gate.passed(checks)
+    assert {c.name for c in checks if c.decision is gate.GateDecision.FAIL} == {
+        "accuracy", "finite_outputs", "source_agreement", "latency_p95"}
+    assert any("accuracy 0.5000 vs required 0.8730" in reason for reason in gate.failure_reasons(checks))
