@@ -112,10 +112,25 @@ def prepare_backends(runtime: TritonRuntime, target: Path) -> Path:
     return target
 
 
+def servable_models(model_repository: Path) -> list[str]:
+    """Models in the repository with a config and at least one numeric version folder."""
+    if not model_repository.exists():
+        return []
+    return sorted(
+        folder.name
+        for folder in model_repository.iterdir()
+        if (folder / "config.pbtxt").exists() and any(child.name.isdigit() for child in folder.iterdir())
+    )
+
+
 def server_command(
     runtime: TritonRuntime, model_repository: Path, backends: Path, ports: TritonPorts, host: str = "127.0.0.1"
 ) -> list[str]:
-    """The ``tritonserver`` command line for explicit model control on CPU."""
+    """The ``tritonserver`` command line for explicit model control on CPU.
+
+    Models already in the repository are loaded at start-up, so a restarted stack serves what it
+    served before.
+    """
     return [
         str(runtime.server_binary),
         f"--model-repository={model_repository}",
@@ -134,8 +149,9 @@ def server_command(
         "--pinned-memory-pool-byte-size=0",
         "--cuda-memory-pool-byte-size=0:0",
         "--exit-on-error=false",
-        "--strict-readiness=true",
+        "--strict-readiness=false",  # one broken model must not mark the whole server unready
         "--log-verbose=0",
+        *[f"--load-model={name}" for name in servable_models(model_repository)],
     ]
 
 

@@ -45,3 +45,16 @@ def test_invalid_tensor_specs_are_rejected():
         repo.TensorSpec("x", "float64", (1,))
     with pytest.raises(repo.RepositoryError):
         repo.TensorSpec("x", "fp32", (0,))
+
+
+def test_servable_models_are_loaded_at_startup(tmp_path):
+    from serving.triton_server import servable_models
+
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "model.onnx").write_bytes(b"onnx")
+    repo.write_version(tmp_path / "repo", repo.classifier_config("served", 2), model_dir)
+    (tmp_path / "repo" / "no_versions").mkdir()
+    (tmp_path / "repo" / "no_versions" / "config.pbtxt").write_text("")
+    assert servable_models(tmp_path / "repo") == ["served"]
+    assert servable_models(tmp_path / "missing") == []

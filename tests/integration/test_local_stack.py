@@ -1,0 +1,97 @@
+"""The whole local stack as `make demo` uses it: real Airflow services running optimize_model on a
+tiny model through the scheduler, then a restart that keeps history, registry and served model,
+and a stop that leaves no process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from opsctl.airflow_api import AirflowApi
+from opsctl.process import free_port
+from opsctl.services import LocalStack
+from opsctl.settings import StackSettings
+
+pytestmark = pytest.mark.integration
+
+
+def _stack(home: Path) -> LocalStack:
+    env = {"PIPELINE_HOME": str(home), "PIPELINE_ASSETS_CACHE": str(home / "assets")}
+    env.update({f"PIPELINE_{name}_PORT": str(free_port())
+                for name in ("MLFLOW", "TRITON_HTTP", "TRITON_GRPC", "TRITON_METRICS", "AIRFLOW")})
+    return LocalStack(StackSettings.from_env(env))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _wait_run(api: AirflowApi, run_id: str, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = api.run_state("optimize_model", run_id)
+        if state in ("success", "failed"):
+            return state
+        time.sleep(3)
+    return "timeout"
+
+
+def test_scheduler_runs_optimize_model_and_restart_keeps_state(tmp_path, tiny_model, labelled_csv):
+    stack = _stack(tmp_path / "stack")
+    settings = stack.settings
+    messages: list[str] = []
+    try:
+        stack.up(progress=messages.append)
+        assert all(state["running"] for state in stack.status().values())
+        pids = {name: state["pid"] for name, state in stack.status().items()}
+        again: list[str] = []
+        stack.up(progress=again.append)  # second up is a no-op
+        assert all("already running" in line for line in again if "healthy" not in line)
+        assert {name: state["pid"] for name, state in stack.status().items()} == pids
+
+        password = stack.airflow_admin_password()
+        assert password
+        api = AirflowApi(settings.airflow_url, "admin", password)
+        api.wait_for_dag("optimize_model")
+        api.unpause("optimize_model")
+        conf = {"data_source": str(labelled_csv), "teacher": str(tiny_model), "epochs": 3.0,
+                "learning_rate": 5e-3, "max_length": 32}
+        run_id = api.trigger("optimize_model", conf, run_id="stack_test_run")
+        state = _wait_run(api, run_id, timeout_s=600)
+        assert state == "success", f"{api.task_states('optimize_model', run_id)}\n" + \
+            stack.manager.log_tail("airflow-scheduler", 60)
+        promoted = api.xcom("optimize_model", run_id, "promote")
+        assert promoted["status"] == "success"
+        mlflow_version = promoted["info"]["mlflow_version"]
+    finally:
+        stack.down(progress=messages.append)
+    assert not any(_alive(pid) for pid in pids.values())
+
+    restarted = LocalStack(settings)
+    try:
+        restarted.up(progress=lambda _: None)
+        api = AirflowApi(settings.airflow_url, "admin", restarted.airflow_admin_password())
+        assert api.run_state("optimize_model", "stack_test_run") == "success"
+        from serving.triton_client import TritonClient
+        from tasks import registry
+
+        assert registry.alias_version(settings.mlflow_url, "text-classifier", "champion") == mlflow_version
+        client = TritonClient(settings.triton_http_url)
+        assert client.ready_versions("text_classifier") == [1]
+        summary = json.loads((settings.runs_dir / "stack_test_run" / "summary.json").read_text())
+        assert summary["promotion"]["status"] == "success"
+    finally:
+        restarted.down(progress=lambda _: None)
+    assert all(not state["running"] for state in restarted.status().values())
