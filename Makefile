@@ -32,8 +32,8 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 # returns empty tensors with numpy 2.
 $(VENV_TRITON)/.installed: requirements-triton.lock
 	@test -x $(VENV_TRITON)/bin/python || $(PYTHON) -m venv $(VENV_TRITON)
-	$(VENV_TRITON)/bin/pip install --quiet --disable-pip-version-check --no-deps nvidia-pytriton==0.7.0
 	$(VENV_TRITON)/bin/pip install --quiet --disable-pip-version-check -r requirements-triton.lock
+	$(VENV_TRITON)/bin/pip install --quiet --disable-pip-version-check --no-deps nvidia-pytriton==0.7.0
 	@touch $@
 
 up: venv venv-triton

@@ -73,7 +73,7 @@ def run(config: FinetuneConfig, data_dir: Path, out_dir: Path, progress_every: i
             scheduler.step()
             optimizer.zero_grad()
             step += 1
-            losses.append(float(loss))
+            losses.append(loss.item())
             if step % progress_every == 0 or step == total_steps:
                 elapsed = time.monotonic() - started
                 eta = elapsed / step * (total_steps - step)

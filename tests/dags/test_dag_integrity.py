@@ -23,7 +23,7 @@ def no_network(monkeypatch):
 def dagbag(no_network):
     from airflow.dag_processing.dagbag import DagBag
 
-    return DagBag(dag_folder=str(DAGS_FOLDER), include_examples=False)
+    return DagBag(dag_folder=str(DAGS_FOLDER))
 
 
 def test_every_dag_imports_without_errors(dagbag):
@@ -32,7 +32,7 @@ def test_every_dag_imports_without_errors(dagbag):
 
 
 def test_optimize_model_wires_the_skeleton_in_order(dagbag):
-    dag = dagbag.get_dag("optimize_model")
+    dag = dagbag.dags["optimize_model"]
     order = ["prepare_data", "finetune_teacher", "export_onnx", "quantize_int8", "evaluate", "register", "promote"]
     assert set(order) == set(dag.task_ids)
     for upstream, downstream in zip(order, order[1:]):
@@ -45,7 +45,7 @@ def test_optimize_model_wires_the_skeleton_in_order(dagbag):
 def test_params_defaults_build_a_valid_pipeline_config(dagbag):
     from tasks.pipeline import DEFAULT_PARAMS, config_from_params
 
-    dag = dagbag.get_dag("optimize_model")
+    dag = dagbag.dags["optimize_model"]
     defaults = {name: param.value for name, param in dag.params.items()}
     assert defaults == DEFAULT_PARAMS
     config_from_params(defaults)

@@ -14,9 +14,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 RUNNER = """
 import json, sys
 from airflow.dag_processing.dagbag import DagBag
-bag = DagBag(dag_folder=sys.argv[1], include_examples=False)
+bag = DagBag(dag_folder=sys.argv[1])
 assert not bag.import_errors, bag.import_errors
-run = bag.get_dag("optimize_model").test(run_conf=json.loads(sys.argv[2]))
+run = bag.dags["optimize_model"].test(run_conf=json.loads(sys.argv[2]))
 print("DAG_RUN_STATE", run.state, run.run_id)
 """
 
