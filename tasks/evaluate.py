@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -15,7 +14,7 @@ from tasks import data as data_step
 from tasks.config import EvaluateConfig
 from tasks.export import INPUT_NAMES, MODEL_FILENAME, OUTPUT_NAME, model_size_bytes
 from tasks.modeling import load_classifier, load_tokenizer
-from tasks.results import ModelFormat, StepResult, StepStatus, write_json_atomic
+from tasks.results import ModelFormat, StepResult, StepStatus, staged_dir, write_json_atomic
 
 Predictor = Callable[[dict[str, np.ndarray]], np.ndarray]
 
@@ -120,18 +119,14 @@ def run(config: EvaluateConfig, candidate: str, model_dir: Path, model_format: M
         "nan_outputs": float(np.isnan(logits).any() or np.isinf(logits).any()),
         "test_rows": float(len(texts)),
     }
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     frame = pd.DataFrame({"label": labels, "prediction": predictions})
     for cls in range(logits.shape[1]):
         frame[f"logit_{cls}"] = logits[:, cls]
-    frame.to_parquet(staging / "predictions.parquet", index=False)
-    write_json_atomic(staging / "metrics.json", metrics)
-    write_json_atomic(staging / "evaluate_config.json", asdict(config) | {"candidate": candidate,
-                                                                          "format": model_format.value})
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)
+    with staged_dir(out_dir) as staging:
+        frame.to_parquet(staging / "predictions.parquet", index=False)
+        write_json_atomic(staging / "metrics.json", metrics)
+        write_json_atomic(staging / "evaluate_config.json",
+                          asdict(config) | {"candidate": candidate, "format": model_format.value})
     return StepResult(
         step=f"evaluate_{candidate}",
         status=StepStatus.SUCCESS,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from tasks.config import ExportConfig
 from tasks.errors import ExportError
 from tasks.finetune import predict_logits
 from tasks.modeling import load_classifier, load_tokenizer
-from tasks.results import StepResult, StepStatus, write_json_atomic
+from tasks.results import StepResult, StepStatus, staged_dir, write_json_atomic
 
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "logits"
@@ -87,25 +86,19 @@ def run(config: ExportConfig, model_dir: Path, data_dir: Path, out_dir: Path, ma
     """Export ``model_dir`` to ``out_dir/model.onnx`` (+ tokenizer files) and verify it on test texts."""
     tokenizer = load_tokenizer(model_dir)
     model = load_classifier(model_dir)
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    export_onnx(model, tokenizer, staging / MODEL_FILENAME, config.opset, max_length)
-    tokenizer.save_pretrained(staging)
-    model.config.save_pretrained(staging)
-
     texts = data_step.read_split(data_dir, "test")["text"].head(config.check_samples).tolist()
-    reference = predict_logits(model, tokenizer, texts, max_length)
-    exported = onnx_logits(staging / MODEL_FILENAME, tokenizer, texts, max_length)
-    check = compare_logits(reference, exported)
-    write_json_atomic(staging / "export_config.json", asdict(config) | {"max_length": max_length, "check": check})
-    if check["max_abs_diff"] > config.max_abs_diff:
-        raise ExportError(
-            f"ONNX export differs from PyTorch by {check['max_abs_diff']:.2e} (> {config.max_abs_diff:.0e}) on "
-            f"{len(texts)} test texts; the exported file is kept at {staging} for inspection"
-        )
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)
+    with staged_dir(out_dir) as staging:
+        export_onnx(model, tokenizer, staging / MODEL_FILENAME, config.opset, max_length)
+        tokenizer.save_pretrained(staging)
+        model.config.save_pretrained(staging)
+        reference = predict_logits(model, tokenizer, texts, max_length)
+        check = compare_logits(reference, onnx_logits(staging / MODEL_FILENAME, tokenizer, texts, max_length))
+        write_json_atomic(staging / "export_config.json", asdict(config) | {"max_length": max_length, "check": check})
+        if check["max_abs_diff"] > config.max_abs_diff:
+            raise ExportError(
+                f"ONNX export differs from PyTorch by {check['max_abs_diff']:.2e} (> {config.max_abs_diff:.0e}) on "
+                f"{len(texts)} test texts; the exported file is kept at {staging} for inspection"
+            )
     return StepResult(
         step="export_onnx",
         status=StepStatus.SUCCESS,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -16,7 +15,7 @@ from transformers import get_linear_schedule_with_warmup
 from tasks import data as data_step
 from tasks.config import FinetuneConfig
 from tasks.modeling import load_classifier, load_tokenizer
-from tasks.results import StepResult, StepStatus, write_json_atomic
+from tasks.results import StepResult, StepStatus, staged_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +84,10 @@ def run(config: FinetuneConfig, data_dir: Path, out_dir: Path, progress_every: i
     val_accuracy = float((val_logits.argmax(axis=1) == validation["label"].to_numpy()).mean())
     log.info("fine-tune done: %d steps in %.0fs, validation accuracy %.4f", step, train_seconds, val_accuracy)
 
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    write_json_atomic(staging / "finetune_config.json", asdict(config))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)
+    with staged_dir(out_dir) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        write_json_atomic(staging / "finetune_config.json", asdict(config))
     return StepResult(
         step="finetune",
         status=StepStatus.SUCCESS,

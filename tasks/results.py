@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -74,3 +77,18 @@ def write_json_atomic(path: Path, data: Any) -> None:
     temp = path.with_name(f".{path.name}.tmp")
     temp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
     temp.replace(path)
+
+
+@contextmanager
+def staged_dir(out_dir: Path) -> Iterator[Path]:
+    """Yield an empty ``<out_dir>.partial`` folder; when the block succeeds it replaces ``out_dir``.
+
+    A step that fails part-way leaves the previous output (if any) untouched and its partial
+    output beside it for inspection; a re-run starts the partial folder afresh.
+    """
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    yield staging
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging.rename(out_dir)
