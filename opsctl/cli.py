@@ -60,6 +60,25 @@ def _cmd_demo(settings: StackSettings, args: argparse.Namespace) -> int:
     return run_demo(settings, profile=args.profile, timeout_s=args.timeout)
 
 
+def _cmd_rollback(settings: StackSettings, args: argparse.Namespace) -> int:
+    from tasks.config import PromoteConfig
+    from tasks.errors import PromotionFailed
+    from tasks.promote import PromotionTarget, rollback
+
+    config = PromoteConfig(registered_model=args.registered_model, triton_model=args.triton_model)
+    target = PromotionTarget(settings.triton_http_url, settings.triton_model_repository, settings.mlflow_url)
+    try:
+        result = rollback(config, target)
+    except PromotionFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    info = result.info
+    print(f"rolled back: {info['registered_model']} version {info['mlflow_version']} is the champion again "
+          f"(Triton {info['triton_model']} version {int(result.metrics['triton_version'])}); "
+          f"version {info['replaced_version'] or '-'} is no longer served")
+    return 0
+
+
 def _print_urls(settings: StackSettings, password: str | None) -> None:
     print()
     print(f"MLflow UI:   {settings.mlflow_url}")
@@ -83,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "fetch-assets", help="download and verify the demo teacher and data (cached; never fetched twice)"
     ).set_defaults(handler=_cmd_fetch_assets)
+    back = commands.add_parser("rollback", help="serve the previous champion again (Triton and MLflow alias)")
+    back.add_argument("--registered-model", default="text-classifier", help="MLflow registered model name")
+    back.add_argument("--triton-model", default="text_classifier", help="Triton ensemble name")
+    back.set_defaults(handler=_cmd_rollback)
     demo = commands.add_parser("demo", help="trigger optimize_model through Airflow and print what it did")
     demo.add_argument("--profile", choices=["demo", "quick"], default="demo", help="size of the demo run")
     demo.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the DAG run")

@@ -98,7 +98,7 @@ def _print_summary(settings: StackSettings, run_id: str, summary: dict) -> None:
     triton_version = int(promotion["metrics"]["triton_version"])
     print(f"promoted: MLflow {info['registered_model']} version {info['mlflow_version']} (alias {info['alias']!r})"
           f" -> Triton {info['triton_model']} version {triton_version}")
-    _send_samples(settings, info["triton_model"], Path(promotion["uris"]["triton_version_dir"]), run_id)
+    _send_samples(settings, info["triton_model"], Path(promotion["uris"]["triton_version_dir"]))
     print()
     print(f"Airflow run:  {settings.airflow_url}/dags/{DAG_ID}/runs/{run_id}")
     print(f"MLflow model: {settings.mlflow_url}/#/models/{info['registered_model']}/versions/{info['mlflow_version']}")
@@ -106,22 +106,15 @@ def _print_summary(settings: StackSettings, run_id: str, summary: dict) -> None:
     print(f"Triton:       http://{settings.triton_http_url}/v2/models/{info['triton_model']}")
 
 
-def _send_samples(settings: StackSettings, triton_model: str, version_dir: Path, run_id: str) -> None:
-    """Classify a few texts through Triton (tokenized here; the tokenizer ensemble comes later)."""
+def _send_samples(settings: StackSettings, triton_model: str, version_dir: Path) -> None:
+    """Classify a few raw texts through the Triton ensemble (tokenizer -> model -> probabilities)."""
     from serving.triton_client import TritonClient
-    from tasks.evaluate import softmax, tokenize
-    from tasks.modeling import load_tokenizer
-    from tasks.settings import safe_name
 
-    model_dir = settings.runs_dir / safe_name(run_id) / "onnx_int8"
-    tokenizer = load_tokenizer(model_dir)
-    labels = json.loads((model_dir / "config.json").read_text())["id2label"]
     client = TritonClient(settings.triton_http_url)
-    print(f"sample requests to Triton {triton_model} v{version_dir.name}:")
+    print(f"sample requests to Triton {triton_model} v{version_dir.name} (raw text in, label out):")
     for text in SAMPLE_TEXTS:
         started = time.perf_counter()
-        logits = client.infer_logits(triton_model, tokenize(tokenizer, [text], 128))
+        result = client.classify(triton_model, [text])
         elapsed = (time.perf_counter() - started) * 1000
-        probabilities = softmax(logits)[0]
-        best = int(probabilities.argmax())
-        print(f"   {labels[str(best)]:9s} p={probabilities[best]:.3f} {elapsed:6.1f} ms  {text}")
+        probability = float(result["PROBABILITIES"][0].max())
+        print(f"   {result['LABEL'][0]:9s} p={probability:.3f} {elapsed:6.1f} ms  {text}")

@@ -11,6 +11,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+PYTHON_MODELS_DIR = Path(__file__).parent / "triton_models"
+
 _DATA_TYPES = {"int64": "TYPE_INT64", "int32": "TYPE_INT32", "fp32": "TYPE_FP32", "fp16": "TYPE_FP16",
                "string": "TYPE_STRING"}
 
@@ -62,36 +64,40 @@ class OnnxModelConfig:
             raise RepositoryError("max_batch_size >= 0, instances >= 1, intra_op_threads >= 0, versions_kept >= 1")
 
 
-def classifier_config(name: str, num_labels: int, intra_op_threads: int = 0) -> OnnxModelConfig:
+def classifier_config(name: str, num_labels: int, intra_op_threads: int = 0, max_batch_size: int = 32) -> OnnxModelConfig:
     """The config of a classifier exported by tasks.export (input_ids, attention_mask -> logits)."""
     return OnnxModelConfig(
         name=name,
         inputs=(TensorSpec("input_ids", "int64", (-1,)), TensorSpec("attention_mask", "int64", (-1,))),
         outputs=(TensorSpec("logits", "fp32", (num_labels,)),),
         intra_op_threads=intra_op_threads,
+        max_batch_size=max_batch_size,
     )
+
+
+def _tensors(specs: tuple[TensorSpec, ...]) -> str:
+    items = [
+        f'  {{ name: "{spec.name}" data_type: {_DATA_TYPES[spec.data_type]} dims: [ {", ".join(map(str, spec.dims))} ] }}'
+        for spec in specs
+    ]
+    return ",\n".join(items)
+
+
+def _parameters(values: dict[str, str]) -> list[str]:
+    return [f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}' for key, value in values.items()]
 
 
 def render_config(config: OnnxModelConfig) -> str:
     """``config.pbtxt`` text for ``config``."""
-
-    def tensors(specs: tuple[TensorSpec, ...]) -> str:
-        items = [
-            f'  {{ name: "{spec.name}" data_type: {_DATA_TYPES[spec.data_type]} dims: [ {", ".join(map(str, spec.dims))} ] }}'
-            for spec in specs
-        ]
-        return ",\n".join(items)
-
     lines = [
         f'name: "{config.name}"',
         'platform: "onnxruntime_onnx"',
         f"max_batch_size: {config.max_batch_size}",
         f"version_policy: {{ latest {{ num_versions: {config.versions_kept} }} }}",
-        f"input [\n{tensors(config.inputs)}\n]",
-        f"output [\n{tensors(config.outputs)}\n]",
+        f"input [\n{_tensors(config.inputs)}\n]",
+        f"output [\n{_tensors(config.outputs)}\n]",
         f"instance_group [ {{ count: {config.instances} kind: KIND_CPU }} ]",
-        f'parameters {{ key: "intra_op_thread_count" value: {{ string_value: "{config.intra_op_threads}" }} }}',
-        'parameters { key: "inter_op_thread_count" value: { string_value: "1" } }',
+        *_parameters({"intra_op_thread_count": str(config.intra_op_threads), "inter_op_thread_count": "1"}),
     ]
     return "\n".join(lines) + "\n"
 
@@ -138,3 +144,171 @@ def _write_text_atomic(path: Path, text: str) -> None:
     temp = path.with_name(f".{path.name}.tmp")
     temp.write_text(text)
     os.replace(temp, path)
+
+
+@dataclass(frozen=True)
+class ClassifierEnsemble:
+    """A raw-text classifier served as a Triton ensemble: tokenizer -> ONNX model -> postprocess.
+
+    Clients call ``name`` with ``TEXT`` (strings, shape [n, 1]) and get ``LABEL``, ``PROBABILITIES``
+    and ``LOGITS``. Each served version N is written to all four models at once (the same N).
+    """
+
+    name: str
+    labels: tuple[str, ...]
+    max_length: int
+    max_batch_size: int = 32
+    intra_op_threads: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.labels) < 2 or any("," in label or '"' in label for label in self.labels):
+            raise RepositoryError(f"labels {self.labels} must be two or more names without ',' or '\"'")
+        if self.max_length < 1:
+            raise RepositoryError("max_length must be >= 1")
+        classifier_config(self.onnx_model, len(self.labels))  # validates the name
+
+    @property
+    def onnx_model(self) -> str:
+        return f"{self.name}_onnx"
+
+    @property
+    def tokenizer_model(self) -> str:
+        return f"{self.name}_tokenizer"
+
+    @property
+    def postprocess_model(self) -> str:
+        return f"{self.name}_postprocess"
+
+    @property
+    def load_order(self) -> tuple[str, ...]:
+        return ensemble_models(self.name)
+
+
+def ensemble_models(name: str) -> tuple[str, ...]:
+    """The models of ensemble ``name`` in load order: components first (the classifier before its
+    tokenizer), the ensemble last."""
+    return (f"{name}_onnx", f"{name}_tokenizer", f"{name}_postprocess", name)
+
+
+def render_python_config(name: str, max_batch_size: int, inputs: tuple[TensorSpec, ...],
+                         outputs: tuple[TensorSpec, ...], parameters: dict[str, str]) -> str:
+    lines = [
+        f'name: "{name}"',
+        'backend: "python"',
+        f"max_batch_size: {max_batch_size}",
+        "version_policy: { latest { num_versions: 1 } }",
+        f"input [\n{_tensors(inputs)}\n]",
+        f"output [\n{_tensors(outputs)}\n]",
+        "instance_group [ { count: 1 kind: KIND_CPU } ]",
+        *_parameters(parameters),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _maps(kind: str, pairs: dict[str, str]) -> str:
+    return " ".join(f'{kind} {{ key: "{key}" value: "{value}" }}' for key, value in pairs.items())
+
+
+def render_ensemble_config(ensemble: ClassifierEnsemble) -> str:
+    num_labels = len(ensemble.labels)
+    steps = [
+        (ensemble.tokenizer_model, {"TEXT": "TEXT"}, {"input_ids": "input_ids", "attention_mask": "attention_mask"}),
+        (ensemble.onnx_model, {"input_ids": "input_ids", "attention_mask": "attention_mask"}, {"logits": "logits"}),
+        (ensemble.postprocess_model, {"logits": "logits"},
+         {"LOGITS": "LOGITS", "PROBABILITIES": "PROBABILITIES", "LABEL": "LABEL"}),
+    ]
+    rendered = ",\n".join(
+        f'    {{ model_name: "{model}" model_version: -1 {_maps("input_map", inputs)} {_maps("output_map", outputs)} }}'
+        for model, inputs, outputs in steps
+    )
+    lines = [
+        f'name: "{ensemble.name}"',
+        'platform: "ensemble"',
+        f"max_batch_size: {ensemble.max_batch_size}",
+        "version_policy: { latest { num_versions: 1 } }",
+        f"input [\n{_tensors(TEXT_INPUT)}\n]",
+        f"output [\n{_tensors(_ensemble_outputs(num_labels))}\n]",
+        f"ensemble_scheduling {{\n  step [\n{rendered}\n  ]\n}}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+TEXT_INPUT = (TensorSpec("TEXT", "string", (1,)),)
+
+
+def _ensemble_outputs(num_labels: int) -> tuple[TensorSpec, ...]:
+    return (TensorSpec("LABEL", "string", (1,)), TensorSpec("PROBABILITIES", "fp32", (num_labels,)),
+            TensorSpec("LOGITS", "fp32", (num_labels,)))
+
+
+def ensemble_versions(repository: Path, name: str) -> list[int]:
+    """Versions present for the ensemble itself (each has matching component versions)."""
+    return versions(repository, name)
+
+
+def write_ensemble_version(repository: Path, ensemble: ClassifierEnsemble, model_dir: Path) -> int:
+    """Write version N of the ensemble and its three components from an exported classifier folder.
+
+    ``model_dir`` holds ``model.onnx`` (+ external data) and ``tokenizer.json``. N is one more than
+    any version of the four models, so the components of one served version share its number.
+    Every folder is assembled under a hidden name and renamed into place.
+    """
+    missing = [name for name in ("model.onnx", "tokenizer.json") if not (model_dir / name).exists()]
+    if missing:
+        raise RepositoryError(f"Could not find {missing} in {model_dir}")
+    version = 1 + max((versions(repository, model) or [0])[-1] for model in ensemble.load_order)
+    num_labels = len(ensemble.labels)
+    onnx_files = [model_dir / "model.onnx", *model_dir.glob("*.onnx.data")]
+    layout = {
+        ensemble.onnx_model: (
+            render_config(classifier_config(ensemble.onnx_model, num_labels, ensemble.intra_op_threads,
+                                            ensemble.max_batch_size)),
+            onnx_files,
+        ),
+        ensemble.tokenizer_model: (
+            render_python_config(
+                ensemble.tokenizer_model, ensemble.max_batch_size, TEXT_INPUT,
+                (TensorSpec("input_ids", "int64", (-1,)), TensorSpec("attention_mask", "int64", (-1,))),
+                {"max_length": str(ensemble.max_length)},
+            ),
+            [PYTHON_MODELS_DIR / "tokenizer" / "model.py", model_dir / "tokenizer.json"],
+        ),
+        ensemble.postprocess_model: (
+            render_python_config(
+                ensemble.postprocess_model, ensemble.max_batch_size, (TensorSpec("logits", "fp32", (num_labels,)),),
+                _ensemble_outputs(num_labels),
+                {"labels": ",".join(ensemble.labels)},
+            ),
+            [PYTHON_MODELS_DIR / "postprocess" / "model.py"],
+        ),
+        ensemble.name: (render_ensemble_config(ensemble), []),
+    }
+    staged = []
+    for model, (config_text, files) in layout.items():
+        folder = repository / model
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = folder / f".incoming-{version}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        for source in files:
+            shutil.copy2(source, staging / source.name)
+        _write_text_atomic(folder / "config.pbtxt", config_text)
+        staged.append((staging, folder / str(version)))
+    for staging, final in staged:
+        staging.rename(final)
+    return version
+
+
+def remove_ensemble_version(repository: Path, name: str, version: int) -> None:
+    for model in ensemble_models(name):
+        remove_version(repository, model, version)
+
+
+def retire_ensemble_version(repository: Path, name: str, version: int) -> None:
+    """Move version N of every model aside (``.retired-N``) so the previous version becomes the newest."""
+    for model in ensemble_models(name):
+        source = repository / model / str(version)
+        if source.exists():
+            target = repository / model / f".retired-{version}"
+            shutil.rmtree(target, ignore_errors=True)
+            source.rename(target)

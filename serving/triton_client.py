@@ -63,5 +63,17 @@ class TritonClient:
                                     outputs=[self._http.InferRequestedOutput(output)])
         return result.as_numpy(output)
 
+    def classify(self, model: str, texts: list[str], version: int | None = None) -> dict[str, np.ndarray]:
+        """Send raw texts to a classifier ensemble; returns LABEL (str), PROBABILITIES and LOGITS arrays."""
+        text = self._http.InferInput("TEXT", [len(texts), 1], "BYTES")
+        text.set_data_from_numpy(np.array([t.encode("utf-8") for t in texts], dtype=object).reshape(-1, 1))
+        outputs = [self._http.InferRequestedOutput(name) for name in ("LABEL", "PROBABILITIES", "LOGITS")]
+        result = self._client.infer(model, [text], model_version="" if version is None else str(version),
+                                    outputs=outputs)
+        labels = [item.decode("utf-8") if isinstance(item, bytes) else str(item)
+                  for item in result.as_numpy("LABEL").reshape(-1)]
+        return {"LABEL": np.array(labels), "PROBABILITIES": result.as_numpy("PROBABILITIES"),
+                "LOGITS": result.as_numpy("LOGITS")}
+
     def close(self) -> None:
         self._client.close()

@@ -1,8 +1,10 @@
 """Put a gated candidate into service on Triton, then move the MLflow alias to exactly that version.
 
-Order matters: write the Triton version atomically, load it, smoke-test it through Triton against
-the candidate's own evaluation outputs, and only then move the alias. Any failure removes the new
-version, reloads the previous one and leaves the aliases untouched.
+Order matters: write the new Triton version (ensemble: tokenizer -> ONNX model -> postprocess)
+atomically, load it, smoke-test it through Triton with raw texts against the candidate's own
+evaluation outputs, and only then move the alias (the old champion becomes
+``previous_champion``). Any failure removes the new version, reloads the previous one and
+leaves the aliases untouched. ``rollback`` serves the previous champion again.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ from tasks import data as data_step
 from tasks import registry
 from tasks.config import PromoteConfig
 from tasks.errors import PromotionFailed
-from tasks.evaluate import read_logits, tokenize
-from tasks.export import MODEL_FILENAME
-from tasks.modeling import load_tokenizer
+from tasks.evaluate import read_logits
 from tasks.results import StepResult, StepStatus
 
 log = logging.getLogger(__name__)
+
+PREVIOUS_ALIAS = "previous_champion"
+REFERENCE_FILE = "reference_predictions.parquet"
 
 
 @dataclass(frozen=True)
@@ -38,66 +41,101 @@ class PromotionTarget:
 
 def run(config: PromoteConfig, target: PromotionTarget, model_dir: Path, predictions: Path, data_dir: Path,
         mlflow_version: str, max_length: int, intra_op_threads: int = 0) -> StepResult:
-    """Serve ``model_dir`` as a new Triton version of ``config.triton_model`` and move the alias."""
-    labels = data_step.read_meta(data_dir)["labels"]
+    """Serve ``model_dir`` as a new version of the ``config.triton_model`` ensemble and move the alias."""
+    labels = tuple(data_step.read_meta(data_dir)["labels"])
+    ensemble = repo.ClassifierEnsemble(config.triton_model, labels, max_length, intra_op_threads=intra_op_threads)
     client = TritonClient(target.triton_url)
     client.wait_ready(timeout_s=30)
-    previous = repo.versions(target.model_repository, config.triton_model)
-    model_config = repo.classifier_config(config.triton_model, len(labels), intra_op_threads=intra_op_threads)
-    version = repo.write_version(target.model_repository, model_config, model_dir, files=(MODEL_FILENAME,))
-    _save_reference(predictions, target.model_repository / config.triton_model / str(version))
-    log.info("wrote %s version %d; loading it", config.triton_model, version)
+    previous = repo.ensemble_versions(target.model_repository, ensemble.name)
+    version = repo.write_ensemble_version(target.model_repository, ensemble, model_dir)
+    # Drift monitoring's reference: the evaluation outputs, kept beside the served version.
+    shutil.copy2(predictions, target.model_repository / ensemble.name / str(version) / REFERENCE_FILE)
+    log.info("wrote %s version %d; loading it", ensemble.name, version)
     try:
-        client.load(config.triton_model)
-        _wait_version_ready(client, config.triton_model, version, timeout_s=120)
-        diff = _smoke_test(client, config, model_dir, predictions, data_dir, version, max_length)
+        _load_version(client, ensemble.name, version)
+        diff = _smoke_test(client, config, ensemble.name, predictions, data_dir, version)
     except (TritonUnavailable, PromotionFailed, OSError) as error:
-        _restore(client, target.model_repository, config.triton_model, version, previous)
+        _restore(client, target.model_repository, ensemble.name, version, previous)
         raise PromotionFailed(
-            f"{config.triton_model} version {version} was not promoted: {error}. "
+            f"{ensemble.name} version {version} was not promoted: {error}. "
             f"Version {previous[-1] if previous else '(none)'} keeps serving; the alias {config.alias!r} is unchanged."
         ) from error
+    current = registry.alias_version(target.tracking_uri, config.registered_model, config.alias)
+    if current is not None and current != mlflow_version:
+        registry.set_alias(target.tracking_uri, config.registered_model, PREVIOUS_ALIAS, current)
     registry.set_alias(target.tracking_uri, config.registered_model, config.alias, mlflow_version)
     registry.tag_version(target.tracking_uri, config.registered_model, mlflow_version,
-                         {"triton_model": config.triton_model, "triton_version": str(version),
-                          "promoted": "true"})
+                         {"triton_model": ensemble.name, "triton_version": str(version), "promoted": "true"})
     log.info("promoted MLflow %s v%s as %r -> Triton %s v%d", config.registered_model, mlflow_version,
-             config.alias, config.triton_model, version)
+             config.alias, ensemble.name, version)
     return StepResult(
         step="promote",
         status=StepStatus.SUCCESS,
-        uris={"triton_version_dir": str(target.model_repository / config.triton_model / str(version))},
+        uris={"triton_version_dir": str(target.model_repository / ensemble.name / str(version))},
         metrics={"triton_version": float(version), "smoke_max_abs_diff": diff},
         info={"registered_model": config.registered_model, "mlflow_version": mlflow_version,
-              "alias": config.alias, "triton_model": config.triton_model},
+              "alias": config.alias, "triton_model": ensemble.name},
     )
 
 
-def _save_reference(predictions: Path, version_dir: Path) -> None:
-    """Keep the evaluation outputs beside the served version: drift monitoring's reference."""
-    shutil.copy2(predictions, version_dir / "reference_predictions.parquet")
+def rollback(config: PromoteConfig, target: PromotionTarget) -> StepResult:
+    """Serve the ``previous_champion`` again in Triton and make it the champion in MLflow."""
+    previous = registry.alias_version(target.tracking_uri, config.registered_model, PREVIOUS_ALIAS)
+    if previous is None:
+        raise PromotionFailed(
+            f"{config.registered_model} has no {PREVIOUS_ALIAS!r} alias: nothing to roll back to"
+        )
+    current = registry.alias_version(target.tracking_uri, config.registered_model, config.alias)
+    tags = registry.version_tags(target.tracking_uri, config.registered_model, previous)
+    if "triton_version" not in tags or tags.get("triton_model") != config.triton_model:
+        raise PromotionFailed(
+            f"{config.registered_model} version {previous} was never served as {config.triton_model}; "
+            "promote it with the pipeline instead"
+        )
+    wanted = int(tags["triton_version"])
+    present = repo.ensemble_versions(target.model_repository, config.triton_model)
+    if wanted not in present:
+        raise PromotionFailed(f"Triton version {wanted} of {config.triton_model} is no longer in the repository")
+    client = TritonClient(target.triton_url)
+    client.wait_ready(timeout_s=30)
+    for newer in (v for v in present if v > wanted):
+        repo.retire_ensemble_version(target.model_repository, config.triton_model, newer)
+    _load_version(client, config.triton_model, wanted)
+    registry.set_alias(target.tracking_uri, config.registered_model, config.alias, previous)
+    registry.delete_alias(target.tracking_uri, config.registered_model, PREVIOUS_ALIAS)
+    if current is not None:
+        registry.tag_version(target.tracking_uri, config.registered_model, current,
+                             {"rolled_back": f"replaced by version {previous}"})
+    log.info("rolled back %s to MLflow v%s (Triton v%d)", config.registered_model, previous, wanted)
+    return StepResult(
+        step="rollback",
+        status=StepStatus.SUCCESS,
+        metrics={"triton_version": float(wanted)},
+        info={"registered_model": config.registered_model, "mlflow_version": previous,
+              "replaced_version": current or "", "triton_model": config.triton_model},
+    )
 
 
-def _wait_version_ready(client: TritonClient, model: str, version: int, timeout_s: float) -> None:
+def _load_version(client: TritonClient, name: str, version: int, timeout_s: float = 120.0) -> None:
+    """Load (or reload) every model of the ensemble and wait until version N of each is ready."""
+    models = repo.ensemble_models(name)
+    for model in models:
+        client.load(model)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if client.is_ready(model, version):
+        if all(client.is_ready(model, version) for model in models):
             return
         time.sleep(0.25)
-    raise PromotionFailed(f"Triton did not report {model} version {version} ready within {timeout_s:.0f}s")
+    raise PromotionFailed(f"Triton did not report {name} version {version} ready within {timeout_s:.0f}s")
 
 
-def _smoke_test(client: TritonClient, config: PromoteConfig, model_dir: Path, predictions: Path, data_dir: Path,
-                version: int, max_length: int) -> float:
-    """Send test texts through Triton; outputs must match the candidate's evaluation outputs."""
+def _smoke_test(client: TritonClient, config: PromoteConfig, name: str, predictions: Path, data_dir: Path,
+                version: int) -> float:
+    """Send raw test texts through the ensemble; outputs must match the candidate's evaluation outputs."""
     texts = data_step.read_split(data_dir, "test")["text"].head(config.smoke_samples).tolist()
     expected = read_logits(predictions)[: len(texts)]
-    tokenizer = load_tokenizer(model_dir)
-    # One request per text, as the evaluation's batches may pad differently.
-    served = np.concatenate([
-        client.infer_logits(config.triton_model, tokenize(tokenizer, [text], max_length), version=version)
-        for text in texts
-    ])
+    # One text per request, as the evaluation ran them.
+    served = np.concatenate([client.classify(name, [text], version=version)["LOGITS"] for text in texts])
     if not np.isfinite(served).all():
         raise PromotionFailed("Triton returned NaN/Inf logits in the smoke test")
     diff = float(np.abs(served - expected).max())
@@ -108,15 +146,17 @@ def _smoke_test(client: TritonClient, config: PromoteConfig, model_dir: Path, pr
     return diff
 
 
-def _restore(client: TritonClient, repository: Path, model: str, failed: int, previous: list[int]) -> None:
-    repo.remove_version(repository, model, failed)
+def _restore(client: TritonClient, repository: Path, name: str, failed: int, previous: list[int]) -> None:
+    repo.remove_ensemble_version(repository, name, failed)
+    models = repo.ensemble_models(name)
     if not previous:
-        try:
-            client.unload(model)
-        except Exception:  # noqa: BLE001 - nothing served before; unloading is best effort
-            log.warning("could not unload %s after a failed first promotion", model)
+        for model in reversed(models):
+            try:
+                client.unload(model)
+            except Exception:  # noqa: BLE001 - nothing served before; unloading is best effort
+                log.warning("could not unload %s after a failed first promotion", model)
         return
     try:
-        client.load(model)
-    except TritonUnavailable as error:
-        log.error("reloading %s after a failed promotion failed: %s", model, error)
+        _load_version(client, name, previous[-1])
+    except (TritonUnavailable, PromotionFailed) as error:
+        log.error("reloading %s version %d after a failed promotion failed: %s", name, previous[-1], error)

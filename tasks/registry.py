@@ -149,3 +149,11 @@ def log_run_summary(tracking_uri: str, parent_id: str, summary_path: Path, metri
     client.log_artifact(parent_id, str(summary_path))
     for key, value in metrics.items():
         client.log_metric(parent_id, key, value)
+
+
+def delete_alias(tracking_uri: str, registered_model: str, alias: str) -> None:
+    _client(tracking_uri).delete_registered_model_alias(registered_model, alias)
+
+
+def version_tags(tracking_uri: str, registered_model: str, version: str) -> dict[str, str]:
+    return dict(_client(tracking_uri).get_model_version(registered_model, version).tags)

@@ -61,13 +61,11 @@ def test_dag_test_runs_every_task_and_promotes(local_services, tiny_model, label
 
     from serving.triton_client import TritonClient
     from tasks import registry
-    from tasks.evaluate import tokenize
-    from tasks.modeling import load_tokenizer
 
     promoted_version = summary["versions"]["onnx_int8"]
     assert registry.alias_version(settings.mlflow_url, "dagtest-model", "champion") == promoted_version
     client = TritonClient(settings.triton_http_url)
     assert client.ready_versions("dagtest_model") == [1]
-    tokenizer = load_tokenizer(summaries[0].parent / "onnx_int8")
-    logits = client.infer_logits("dagtest_model", tokenize(tokenizer, ["great wonderful film"], 32))
-    assert logits.shape == (1, 2) and np.isfinite(logits).all()
+    served = client.classify("dagtest_model", ["great wonderful film"])
+    assert served["LOGITS"].shape == (1, 2) and np.isfinite(served["LOGITS"]).all()
+    assert served["LABEL"][0] in {"negative", "positive"}

@@ -1,12 +1,16 @@
-"""Against the real MLflow and Triton servers: register candidates, promote v1 then v2, and a failed
-promotion that leaves the serving version and the alias untouched."""
+"""Against the real MLflow and Triton servers: register candidates, promote v1 then v2 through the
+raw-text ensemble, failed promotions that leave the serving version and the aliases untouched,
+rollback, and zero failed requests while versions switch."""
 
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from serving import model_repository as repo
@@ -14,10 +18,9 @@ from serving.triton_client import TritonClient
 from tasks import registry
 from tasks.config import EvaluateConfig, PromoteConfig
 from tasks.errors import PromotionFailed
-from tasks.evaluate import read_logits, run as evaluate
-from tasks.evaluate import tokenize
-from tasks.modeling import load_tokenizer
-from tasks.promote import PromotionTarget, run as promote
+from tasks.evaluate import run as evaluate
+from tasks.promote import PREVIOUS_ALIAS, PromotionTarget, rollback
+from tasks.promote import run as promote
 from tasks.results import ModelFormat
 
 pytestmark = pytest.mark.integration
@@ -26,9 +29,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def evaluated(exported_onnx, prepared_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "onnx_fp32"
-    result = evaluate(EvaluateConfig(warmup=1, max_length=32), "onnx_fp32", exported_onnx, ModelFormat.ONNX,
-                      prepared_data, out)
-    return result
+    return evaluate(EvaluateConfig(warmup=1, max_length=32), "onnx_fp32", exported_onnx, ModelFormat.ONNX,
+                    prepared_data, out)
 
 
 def _register(settings, model_name: str, run_key: str, model_dir: Path, metrics: dict) -> str:
@@ -36,6 +38,45 @@ def _register(settings, model_name: str, run_key: str, model_dir: Path, metrics:
     parent = registry.parent_run_id(uri, "integration", run_key, {"p": "1"})
     return registry.log_candidate(uri, "integration", parent, run_key, model_name,
                                   registry.Candidate("onnx_fp32", model_dir, metrics, "export"), {"data_hash": "x"})
+
+
+def _target(settings) -> PromotionTarget:
+    return PromotionTarget(settings.triton_http_url, settings.triton_model_repository, settings.mlflow_url)
+
+
+class RequestStream:
+    """A bounded stream of single-text requests on loopback, counting failures (at most 3000 requests, 180 s)."""
+
+    def __init__(self, url: str, model: str, max_requests: int = 3000, max_seconds: float = 180.0) -> None:
+        self.client = TritonClient(url)
+        self.model = model
+        self.max_requests = max_requests
+        self.max_seconds = max_seconds
+        self.sent = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        started = time.monotonic()
+        while not self._stop.is_set() and self.sent < self.max_requests and time.monotonic() - started < self.max_seconds:
+            try:
+                result = self.client.classify(self.model, ["good great film"])
+                if not np.isfinite(result["PROBABILITIES"]).all():
+                    self.failures.append("non-finite output")
+            except Exception as error:  # noqa: BLE001 - every failure is counted and reported
+                self.failures.append(repr(error)[:200])
+            self.sent += 1
+
+    def __enter__(self) -> RequestStream:
+        self._thread.start()
+        time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        time.sleep(0.5)
+        self._stop.set()
+        self._thread.join(timeout=30)
 
 
 def test_register_is_idempotent_and_tags_lineage(local_services, exported_onnx, evaluated):
@@ -50,14 +91,15 @@ def test_register_is_idempotent_and_tags_lineage(local_services, exported_onnx, 
     assert version.tags["pipeline_run_id"] == "run-a"
     assert version.tags["data_hash"] == "x"
     assert float(version.tags["metric.accuracy"]) == pytest.approx(evaluated.metrics["accuracy"], abs=1e-5)
-    assert len(client.search_runs([client.get_experiment_by_name("integration").experiment_id],
-                                  filter_string="tags.pipeline_role = 'parent' and tags.pipeline_run_id = 'run-a'")) == 1
+    parents = client.search_runs([client.get_experiment_by_name("integration").experiment_id],
+                                 filter_string="tags.pipeline_role = 'parent' and tags.pipeline_run_id = 'run-a'")
+    assert len(parents) == 1
 
 
-def test_promote_v1_then_v2_then_a_failed_promotion_keeps_serving(local_services, exported_onnx, evaluated,
-                                                                  prepared_data, tmp_path):
+def test_promote_switch_fail_and_roll_back_without_dropping_requests(local_services, exported_onnx, evaluated,
+                                                                     prepared_data, tmp_path):
     settings = local_services.settings
-    target = PromotionTarget(settings.triton_http_url, settings.triton_model_repository, settings.mlflow_url)
+    target = _target(settings)
     config = PromoteConfig(registered_model="promo-model", triton_model="promo_model", smoke_samples=8)
     predictions = Path(evaluated.uri("predictions"))
     mlflow_v1 = _register(settings, "promo-model", "run-1", exported_onnx, evaluated.metrics)
@@ -65,45 +107,56 @@ def test_promote_v1_then_v2_then_a_failed_promotion_keeps_serving(local_services
     assert first.metrics["triton_version"] == 1.0
     assert registry.alias_version(settings.mlflow_url, "promo-model", "champion") == mlflow_v1
     assert (settings.triton_model_repository / "promo_model" / "1" / "reference_predictions.parquet").exists()
+    client = TritonClient(settings.triton_http_url)
+    served = client.classify("promo_model", ["good great movie", "awful boring film, a waste"])
+    assert list(served["LABEL"]) and set(served["LABEL"]) <= {"negative", "positive"}
+    assert np.allclose(served["PROBABILITIES"].sum(axis=1), 1.0, atol=1e-5)
 
     mlflow_v2 = _register(settings, "promo-model", "run-2", exported_onnx, evaluated.metrics)
-    second = promote(config, target, exported_onnx, predictions, prepared_data, mlflow_v2, max_length=32)
+    with RequestStream(settings.triton_http_url, "promo_model") as during_switch:
+        second = promote(config, target, exported_onnx, predictions, prepared_data, mlflow_v2, max_length=32)
+    assert during_switch.sent > 10 and during_switch.failures == []
     assert second.metrics["triton_version"] == 2.0
-    client = TritonClient(settings.triton_http_url)
     assert client.ready_versions("promo_model") == [2]
     assert registry.alias_version(settings.mlflow_url, "promo-model", "champion") == mlflow_v2
+    assert registry.alias_version(settings.mlflow_url, "promo-model", PREVIOUS_ALIAS) == mlflow_v1
 
-    # A corrupted model file: the load fails, version 2 keeps serving, the alias stays on v2.
+    # A corrupted model file: the load fails, version 2 keeps serving, the aliases stay.
     broken = tmp_path / "broken"
     shutil.copytree(exported_onnx, broken)
     (broken / "model.onnx").write_bytes(b"this is not an onnx file")
     mlflow_v3 = _register(settings, "promo-model", "run-3", exported_onnx, evaluated.metrics)
-    with pytest.raises(PromotionFailed, match="Version 2 keeps serving"):
-        promote(config, target, broken, predictions, prepared_data, mlflow_v3, max_length=32)
-    assert repo.versions(settings.triton_model_repository, "promo_model") == [1, 2]
+    with RequestStream(settings.triton_http_url, "promo_model") as during_failure:
+        with pytest.raises(PromotionFailed, match="Version 2 keeps serving"):
+            promote(config, target, broken, predictions, prepared_data, mlflow_v3, max_length=32)
+    assert during_failure.sent > 10 and during_failure.failures == []
+    assert repo.ensemble_versions(settings.triton_model_repository, "promo_model") == [1, 2]
     assert client.ready_versions("promo_model") == [2]
     assert registry.alias_version(settings.mlflow_url, "promo-model", "champion") == mlflow_v2
 
-    texts = ["good great movie", "awful boring film"]
-    tokenizer = load_tokenizer(exported_onnx)
-    served = np.concatenate([client.infer_logits("promo_model", tokenize(tokenizer, [t], 32)) for t in texts])
-    assert served.shape == (2, 2) and np.isfinite(served).all()
+    # Roll back: version 1 serves again and is the champion.
+    with RequestStream(settings.triton_http_url, "promo_model") as during_rollback:
+        result = rollback(config, target)
+    assert during_rollback.failures == []
+    assert result.info["mlflow_version"] == mlflow_v1
+    assert client.ready_versions("promo_model") == [1]
+    assert registry.alias_version(settings.mlflow_url, "promo-model", "champion") == mlflow_v1
+    assert registry.alias_version(settings.mlflow_url, "promo-model", PREVIOUS_ALIAS) is None
+    with pytest.raises(PromotionFailed, match="nothing to roll back to"):
+        rollback(config, target)
 
 
-def test_smoke_test_mismatch_rolls_back(local_services, exported_onnx, evaluated, prepared_data, tmp_path):
-    """A model whose Triton outputs differ from its evaluation outputs is not promoted."""
+def test_smoke_test_mismatch_is_not_promoted(local_services, exported_onnx, evaluated, prepared_data, tmp_path):
+    """Outputs through Triton that differ from the evaluation outputs (wrong label order) block promotion."""
     settings = local_services.settings
-    target = PromotionTarget(settings.triton_http_url, settings.triton_model_repository, settings.mlflow_url)
     config = PromoteConfig(registered_model="smoke-model", triton_model="smoke_model", smoke_samples=4)
-    frame_path = tmp_path / "wrong_predictions.parquet"
-    import pandas as pd
-
     frame = pd.read_parquet(evaluated.uri("predictions"))
-    frame["logit_0"], frame["logit_1"] = frame["logit_1"], frame["logit_0"]  # wrong label order
-    frame.to_parquet(frame_path)
+    frame["logit_0"], frame["logit_1"] = frame["logit_1"], frame["logit_0"]
+    wrong = tmp_path / "wrong_predictions.parquet"
+    frame.to_parquet(wrong)
     version = _register(settings, "smoke-model", "run-s", exported_onnx, evaluated.metrics)
     with pytest.raises(PromotionFailed, match="differ from the evaluation outputs"):
-        promote(config, target, exported_onnx, frame_path, prepared_data, version, max_length=32)
-    assert repo.versions(settings.triton_model_repository, "smoke_model") == []
+        promote(config, _target(settings), exported_onnx, wrong, prepared_data, version, max_length=32)
+    assert repo.ensemble_versions(settings.triton_model_repository, "smoke_model") == []
     assert registry.alias_version(settings.mlflow_url, "smoke-model", "champion") is None
-    assert read_logits(frame_path).shape[1] == 2
+    assert not TritonClient(settings.triton_http_url).is_ready("smoke_model")

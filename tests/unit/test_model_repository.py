@@ -58,3 +58,52 @@ def test_servable_models_are_loaded_at_startup(tmp_path):
     (tmp_path / "repo" / "no_versions" / "config.pbtxt").write_text("")
     assert servable_models(tmp_path / "repo") == ["served"]
     assert servable_models(tmp_path / "missing") == []
+
+
+def _exported(tmp_path):
+    model_dir = tmp_path / "exported"
+    model_dir.mkdir(parents=True)
+    (model_dir / "model.onnx").write_bytes(b"onnx")
+    (model_dir / "tokenizer.json").write_text("{}")
+    return model_dir
+
+
+def test_ensemble_versions_are_written_to_every_model_with_one_number(tmp_path):
+    ensemble = repo.ClassifierEnsemble("clf", ("negative", "positive"), max_length=64, intra_op_threads=2)
+    repository = tmp_path / "repo"
+    assert repo.write_ensemble_version(repository, ensemble, _exported(tmp_path)) == 1
+    assert repo.write_ensemble_version(repository, ensemble, _exported(tmp_path / "b")) == 2
+    for model in ensemble.load_order:
+        assert repo.versions(repository, model) == [1, 2]
+        assert (repository / model / "config.pbtxt").exists()
+    assert (repository / "clf_tokenizer" / "2" / "tokenizer.json").exists()
+    assert (repository / "clf_tokenizer" / "2" / "model.py").exists()
+    assert (repository / "clf_postprocess" / "2" / "model.py").exists()
+    assert (repository / "clf_onnx" / "2" / "model.onnx").exists()
+    ensemble_text = (repository / "clf" / "config.pbtxt").read_text()
+    assert 'platform: "ensemble"' in ensemble_text
+    assert ensemble_text.index('"clf_tokenizer"') < ensemble_text.index('"clf_onnx"') < ensemble_text.index(
+        '"clf_postprocess"')
+    assert 'key: "labels" value: { string_value: "negative,positive" }' in (
+        repository / "clf_postprocess" / "config.pbtxt").read_text()
+    assert 'key: "max_length" value: { string_value: "64" }' in (repository / "clf_tokenizer" / "config.pbtxt").read_text()
+
+    repo.retire_ensemble_version(repository, "clf", 2)
+    assert repo.ensemble_versions(repository, "clf") == [1]
+    assert (repository / "clf_onnx" / ".retired-2" / "model.onnx").exists()
+    # A retired number is not reused: the next version is still one more than any present.
+    assert repo.write_ensemble_version(repository, ensemble, _exported(tmp_path / "c")) == 2
+    repo.remove_ensemble_version(repository, "clf", 2)
+    assert all(repo.versions(repository, model) == [1] for model in ensemble.load_order)
+
+
+def test_ensemble_rejects_bad_labels_and_missing_files(tmp_path):
+    with pytest.raises(repo.RepositoryError):
+        repo.ClassifierEnsemble("clf", ("only-one",), max_length=8)
+    with pytest.raises(repo.RepositoryError):
+        repo.ClassifierEnsemble("clf", ("a,b", "c"), max_length=8)
+    ensemble = repo.ClassifierEnsemble("clf", ("a", "b"), max_length=8)
+    with pytest.raises(repo.RepositoryError, match="tokenizer.json"):
+        (tmp_path / "m").mkdir()
+        (tmp_path / "m" / "model.onnx").write_bytes(b"x")
+        repo.write_ensemble_version(tmp_path / "repo", ensemble, tmp_path / "m")

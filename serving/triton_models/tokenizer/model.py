@@ -1,0 +1,45 @@
+"""Triton python-backend model: raw texts -> ``input_ids`` / ``attention_mask`` for the classifier.
+
+Ships in each version folder next to ``tokenizer.json`` (the fast tokenizer the classifier was
+trained with). A request's texts are padded to the longest of them; a single text is not padded,
+which reproduces the evaluation's batch-1 inputs exactly. ``max_length`` comes from the config's
+``parameters``.
+"""
+
+import json
+import os
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from tokenizers import Tokenizer
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        parameters = config.get("parameters", {})
+        max_length = int(parameters["max_length"]["string_value"])
+        path = os.path.join(args["model_repository"], args["model_version"], "tokenizer.json")
+        self._tokenizer = Tokenizer.from_file(path)
+        self._tokenizer.enable_truncation(max_length=max_length)
+        pad_token = parameters.get("pad_token", {}).get("string_value", "[PAD]")
+        pad_id = self._tokenizer.token_to_id(pad_token)
+        if pad_id is None:
+            raise pb_utils.TritonModelException(f"pad token {pad_token!r} is not in {path}")
+        self._tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token)
+
+    def execute(self, requests: list) -> list:
+        responses = []
+        for request in requests:
+            raw = pb_utils.get_input_tensor_by_name(request, "TEXT").as_numpy().reshape(-1)
+            try:
+                texts = [item.decode("utf-8") if isinstance(item, bytes) else str(item) for item in raw]
+            except UnicodeDecodeError as error:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"TEXT is not UTF-8: {error}")))
+                continue
+            encodings = self._tokenizer.encode_batch(texts)
+            ids = np.array([encoding.ids for encoding in encodings], dtype=np.int64)
+            mask = np.array([encoding.attention_mask for encoding in encodings], dtype=np.int64)
+            responses.append(pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor("input_ids", ids), pb_utils.Tensor("attention_mask", mask)]))
+        return responses
