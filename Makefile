@@ -10,7 +10,7 @@ export AIRFLOW__USAGE_DATA_COLLECTION__ENABLED := False
 export SCARF_ANALYTICS := false
 PYTEST_ARGS ?=
 
-.PHONY: help venv venv-triton demo test test-slow up down status assets clean-stack lint
+.PHONY: help venv venv-triton demo test test-slow up down status assets clean-stack
 
 help:
 	@echo "make demo       create environments, start the local stack, run optimize_model end to end"

@@ -8,8 +8,10 @@ from typing import Any
 
 import requests
 
+from tasks.errors import PipelineError
 
-class AirflowApiError(RuntimeError):
+
+class AirflowApiError(PipelineError):
     """Airflow's API refused a request or did not answer."""
 
 

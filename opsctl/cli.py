@@ -1,6 +1,7 @@
 """``opsctl``: the command line of the local stack.
 
-Exit codes: 0 success, 1 a step failed (the message says what to do), 2 bad usage.
+Exit codes: 0 success, 1 a step failed (the message says what to do), 2 bad usage,
+3 ``status`` found a service stopped, 130 interrupted. Set OPSCTL_DEBUG=1 to see tracebacks.
 """
 
 from __future__ import annotations
@@ -62,16 +63,11 @@ def _cmd_demo(settings: StackSettings, args: argparse.Namespace) -> int:
 
 def _cmd_rollback(settings: StackSettings, args: argparse.Namespace) -> int:
     from tasks.config import PromoteConfig
-    from tasks.errors import PromotionFailed
     from tasks.promote import PromotionTarget, rollback
 
     config = PromoteConfig(registered_model=args.registered_model, triton_model=args.triton_model)
     target = PromotionTarget(settings.triton_http_url, settings.triton_model_repository, settings.mlflow_url)
-    try:
-        result = rollback(config, target)
-    except PromotionFailed as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    result = rollback(config, target)
     info = result.info
     print(f"rolled back: {info['registered_model']} version {info['mlflow_version']} is the champion again "
           f"(Triton {info['triton_model']} version {int(result.metrics['triton_version'])}); "
@@ -118,12 +114,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = StackSettings.from_env(os.environ)
         return args.handler(settings, args)
-    except (ServiceError, SettingsError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # noqa: BLE001 - a CLI user gets a message, not a traceback
+        if os.environ.get("OPSCTL_DEBUG"):
+            raise
+        print(f"error: {_describe(error)}", file=sys.stderr)
+        return 1
+
+
+def _describe(error: Exception) -> str:
+    """Our own errors already say what to do; others get their type and a pointer to the logs."""
+    from tasks.errors import PipelineError
+
+    expected = (ServiceError, SettingsError, PipelineError, FileNotFoundError, PermissionError)
+    if isinstance(error, expected):
+        return str(error)
+    import requests
+
+    if isinstance(error, requests.ConnectionError):
+        return f"could not connect ({error}); is the stack up? Start it with `make up`."
+    return (f"{type(error).__name__}: {error}. Check `opsctl status` and the logs in .stack/logs; "
+            "OPSCTL_DEBUG=1 shows the traceback.")
 
 
 if __name__ == "__main__":

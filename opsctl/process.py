@@ -32,7 +32,6 @@ class ServiceSpec:
         env: the full environment of the process.
         ports: loopback ports the service binds; checked free before start.
         health_url: polled until it answers 200 (None: only check the process is alive).
-        stop_signal: the signal that shuts the service down cleanly (Airflow needs SIGINT).
         cwd: working directory (logs of tools that write to the cwd land there).
     """
 
@@ -41,7 +40,6 @@ class ServiceSpec:
     env: dict[str, str]
     ports: tuple[int, ...] = ()
     health_url: str | None = None
-    stop_signal: int = signal.SIGINT
     cwd: Path | None = None
     ready_check: Callable[[], bool] | None = field(default=None, compare=False)
 
@@ -68,16 +66,28 @@ class ProcessManager:
     def log_file(self, name: str) -> Path:
         return self.logs_dir / f"{name}.log"
 
-    def read_pid(self, name: str) -> int | None:
-        """The recorded pid if that process is still alive, else None (a stale file is removed)."""
-        path = self.pid_file(name)
+    def _read_record(self, name: str) -> tuple[int, str] | None:
+        """(pid, start time) from the pid file, or None when there is no usable file."""
         try:
-            pid = int(path.read_text().strip())
-        except (FileNotFoundError, ValueError):
+            fields = self.pid_file(name).read_text().split()
+            return int(fields[0]), fields[1] if len(fields) > 1 else ""
+        except (FileNotFoundError, ValueError, IndexError):
             return None
-        if _alive(pid):
+
+    def read_pid(self, name: str) -> int | None:
+        """The recorded pid if that very process is still alive, else None (a stale file is removed).
+
+        The process start time is recorded with the pid, so a pid reused by another program after a
+        reboot or a crash is not mistaken for the service.
+        """
+        record = self._read_record(name)
+        if record is None:
+            return None
+        pid, started = record
+        if _alive(pid) and _start_time(pid) == started:
             return pid
-        path.unlink(missing_ok=True)
+        if not _group_alive(pid):
+            self.pid_file(name).unlink(missing_ok=True)
         return None
 
     def state(self, name: str) -> ServiceState:
@@ -114,7 +124,7 @@ class ProcessManager:
             raise ServiceError(f"{spec.name}: cannot run {spec.argv[0]}: {error}. Run `make venv venv-triton`.") from error
         finally:
             log.close()
-        self.pid_file(spec.name).write_text(str(process.pid))
+        self.pid_file(spec.name).write_text(f"{process.pid} {_start_time(process.pid)}")
         return process.pid, True
 
     def wait_healthy(self, spec: ServiceSpec, timeout_s: float = 120.0) -> None:
@@ -132,11 +142,19 @@ class ProcessManager:
         )
 
     def stop(self, name: str, stop_signal: int = signal.SIGINT, timeout_s: float = 30.0) -> bool:
-        """Stop a service and every process in its group. Returns False when it was not running."""
-        pid = self.read_pid(name)
-        if pid is None:
+        """Stop a service and every process left in its group. Returns False when nothing was running.
+
+        Members of the group are stopped even when the leader has already exited (workers it left).
+        """
+        record = self._read_record(name)
+        if record is None:
             return False
-        group = pid  # started with start_new_session, so the group id is the pid
+        group, started = record  # started with start_new_session, so the group id is the leader's pid
+        leader_is_ours = _alive(group) and _start_time(group) == started
+        if not leader_is_ours and (_alive(group) or not _group_alive(group)):
+            # The pid now belongs to another program, or nothing of ours is left.
+            self.pid_file(name).unlink(missing_ok=True)
+            return False
         _signal_group(group, stop_signal)
         if not _wait_group_gone(group, timeout_s):
             _signal_group(group, signal.SIGTERM)
@@ -192,6 +210,15 @@ def _alive(pid: int) -> bool:
             return stat.read().split(") ", 1)[1][0] != "Z"
     except (FileNotFoundError, IndexError):
         return False
+
+
+def _start_time(pid: int) -> str:
+    """The process start time in clock ticks since boot (field 22 of /proc/<pid>/stat), or ''."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ", 1)[1].split()[19]
+    except (FileNotFoundError, IndexError, ProcessLookupError):
+        return ""
 
 
 def _group_alive(group: int) -> bool:

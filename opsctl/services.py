@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import urllib.error
 import urllib.request
@@ -47,15 +46,17 @@ def mlflow_spec(settings: StackSettings, env: dict[str, str]) -> ServiceSpec:
         env=env,
         ports=(settings.mlflow_port,),
         health_url=f"{settings.mlflow_url}/health",
-        stop_signal=signal.SIGINT,
         cwd=settings.mlflow_dir,
     )
 
 
-def triton_spec(settings: StackSettings, env: dict[str, str]) -> ServiceSpec:
+def triton_spec(settings: StackSettings, env: dict[str, str], prepare: bool = True) -> ServiceSpec:
+    """Triton's spec; ``prepare`` (re)builds its backends folder, which must not happen under a running server."""
     runtime = discover_runtime(settings.triton_venv / "bin" / "python")
     settings.triton_model_repository.mkdir(parents=True, exist_ok=True)
-    backends = prepare_backends(runtime, settings.triton_dir / "backends")
+    backends = settings.triton_dir / "backends"
+    if prepare:
+        prepare_backends(runtime, backends)
     ports = TritonPorts(settings.triton_http_port, settings.triton_grpc_port, settings.triton_metrics_port)
     return ServiceSpec(
         name="triton",
@@ -63,7 +64,6 @@ def triton_spec(settings: StackSettings, env: dict[str, str]) -> ServiceSpec:
         env=server_environment(runtime, env),
         ports=(ports.http, ports.grpc, ports.metrics),
         health_url=f"http://{settings.triton_http_url}/v2/health/ready",
-        stop_signal=signal.SIGINT,
         cwd=settings.triton_dir,
     )
 
@@ -126,6 +126,9 @@ def airflow_specs(settings: StackSettings, env: dict[str, str]) -> list[ServiceS
         argv = [airflow, component]
         if component == "api-server":
             argv += ["--host", settings.host, "--port", str(settings.airflow_port)]
+        if component in ("scheduler", "triggerer"):
+            # Their log servers would listen on all interfaces; the api-server reads task logs from disk.
+            argv.append("--skip-serve-logs")
         specs.append(
             ServiceSpec(
                 name=f"airflow-{component}",
@@ -133,7 +136,6 @@ def airflow_specs(settings: StackSettings, env: dict[str, str]) -> list[ServiceS
                 env=env,
                 ports=(settings.airflow_port,) if component == "api-server" else (),
                 health_url=f"{settings.airflow_url}/api/v2/monitor/health",
-                stop_signal=signal.SIGINT,
                 cwd=settings.airflow_home,
                 ready_check=_component_healthy(settings, component),
             )
@@ -173,7 +175,8 @@ class LocalStack:
     def up(self, *, with_airflow: bool = True, progress=print) -> None:
         """Start every service not yet running and wait until each is healthy (idempotent)."""
         self.settings.home.mkdir(parents=True, exist_ok=True)
-        specs = [mlflow_spec(self.settings, self._env), triton_spec(self.settings, self._env)]
+        triton_running = self.manager.state("triton").running
+        specs = [mlflow_spec(self.settings, self._env), triton_spec(self.settings, self._env, prepare=not triton_running)]
         if with_airflow:
             airflow_env = airflow_environment(self.settings, self._env)
             if not all(self.manager.state(spec.name).running for spec in airflow_specs(self.settings, airflow_env)):

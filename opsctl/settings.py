@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -132,11 +133,16 @@ class StackSettings:
 def load_or_create_secrets(path: Path) -> dict[str, str]:
     """Secrets shared by the Airflow processes (JWT signing, API secret key), kept across restarts."""
     if path.exists():
-        return json.loads(path.read_text())
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            raise SettingsError(f"{path} is corrupt: delete it and restart the stack (new secrets are made)") from None
     values = {"jwt_secret": secrets.token_urlsafe(32), "api_secret_key": secrets.token_urlsafe(32)}
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_suffix(".tmp")
-    temp.write_text(json.dumps(values))
-    temp.chmod(0o600)
+    temp.unlink(missing_ok=True)
+    # Created owner-only from the start: the secrets are never readable by others, not even briefly.
+    with os.fdopen(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
+        handle.write(json.dumps(values))
     temp.rename(path)
     return values

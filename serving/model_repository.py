@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 PYTHON_MODELS_DIR = Path(__file__).parent / "triton_models"
@@ -55,7 +55,6 @@ class OnnxModelConfig:
     instances: int = 1
     intra_op_threads: int = 0
     versions_kept: int = 1
-    labels: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
@@ -102,12 +101,24 @@ def render_config(config: OnnxModelConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+CONFIG_SNAPSHOT = "config.pbtxt.snapshot"
+RETIRED_PREFIX = ".retired-"
+
+
 def versions(repository: Path, model: str) -> list[int]:
     """Numeric version folders of ``model``, ascending."""
     folder = repository / model
     if not folder.exists():
         return []
     return sorted(int(entry.name) for entry in folder.iterdir() if entry.is_dir() and entry.name.isdigit())
+
+
+def _retired_versions(repository: Path, model: str) -> list[int]:
+    folder = repository / model
+    if not folder.exists():
+        return []
+    return [int(entry.name[len(RETIRED_PREFIX):]) for entry in folder.iterdir()
+            if entry.name.startswith(RETIRED_PREFIX) and entry.name[len(RETIRED_PREFIX):].isdigit()]
 
 
 def write_version(repository: Path, config: OnnxModelConfig, model_dir: Path,
@@ -256,7 +267,9 @@ def write_ensemble_version(repository: Path, ensemble: ClassifierEnsemble, model
     missing = [name for name in ("model.onnx", "tokenizer.json") if not (model_dir / name).exists()]
     if missing:
         raise RepositoryError(f"Could not find {missing} in {model_dir}")
-    version = 1 + max((versions(repository, model) or [0])[-1] for model in ensemble.load_order)
+    # Retired numbers count too: a version number is never given to two different models.
+    version = 1 + max(max(versions(repository, model) + _retired_versions(repository, model) + [0])
+                      for model in ensemble.load_order)
     num_labels = len(ensemble.labels)
     onnx_files = [model_dir / "model.onnx", *model_dir.glob("*.onnx.data")]
     layout = {
@@ -269,7 +282,7 @@ def write_ensemble_version(repository: Path, ensemble: ClassifierEnsemble, model
             render_python_config(
                 ensemble.tokenizer_model, ensemble.max_batch_size, TEXT_INPUT,
                 (TensorSpec("input_ids", "int64", (-1,)), TensorSpec("attention_mask", "int64", (-1,))),
-                {"max_length": str(ensemble.max_length)},
+                {"max_length": str(ensemble.max_length), "pad_token": pad_token(model_dir)},
             ),
             [PYTHON_MODELS_DIR / "tokenizer" / "model.py", model_dir / "tokenizer.json"],
         ),
@@ -292,6 +305,8 @@ def write_ensemble_version(repository: Path, ensemble: ClassifierEnsemble, model
         staging.mkdir()
         for source in files:
             shutil.copy2(source, staging / source.name)
+        # config.pbtxt is per model, not per version: keep this version's copy to restore on rollback.
+        (staging / CONFIG_SNAPSHOT).write_text(config_text)
         _write_text_atomic(folder / "config.pbtxt", config_text)
         staged.append((staging, folder / str(version)))
     for staging, final in staged:
@@ -304,11 +319,42 @@ def remove_ensemble_version(repository: Path, name: str, version: int) -> None:
         remove_version(repository, model, version)
 
 
+def restore_ensemble_config(repository: Path, name: str, version: int) -> None:
+    """Make version N's own config the models' config again (before reloading an older version)."""
+    for model in ensemble_models(name):
+        snapshot = repository / model / str(version) / CONFIG_SNAPSHOT
+        if snapshot.exists():
+            _write_text_atomic(repository / model / "config.pbtxt", snapshot.read_text())
+
+
+def unretire_ensemble_version(repository: Path, name: str, version: int) -> None:
+    """Undo ``retire_ensemble_version``."""
+    for model in ensemble_models(name):
+        source = repository / model / f"{RETIRED_PREFIX}{version}"
+        if source.exists():
+            source.rename(repository / model / str(version))
+
+
+def pad_token(model_dir: Path) -> str:
+    """The tokenizer's padding token, from its saved config (``[PAD]`` for BERT-style tokenizers)."""
+    import json
+
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = model_dir / name
+        if path.exists():
+            value = json.loads(path.read_text()).get("pad_token")
+            if isinstance(value, dict):
+                value = value.get("content")
+            if value:
+                return str(value)
+    return "[PAD]"
+
+
 def retire_ensemble_version(repository: Path, name: str, version: int) -> None:
     """Move version N of every model aside (``.retired-N``) so the previous version becomes the newest."""
     for model in ensemble_models(name):
         source = repository / model / str(version)
         if source.exists():
-            target = repository / model / f".retired-{version}"
+            target = repository / model / f"{RETIRED_PREFIX}{version}"
             shutil.rmtree(target, ignore_errors=True)
             source.rename(target)

@@ -6,8 +6,10 @@ import time
 
 import numpy as np
 
+from tasks.errors import PipelineError
 
-class TritonUnavailable(RuntimeError):
+
+class TritonUnavailable(PipelineError):
     """Triton did not answer, or the model is not ready."""
 
 
@@ -51,17 +53,6 @@ class TritonClient:
         index = self._client.get_model_repository_index()
         return sorted(int(item["version"]) for item in index
                       if item.get("name") == model and item.get("state") == "READY" and item.get("version"))
-
-    def infer_logits(self, model: str, inputs: dict[str, np.ndarray], version: int | None = None,
-                     output: str = "logits") -> np.ndarray:
-        tensors = []
-        for name, array in inputs.items():
-            tensor = self._http.InferInput(name, list(array.shape), "INT64")
-            tensor.set_data_from_numpy(np.ascontiguousarray(array, dtype=np.int64))
-            tensors.append(tensor)
-        result = self._client.infer(model, tensors, model_version="" if version is None else str(version),
-                                    outputs=[self._http.InferRequestedOutput(output)])
-        return result.as_numpy(output)
 
     def classify(self, model: str, texts: list[str], version: int | None = None) -> dict[str, np.ndarray]:
         """Send raw texts to a classifier ensemble; returns LABEL (str), PROBABILITIES and LOGITS arrays."""

@@ -7,7 +7,7 @@ turns the Airflow params / DAG run conf (plain JSON) into configs.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from tasks.errors import ConfigError
@@ -275,9 +275,3 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
     except (TypeError, ValueError):
         raise ConfigError(f"{name} has an invalid value {value!r}") from None
     return value
-
-
-def with_overrides(config: PipelineConfig, **sections: dict[str, Any]) -> PipelineConfig:
-    """A copy of ``config`` with some fields of some sections replaced (validated again)."""
-    changed = {name: replace(getattr(config, name), **values) for name, values in sections.items()}
-    return replace(config, **changed)

@@ -21,9 +21,5 @@ class ExportError(PipelineError):
     """An exported model does not reproduce its source model."""
 
 
-class GateRejected(PipelineError):
-    """No candidate passed the promotion gates; the champion stays."""
-
-
 class PromotionFailed(PipelineError):
     """A candidate could not be put into service; the previous version keeps serving."""

@@ -85,7 +85,10 @@ def config_from_params(params: dict[str, Any]) -> PipelineConfig:
             continue
         section, key = PARAM_PATHS[name]
         nested.setdefault(section, {})[key] = value
-    for section, values in (params.get("overrides") or {}).items():
+    overrides = params.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise ConfigError("overrides must be an object like {\"quantize\": {\"per_channel\": true}}")
+    for section, values in overrides.items():
         if not isinstance(values, dict):
             raise ConfigError(f"overrides.{section} must be an object")
         nested.setdefault(section, {}).update(values)
@@ -104,15 +107,11 @@ def resolve_source(source: str, settings: PipelineSettings) -> str:
     return assets.as_dict()[DEMO_SOURCES[source]]
 
 
-def _run_dir(settings: PipelineSettings, run_id: str) -> Path:
-    return settings.run_dir(run_id)
-
-
 def prepare_data(settings: PipelineSettings, config: PipelineConfig, run_id: str) -> dict:
     from dataclasses import replace
 
     data_config = replace(config.data, source=resolve_source(config.data.source, settings))
-    result = data_step.run(data_config, _run_dir(settings, run_id) / "data")
+    result = data_step.run(data_config, settings.run_dir(run_id) / "data")
     return result.to_dict()
 
 
@@ -121,7 +120,7 @@ def finetune_teacher(settings: PipelineSettings, config: PipelineConfig, run_id:
 
     finetune_config = replace(config.finetune, model=resolve_source(config.finetune.model, settings))
     data_dir = Path(StepResult.from_dict(data).uri("data"))
-    return finetune_step.run(finetune_config, data_dir, _run_dir(settings, run_id) / "teacher").to_dict()
+    return finetune_step.run(finetune_config, data_dir, settings.run_dir(run_id) / "teacher").to_dict()
 
 
 def export_onnx(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict, teacher: dict) -> dict:
@@ -129,7 +128,7 @@ def export_onnx(settings: PipelineSettings, config: PipelineConfig, run_id: str,
         config.export,
         model_dir=Path(StepResult.from_dict(teacher).uri("model")),
         data_dir=Path(StepResult.from_dict(data).uri("data")),
-        out_dir=_run_dir(settings, run_id) / "onnx_fp32",
+        out_dir=settings.run_dir(run_id) / "onnx_fp32",
         max_length=config.finetune.max_length,
     )
     return result.to_dict()
@@ -140,7 +139,7 @@ def quantize_int8(settings: PipelineSettings, config: PipelineConfig, run_id: st
         config.quantize,
         onnx_dir=Path(StepResult.from_dict(onnx).uri("model")),
         data_dir=Path(StepResult.from_dict(data).uri("data")),
-        out_dir=_run_dir(settings, run_id) / "onnx_int8",
+        out_dir=settings.run_dir(run_id) / "onnx_int8",
         max_length=config.finetune.max_length,
     )
     return result.to_dict()
@@ -155,7 +154,7 @@ def evaluate_candidates(settings: PipelineSettings, config: PipelineConfig, run_
         model_dir = Path(StepResult.from_dict(produced[step]).uri("model"))
         log.info("evaluating %s (%s) from %s", candidate, model_format.value, model_dir)
         result = evaluate_step.run(config.evaluate, candidate, model_dir, model_format, data_dir,
-                                   _run_dir(settings, run_id) / "evaluation" / candidate)
+                                   settings.run_dir(run_id) / "evaluation" / candidate)
         evaluations[candidate] = result.to_dict()
         log.info("%s: accuracy %.4f p50 %.2f ms p95 %.2f ms", candidate, result.metrics["accuracy"],
                  result.metrics["latency_p50_ms"], result.metrics["latency_p95_ms"])
@@ -233,7 +232,7 @@ def gate_and_promote(settings: PipelineSettings, config: PipelineConfig, run_id:
         "gates": [{"name": c.name, "decision": c.decision.value, "detail": c.detail} for c in checks],
         "promotion": result.to_dict(),
     }
-    summary_path = _run_dir(settings, run_id) / "summary.json"
+    summary_path = settings.run_dir(run_id) / "summary.json"
     write_json_atomic(summary_path, summary)
     registry.log_run_summary(settings.mlflow_tracking_uri, registered["parent_run_id"], summary_path,
                              {f"{name}.{key}": value for name, value in summary["candidates"].items()

@@ -48,13 +48,13 @@ def run(config: PromoteConfig, target: PromotionTarget, model_dir: Path, predict
     client.wait_ready(timeout_s=30)
     previous = repo.ensemble_versions(target.model_repository, ensemble.name)
     version = repo.write_ensemble_version(target.model_repository, ensemble, model_dir)
-    # Drift monitoring's reference: the evaluation outputs, kept beside the served version.
-    shutil.copy2(predictions, target.model_repository / ensemble.name / str(version) / REFERENCE_FILE)
     log.info("wrote %s version %d; loading it", ensemble.name, version)
     try:
+        # Drift monitoring's reference: the evaluation outputs, kept beside the served version.
+        shutil.copy2(predictions, target.model_repository / ensemble.name / str(version) / REFERENCE_FILE)
         _load_version(client, ensemble.name, version)
         diff = _smoke_test(client, config, ensemble.name, predictions, data_dir, version)
-    except (TritonUnavailable, PromotionFailed, OSError) as error:
+    except Exception as error:  # noqa: BLE001 - whatever failed, the previous version must serve again
         _restore(client, target.model_repository, ensemble.name, version, previous)
         raise PromotionFailed(
             f"{ensemble.name} version {version} was not promoted: {error}. "
@@ -98,9 +98,20 @@ def rollback(config: PromoteConfig, target: PromotionTarget) -> StepResult:
         raise PromotionFailed(f"Triton version {wanted} of {config.triton_model} is no longer in the repository")
     client = TritonClient(target.triton_url)
     client.wait_ready(timeout_s=30)
-    for newer in (v for v in present if v > wanted):
-        repo.retire_ensemble_version(target.model_repository, config.triton_model, newer)
-    _load_version(client, config.triton_model, wanted)
+    newer = [v for v in present if v > wanted]
+    for version in newer:
+        repo.retire_ensemble_version(target.model_repository, config.triton_model, version)
+    repo.restore_ensemble_config(target.model_repository, config.triton_model, wanted)
+    try:
+        _load_version(client, config.triton_model, wanted)
+    except Exception as error:  # noqa: BLE001 - put the newer versions back and serve the newest again
+        for version in newer:
+            repo.unretire_ensemble_version(target.model_repository, config.triton_model, version)
+        _restore(client, target.model_repository, config.triton_model, None, present)
+        raise PromotionFailed(
+            f"rollback of {config.triton_model} to version {wanted} failed: {error}; version {present[-1]} "
+            "serves again and the aliases are unchanged"
+        ) from error
     registry.set_alias(target.tracking_uri, config.registered_model, config.alias, previous)
     registry.delete_alias(target.tracking_uri, config.registered_model, PREVIOUS_ALIAS)
     if current is not None:
@@ -146,8 +157,10 @@ def _smoke_test(client: TritonClient, config: PromoteConfig, name: str, predicti
     return diff
 
 
-def _restore(client: TritonClient, repository: Path, name: str, failed: int, previous: list[int]) -> None:
-    repo.remove_ensemble_version(repository, name, failed)
+def _restore(client: TritonClient, repository: Path, name: str, failed: int | None, previous: list[int]) -> None:
+    """Remove the failed version (if any) and serve ``previous[-1]`` with its own config again."""
+    if failed is not None:
+        repo.remove_ensemble_version(repository, name, failed)
     models = repo.ensemble_models(name)
     if not previous:
         for model in reversed(models):
@@ -156,6 +169,7 @@ def _restore(client: TritonClient, repository: Path, name: str, failed: int, pre
             except Exception:  # noqa: BLE001 - nothing served before; unloading is best effort
                 log.warning("could not unload %s after a failed first promotion", model)
         return
+    repo.restore_ensemble_config(repository, name, previous[-1])
     try:
         _load_version(client, name, previous[-1])
     except (TritonUnavailable, PromotionFailed) as error:

@@ -21,13 +21,6 @@ class StepStatus(str, Enum):
 class ModelFormat(str, Enum):
     PYTORCH = "pytorch"
     ONNX = "onnx"
-    TENSORRT = "tensorrt"
-
-
-class Precision(str, Enum):
-    FP32 = "fp32"
-    FP16 = "fp16"
-    INT8 = "int8"
 
 
 @dataclass(frozen=True)

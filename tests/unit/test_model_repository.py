@@ -91,10 +91,30 @@ def test_ensemble_versions_are_written_to_every_model_with_one_number(tmp_path):
     repo.retire_ensemble_version(repository, "clf", 2)
     assert repo.ensemble_versions(repository, "clf") == [1]
     assert (repository / "clf_onnx" / ".retired-2" / "model.onnx").exists()
-    # A retired number is not reused: the next version is still one more than any present.
-    assert repo.write_ensemble_version(repository, ensemble, _exported(tmp_path / "c")) == 2
-    repo.remove_ensemble_version(repository, "clf", 2)
+    # A retired number is never given to another model: the next version is 3, not 2 again.
+    assert repo.write_ensemble_version(repository, ensemble, _exported(tmp_path / "c")) == 3
+    repo.remove_ensemble_version(repository, "clf", 3)
     assert all(repo.versions(repository, model) == [1] for model in ensemble.load_order)
+    repo.unretire_ensemble_version(repository, "clf", 2)
+    assert repo.ensemble_versions(repository, "clf") == [1, 2]
+
+
+def test_each_version_keeps_its_own_config_for_rollback(tmp_path):
+    repository = tmp_path / "repo"
+    long = repo.ClassifierEnsemble("clf", ("negative", "positive"), max_length=128)
+    short = repo.ClassifierEnsemble("clf", ("negative", "positive"), max_length=64)
+    repo.write_ensemble_version(repository, long, _exported(tmp_path / "a"))
+    repo.write_ensemble_version(repository, short, _exported(tmp_path / "b"))
+    config = repository / "clf_tokenizer" / "config.pbtxt"
+    assert '"64"' in config.read_text()
+    repo.restore_ensemble_config(repository, "clf", 1)
+    assert '"128"' in config.read_text() and '"64"' not in config.read_text()
+
+
+def test_pad_token_comes_from_the_tokenizer_config(tmp_path):
+    assert repo.pad_token(tmp_path) == "[PAD]"
+    (tmp_path / "tokenizer_config.json").write_text('{"pad_token": "<pad>"}')
+    assert repo.pad_token(tmp_path) == "<pad>"
 
 
 def test_ensemble_rejects_bad_labels_and_missing_files(tmp_path):

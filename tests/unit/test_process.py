@@ -87,3 +87,31 @@ def test_stale_pid_file_is_ignored(tmp_path):
     manager.pid_file("ghost").write_text("999999")
     assert manager.read_pid("ghost") is None
     assert not manager.pid_file("ghost").exists()
+
+
+def test_stop_ends_workers_left_behind_by_an_exited_leader(tmp_path):
+    manager = ProcessManager(tmp_path / "run", tmp_path / "logs")
+    script = ("import subprocess, sys; child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']);"
+              f"open({str(tmp_path / 'orphan.pid')!r}, 'w').write(str(child.pid))")
+    spec = ServiceSpec(name="leaver", argv=[sys.executable, "-c", script], env=dict(os.environ))
+    leader, _ = manager.start(spec)
+    deadline = time.monotonic() + 10
+    while (not (tmp_path / "orphan.pid").exists() or _alive(leader)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    orphan = int((tmp_path / "orphan.pid").read_text())
+    assert not _alive(leader) and _alive(orphan)
+    assert manager.stop("leaver", timeout_s=5) is True
+    deadline = time.monotonic() + 5
+    while _alive(orphan) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(orphan)
+
+
+def test_a_reused_pid_is_not_taken_for_the_service(tmp_path):
+    manager = ProcessManager(tmp_path / "run", tmp_path / "logs")
+    manager.pids_dir.mkdir(parents=True)
+    # Our own pid, with a start time that is not ours: a foreign process now holds the number.
+    manager.pid_file("ghost").write_text(f"{os.getpid()} 1")
+    assert manager.read_pid("ghost") is None
+    manager.pid_file("ghost").write_text(f"{os.getpid()} 1")
+    assert manager.stop("ghost") is False  # and this test process was not signalled

@@ -7,8 +7,9 @@ on a CPU development machine. The official Triton container uses its real C++ ON
 Runtime backend for the same repository; nothing in the repository refers to this file.
 
 It honours the model configuration fields a repository written by this project uses:
-inputs/outputs (names, data types), ``default_model_filename``, ``max_batch_size`` and the
-``intra_op_thread_count`` / ``inter_op_thread_count`` parameters of the real backend.
+inputs/outputs (names, data types), ``default_model_filename`` and the ``intra_op_thread_count`` /
+``inter_op_thread_count`` parameters of the real backend. Batches arrive whole in each request
+(Triton enforces ``max_batch_size`` before ``execute``).
 """
 
 import json
@@ -45,7 +46,7 @@ class TritonPythonModel:
         self._output_dtypes = {
             item["name"]: pb_utils.triton_string_to_numpy(item["data_type"]) for item in config["output"]
         }
-        session_inputs = {item.name: item.type for item in self._session.get_inputs()}
+        session_inputs = {item.name for item in self._session.get_inputs()}
         missing = [name for name in self._input_names if name not in session_inputs]
         if missing:
             raise pb_utils.TritonModelException(
