@@ -3,7 +3,9 @@
 
 Fine-tunes the teacher classifier, exports it to ONNX, quantizes it to dynamic INT8, evaluates
 every candidate on the same held-out split, registers the candidates in the MLflow model registry
-and, when the gates pass, promotes the INT8 model to Triton and moves the MLflow alias `champion`
+and, when the gates pass (accuracy vs teacher and vs the serving champion on the same test split,
+finite outputs on edge-length inputs, agreement with the FP32 model, optional latency budget),
+promotes the INT8 model to Triton and moves the MLflow alias `champion`
 to exactly that version.
 
 Runs nightly (02:00 UTC) and on demand. **Trigger** it from the UI with the params form: the
@@ -37,6 +39,9 @@ PARAMS = {
     "max_relative_accuracy_drop": Param(0.03, type="number", minimum=0, maximum=0.99,
                                         description="gate: candidate accuracy >= teacher x (1 - this)"),
     "max_p95_latency_ms": Param(0.0, type="number", minimum=0, description="gate: p95 batch-1 latency budget (0 = none)"),
+    "max_champion_regression": Param(0.01, type="number", minimum=0, maximum=0.99,
+                                     description="gate: accuracy may be at most this far below the serving champion's "
+                                                 "accuracy on the same test split"),
     "registered_model": Param("text-classifier", type="string", description="MLflow registered model name"),
     "triton_model": Param("text_classifier", type="string", pattern="^[A-Za-z0-9_-]+$", description="Triton model name"),
 }

@@ -89,7 +89,7 @@ def _print_summary(settings: StackSettings, run_id: str, summary: dict) -> None:
     print(f"INT8 vs PyTorch teacher: p50 {teacher['latency_p50_ms'] / int8['latency_p50_ms']:.1f}x faster, "
           f"{teacher['size_bytes'] / int8['size_bytes']:.1f}x smaller, accuracy {int8['accuracy'] - teacher['accuracy']:+.4f}")
     for gate in summary["gates"]:
-        print(f"gate {gate['name']:16s} {gate['decision']:4s}  {gate['detail']}")
+        print(f"gate {gate['name']:20s} {gate['decision']:4s}  {gate['detail']}")
     promotion = summary["promotion"]
     if promotion["status"] != "success":
         print(f"not promoted: {promotion['reason']}")

@@ -157,16 +157,20 @@ class GateConfig:
         max_relative_accuracy_drop: accuracy >= teacher accuracy x (1 - this).
         min_source_agreement: label agreement with the unquantized source model.
         max_p95_latency_ms: batch-1 p95 latency budget (0 = no budget).
+        max_champion_regression: accuracy may be at most this far (absolute) below the serving
+            champion's accuracy on the same test split.
     """
 
     max_relative_accuracy_drop: float = 0.03
     min_source_agreement: float = 0.95
     max_p95_latency_ms: float = 0.0
+    max_champion_regression: float = 0.01
 
     def __post_init__(self) -> None:
         _require(0 <= self.max_relative_accuracy_drop < 1, "gate.max_relative_accuracy_drop must be in [0, 1)")
         _require(0 <= self.min_source_agreement <= 1, "gate.min_source_agreement must be in [0, 1]")
         _require(self.max_p95_latency_ms >= 0, "gate.max_p95_latency_ms must be >= 0")
+        _require(0 <= self.max_champion_regression < 1, "gate.max_champion_regression must be in [0, 1)")
 
 
 @dataclass(frozen=True)

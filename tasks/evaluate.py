@@ -89,6 +89,20 @@ def timed_logits(predict: Predictor, tokenizer, texts: list[str], config: Evalua
     return np.concatenate(logits), timings
 
 
+def adversarial_texts(tokenizer, max_length: int) -> list[str]:
+    """Inputs at the edges of the length range: empty, one token, and past the maximum length."""
+    word = next(iter(token for token in ("the", "a", "x") if token in tokenizer.get_vocab()), "x")
+    return ["", word, " ".join([word] * (max_length * 2))]
+
+
+def non_finite_on_edge_inputs(predict: Predictor, tokenizer, max_length: int) -> bool:
+    """True when any edge-length input gives NaN or Inf logits."""
+    return any(
+        not np.isfinite(predict(tokenize(tokenizer, [text], max_length))).all()
+        for text in adversarial_texts(tokenizer, max_length)
+    )
+
+
 def run(config: EvaluateConfig, candidate: str, model_dir: Path, model_format: ModelFormat, data_dir: Path,
         out_dir: Path) -> StepResult:
     """Accuracy, macro F1, batch-1 latency percentiles and size of one candidate on the test split.
@@ -116,7 +130,8 @@ def run(config: EvaluateConfig, candidate: str, model_dir: Path, model_format: M
         "latency_p99_ms": float(np.percentile(timings, 99)),
         "throughput_batch1_per_s": float(len(timings) / seconds) if seconds else 0.0,
         "size_bytes": float(model_size_bytes(model_dir)),
-        "nan_outputs": float(np.isnan(logits).any() or np.isinf(logits).any()),
+        "nan_outputs": float(not np.isfinite(logits).all()),
+        "nan_on_edge_inputs": float(non_finite_on_edge_inputs(predict, tokenizer, config.max_length)),
         "test_rows": float(len(texts)),
     }
     frame = pd.DataFrame({"label": labels, "prediction": predictions})

@@ -15,6 +15,14 @@ class GateDecision(str, Enum):
 
 
 @dataclass(frozen=True)
+class ChampionScore:
+    """The serving champion's accuracy on this run's test split, or why it could not be measured."""
+
+    accuracy: float | None
+    note: str
+
+
+@dataclass(frozen=True)
 class GateCheck:
     name: str
     decision: GateDecision
@@ -23,17 +31,32 @@ class GateCheck:
     detail: str
 
 
-def evaluate_gates(config: GateConfig, candidate: dict[str, float], teacher: dict[str, float]) -> list[GateCheck]:
-    """All gate checks of ``candidate`` (metrics from tasks.evaluate, plus ``source_label_agreement``)."""
+def evaluate_gates(config: GateConfig, candidate: dict[str, float], teacher: dict[str, float],
+                   champion: ChampionScore | None = None) -> list[GateCheck]:
+    """All gate checks of ``candidate`` (metrics from tasks.evaluate, plus ``source_label_agreement``).
+
+    ``champion`` is the serving champion measured on the same test split (None: no champion yet).
+    """
     checks = []
     required = teacher["accuracy"] * (1.0 - config.max_relative_accuracy_drop)
     accuracy = candidate["accuracy"]
     checks.append(_check("accuracy", accuracy >= required, accuracy, required,
                          f"accuracy {accuracy:.4f} vs required {required:.4f} "
                          f"(teacher {teacher['accuracy']:.4f} minus {config.max_relative_accuracy_drop:.0%})"))
-    finite = candidate.get("nan_outputs", 0.0) == 0.0 and all(math.isfinite(v) for v in candidate.values())
+    finite = (candidate.get("nan_outputs", 0.0) == 0.0 and candidate.get("nan_on_edge_inputs", 0.0) == 0.0
+              and all(math.isfinite(v) for v in candidate.values()))
     checks.append(_check("finite_outputs", finite, 0.0 if finite else 1.0, 0.0,
-                         "all outputs finite" if finite else "NaN or Inf in outputs or metrics"))
+                         "all outputs finite, including empty, one-token and over-long inputs" if finite
+                         else "NaN or Inf in outputs (test split or empty/one-token/over-long inputs) or metrics"))
+    if champion is not None:
+        if champion.accuracy is None:
+            checks.append(GateCheck("champion_regression", GateDecision.PASS, float("nan"), float("nan"),
+                                    f"not compared: {champion.note}"))
+        else:
+            floor = champion.accuracy - config.max_champion_regression
+            checks.append(_check("champion_regression", accuracy >= floor, accuracy, floor,
+                                 f"accuracy {accuracy:.4f} vs champion {champion.accuracy:.4f} on the same test split "
+                                 f"(allowed regression {config.max_champion_regression:.4f}; {champion.note})"))
     if "source_label_agreement" in candidate:
         agreement = candidate["source_label_agreement"]
         checks.append(_check("source_agreement", agreement >= config.min_source_agreement, agreement,

@@ -44,6 +44,7 @@ PARAM_PATHS = {
     "max_length": ("finetune", "max_length"),
     "max_relative_accuracy_drop": ("gate", "max_relative_accuracy_drop"),
     "max_p95_latency_ms": ("gate", "max_p95_latency_ms"),
+    "max_champion_regression": ("gate", "max_champion_regression"),
     "registered_model": ("promote", "registered_model"),
     "triton_model": ("promote", "triton_model"),
 }
@@ -61,6 +62,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "max_length": 128,
     "max_relative_accuracy_drop": 0.03,
     "max_p95_latency_ms": 0.0,
+    "max_champion_regression": 0.01,
     "registered_model": "text-classifier",
     "triton_model": "text_classifier",
 }
@@ -201,7 +203,11 @@ def gate_and_promote(settings: PipelineSettings, config: PipelineConfig, run_id:
     teacher = StepResult.from_dict(evaluations["teacher_pytorch"]).metrics
     candidate = StepResult.from_dict(evaluations[PROMOTED_CANDIDATE])
     metrics = candidate_metrics(evaluations, PROMOTED_CANDIDATE)
-    checks = gate_step.evaluate_gates(config.gate, metrics, teacher)
+    data_dir = Path(StepResult.from_dict(data).uri("data"))
+    target = promote_step.PromotionTarget(settings.triton_url, settings.triton_model_repository,
+                                          settings.mlflow_tracking_uri)
+    champion = promote_step.champion_score(target, config.promote, data_dir)
+    checks = gate_step.evaluate_gates(config.gate, metrics, teacher, champion)
     version = registered["versions"][PROMOTED_CANDIDATE]
     registry.tag_version(settings.mlflow_tracking_uri, config.promote.registered_model, version,
                          {f"gate.{c.name}": f"{c.decision.value}: {c.detail}" for c in checks})
@@ -211,11 +217,9 @@ def gate_and_promote(settings: PipelineSettings, config: PipelineConfig, run_id:
         result = StepResult(step="promote", status=StepStatus.SKIPPED,
                             reason=f"gates failed: {'; '.join(reasons)}; the champion stays")
     else:
-        data_dir = Path(StepResult.from_dict(data).uri("data"))
         result = promote_step.run(
             config.promote,
-            promote_step.PromotionTarget(settings.triton_url, settings.triton_model_repository,
-                                         settings.mlflow_tracking_uri),
+            target,
             model_dir=Path(candidate.uri("model")),
             predictions=Path(candidate.uri("predictions")),
             data_dir=data_dir,
@@ -229,6 +233,7 @@ def gate_and_promote(settings: PipelineSettings, config: PipelineConfig, run_id:
         "registered_model": config.promote.registered_model,
         "versions": registered["versions"],
         "candidates": {name: StepResult.from_dict(value).metrics for name, value in evaluations.items()},
+        "champion_before": {"accuracy": champion.accuracy, "note": champion.note} if champion else None,
         "gates": [{"name": c.name, "decision": c.decision.value, "detail": c.detail} for c in checks],
         "promotion": result.to_dict(),
     }

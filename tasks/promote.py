@@ -23,6 +23,7 @@ from tasks import data as data_step
 from tasks import registry
 from tasks.config import PromoteConfig
 from tasks.errors import PromotionFailed
+from tasks.gate import ChampionScore
 from tasks.evaluate import read_logits
 from tasks.results import StepResult, StepStatus
 
@@ -125,6 +126,25 @@ def rollback(config: PromoteConfig, target: PromotionTarget) -> StepResult:
         info={"registered_model": config.registered_model, "mlflow_version": previous,
               "replaced_version": current or "", "triton_model": config.triton_model},
     )
+
+
+def champion_score(target: PromotionTarget, config: PromoteConfig, data_dir: Path) -> ChampionScore | None:
+    """The serving champion's accuracy on this run's test split, measured through Triton with raw texts
+    one per request (as every candidate was evaluated). None when nothing is serving yet."""
+    client = TritonClient(target.triton_url)
+    if not client.is_ready(config.triton_model):
+        return None
+    version = client.ready_versions(config.triton_model)[-1]
+    labels = data_step.read_meta(data_dir)["labels"]
+    test = data_step.read_split(data_dir, "test")
+    served = [str(client.classify(config.triton_model, [text])["LABEL"][0]) for text in test["text"]]
+    unknown = sorted(set(served) - set(labels))
+    if unknown:
+        return ChampionScore(None, f"Triton {config.triton_model} v{version} predicts labels {unknown} that this "
+                                   f"data does not have ({labels})")
+    truth = [labels[index] for index in test["label"]]
+    accuracy = float(np.mean([guess == true for guess, true in zip(served, truth)]))
+    return ChampionScore(accuracy, f"Triton {config.triton_model} v{version}")
 
 
 def _load_version(client: TritonClient, name: str, version: int, timeout_s: float = 120.0) -> None:

@@ -19,7 +19,7 @@ from tasks import registry
 from tasks.config import EvaluateConfig, PromoteConfig
 from tasks.errors import PromotionFailed
 from tasks.evaluate import run as evaluate
-from tasks.promote import PREVIOUS_ALIAS, PromotionTarget, rollback
+from tasks.promote import PREVIOUS_ALIAS, PromotionTarget, champion_score, rollback
 from tasks.promote import run as promote
 from tasks.results import ModelFormat
 
@@ -108,6 +108,10 @@ def test_promote_switch_fail_and_roll_back_without_dropping_requests(local_servi
     assert registry.alias_version(settings.mlflow_url, "promo-model", "champion") == mlflow_v1
     assert (settings.triton_model_repository / "promo_model" / "1" / "reference_predictions.parquet").exists()
     client = TritonClient(settings.triton_http_url)
+    # The champion measured through Triton on the same split gives the evaluation's accuracy exactly.
+    score = champion_score(target, config, prepared_data)
+    assert score.accuracy == pytest.approx(evaluated.metrics["accuracy"], abs=1e-9)
+    assert "promo_model v1" in score.note
     served = client.classify("promo_model", ["good great movie", "awful boring film, a waste"])
     assert list(served["LABEL"]) and set(served["LABEL"]) <= {"negative", "positive"}
     assert np.allclose(served["PROBABILITIES"].sum(axis=1), 1.0, atol=1e-5)
@@ -160,3 +164,4 @@ def test_smoke_test_mismatch_is_not_promoted(local_services, exported_onnx, eval
     assert repo.ensemble_versions(settings.triton_model_repository, "smoke_model") == []
     assert registry.alias_version(settings.mlflow_url, "smoke-model", "champion") is None
     assert not TritonClient(settings.triton_http_url).is_ready("smoke_model")
+    assert champion_score(_target(settings), config, prepared_data) is None

@@ -86,3 +86,39 @@ def test_gates_pass_and_fail_with_reasons():
     assert {c.name for c in checks if c.decision is gate.GateDecision.FAIL} == {
         "accuracy", "finite_outputs", "source_agreement", "latency_p95"}
     assert any("accuracy 0.5000 vs required 0.8730" in reason for reason in gate.failure_reasons(checks))
+
+
+def test_champion_regression_gate_compares_on_the_same_split():
+    teacher = {"accuracy": 0.9}
+    candidate = {"accuracy": 0.88, "nan_outputs": 0.0, "nan_on_edge_inputs": 0.0}
+    config = GateConfig(max_relative_accuracy_drop=0.05, max_champion_regression=0.01)
+    better_champion = gate.ChampionScore(0.92, "Triton clf v3")
+    checks = {c.name: c for c in gate.evaluate_gates(config, candidate, teacher, better_champion)}
+    assert checks["champion_regression"].decision is gate.GateDecision.FAIL
+    assert "champion 0.9200" in checks["champion_regression"].detail
+    close_champion = gate.ChampionScore(0.885, "Triton clf v3")
+    assert gate.passed(gate.evaluate_gates(config, candidate, teacher, close_champion))
+    unmeasurable = gate.ChampionScore(None, "champion labels differ")
+    checks = {c.name: c for c in gate.evaluate_gates(config, candidate, teacher, unmeasurable)}
+    assert checks["champion_regression"].decision is gate.GateDecision.PASS
+    assert "not compared: champion labels differ" in checks["champion_regression"].detail
+    assert "champion_regression" not in {c.name for c in gate.evaluate_gates(config, candidate, teacher)}
+
+
+def test_nan_on_edge_length_inputs_fails_the_finite_gate(trained_teacher):
+    from tasks.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(trained_teacher)
+
+    def nan_when_short(batch):
+        width = batch["input_ids"].shape[1]
+        return np.full((1, 2), np.nan if width <= 3 else 0.5, dtype=np.float32)
+
+    assert evaluate.non_finite_on_edge_inputs(nan_when_short, tokenizer, max_length=32)
+    assert not evaluate.non_finite_on_edge_inputs(lambda batch: np.zeros((1, 2), np.float32), tokenizer, 32)
+    texts = evaluate.adversarial_texts(tokenizer, 32)
+    lengths = [evaluate.tokenize(tokenizer, [text], 32)["input_ids"].shape[1] for text in texts]
+    assert lengths[0] == 2 and lengths[1] == 3 and lengths[2] == 32  # [CLS] [SEP], one token, truncated
+    checks = gate.evaluate_gates(GateConfig(), {"accuracy": 0.9, "nan_outputs": 0.0, "nan_on_edge_inputs": 1.0},
+                                 {"accuracy": 0.9})
+    assert not gate.passed(checks)
