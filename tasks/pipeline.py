@@ -20,7 +20,7 @@ from tasks import quantize as quantize_step
 from tasks import registry
 from tasks.assets import fetch_demo_assets
 from tasks.config import PipelineConfig
-from tasks.errors import ConfigError
+from tasks.errors import ConfigError, PromotionFailed
 from tasks.results import ModelFormat, StepResult, StepStatus, write_json_atomic
 from tasks.settings import PipelineSettings
 
@@ -216,17 +216,28 @@ def gate_and_promote(settings: PipelineSettings, config: PipelineConfig, run_id:
         log.warning("%s not promoted: %s", PROMOTED_CANDIDATE, "; ".join(reasons))
         result = StepResult(step="promote", status=StepStatus.SKIPPED,
                             reason=f"gates failed: {'; '.join(reasons)}; the champion stays")
+        registry.describe_decision(settings.mlflow_tracking_uri, config.promote.registered_model, version,
+                                   f"not promoted by run {run_id}: {'; '.join(reasons)}.")
     else:
-        result = promote_step.run(
-            config.promote,
-            target,
-            model_dir=Path(candidate.uri("model")),
-            predictions=Path(candidate.uri("predictions")),
-            data_dir=data_dir,
-            mlflow_version=version,
-            max_length=config.evaluate.max_length,
-            intra_op_threads=config.evaluate.threads,
-        )
+        try:
+            result = promote_step.run(
+                config.promote,
+                target,
+                model_dir=Path(candidate.uri("model")),
+                predictions=Path(candidate.uri("predictions")),
+                data_dir=data_dir,
+                mlflow_version=version,
+                max_length=config.evaluate.max_length,
+                intra_op_threads=config.evaluate.threads,
+            )
+        except PromotionFailed as error:
+            registry.describe_decision(settings.mlflow_tracking_uri, config.promote.registered_model, version,
+                                       f"gates passed but run {run_id} could not serve it: {error}")
+            raise
+        registry.describe_decision(
+            settings.mlflow_tracking_uri, config.promote.registered_model, version,
+            f"promoted by run {run_id}: every gate passed; serving as Triton {config.promote.triton_model} "
+            f"version {int(result.metrics['triton_version'])} with alias {config.promote.alias!r}.")
     summary = {
         "run_id": run_id,
         "mlflow_parent_run_id": registered["parent_run_id"],

@@ -58,51 +58,65 @@ def parent_run_id(tracking_uri: str, experiment: str, pipeline_run_id: str, para
     return run.info.run_id
 
 
-def existing_version(tracking_uri: str, registered_model: str, pipeline_run_id: str, candidate: str) -> str | None:
-    client = _client(tracking_uri)
+def _candidate_run(client, experiment_id: str, pipeline_run_id: str, candidate: str) -> str | None:
+    """The nested run an earlier attempt created for this candidate, if any."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=(f"tags.{RUN_TAG} = '{pipeline_run_id}' and tags.{CANDIDATE_TAG} = '{candidate}' "
+                       f"and tags.{ROLE_TAG} = 'candidate'"),
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def _version_of_run(client, registered_model: str, run_id: str) -> str | None:
     try:
-        versions = client.search_model_versions(f"name = '{registered_model}'")
-    except Exception:  # noqa: BLE001 - the registered model does not exist yet
+        versions = client.search_model_versions(f"name = '{registered_model}' and run_id = '{run_id}'")
+    except Exception:  # noqa: BLE001 - MLflow raises when the registered model does not exist yet
         return None
-    for version in versions:
-        if version.tags.get(RUN_TAG) == pipeline_run_id and version.tags.get(CANDIDATE_TAG) == candidate:
-            return version.version
-    return None
+    return versions[0].version if versions else None
 
 
 def log_candidate(tracking_uri: str, experiment: str, parent_id: str, pipeline_run_id: str, registered_model: str,
                   candidate: Candidate, lineage: dict[str, str]) -> str | None:
-    """Log one candidate as a nested run; register ONNX candidates. Returns the model version (or None)."""
+    """Log one candidate as a nested run; register ONNX candidates. Returns the model version (or None).
+
+    Idempotent: a retry finds the nested run of an earlier attempt (by its tags) and the version
+    registered from that run, so neither is created twice, even when the earlier attempt stopped
+    between registering and tagging.
+    """
     import mlflow
     import onnx
 
     client = _client(tracking_uri)
-    version = existing_version(tracking_uri, registered_model, pipeline_run_id, candidate.name)
-    if version is not None:
-        log.info("candidate %s already registered as version %s; not registering again", candidate.name, version)
-        return version
-    mlflow.set_experiment(experiment)
+    experiment_id = mlflow.set_experiment(experiment).experiment_id
     tags = {RUN_TAG: pipeline_run_id, CANDIDATE_TAG: candidate.name, ROLE_TAG: "candidate",
             "technique": candidate.technique} | lineage
-    with mlflow.start_run(run_id=parent_id):
-        with mlflow.start_run(run_name=candidate.name, nested=True, tags=tags):
-            mlflow.log_metrics(candidate.metrics)
-            if not candidate.registrable:
-                return None
-            signature, example = _signature(candidate.model_dir)
-            info = mlflow.onnx.log_model(
-                onnx_model=onnx.load(str(candidate.model_dir / MODEL_FILENAME)),
-                name="model",
-                registered_model_name=registered_model,
-                signature=signature,
-                input_example=example,
-                onnx_execution_providers=["CPUExecutionProvider"],
-                save_as_external_data=False,
-                pip_requirements=["onnxruntime", "onnx", "numpy"],
-                extra_files=[str(candidate.model_dir / name) for name in TOKENIZER_FILES
-                             if (candidate.model_dir / name).exists()],
-            )
-    version = str(info.registered_model_version)
+    run_id = _candidate_run(client, experiment_id, pipeline_run_id, candidate.name)
+    version = _version_of_run(client, registered_model, run_id) if run_id else None
+    if version is not None:
+        log.info("candidate %s already registered as version %s; not registering again", candidate.name, version)
+    else:
+        with mlflow.start_run(run_id=parent_id):
+            run_kwargs = {"run_id": run_id} if run_id else {"run_name": candidate.name, "tags": tags}
+            with mlflow.start_run(nested=True, **run_kwargs):
+                mlflow.log_metrics(candidate.metrics)
+                if not candidate.registrable:
+                    return None
+                signature, example = _signature(candidate.model_dir)
+                info = mlflow.onnx.log_model(
+                    onnx_model=onnx.load(str(candidate.model_dir / MODEL_FILENAME)),
+                    name="model",
+                    registered_model_name=registered_model,
+                    signature=signature,
+                    input_example=example,
+                    onnx_execution_providers=["CPUExecutionProvider"],
+                    save_as_external_data=False,
+                    pip_requirements=["onnxruntime", "onnx", "numpy"],
+                    extra_files=[str(candidate.model_dir / name) for name in TOKENIZER_FILES
+                                 if (candidate.model_dir / name).exists()],
+                )
+        version = str(info.registered_model_version)
     for key, value in tags.items():
         client.set_model_version_tag(registered_model, version, key, value)
     for key, value in candidate.metrics.items():
@@ -113,6 +127,14 @@ def log_candidate(tracking_uri: str, experiment: str, parent_id: str, pipeline_r
                     f"p95 latency {candidate.metrics.get('latency_p95_ms', float('nan')):.2f} ms (batch 1, CPU).",
     )
     return version
+
+
+def describe_decision(tracking_uri: str, registered_model: str, version: str, decision: str) -> None:
+    """Append the promotion decision (and why) to the version's description shown in the MLflow UI."""
+    client = _client(tracking_uri)
+    current = client.get_model_version(registered_model, version).description or ""
+    base = current.split("\n\nDecision:")[0]
+    client.update_model_version(registered_model, version, description=f"{base}\n\nDecision: {decision}")
 
 
 def _signature(model_dir: Path):

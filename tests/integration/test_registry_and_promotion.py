@@ -91,9 +91,23 @@ def test_register_is_idempotent_and_tags_lineage(local_services, exported_onnx, 
     assert version.tags["pipeline_run_id"] == "run-a"
     assert version.tags["data_hash"] == "x"
     assert float(version.tags["metric.accuracy"]) == pytest.approx(evaluated.metrics["accuracy"], abs=1e-5)
-    parents = client.search_runs([client.get_experiment_by_name("integration").experiment_id],
+    experiment_id = client.get_experiment_by_name("integration").experiment_id
+    parents = client.search_runs([experiment_id],
                                  filter_string="tags.pipeline_role = 'parent' and tags.pipeline_run_id = 'run-a'")
     assert len(parents) == 1
+    # An attempt that stopped after registering but before tagging the version is still found.
+    client.delete_model_version_tag("idempotent-model", first, "pipeline_run_id")
+    assert _register(settings, "idempotent-model", "run-a", exported_onnx, evaluated.metrics) == first
+    assert client.get_model_version("idempotent-model", first).tags["pipeline_run_id"] == "run-a"
+    candidates = client.search_runs([experiment_id],
+                                    filter_string="tags.pipeline_role = 'candidate' and tags.pipeline_run_id = 'run-a'")
+    assert len(candidates) == 1
+    assert len(client.search_model_versions("name = 'idempotent-model'")) == 1
+    registry.describe_decision(settings.mlflow_url, "idempotent-model", first, "not promoted: test reason.")
+    registry.describe_decision(settings.mlflow_url, "idempotent-model", first, "promoted: second decision.")
+    description = client.get_model_version("idempotent-model", first).description
+    assert description.startswith("onnx_fp32: export.") and description.endswith("Decision: promoted: second decision.")
+    assert "test reason" not in description
 
 
 def test_promote_switch_fail_and_roll_back_without_dropping_requests(local_services, exported_onnx, evaluated,
