@@ -87,6 +87,37 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Distil the fine-tuned teacher into a student with fewer encoder layers.
+
+    Attributes:
+        student_layers: encoder layers kept (0 = half the teacher's), copied from evenly spaced
+            teacher layers, the last one included.
+        temperature: softmax temperature of the soft targets.
+        alpha: weight of the soft-target loss; 1 - alpha weighs the hard labels.
+        epochs, batch_size, learning_rate, max_length, seed: training settings.
+    """
+
+    student_layers: int = 0
+    temperature: float = 2.0
+    alpha: float = 0.5
+    epochs: float = 1.0
+    batch_size: int = 16
+    learning_rate: float = 1e-4
+    max_length: int = 128
+    seed: int = 13
+
+    def __post_init__(self) -> None:
+        _require(self.student_layers >= 0, "distill.student_layers must be >= 0")
+        _require(0 < self.temperature <= 20, "distill.temperature must be in (0, 20]")
+        _require(0 <= self.alpha <= 1, "distill.alpha must be in [0, 1]")
+        _require(0 < self.epochs <= 100, "distill.epochs must be in (0, 100]")
+        _require(1 <= self.batch_size <= 1024, "distill.batch_size must be in 1..1024")
+        _require(0 < self.learning_rate < 1, "distill.learning_rate must be in (0, 1)")
+        _require(8 <= self.max_length <= 4096, "distill.max_length must be in 8..4096")
+
+
+@dataclass(frozen=True)
 class ExportConfig:
     """ONNX export and its correctness check against the source model.
 
