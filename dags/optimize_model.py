@@ -1,12 +1,13 @@
 """
 ### optimize_model
 
-Fine-tunes the teacher classifier, exports it to ONNX, quantizes it to dynamic INT8, evaluates
-every candidate on the same held-out split, registers the candidates in the MLflow model registry
+Fine-tunes the teacher classifier, distills it into a smaller student (half the layers by default),
+exports both to ONNX and quantizes both to dynamic INT8, evaluates every candidate on the same
+held-out split, registers the candidates in the MLflow model registry
 and, when the gates pass (accuracy vs teacher and vs the serving champion on the same test split,
 finite outputs on edge-length inputs, agreement with the FP32 model, optional latency budget),
-promotes the INT8 model to Triton and moves the MLflow alias `champion`
-to exactly that version.
+promotes the fastest passing candidate to Triton and moves the MLflow alias
+`champion` to exactly that version.
 
 Runs nightly (02:00 UTC) and on demand. **Trigger** it from the UI with the params form: the
 defaults use the demo assets (`demo:imdb` reviews, `demo:minilm` teacher), fetched once from
@@ -36,6 +37,8 @@ PARAMS = {
     "batch_size": Param(16, type="integer", minimum=1, maximum=1024, description="fine-tuning batch size"),
     "learning_rate": Param(5e-5, type="number", exclusiveMinimum=0, maximum=1, description="peak learning rate"),
     "max_length": Param(128, type="integer", minimum=8, maximum=4096, description="tokens per text"),
+    "student_layers": Param(0, type="integer", minimum=0, description="student encoder layers (0 = half the teacher's)"),
+    "distill_epochs": Param(2.0, type="number", exclusiveMinimum=0, maximum=100, description="distillation epochs"),
     "max_relative_accuracy_drop": Param(0.03, type="number", minimum=0, maximum=0.99,
                                         description="gate: candidate accuracy >= teacher x (1 - this)"),
     "max_p95_latency_ms": Param(0.0, type="number", minimum=0, description="gate: p95 batch-1 latency budget (0 = none)"),
@@ -88,25 +91,46 @@ def optimize_model():
         return pipeline.finetune_teacher(*_inputs(), data)
 
     @task
-    def export_onnx(data: dict, teacher: dict) -> dict:
-        """Export to ONNX and check it reproduces the PyTorch logits."""
+    def distill_student(data: dict, teacher: dict) -> dict:
+        """Distill the teacher into a student that keeps evenly spaced teacher layers."""
         from tasks import pipeline
 
-        return pipeline.export_onnx(*_inputs(), data, teacher)
+        return pipeline.distill_student(*_inputs(), data, teacher)
+
+    @task
+    def export_onnx(data: dict, teacher: dict) -> dict:
+        """Export the teacher to ONNX and check it reproduces the PyTorch logits."""
+        from tasks import pipeline
+
+        return pipeline.export_onnx(*_inputs(), data, teacher, name="onnx_fp32")
+
+    @task
+    def export_student(data: dict, student: dict) -> dict:
+        """Export the student to ONNX and check it reproduces the PyTorch logits."""
+        from tasks import pipeline
+
+        return pipeline.export_onnx(*_inputs(), data, student, name="student_onnx_fp32")
 
     @task
     def quantize_int8(data: dict, onnx: dict) -> dict:
-        """Dynamic INT8 quantization with ONNX Runtime."""
+        """Dynamic INT8 quantization of the teacher with ONNX Runtime."""
         from tasks import pipeline
 
-        return pipeline.quantize_int8(*_inputs(), data, onnx)
+        return pipeline.quantize_int8(*_inputs(), data, onnx, name="onnx_int8")
 
     @task
-    def evaluate(data: dict, teacher: dict, onnx: dict, int8: dict) -> dict:
+    def quantize_student(data: dict, student_onnx: dict) -> dict:
+        """Dynamic INT8 quantization of the student with ONNX Runtime."""
+        from tasks import pipeline
+
+        return pipeline.quantize_int8(*_inputs(), data, student_onnx, name="student_int8")
+
+    @task
+    def evaluate(data: dict, produced: dict) -> dict:
         """Accuracy, F1 and batch-1 latency of every candidate on the same test split."""
         from tasks import pipeline
 
-        return pipeline.evaluate_candidates(*_inputs(), data, {"finetune": teacher, "export": onnx, "quantize": int8})
+        return pipeline.evaluate_candidates(*_inputs(), data, produced)
 
     @task
     def register(data: dict, evaluations: dict) -> dict:
@@ -117,7 +141,7 @@ def optimize_model():
 
     @task
     def promote(data: dict, evaluations: dict, registered: dict) -> dict:
-        """Gate the INT8 candidate; serve it on Triton and move the `champion` alias when it passes."""
+        """Gate every candidate; serve the fastest passing one on Triton and move the `champion` alias."""
         from tasks import pipeline
 
         return pipeline.gate_and_promote(*_inputs(), data, evaluations, registered)
@@ -126,7 +150,11 @@ def optimize_model():
     teacher = finetune_teacher(data)
     onnx = export_onnx(data, teacher)
     int8 = quantize_int8(data, onnx)
-    evaluations = evaluate(data, teacher, onnx, int8)
+    student = distill_student(data, teacher)
+    student_onnx = export_student(data, student)
+    student_int8 = quantize_student(data, student_onnx)
+    evaluations = evaluate(data, {"finetune": teacher, "export": onnx, "quantize": int8,
+                                  "export_student": student_onnx, "quantize_student": student_int8})
     registered = register(data, evaluations)
     promote(data, evaluations, registered)
 

@@ -238,6 +238,7 @@ class PipelineConfig:
 
     data: DataConfig
     finetune: FinetuneConfig
+    distill: DistillConfig = field(default_factory=DistillConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
@@ -253,6 +254,7 @@ class PipelineConfig:
         sections = {
             "data": DataConfig,
             "finetune": FinetuneConfig,
+            "distill": DistillConfig,
             "export": ExportConfig,
             "quantize": QuantizeConfig,
             "evaluate": EvaluateConfig,

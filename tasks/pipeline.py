@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks import data as data_step
+from tasks import distill as distill_step
 from tasks import evaluate as evaluate_step
 from tasks import export as export_step
 from tasks import finetune as finetune_step
@@ -42,6 +43,8 @@ PARAM_PATHS = {
     "batch_size": ("finetune", "batch_size"),
     "learning_rate": ("finetune", "learning_rate"),
     "max_length": ("finetune", "max_length"),
+    "student_layers": ("distill", "student_layers"),
+    "distill_epochs": ("distill", "epochs"),
     "max_relative_accuracy_drop": ("gate", "max_relative_accuracy_drop"),
     "max_p95_latency_ms": ("gate", "max_p95_latency_ms"),
     "max_champion_regression": ("gate", "max_champion_regression"),
@@ -60,20 +63,24 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "batch_size": 16,
     "learning_rate": 5e-5,
     "max_length": 128,
+    "student_layers": 0,
+    "distill_epochs": 2.0,
     "max_relative_accuracy_drop": 0.03,
     "max_p95_latency_ms": 0.0,
     "max_champion_regression": 0.01,
     "registered_model": "text-classifier",
     "triton_model": "text_classifier",
 }
+# candidate -> (the step whose output it is, format, technique chain)
 CANDIDATES = {
     "teacher_pytorch": ("finetune", ModelFormat.PYTORCH, "finetune (PyTorch FP32)"),
     "onnx_fp32": ("export", ModelFormat.ONNX, "finetune > ONNX export (FP32)"),
     "onnx_int8": ("quantize", ModelFormat.ONNX, "finetune > ONNX export > dynamic INT8"),
+    "student_onnx_fp32": ("export_student", ModelFormat.ONNX, "finetune > distill > ONNX export (FP32)"),
+    "student_int8": ("quantize_student", ModelFormat.ONNX, "finetune > distill > ONNX export > dynamic INT8"),
 }
 # The unquantized / unexported model each candidate is compared with.
-SOURCE_OF = {"onnx_fp32": "teacher_pytorch", "onnx_int8": "onnx_fp32"}
-PROMOTED_CANDIDATE = "onnx_int8"
+SOURCE_OF = {"onnx_fp32": "teacher_pytorch", "onnx_int8": "onnx_fp32", "student_int8": "student_onnx_fp32"}
 
 
 def config_from_params(params: dict[str, Any]) -> PipelineConfig:
@@ -94,8 +101,13 @@ def config_from_params(params: dict[str, Any]) -> PipelineConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"overrides.{section} must be an object")
         nested.setdefault(section, {}).update(values)
-    # The evaluation and export use the fine-tuning sequence length unless told otherwise.
-    nested.setdefault("evaluate", {}).setdefault("max_length", nested["finetune"].get("max_length", 128))
+    # Distillation and evaluation use the fine-tuning sequence length, batch size and learning
+    # rate unless told otherwise.
+    finetune = nested["finetune"]
+    nested.setdefault("evaluate", {}).setdefault("max_length", finetune.get("max_length", 128))
+    for key in ("max_length", "batch_size", "learning_rate"):
+        if key in finetune:
+            nested.setdefault("distill", {}).setdefault(key, finetune[key])
     return PipelineConfig.from_dict(nested)
 
 
@@ -125,23 +137,38 @@ def finetune_teacher(settings: PipelineSettings, config: PipelineConfig, run_id:
     return finetune_step.run(finetune_config, data_dir, settings.run_dir(run_id) / "teacher").to_dict()
 
 
-def export_onnx(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict, teacher: dict) -> dict:
+def distill_student(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict,
+                    teacher: dict) -> dict:
+    result = distill_step.run(
+        config.distill,
+        teacher_dir=Path(StepResult.from_dict(teacher).uri("model")),
+        data_dir=Path(StepResult.from_dict(data).uri("data")),
+        out_dir=settings.run_dir(run_id) / "student",
+    )
+    return result.to_dict()
+
+
+def export_onnx(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict, model: dict,
+                name: str = "onnx_fp32") -> dict:
+    """Export the model of an upstream result (teacher or student) into ``<run>/<name>``."""
     result = export_step.run(
         config.export,
-        model_dir=Path(StepResult.from_dict(teacher).uri("model")),
+        model_dir=Path(StepResult.from_dict(model).uri("model")),
         data_dir=Path(StepResult.from_dict(data).uri("data")),
-        out_dir=settings.run_dir(run_id) / "onnx_fp32",
+        out_dir=settings.run_dir(run_id) / name,
         max_length=config.finetune.max_length,
     )
     return result.to_dict()
 
 
-def quantize_int8(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict, onnx: dict) -> dict:
+def quantize_int8(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict, onnx: dict,
+                  name: str = "onnx_int8") -> dict:
+    """Quantize an exported model into ``<run>/<name>``."""
     result = quantize_step.run(
         config.quantize,
         onnx_dir=Path(StepResult.from_dict(onnx).uri("model")),
         data_dir=Path(StepResult.from_dict(data).uri("data")),
-        out_dir=settings.run_dir(run_id) / "onnx_int8",
+        out_dir=settings.run_dir(run_id) / name,
         max_length=config.finetune.max_length,
     )
     return result.to_dict()
@@ -197,28 +224,43 @@ def register_candidates(settings: PipelineSettings, config: PipelineConfig, run_
     return {"parent_run_id": parent, "versions": versions}
 
 
+def choose_winner(gated: dict[str, tuple[bool, float]]) -> str | None:
+    """The fastest (lowest batch-1 p50 latency) candidate among those that passed every gate."""
+    passing = [(latency, name) for name, (ok, latency) in gated.items() if ok]
+    return min(passing)[1] if passing else None
+
+
 def gate_and_promote(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict,
                      evaluations: dict[str, dict], registered: dict) -> dict:
-    """Gate the INT8 candidate against the teacher; promote it to Triton when every gate passes."""
+    """Gate every registered candidate; promote the fastest one that passes every gate."""
     teacher = StepResult.from_dict(evaluations["teacher_pytorch"]).metrics
-    candidate = StepResult.from_dict(evaluations[PROMOTED_CANDIDATE])
-    metrics = candidate_metrics(evaluations, PROMOTED_CANDIDATE)
     data_dir = Path(StepResult.from_dict(data).uri("data"))
     target = promote_step.PromotionTarget(settings.triton_url, settings.triton_model_repository,
                                           settings.mlflow_tracking_uri)
     champion = promote_step.champion_score(target, config.promote, data_dir)
-    checks = gate_step.evaluate_gates(config.gate, metrics, teacher, champion)
-    version = registered["versions"][PROMOTED_CANDIDATE]
-    registry.tag_version(settings.mlflow_tracking_uri, config.promote.registered_model, version,
-                         {f"gate.{c.name}": f"{c.decision.value}: {c.detail}" for c in checks})
-    if not gate_step.passed(checks):
+    model_name, uri = config.promote.registered_model, settings.mlflow_tracking_uri
+    gates: dict[str, list[gate_step.GateCheck]] = {}
+    for name, version in registered["versions"].items():
+        if version is None:
+            continue
+        gates[name] = gate_step.evaluate_gates(config.gate, candidate_metrics(evaluations, name), teacher, champion)
+        registry.tag_version(uri, model_name, version,
+                             {f"gate.{c.name}": f"{c.decision.value}: {c.detail}" for c in gates[name]})
+    winner = choose_winner({name: (gate_step.passed(checks), evaluations[name]["metrics"]["latency_p50_ms"])
+                            for name, checks in gates.items()})
+    for name, checks in gates.items():
+        if name == winner:
+            continue
         reasons = gate_step.failure_reasons(checks)
-        log.warning("%s not promoted: %s", PROMOTED_CANDIDATE, "; ".join(reasons))
+        why = "; ".join(reasons) if reasons else f"passed every gate but {winner} was faster"
+        registry.describe_decision(uri, model_name, registered["versions"][name], f"not promoted by run {run_id}: {why}.")
+    if winner is None:
+        log.warning("no candidate passed every gate; the champion stays")
         result = StepResult(step="promote", status=StepStatus.SKIPPED,
-                            reason=f"gates failed: {'; '.join(reasons)}; the champion stays")
-        registry.describe_decision(settings.mlflow_tracking_uri, config.promote.registered_model, version,
-                                   f"not promoted by run {run_id}: {'; '.join(reasons)}.")
+                            reason="no candidate passed every gate; the champion stays (see the gates of each)")
     else:
+        version = registered["versions"][winner]
+        candidate = StepResult.from_dict(evaluations[winner])
         try:
             result = promote_step.run(
                 config.promote,
@@ -231,26 +273,31 @@ def gate_and_promote(settings: PipelineSettings, config: PipelineConfig, run_id:
                 intra_op_threads=config.evaluate.threads,
             )
         except PromotionFailed as error:
-            registry.describe_decision(settings.mlflow_tracking_uri, config.promote.registered_model, version,
+            registry.describe_decision(uri, model_name, version,
                                        f"gates passed but run {run_id} could not serve it: {error}")
             raise
+        result = StepResult(result.step, result.status, result.uris, result.metrics,
+                            result.info | {"candidate": winner}, result.reason)
         registry.describe_decision(
-            settings.mlflow_tracking_uri, config.promote.registered_model, version,
-            f"promoted by run {run_id}: every gate passed; serving as Triton {config.promote.triton_model} "
-            f"version {int(result.metrics['triton_version'])} with alias {config.promote.alias!r}.")
+            uri, model_name, version,
+            f"promoted by run {run_id}: every gate passed and it was the fastest passing candidate; serving as "
+            f"Triton {config.promote.triton_model} version {int(result.metrics['triton_version'])} with alias "
+            f"{config.promote.alias!r}.")
     summary = {
         "run_id": run_id,
         "mlflow_parent_run_id": registered["parent_run_id"],
-        "registered_model": config.promote.registered_model,
+        "registered_model": model_name,
         "versions": registered["versions"],
         "candidates": {name: StepResult.from_dict(value).metrics for name, value in evaluations.items()},
         "champion_before": {"accuracy": champion.accuracy, "note": champion.note} if champion else None,
-        "gates": [{"name": c.name, "decision": c.decision.value, "detail": c.detail} for c in checks],
+        "gates": {name: [{"name": c.name, "decision": c.decision.value, "detail": c.detail} for c in checks]
+                  for name, checks in gates.items()},
+        "winner": winner,
         "promotion": result.to_dict(),
     }
     summary_path = settings.run_dir(run_id) / "summary.json"
     write_json_atomic(summary_path, summary)
-    registry.log_run_summary(settings.mlflow_tracking_uri, registered["parent_run_id"], summary_path,
+    registry.log_run_summary(uri, registered["parent_run_id"], summary_path,
                              {f"{name}.{key}": value for name, value in summary["candidates"].items()
                               for key, value in value.items() if key in ("accuracy", "latency_p95_ms")})
     return result.to_dict() | {"summary": str(summary_path)}

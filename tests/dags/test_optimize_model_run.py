@@ -44,6 +44,7 @@ def test_dag_test_runs_every_task_and_promotes(local_services, tiny_model, label
     conf = {
         "data_source": str(labelled_csv), "teacher": str(tiny_model), "epochs": 3.0, "learning_rate": 5e-3,
         "max_length": 32, "registered_model": "dagtest-model", "triton_model": "dagtest_model",
+        "student_layers": 1, "distill_epochs": 3.0,
     }
     result = subprocess.run([sys.executable, "-c", RUNNER, str(REPO_ROOT / "dags"), json.dumps(conf)], env=env,
                             capture_output=True, text=True, timeout=900)
@@ -55,14 +56,19 @@ def test_dag_test_runs_every_task_and_promotes(local_services, tiny_model, label
     summaries = list(settings.runs_dir.glob("*/summary.json"))
     assert len(summaries) == 1
     summary = json.loads(summaries[0].read_text())
-    assert set(summary["candidates"]) == {"teacher_pytorch", "onnx_fp32", "onnx_int8"}
+    assert set(summary["candidates"]) == {"teacher_pytorch", "onnx_fp32", "onnx_int8", "student_onnx_fp32",
+                                          "student_int8"}
     assert summary["promotion"]["status"] == "success"
-    assert all(gate["decision"] == "pass" for gate in summary["gates"])
+    winner = summary["winner"]
+    assert all(gate["decision"] == "pass" for gate in summary["gates"][winner])
+    passing = [name for name, gates in summary["gates"].items() if all(g["decision"] == "pass" for g in gates)]
+    assert summary["candidates"][winner]["latency_p50_ms"] == min(
+        summary["candidates"][name]["latency_p50_ms"] for name in passing)
 
     from serving.triton_client import TritonClient
     from tasks import registry
 
-    promoted_version = summary["versions"]["onnx_int8"]
+    promoted_version = summary["versions"][winner]
     assert registry.alias_version(settings.mlflow_url, "dagtest-model", "champion") == promoted_version
     client = TritonClient(settings.triton_http_url)
     assert client.ready_versions("dagtest_model") == [1]

@@ -67,7 +67,7 @@ def test_scheduler_runs_optimize_model_and_restart_keeps_state(tmp_path, tiny_mo
         api.wait_for_dag("optimize_model")
         api.unpause("optimize_model")
         conf = {"data_source": str(labelled_csv), "teacher": str(tiny_model), "epochs": 3.0,
-                "learning_rate": 5e-3, "max_length": 32}
+                "learning_rate": 5e-3, "max_length": 32, "student_layers": 1, "distill_epochs": 3.0}
         run_id = api.trigger("optimize_model", conf, run_id="stack_test_run")
         state = _wait_run(api, run_id, timeout_s=600)
         assert state == "success", f"{api.task_states('optimize_model', run_id)}\n" + \

@@ -61,3 +61,20 @@ def test_direct_construction_validates():
 def test_quantize_presets_differ_where_the_cpu_does():
     assert QuantizeConfig.avx2().reduce_range is True
     assert QuantizeConfig.avx512_vnni().reduce_range is False
+
+
+def test_fastest_passing_candidate_wins():
+    from tasks.pipeline import choose_winner
+
+    assert choose_winner({"a": (True, 9.0), "b": (True, 4.0), "c": (False, 1.0)}) == "b"
+    assert choose_winner({"a": (False, 9.0), "c": (False, 1.0)}) is None
+    assert choose_winner({}) is None
+
+
+def test_distillation_follows_the_fine_tuning_settings_unless_overridden():
+    config = config_from_params({"max_length": 64, "batch_size": 8, "student_layers": 2,
+                                 "overrides": {"distill": {"batch_size": 4}}})
+    assert config.distill.max_length == 64
+    assert config.distill.batch_size == 4
+    assert config.distill.student_layers == 2
+    assert config.distill.epochs == 2.0
