@@ -77,11 +77,17 @@ def staged_dir(out_dir: Path) -> Iterator[Path]:
     """Yield an empty ``<out_dir>.partial`` folder; when the block succeeds it replaces ``out_dir``.
 
     A step that fails part-way leaves the previous output (if any) untouched and its partial
-    output beside it for inspection; a re-run starts the partial folder afresh.
+    output beside it for inspection; a re-run starts the partial folder afresh. The previous
+    output is moved aside (``.old``) before the new one is renamed in, so no moment exists at
+    which a crash loses both.
     """
     staging = out_dir.with_name(out_dir.name + ".partial")
+    previous = out_dir.with_name(out_dir.name + ".old")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     yield staging
-    shutil.rmtree(out_dir, ignore_errors=True)
+    shutil.rmtree(previous, ignore_errors=True)
+    if out_dir.exists():
+        out_dir.rename(previous)
     staging.rename(out_dir)
+    shutil.rmtree(previous, ignore_errors=True)

@@ -110,3 +110,21 @@ def test_run_writes_splits_meta_and_a_stable_hash(tmp_path, frame):
     assert {p.name for p in (tmp_path / "out").iterdir()} >= {"train.parquet", "validation.parquet", "test.parquet"}
     frame.iloc[:-1].to_csv(source, index=False)
     assert data.run(config, tmp_path / "out2").info["data_hash"] != first.info["data_hash"]
+
+
+def test_staged_dir_replaces_output_only_on_success(tmp_path):
+    from tasks.results import staged_dir
+
+    out = tmp_path / "step"
+    with staged_dir(out) as staging:
+        (staging / "a.txt").write_text("first")
+    with pytest.raises(RuntimeError):
+        with staged_dir(out) as staging:
+            (staging / "a.txt").write_text("half")
+            raise RuntimeError("step failed")
+    assert (out / "a.txt").read_text() == "first"
+    assert (tmp_path / "step.partial" / "a.txt").read_text() == "half"
+    with staged_dir(out) as staging:
+        (staging / "a.txt").write_text("second")
+    assert (out / "a.txt").read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step"]
