@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,9 +14,10 @@ import torch.nn.functional as F
 from tasks import data as data_step
 from tasks.config import DistillConfig
 from tasks.errors import ConfigError
-from tasks.finetune import predict_logits
+from tasks.finetune import accuracy
 from tasks.modeling import load_classifier, load_tokenizer
 from tasks.results import StepResult, StepStatus, staged_dir, write_json_atomic
+from tasks.training import steps_for
 from tasks.training import train as train_loop
 
 log = logging.getLogger(__name__)
@@ -84,13 +84,13 @@ def run(config: DistillConfig, teacher_dir: Path, data_dir: Path, out_dir: Path,
     student, chosen = build_student(teacher, wanted)
     log.info("student keeps teacher layers %s of %d", chosen, teacher_layers)
 
-    total_steps = math.ceil(math.ceil(len(train) / config.batch_size) * config.epochs)
+    total_steps = steps_for(len(train), config.batch_size, config.epochs)
     targets = torch.tensor(train["label"].to_numpy())
 
     def loss_fn(batch: dict[str, torch.Tensor], index: list[int]) -> torch.Tensor:
-        with torch.inference_mode():
+        with torch.no_grad():
             teacher_logits = teacher(**batch).logits
-        return distillation_loss(student(**batch).logits, teacher_logits.clone(), targets[index],
+        return distillation_loss(student(**batch).logits, teacher_logits, targets[index],
                                  config.temperature, config.alpha)
 
     trained = train_loop(
@@ -98,12 +98,8 @@ def run(config: DistillConfig, teacher_dir: Path, data_dir: Path, out_dir: Path,
         batch_size=config.batch_size, learning_rate=config.learning_rate, weight_decay=0.01, warmup_ratio=0.1,
         max_length=config.max_length, seed=config.seed, name="distill", progress_every=progress_every,
     )
-    teacher.eval()
-
-    labels = validation["label"].to_numpy()
-    val_texts = validation["text"].tolist()
-    student_accuracy = float((predict_logits(student, tokenizer, val_texts, config.max_length).argmax(1) == labels).mean())
-    teacher_accuracy = float((predict_logits(teacher, tokenizer, val_texts, config.max_length).argmax(1) == labels).mean())
+    student_accuracy = accuracy(student, tokenizer, validation, config.max_length)
+    teacher_accuracy = accuracy(teacher, tokenizer, validation, config.max_length)
     with staged_dir(out_dir) as staging:
         student.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from tasks import data as data_step
 from tasks.config import FinetuneConfig
 from tasks.modeling import load_classifier, load_tokenizer
 from tasks.results import StepResult, StepStatus, staged_dir, write_json_atomic
+from tasks.training import steps_for
 from tasks.training import train as train_loop
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,12 @@ def predict_logits(model, tokenizer, texts: list[str], max_length: int, batch_si
     return np.concatenate(outputs) if outputs else np.zeros((0, model.config.num_labels), dtype=np.float32)
 
 
+def accuracy(model, tokenizer, split: pd.DataFrame, max_length: int) -> float:
+    """Share of ``split``'s texts whose predicted class equals the label."""
+    logits = predict_logits(model, tokenizer, split["text"].tolist(), max_length)
+    return float((logits.argmax(axis=1) == split["label"].to_numpy()).mean())
+
+
 def run(config: FinetuneConfig, data_dir: Path, out_dir: Path, progress_every: int = 10) -> StepResult:
     """Train ``config.model`` with a fresh head on ``data_dir``'s train split; save to ``out_dir``."""
     torch.manual_seed(config.seed)
@@ -42,7 +49,7 @@ def run(config: FinetuneConfig, data_dir: Path, out_dir: Path, progress_every: i
     tokenizer = load_tokenizer(config.model)
     model = load_classifier(config.model, labels)
 
-    total_steps = math.ceil(math.ceil(len(train) / config.batch_size) * config.epochs)
+    total_steps = steps_for(len(train), config.batch_size, config.epochs)
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
     targets = torch.tensor(train["label"].to_numpy())
@@ -55,8 +62,7 @@ def run(config: FinetuneConfig, data_dir: Path, out_dir: Path, progress_every: i
     )
     step, train_seconds = trained.steps, trained.seconds
 
-    val_logits = predict_logits(model, tokenizer, validation["text"].tolist(), config.max_length)
-    val_accuracy = float((val_logits.argmax(axis=1) == validation["label"].to_numpy()).mean())
+    val_accuracy = accuracy(model, tokenizer, validation, config.max_length)
     log.info("fine-tune done: %d steps in %.0fs, validation accuracy %.4f", step, train_seconds, val_accuracy)
 
     with staged_dir(out_dir) as staging:

@@ -7,6 +7,7 @@ XCom), calls one step, and returns the step's result as a plain dict. The DAG fi
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -122,16 +123,12 @@ def resolve_source(source: str, settings: PipelineSettings) -> str:
 
 
 def prepare_data(settings: PipelineSettings, config: PipelineConfig, run_id: str) -> dict:
-    from dataclasses import replace
-
     data_config = replace(config.data, source=resolve_source(config.data.source, settings))
     result = data_step.run(data_config, settings.run_dir(run_id) / "data")
     return result.to_dict()
 
 
 def finetune_teacher(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict) -> dict:
-    from dataclasses import replace
-
     finetune_config = replace(config.finetune, model=resolve_source(config.finetune.model, settings))
     data_dir = Path(StepResult.from_dict(data).uri("data"))
     return finetune_step.run(finetune_config, data_dir, settings.run_dir(run_id) / "teacher").to_dict()
@@ -276,8 +273,7 @@ def gate_and_promote(settings: PipelineSettings, config: PipelineConfig, run_id:
             registry.describe_decision(uri, model_name, version,
                                        f"gates passed but run {run_id} could not serve it: {error}")
             raise
-        result = StepResult(result.step, result.status, result.uris, result.metrics,
-                            result.info | {"candidate": winner}, result.reason)
+        result = replace(result, info=result.info | {"candidate": winner})
         registry.describe_decision(
             uri, model_name, version,
             f"promoted by run {run_id}: every gate passed and it was the fastest passing candidate; serving as "

@@ -4,6 +4,7 @@ warm-up and decay, gradient clipping, and progress with loss and ETA in the task
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +23,11 @@ class TrainingRun:
     steps: int
     last_loss: float
     seconds: float
+
+
+def steps_for(rows: int, batch_size: int, epochs: float) -> int:
+    """Optimiser steps for ``epochs`` passes over ``rows`` examples in batches of ``batch_size``."""
+    return math.ceil(math.ceil(rows / batch_size) * epochs)
 
 
 def batches(count: int, batch_size: int, total_steps: int, generator: torch.Generator) -> Iterator[list[int]]:
