@@ -8,9 +8,13 @@ turns the Airflow params / DAG run conf (plain JSON) into configs.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
 from typing import Any
 
 from tasks.errors import ConfigError
+
+
+ATTENTION_KERNELS = ("sdpa", "eager")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -61,9 +65,20 @@ class FinetuneConfig:
     Attributes:
         model: a local model folder (config + weights + tokenizer) or a Hugging Face model id.
         epochs / max_steps: training length; max_steps > 0 stops early.
-        batch_size, learning_rate, weight_decay, warmup_ratio: optimiser settings.
+        batch_size, learning_rate, weight_decay, warmup_ratio: optimiser settings; learning_rate is
+            the rate of the classifier head (the top).
+        layer_lr_decay: each layer below the head trains at this times the rate of the one above
+            (layer-wise learning-rate decay; 1.0 = one rate for all).
+        layer_learning_rates: three rates (bottom, middle, top third of the layers), e.g. the
+            reference's (1e-5, 5e-5, 1e-4); when given they replace the decay.
+        evaluations_per_epoch: validation accuracy is measured this many times per epoch.
+        early_stopping_patience: stop after this many validations without improvement and keep the
+            best weights (0 = never stop early, still keep the best).
+        attention: attention kernel used while training ("sdpa" is faster; "eager" is what the
+            exported graph uses; both compute the same function).
         max_length: tokens per text (truncation).
-        seed: initialisation and shuffling seed.
+        seed: initialisation and shuffling seed; with deterministic, torch's deterministic
+            algorithms are requested too.
     """
 
     model: str
@@ -73,8 +88,14 @@ class FinetuneConfig:
     learning_rate: float = 5e-5
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
+    layer_lr_decay: float = 0.9
+    layer_learning_rates: tuple[float, ...] = ()
+    evaluations_per_epoch: int = 2
+    early_stopping_patience: int = 2
+    attention: str = "sdpa"
     max_length: int = 128
     seed: int = 13
+    deterministic: bool = True
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "finetune.model is empty: give a model folder or hub id")
@@ -84,6 +105,14 @@ class FinetuneConfig:
         _require(0 < self.learning_rate < 1, "finetune.learning_rate must be in (0, 1)")
         _require(0 <= self.warmup_ratio < 1, "finetune.warmup_ratio must be in [0, 1)")
         _require(8 <= self.max_length <= 4096, "finetune.max_length must be in 8..4096")
+        _require(0 < self.layer_lr_decay <= 1, "finetune.layer_lr_decay must be in (0, 1]")
+        _require(len(self.layer_learning_rates) in (0, 3),
+                 "finetune.layer_learning_rates needs three rates (bottom, middle, top) or none")
+        _require(all(0 < rate < 1 for rate in self.layer_learning_rates),
+                 "finetune.layer_learning_rates must each be in (0, 1)")
+        _require(0 <= self.evaluations_per_epoch <= 100, "finetune.evaluations_per_epoch must be in 0..100")
+        _require(self.early_stopping_patience >= 0, "finetune.early_stopping_patience must be >= 0")
+        _require(self.attention in ATTENTION_KERNELS, f"finetune.attention must be one of {ATTENTION_KERNELS}")
 
 
 @dataclass(frozen=True)
@@ -118,6 +147,62 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class PruneConfig:
+    """Prune the student, then recover its accuracy by distilling from the teacher again.
+
+    Attributes:
+        head_fraction: share of attention heads removed in every layer, least important first
+            (first-order Taylor importance on training batches); at least one head stays.
+        ffn_fraction: share of feed-forward neurons removed in every layer, likewise.
+        unstructured_sparsity: share of encoder weights set to zero by gradual magnitude pruning
+            (cubic schedule) during recovery; 0 = off. Zeros do not make dense CPU kernels faster.
+        importance_batches: training batches used to score heads and neurons.
+        recovery_epochs: distillation epochs after pruning (0 = none; needed for unstructured).
+        temperature, alpha, batch_size, learning_rate, max_length, seed: recovery training settings.
+    """
+
+    head_fraction: float = 0.25
+    ffn_fraction: float = 0.5
+    unstructured_sparsity: float = 0.0
+    importance_batches: int = 16
+    recovery_epochs: float = 1.0
+    temperature: float = 2.0
+    alpha: float = 0.5
+    batch_size: int = 16
+    learning_rate: float = 1e-4
+    max_length: int = 128
+    seed: int = 13
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.head_fraction < 1, "prune.head_fraction must be in [0, 1)")
+        _require(0 <= self.ffn_fraction < 1, "prune.ffn_fraction must be in [0, 1)")
+        _require(0 <= self.unstructured_sparsity < 1, "prune.unstructured_sparsity must be in [0, 1)")
+        _require(1 <= self.importance_batches <= 10_000, "prune.importance_batches must be in 1..10000")
+        _require(0 <= self.recovery_epochs <= 100, "prune.recovery_epochs must be in [0, 100]")
+        _require(not (self.unstructured_sparsity and not self.recovery_epochs),
+                 "prune.unstructured_sparsity needs recovery_epochs > 0: the schedule runs during recovery")
+        _require(0 < self.temperature <= 20, "prune.temperature must be in (0, 20]")
+        _require(0 <= self.alpha <= 1, "prune.alpha must be in [0, 1]")
+        _require(1 <= self.batch_size <= 1024, "prune.batch_size must be in 1..1024")
+        _require(0 < self.learning_rate < 1, "prune.learning_rate must be in (0, 1)")
+        _require(8 <= self.max_length <= 4096, "prune.max_length must be in 8..4096")
+
+    @property
+    def structured(self) -> bool:
+        return bool(self.head_fraction or self.ffn_fraction)
+
+    @classmethod
+    def structured_only(cls, head_fraction: float = 0.25, ffn_fraction: float = 0.5) -> PruneConfig:
+        """Smaller dense layers: what makes CPU inference faster."""
+        return cls(head_fraction=head_fraction, ffn_fraction=ffn_fraction)
+
+    @classmethod
+    def unstructured_only(cls, sparsity: float = 0.5) -> PruneConfig:
+        """Zeroed weights in unchanged shapes (compression by storage, not speed, on CPU)."""
+        return cls(head_fraction=0.0, ffn_fraction=0.0, unstructured_sparsity=sparsity)
+
+
+@dataclass(frozen=True)
 class ExportConfig:
     """ONNX export and its correctness check against the source model.
 
@@ -137,17 +222,50 @@ class ExportConfig:
         _require(self.check_samples >= 1, "export.check_samples must be >= 1")
 
 
+class QuantizeMode(str, Enum):
+    DYNAMIC_INT8 = "dynamic_int8"
+    STATIC_INT8 = "static_int8"
+    FP16 = "fp16"
+
+
+class CalibrationMethod(str, Enum):
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+    ENTROPY = "entropy"
+
+
 @dataclass(frozen=True)
 class QuantizeConfig:
-    """ONNX Runtime dynamic INT8 quantization.
+    """Lower the precision of an exported ONNX classifier.
 
     Attributes:
+        mode: "dynamic_int8" (INT8 weights, activations quantized per call: the CPU default),
+            "static_int8" (QDQ with activation ranges calibrated on training texts), or "fp16"
+            (half-precision weights and compute, for GPU targets; inputs and logits stay as they are).
         per_channel: one scale per output channel of each weight (more accurate, slightly bigger).
         reduce_range: 7-bit weights, for CPUs without VNNI.
+        calibration_samples: training texts used to calibrate static INT8.
+        calibration_method: "percentile" (clips outliers; default), "entropy", or "minmax" (naive
+            MinMax was measured to wreck BERT logits).
+        exclude_activation_matmuls: static INT8 leaves MatMuls of two activations (attention scores
+            and their product with the values) in FP32: they are the most sensitive ones.
+        exclude_nodes: further node names (or name fragments) kept in FP32.
     """
 
+    mode: str = QuantizeMode.DYNAMIC_INT8.value
     per_channel: bool = False
     reduce_range: bool = False
+    calibration_samples: int = 128
+    calibration_method: str = CalibrationMethod.PERCENTILE.value
+    exclude_activation_matmuls: bool = True
+    exclude_nodes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _require(self.mode in {m.value for m in QuantizeMode},
+                 f"quantize.mode must be one of {[m.value for m in QuantizeMode]}, got {self.mode!r}")
+        _require(self.calibration_method in {m.value for m in CalibrationMethod},
+                 f"quantize.calibration_method must be one of {[m.value for m in CalibrationMethod]}")
+        _require(1 <= self.calibration_samples <= 100_000, "quantize.calibration_samples must be in 1..100000")
 
     @classmethod
     def avx512_vnni(cls) -> QuantizeConfig:
@@ -158,6 +276,16 @@ class QuantizeConfig:
     def avx2(cls) -> QuantizeConfig:
         """For CPUs without VNNI, where 8-bit products can saturate."""
         return cls(per_channel=False, reduce_range=True)
+
+    @classmethod
+    def static_calibrated(cls, samples: int = 128) -> QuantizeConfig:
+        """Static INT8 calibrated on real texts, sensitive MatMuls kept in FP32."""
+        return cls(mode=QuantizeMode.STATIC_INT8.value, per_channel=True, calibration_samples=samples)
+
+    @classmethod
+    def fp16(cls) -> QuantizeConfig:
+        """Half precision for GPU targets (TensorRT or CUDA execution providers)."""
+        return cls(mode=QuantizeMode.FP16.value)
 
 
 @dataclass(frozen=True)
@@ -239,6 +367,7 @@ class PipelineConfig:
     data: DataConfig
     finetune: FinetuneConfig
     distill: DistillConfig = field(default_factory=DistillConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
@@ -255,6 +384,7 @@ class PipelineConfig:
             "data": DataConfig,
             "finetune": FinetuneConfig,
             "distill": DistillConfig,
+            "prune": PruneConfig,
             "export": ExportConfig,
             "quantize": QuantizeConfig,
             "evaluate": EvaluateConfig,
@@ -303,6 +433,12 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
             if not isinstance(value, str):
                 raise ConfigError(f"{name} must be a string, got {value!r}")
             return value
+        if text.startswith("tuple[float"):
+            if not isinstance(value, (list, tuple)) or not all(
+                isinstance(item, (int, float)) and not isinstance(item, bool) for item in value
+            ):
+                raise ConfigError(f"{name} must be a list of numbers, got {value!r}")
+            return tuple(float(item) for item in value)
         if text.startswith("tuple"):
             if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
                 raise ConfigError(f"{name} must be a list of strings, got {value!r}")

@@ -14,7 +14,7 @@ from tasks import data as data_step
 from tasks.config import FinetuneConfig
 from tasks.modeling import load_classifier, load_tokenizer
 from tasks.results import StepResult, StepStatus, staged_dir, write_json_atomic
-from tasks.training import steps_for
+from tasks.training import EarlyStopping, steps_for
 from tasks.training import train as train_loop
 
 log = logging.getLogger(__name__)
@@ -42,23 +42,30 @@ def accuracy(model, tokenizer, split: pd.DataFrame, max_length: int) -> float:
 
 def run(config: FinetuneConfig, data_dir: Path, out_dir: Path, progress_every: int = 10) -> StepResult:
     """Train ``config.model`` with a fresh head on ``data_dir``'s train split; save to ``out_dir``."""
-    torch.manual_seed(config.seed)
+    seed_everything(config.seed, config.deterministic)
     labels = data_step.read_meta(data_dir)["labels"]
     train = data_step.read_split(data_dir, "train")
     validation = data_step.read_split(data_dir, "validation")
     tokenizer = load_tokenizer(config.model)
-    model = load_classifier(config.model, labels)
+    model = load_classifier(config.model, labels, attention=config.attention)
 
     total_steps = steps_for(len(train), config.batch_size, config.epochs)
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
     targets = torch.tensor(train["label"].to_numpy())
+    stopping = None
+    if config.evaluations_per_epoch:
+        epoch_steps = steps_for(len(train), config.batch_size, 1.0)
+        stopping = EarlyStopping(lambda: accuracy(model, tokenizer, validation, config.max_length),
+                                 every=max(1, epoch_steps // config.evaluations_per_epoch),
+                                 patience=config.early_stopping_patience, min_steps=epoch_steps)
     trained = train_loop(
         model, tokenizer, train["text"].tolist(),
         lambda batch, index: model(**batch, labels=targets[index]).loss,
         total_steps=total_steps, batch_size=config.batch_size, learning_rate=config.learning_rate,
         weight_decay=config.weight_decay, warmup_ratio=config.warmup_ratio, max_length=config.max_length,
-        seed=config.seed, name="fine-tune", progress_every=progress_every,
+        seed=config.seed, name="fine-tune", progress_every=progress_every, layer_decay=config.layer_lr_decay,
+        layer_tiers=config.layer_learning_rates, early_stopping=stopping,
     )
     step, train_seconds = trained.steps, trained.seconds
 
@@ -78,5 +85,19 @@ def run(config: FinetuneConfig, data_dir: Path, out_dir: Path, progress_every: i
             "train_loss_last": trained.last_loss,
             "val_accuracy": val_accuracy,
             "train_seconds": train_seconds,
+            "best_step": float(trained.best_step),
+            "stopped_early": float(trained.stopped_early),
         },
+        info={"validation_scores": ",".join(f"{score:.4f}" for score in trained.validation_scores)},
     )
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed Python, NumPy and torch; ask torch for deterministic kernels (warn where none exists)."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)

@@ -20,13 +20,19 @@ def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(source))
 
 
-def load_classifier(source: str | Path, labels: list[str] | None = None) -> PreTrainedModel:
+def load_classifier(source: str | Path, labels: list[str] | None = None, attention: str = "eager") -> PreTrainedModel:
     """A sequence classifier from a folder or hub id; a new head is created when labels are given.
 
-    ``attn_implementation="eager"`` keeps the exported ONNX graph in the shape ONNX Runtime's
-    transformer optimizer recognises for attention fusion.
+    A folder written by the pruning step (``pruning_plan.json``) is rebuilt with its smaller layers.
+    ``attention="eager"`` (the default) keeps the exported ONNX graph in the shape ONNX Runtime's
+    transformer optimizer recognises for attention fusion; "sdpa" trains faster.
     """
-    kwargs: dict = {"attn_implementation": "eager"}
+    plan_path = Path(str(source)) / "pruning_plan.json"
+    if plan_path.is_file():
+        from tasks.prune import load_pruned
+
+        return load_pruned(Path(str(source)), attention)
+    kwargs: dict = {"attn_implementation": attention}
     if labels is not None:
         kwargs.update(
             num_labels=len(labels),

@@ -1,13 +1,15 @@
-"""The training loop shared by fine-tuning and distillation: shuffled batches, AdamW with linear
-warm-up and decay, gradient clipping, and progress with loss and ETA in the task log."""
+"""The training loop shared by fine-tuning, distillation and pruning recovery: shuffled batches,
+AdamW with linear warm-up and decay, optional layer-wise learning rates, gradient clipping,
+optional early stopping on a validation score, and progress with loss and ETA in the task log."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,6 +25,30 @@ class TrainingRun:
     steps: int
     last_loss: float
     seconds: float
+    validation_scores: tuple[float, ...] = ()
+    best_step: int = 0
+    stopped_early: bool = False
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    """Score the model every ``every`` steps with ``score`` (higher is better); stop after ``patience``
+    scores without improvement, never before ``min_steps`` (early plateaus during warm-up are common),
+    and restore the best weights. ``patience`` 0 scores but never stops."""
+
+    score: Callable[[], float]
+    every: int
+    patience: int = 2
+    min_steps: int = 0
+    min_delta: float = 0.0
+
+
+@dataclass
+class _Best:
+    score: float = -math.inf
+    step: int = 0
+    state: dict = field(default_factory=dict)
+    misses: int = 0
 
 
 def steps_for(rows: int, batch_size: int, epochs: float) -> int:
@@ -42,15 +68,74 @@ def batches(count: int, batch_size: int, total_steps: int, generator: torch.Gene
             step += 1
 
 
+def layer_depths(model: torch.nn.Module) -> dict[str, int]:
+    """Depth of every trainable parameter of a BERT-style classifier: embeddings 0, encoder layer
+    ``i`` at ``i + 1``, everything above the encoder (pooler, classifier head) at ``layers + 1``."""
+    names = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+    layer_count = getattr(model.config, "num_hidden_layers", 0)
+    depths = {}
+    for name in names:
+        parts = name.split(".")
+        if "layer" in parts and parts.index("layer") + 1 < len(parts) and parts[parts.index("layer") + 1].isdigit():
+            depths[name] = int(parts[parts.index("layer") + 1]) + 1
+        elif "embeddings" in parts:
+            depths[name] = 0
+        else:
+            depths[name] = layer_count + 1
+    return depths
+
+
+def layer_learning_rates(depth_count: int, top_rate: float, decay: float,
+                         tiers: tuple[float, ...] = ()) -> list[float]:
+    """Learning rate per depth (0 = embeddings ... ``depth_count - 1`` = head).
+
+    With ``tiers`` (bottom, middle, top), the depths are split into three nearly equal bands that
+    get those rates (the reference's 1e-5 / 5e-5 / 1e-4). Otherwise the head gets ``top_rate`` and
+    each depth below it ``decay`` times the one above (1.0 = one rate for all).
+    """
+    if tiers:
+        bands = np.array_split(np.arange(depth_count), len(tiers))
+        rates = [0.0] * depth_count
+        for rate, band in zip(tiers, bands):
+            for depth in band:
+                rates[int(depth)] = rate
+        return rates
+    return [top_rate * decay ** (depth_count - 1 - depth) for depth in range(depth_count)]
+
+
+def parameter_groups(model: torch.nn.Module, top_rate: float, decay: float, weight_decay: float,
+                     tiers: tuple[float, ...] = ()) -> list[dict]:
+    """AdamW groups: one per depth and decay kind (no weight decay on biases and LayerNorm)."""
+    depths = layer_depths(model)
+    rates = layer_learning_rates(max(depths.values(), default=0) + 1, top_rate, decay, tiers)
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, parameter in model.named_parameters():
+        if name not in depths:
+            continue
+        no_decay = name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name
+        key = (depths[name], no_decay)
+        group = groups.setdefault(key, {"params": [], "lr": rates[depths[name]],
+                                        "weight_decay": 0.0 if no_decay else weight_decay})
+        group["params"].append(parameter)
+    return list(groups.values())
+
+
 def train(model: torch.nn.Module, tokenizer, texts: list[str], loss_fn: LossFn, *, total_steps: int,
           batch_size: int, learning_rate: float, weight_decay: float, warmup_ratio: float, max_length: int,
-          seed: int, name: str, progress_every: int = 10) -> TrainingRun:
-    """Train ``model`` for ``total_steps`` batches of ``texts``; ``loss_fn(batch, indices)`` gives the loss."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+          seed: int, name: str, progress_every: int = 10, layer_decay: float = 1.0,
+          layer_tiers: tuple[float, ...] = (), early_stopping: EarlyStopping | None = None,
+          after_step: Callable[[int], None] | None = None) -> TrainingRun:
+    """Train ``model`` for up to ``total_steps`` batches of ``texts``; ``loss_fn(batch, indices)`` gives the loss.
+
+    ``after_step(step)`` runs after every optimiser step (gradual pruning uses it to re-apply masks).
+    With ``early_stopping`` the best-scoring weights are restored at the end.
+    """
+    groups = parameter_groups(model, learning_rate, layer_decay, weight_decay, layer_tiers)
+    optimizer = torch.optim.AdamW(groups, lr=learning_rate)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(total_steps * warmup_ratio), total_steps)
     generator = torch.Generator().manual_seed(seed)
     model.train()
-    started, losses, step = time.monotonic(), [], 0
+    started, losses, step, scores, best, stopped = time.monotonic(), [], 0, [], _Best(), False
     for step, index in enumerate(batches(len(texts), batch_size, total_steps, generator), start=1):
         batch = tokenizer([texts[i] for i in index], truncation=True, max_length=max_length, padding=True,
                           return_tensors="pt", return_token_type_ids=False)
@@ -60,11 +145,40 @@ def train(model: torch.nn.Module, tokenizer, texts: list[str], loss_fn: LossFn, 
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
+        if after_step is not None:
+            after_step(step)
         losses.append(loss.item())
         if step % progress_every == 0 or step == total_steps:
             elapsed = time.monotonic() - started
             log.info("%s step %d/%d loss %.4f elapsed %.0fs eta %.0fs", name, step, total_steps,
                      np.mean(losses[-progress_every:]), elapsed, elapsed / step * (total_steps - step))
+        if early_stopping and (step % early_stopping.every == 0 or step == total_steps):
+            stopped = _score_and_decide(model, early_stopping, step, scores, best, name)
+            if stopped:
+                break
+    if best.state:
+        model.load_state_dict(best.state)
+        log.info("%s: restored the weights of step %d (validation score %.4f)", name, best.step, best.score)
     model.eval()
     last = float(np.mean(losses[-progress_every:])) if losses else float("nan")
-    return TrainingRun(steps=step, last_loss=last, seconds=time.monotonic() - started)
+    return TrainingRun(steps=step, last_loss=last, seconds=time.monotonic() - started,
+                       validation_scores=tuple(scores), best_step=best.step, stopped_early=stopped)
+
+
+def _score_and_decide(model: torch.nn.Module, stopping: EarlyStopping, step: int, scores: list[float],
+                      best: _Best, name: str) -> bool:
+    """Score the model, remember the best weights; True when patience has run out."""
+    model.eval()
+    score = stopping.score()
+    model.train()
+    scores.append(score)
+    if score > best.score + stopping.min_delta:
+        best.score, best.step, best.misses = score, step, 0
+        best.state = copy.deepcopy(model.state_dict())
+    else:
+        best.misses += 1
+    log.info("%s step %d validation score %.4f (best %.4f at step %d)", name, step, score, best.score, best.step)
+    if stopping.patience and best.misses >= stopping.patience and step >= stopping.min_steps:
+        log.info("%s: no improvement in %d validation scores, stopping early", name, best.misses)
+        return True
+    return False

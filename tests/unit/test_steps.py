@@ -122,3 +122,39 @@ def test_nan_on_edge_length_inputs_fails_the_finite_gate(trained_teacher):
     checks = gate.evaluate_gates(GateConfig(), {"accuracy": 0.9, "nan_outputs": 0.0, "nan_on_edge_inputs": 1.0},
                                  {"accuracy": 0.9})
     assert not gate.passed(checks)
+
+
+def test_static_int8_is_calibrated_qdq_and_keeps_activation_matmuls_in_fp32(exported_onnx, prepared_data, tmp_path):
+    activation = quantize.activation_matmuls(exported_onnx / "model.onnx")
+    assert len(activation) == 4  # scores and weighted values in each of the 2 layers
+    config = QuantizeConfig.static_calibrated(samples=32)
+    result = quantize.run(config, exported_onnx, prepared_data, tmp_path / "static", max_length=32)
+    model = onnx.load(str(tmp_path / "static" / "model.onnx"))
+    ops = Counter(node.op_type for node in model.graph.node)
+    assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
+    assert ops["DynamicQuantizeLinear"] == 0
+    kept = set(result.info["fp32_nodes"].split(","))
+    assert kept == set(activation)
+    quantized_inputs = {name for node in model.graph.node if node.op_type == "DequantizeLinear" for name in node.output}
+    for node in model.graph.node:
+        if node.name in kept:
+            assert not set(node.input) & quantized_inputs, f"{node.name} reads quantized tensors"
+    assert result.metrics["source_label_agreement"] >= 0.9
+    assert json.loads((tmp_path / "static" / "quantize_config.json").read_text())["mode"] == "static_int8"
+
+
+def test_fp16_halves_the_weights_and_keeps_float32_logits(exported_onnx, prepared_data, tmp_path):
+    result = quantize.run(QuantizeConfig.fp16(), exported_onnx, prepared_data, tmp_path / "fp16", max_length=32)
+    model = onnx.load(str(tmp_path / "fp16" / "model.onnx"))
+    types = Counter(init.data_type for init in model.graph.initializer)
+    assert types[onnx.TensorProto.FLOAT16] > 0 and types[onnx.TensorProto.FLOAT] == 0
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert result.metrics["source_max_abs_diff"] < 1e-2
+    assert result.metrics["size_bytes"] < 0.8 * export.model_size_bytes(exported_onnx)  # tiny graph: structure weighs too
+
+
+def test_quantize_config_rejects_unknown_modes():
+    from tasks.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="quantize.mode"):
+        QuantizeConfig(mode="int4")

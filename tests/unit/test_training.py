@@ -1,0 +1,57 @@
+"""The shared training loop: layer-wise learning rates and early stopping."""
+
+import pytest
+import torch
+
+from tasks import training
+from tasks.modeling import load_classifier
+
+
+def test_layer_rates_decay_from_the_head_down():
+    rates = training.layer_learning_rates(4, 1e-4, 0.5)
+    assert rates == pytest.approx([1.25e-5, 2.5e-5, 5e-5, 1e-4])
+
+
+def test_three_tier_rates_follow_the_reference():
+    rates = training.layer_learning_rates(8, 1.0, 1.0, tiers=(1e-5, 5e-5, 1e-4))
+    assert rates == [1e-5, 1e-5, 1e-5, 5e-5, 5e-5, 5e-5, 1e-4, 1e-4]
+
+
+def test_parameter_groups_cover_every_parameter_once_with_depth_rates(tiny_model):
+    model = load_classifier(tiny_model)
+    groups = training.parameter_groups(model, 1e-3, 0.5, 0.01)
+    grouped = [id(p) for group in groups for p in group["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())
+    depths = training.layer_depths(model)
+    assert depths["bert.embeddings.word_embeddings.weight"] == 0
+    assert depths["bert.encoder.layer.1.output.dense.weight"] == 2
+    assert depths["classifier.weight"] == 3
+    rate_of = {id(p): group["lr"] for group in groups for p in group["params"]}
+    assert rate_of[id(model.classifier.weight)] == pytest.approx(1e-3)
+    assert rate_of[id(model.bert.embeddings.word_embeddings.weight)] == pytest.approx(1e-3 * 0.5**3)
+    no_decay = {id(p) for group in groups if group["weight_decay"] == 0 for p in group["params"]}
+    assert id(model.bert.embeddings.LayerNorm.weight) in no_decay and id(model.classifier.bias) in no_decay
+
+
+def test_early_stopping_stops_after_patience_and_restores_the_best_weights(tiny_model):
+    model = load_classifier(tiny_model)
+    scores = iter([0.5, 0.9, 0.6, 0.4, 0.3, 0.2])
+    snapshots = []
+
+    def score():
+        snapshots.append(model.classifier.weight.detach().clone())
+        return next(scores)
+
+    texts = ["good movie", "bad film"] * 8
+    labels = torch.tensor([1, 0] * 8)
+    from tasks.modeling import load_tokenizer
+
+    run = training.train(model, load_tokenizer(tiny_model), texts,
+                         lambda batch, index: model(**batch, labels=labels[index]).loss,
+                         total_steps=20, batch_size=4, learning_rate=1e-2, weight_decay=0.0, warmup_ratio=0.0,
+                         max_length=16, seed=0, name="test",
+                         early_stopping=training.EarlyStopping(score, every=2, patience=2, min_steps=4))
+    assert run.stopped_early and run.steps == 8
+    assert run.validation_scores == (0.5, 0.9, 0.6, 0.4)
+    assert run.best_step == 4
+    assert torch.equal(model.classifier.weight, snapshots[1])
