@@ -46,6 +46,10 @@ class OnnxModelConfig:
         intra_op_threads: ONNX Runtime threads per instance (0 = library default; Triton's backend is
             known to be slow on CPU with defaults, so the pipeline sets it).
         versions_kept: how many newest versions stay loaded (1: the new version replaces the old).
+        gpu: run the instances on the GPU (KIND_GPU) instead of the CPU.
+        tensorrt_precision: on GPU, let ONNX Runtime hand the graph to TensorRT ("FP16" or "FP32";
+            "" = plain CUDA execution provider). Triton builds the engine when the model loads.
+        tensorrt_workspace_mb: TensorRT builder scratch memory.
     """
 
     name: str
@@ -55,8 +59,15 @@ class OnnxModelConfig:
     instances: int = 1
     intra_op_threads: int = 0
     versions_kept: int = 1
+    gpu: bool = False
+    tensorrt_precision: str = ""
+    tensorrt_workspace_mb: int = 1024
 
     def __post_init__(self) -> None:
+        if self.tensorrt_precision not in ("", "FP16", "FP32"):
+            raise RepositoryError(f"tensorrt_precision {self.tensorrt_precision!r} must be '', 'FP16' or 'FP32'")
+        if self.tensorrt_precision and not self.gpu:
+            raise RepositoryError("the TensorRT accelerator runs on the GPU: set gpu=True with tensorrt_precision")
         if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
             raise RepositoryError(f"model name {self.name!r} must be letters, digits, '_' or '-'")
         if self.max_batch_size < 0 or self.instances < 1 or self.intra_op_threads < 0 or self.versions_kept < 1:
@@ -95,10 +106,23 @@ def render_config(config: OnnxModelConfig) -> str:
         f"version_policy: {{ latest {{ num_versions: {config.versions_kept} }} }}",
         f"input [\n{_tensors(config.inputs)}\n]",
         f"output [\n{_tensors(config.outputs)}\n]",
-        f"instance_group [ {{ count: {config.instances} kind: KIND_CPU }} ]",
+        f"instance_group [ {{ count: {config.instances} kind: {'KIND_GPU' if config.gpu else 'KIND_CPU'} }} ]",
         *_parameters({"intra_op_thread_count": str(config.intra_op_threads), "inter_op_thread_count": "1"}),
     ]
+    if config.tensorrt_precision:
+        lines.append(_tensorrt_accelerator(config.tensorrt_precision, config.tensorrt_workspace_mb))
     return "\n".join(lines) + "\n"
+
+
+def _tensorrt_accelerator(precision: str, workspace_mb: int) -> str:
+    """ONNX Runtime's TensorRT execution provider inside Triton's onnxruntime backend (GPU only)."""
+    return (
+        "optimization { execution_accelerators { gpu_execution_accelerator : [ {\n"
+        '  name : "tensorrt"\n'
+        f'  parameters {{ key: "precision_mode" value: "{precision}" }}\n'
+        f'  parameters {{ key: "max_workspace_size_bytes" value: "{workspace_mb << 20}" }}\n'
+        "} ] } }"
+    )
 
 
 CONFIG_SNAPSHOT = "config.pbtxt.snapshot"

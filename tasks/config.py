@@ -210,11 +210,15 @@ class ExportConfig:
         opset: ONNX opset.
         max_abs_diff: largest allowed |logit difference| between ONNX and PyTorch.
         check_samples: texts from the test split used for the check.
+        optimize_graph: run ONNX Runtime's transformer optimizer (attention, LayerNorm and GELU
+            fusion) on the exported graph. Off by default: on the demo MiniLM it gave no speed-up
+            on this CPU and lowered the INT8 model's agreement (see docs/architecture.md).
     """
 
     opset: int = 17
     max_abs_diff: float = 1e-3
     check_samples: int = 16
+    optimize_graph: bool = False
 
     def __post_init__(self) -> None:
         _require(14 <= self.opset <= 23, "export.opset must be in 14..23")
@@ -289,6 +293,41 @@ class QuantizeConfig:
 
 
 @dataclass(frozen=True)
+class CompileConfig:
+    """TensorRT engine build for NVIDIA GPUs.
+
+    The precision comes from the ONNX model the engine is built from (the FP16 or static-INT8
+    QDQ output of the quantize step): TensorRT 11 builds strongly typed networks only; with
+    TensorRT 10 the matching builder flag is set as well.
+
+    Attributes:
+        min_batch / opt_batch / max_batch: the optimization profile's batch range.
+        min_sequence / opt_sequence / max_sequence: its token range.
+        workspace_mb: builder scratch memory.
+    """
+
+    min_batch: int = 1
+    opt_batch: int = 8
+    max_batch: int = 32
+    min_sequence: int = 1
+    opt_sequence: int = 128
+    max_sequence: int = 128
+    workspace_mb: int = 1024
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.min_batch <= self.opt_batch <= self.max_batch <= 4096,
+                 "compile: need 1 <= min_batch <= opt_batch <= max_batch <= 4096")
+        _require(1 <= self.min_sequence <= self.opt_sequence <= self.max_sequence <= 4096,
+                 "compile: need 1 <= min_sequence <= opt_sequence <= max_sequence <= 4096")
+        _require(64 <= self.workspace_mb <= 1 << 20, "compile.workspace_mb must be in 64..1048576")
+
+    def shapes(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        """(min, opt, max) input shapes, (batch, sequence) each."""
+        return ((self.min_batch, self.min_sequence), (self.opt_batch, self.opt_sequence),
+                (self.max_batch, self.max_sequence))
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     """How every candidate is measured, identically.
 
@@ -296,13 +335,19 @@ class EvaluateConfig:
         warmup: untimed batch-1 calls before timing.
         max_length: tokens per text.
         threads: intra-op threads for both PyTorch and ONNX Runtime (0 = library default).
+        batch_size: the batch that saturates the cores, for throughput (0 = skip that measurement).
+        throughput_batches: timed batches of ``batch_size`` test texts (padded to the longest).
     """
 
     warmup: int = 10
     max_length: int = 128
     threads: int = 0
+    batch_size: int = 32
+    throughput_batches: int = 4
 
     def __post_init__(self) -> None:
+        _require(0 <= self.batch_size <= 4096, "evaluate.batch_size must be in 0..4096")
+        _require(1 <= self.throughput_batches <= 1000, "evaluate.throughput_batches must be in 1..1000")
         _require(0 <= self.warmup <= 10_000, "evaluate.warmup must be in 0..10000")
         _require(8 <= self.max_length <= 4096, "evaluate.max_length must be in 8..4096")
         _require(self.threads >= 0, "evaluate.threads must be >= 0")
@@ -370,6 +415,7 @@ class PipelineConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     promote: PromoteConfig = field(default_factory=PromoteConfig)
@@ -387,6 +433,7 @@ class PipelineConfig:
             "prune": PruneConfig,
             "export": ExportConfig,
             "quantize": QuantizeConfig,
+            "compile": CompileConfig,
             "evaluate": EvaluateConfig,
             "gate": GateConfig,
             "promote": PromoteConfig,

@@ -23,3 +23,7 @@ class ExportError(PipelineError):
 
 class PromotionFailed(PipelineError):
     """A candidate could not be put into service; the previous version keeps serving."""
+
+
+class CompileError(PipelineError):
+    """A TensorRT engine could not be built from the ONNX model."""

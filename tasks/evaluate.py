@@ -89,6 +89,27 @@ def timed_logits(predict: Predictor, tokenizer, texts: list[str], config: Evalua
     return np.concatenate(logits), timings
 
 
+def batch_throughput(predict: Predictor, tokenizer, texts: list[str], config: EvaluateConfig) -> dict[str, float]:
+    """Latency of batches of ``config.batch_size`` texts (padded to the longest in each) and the texts
+    per second they give, after one untimed batch."""
+    size = config.batch_size
+    groups = [texts[start:start + size] for start in range(0, min(len(texts), size * config.throughput_batches), size)]
+    if not size or not groups:
+        return {}
+    inputs = [tokenize(tokenizer, group, config.max_length) for group in groups]
+    predict(inputs[0])
+    timings = np.empty(len(inputs))
+    for index, batch in enumerate(inputs):
+        start = time.perf_counter()
+        predict(batch)
+        timings[index] = time.perf_counter() - start
+    return {
+        "batch_size": float(size),
+        "latency_batch_p50_ms": float(np.percentile(timings, 50) * 1000.0),
+        "throughput_per_s": float(sum(len(group) for group in groups) / timings.sum()),
+    }
+
+
 def adversarial_texts(tokenizer, max_length: int) -> list[str]:
     """Inputs at the edges of the length range: empty, one token, and past the maximum length."""
     word = next(iter(token for token in ("the", "a", "x") if token in tokenizer.get_vocab()), "x")
@@ -133,7 +154,7 @@ def run(config: EvaluateConfig, candidate: str, model_dir: Path, model_format: M
         "nan_outputs": float(not np.isfinite(logits).all()),
         "nan_on_edge_inputs": float(non_finite_on_edge_inputs(predict, tokenizer, config.max_length)),
         "test_rows": float(len(texts)),
-    }
+    } | batch_throughput(predict, tokenizer, texts, config)
     frame = pd.DataFrame({"label": labels, "prediction": predictions})
     for cls in range(logits.shape[1]):
         frame[f"logit_{cls}"] = logits[:, cls]
@@ -149,6 +170,39 @@ def run(config: EvaluateConfig, candidate: str, model_dir: Path, model_format: M
         metrics=metrics,
         info={"candidate": candidate, "format": model_format.value},
     )
+
+
+def run_isolated(config: EvaluateConfig, candidate: str, model_dir: Path, model_format: ModelFormat,
+                 data_dir: Path, out_dir: Path) -> StepResult:
+    """``run`` in a fresh process, adding its memory: ``peak_memory_mb`` (the whole evaluating
+    process at its peak) and ``model_memory_mb`` (the peak above the process after its imports,
+    i.e. what loading and running this model added). A fresh process per candidate keeps one
+    candidate's freed-but-retained memory from hiding another's."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        data = pool.submit(_run_measuring_memory, config, candidate, model_dir, model_format, data_dir,
+                           out_dir).result()
+    result = StepResult.from_dict(data)
+    write_json_atomic(out_dir / "metrics.json", result.metrics)
+    return result
+
+
+def _run_measuring_memory(config: EvaluateConfig, candidate: str, model_dir: Path, model_format: ModelFormat,
+                          data_dir: Path, out_dir: Path) -> dict:
+    import resource
+
+    import onnxruntime  # noqa: F401  (imported before the baseline is read)
+    import psutil
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    baseline = psutil.Process().memory_info().rss
+    result = run(config, candidate, model_dir, model_format, data_dir, out_dir)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    memory = {"peak_memory_mb": peak / 2**20, "model_memory_mb": max(0, peak - baseline) / 2**20}
+    return StepResult(result.step, result.status, result.uris, result.metrics | memory, result.info).to_dict()
 
 
 def read_logits(predictions_path: Path) -> np.ndarray:

@@ -10,7 +10,7 @@ import torch
 
 from tasks import data as data_step
 from tasks.config import ExportConfig
-from tasks.errors import ExportError
+from tasks.errors import ConfigError, ExportError
 from tasks.finetune import predict_logits
 from tasks.modeling import load_classifier, load_tokenizer
 from tasks.results import StepResult, StepStatus, staged_dir, write_json_atomic
@@ -57,6 +57,41 @@ def export_onnx(model: torch.nn.Module, tokenizer, path: Path, opset: int, max_l
     return path
 
 
+def attention_shape(model: torch.nn.Module) -> tuple[int, int] | None:
+    """(heads, hidden size) when every layer's attention has the standard shape (heads x head size =
+    hidden size), else None: ONNX Runtime's attention fusion takes one head count for the graph."""
+    from tasks.distill import encoder_layers
+
+    hidden, heads = model.config.hidden_size, model.config.num_attention_heads
+    try:
+        layers = encoder_layers(model)
+    except ConfigError:  # not a BERT-style encoder: let the optimizer fuse what it recognises
+        return heads, hidden
+    if all(layer.attention.self.query.out_features == hidden for layer in layers):
+        return heads, hidden
+    return None
+
+
+def optimize_graph(path: Path, shape: tuple[int, int] | None, model_type: str = "bert") -> dict[str, int]:
+    """Fuse attention, LayerNorm and GELU in place with ONNX Runtime's transformer optimizer.
+
+    ``shape`` is (heads, hidden size) for attention fusion (the optimizer cannot detect them from
+    this exporter's graph); None keeps attention unfused (structurally pruned layers). Embedding
+    LayerNorm fusion stays off: it expects token_type_ids, which the exported graph does not take.
+    """
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions(model_type)
+    options.enable_embed_layer_norm = False
+    options.enable_attention = shape is not None
+    heads, hidden = shape or (0, 0)
+    optimized = optimize_model(str(path), model_type=model_type, num_heads=heads, hidden_size=hidden,
+                               optimization_options=options, opt_level=0)
+    optimized.save_model_to_file(str(path))
+    return {name: int(count) for name, count in optimized.get_fused_operator_statistics().items() if count}
+
+
 def onnx_logits(model_path: Path, tokenizer, texts: list[str], max_length: int, batch_size: int = 32,
                 threads: int = 0) -> np.ndarray:
     """Logits of an ONNX classifier via ONNX Runtime on CPU."""
@@ -89,11 +124,13 @@ def run(config: ExportConfig, model_dir: Path, data_dir: Path, out_dir: Path, ma
     texts = data_step.read_split(data_dir, "test")["text"].head(config.check_samples).tolist()
     with staged_dir(out_dir) as staging:
         export_onnx(model, tokenizer, staging / MODEL_FILENAME, config.opset, max_length)
+        fused = optimize_graph(staging / MODEL_FILENAME, attention_shape(model)) if config.optimize_graph else {}
         tokenizer.save_pretrained(staging)
         model.config.save_pretrained(staging)
         reference = predict_logits(model, tokenizer, texts, max_length)
         check = compare_logits(reference, onnx_logits(staging / MODEL_FILENAME, tokenizer, texts, max_length))
-        write_json_atomic(staging / "export_config.json", asdict(config) | {"max_length": max_length, "check": check})
+        write_json_atomic(staging / "export_config.json",
+                          asdict(config) | {"max_length": max_length, "check": check, "fused_operators": fused})
         if check["max_abs_diff"] > config.max_abs_diff:
             raise ExportError(
                 f"ONNX export differs from PyTorch by {check['max_abs_diff']:.2e} (> {config.max_abs_diff:.0e}) on "
@@ -103,7 +140,8 @@ def run(config: ExportConfig, model_dir: Path, data_dir: Path, out_dir: Path, ma
         step="export_onnx",
         status=StepStatus.SUCCESS,
         uris={"model": str(out_dir), "onnx": str(out_dir / MODEL_FILENAME)},
-        metrics=check | {"size_bytes": float(model_size_bytes(out_dir))},
+        metrics=check | {"size_bytes": float(model_size_bytes(out_dir))}
+        | {f"fused_{name}": float(count) for name, count in fused.items()},
     )
 
 

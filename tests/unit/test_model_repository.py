@@ -127,3 +127,37 @@ def test_ensemble_rejects_bad_labels_and_missing_files(tmp_path):
         (tmp_path / "m").mkdir()
         (tmp_path / "m" / "model.onnx").write_bytes(b"x")
         repo.write_ensemble_version(tmp_path / "repo", ensemble, tmp_path / "m")
+
+
+def _parsed(text: str):
+    """Parse with Triton's own model configuration schema (fails on any unknown field)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+def test_rendered_configs_follow_tritons_schema():
+    cpu = _parsed(repo.render_config(repo.classifier_config("text_classifier", 2, intra_op_threads=2)))
+    assert cpu.platform == "onnxruntime_onnx" and cpu.max_batch_size == 32
+    assert cpu.parameters["intra_op_thread_count"].string_value == "2"
+    assert cpu.instance_group[0].kind == cpu.instance_group[0].KIND_CPU
+
+
+def test_gpu_config_hands_the_onnx_graph_to_tensorrt():
+    config = repo.OnnxModelConfig(
+        name="text_classifier",
+        inputs=(repo.TensorSpec("input_ids", "int64", (-1,)),),
+        outputs=(repo.TensorSpec("logits", "fp32", (2,)),),
+        gpu=True, tensorrt_precision="FP16", tensorrt_workspace_mb=512,
+    )
+    parsed = _parsed(repo.render_config(config))
+    assert parsed.instance_group[0].kind == parsed.instance_group[0].KIND_GPU
+    (accelerator,) = parsed.optimization.execution_accelerators.gpu_execution_accelerator
+    assert accelerator.name == "tensorrt"
+    assert dict(accelerator.parameters) == {"precision_mode": "FP16", "max_workspace_size_bytes": str(512 << 20)}
+
+
+def test_tensorrt_accelerator_needs_the_gpu():
+    with pytest.raises(repo.RepositoryError, match="GPU"):
+        repo.OnnxModelConfig(name="m", inputs=(), outputs=(), tensorrt_precision="FP16")

@@ -158,3 +158,23 @@ def test_quantize_config_rejects_unknown_modes():
 
     with pytest.raises(ConfigError, match="quantize.mode"):
         QuantizeConfig(mode="int4")
+
+
+def test_isolated_evaluation_reports_throughput_and_memory(exported_onnx, prepared_data, tmp_path):
+    config = EvaluateConfig(warmup=1, max_length=32, batch_size=8, throughput_batches=2)
+    result = evaluate.run_isolated(config, "onnx_fp32", exported_onnx, ModelFormat.ONNX, prepared_data,
+                                   tmp_path / "eval")
+    metrics = result.metrics
+    assert metrics["batch_size"] == 8 and metrics["throughput_per_s"] > 0 and metrics["latency_batch_p50_ms"] > 0
+    assert metrics["peak_memory_mb"] > metrics["model_memory_mb"] >= 0
+    assert metrics["peak_memory_mb"] > 50  # the evaluating process holds torch and onnxruntime
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["peak_memory_mb"] == metrics["peak_memory_mb"]
+
+
+def test_graph_optimization_fuses_attention_and_still_matches(trained_teacher, prepared_data, tmp_path):
+    result = export.run(ExportConfig(optimize_graph=True), trained_teacher, prepared_data, tmp_path / "fused",
+                        max_length=32)
+    ops = Counter(node.op_type for node in onnx.load(str(tmp_path / "fused" / "model.onnx")).graph.node)
+    assert ops["Attention"] == 2 and result.metrics["fused_Attention"] == 2
+    assert ops["SkipLayerNormalization"] > 0
+    assert result.metrics["max_abs_diff"] < 1e-3

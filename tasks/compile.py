@@ -1,0 +1,111 @@
+"""Compile an ONNX classifier into a TensorRT engine for the NVIDIA GPU it runs on.
+
+TensorRT needs an NVIDIA GPU and the ``tensorrt`` Python package; without either the step returns
+SKIPPED with the reason and changes nothing. Engines are specific to the GPU model and TensorRT
+version they were built with, so the engine is built where it will be served (or on the same GPU
+model) and the plan records both.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+from tasks.config import CompileConfig
+from tasks.errors import CompileError
+from tasks.export import INPUT_NAMES, MODEL_FILENAME
+from tasks.quantize import TOKENIZER_FILES
+from tasks.results import StepResult, StepStatus, staged_dir, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+ENGINE_FILENAME = "model.plan"
+
+
+def gpu_names() -> list[str]:
+    """Names of the NVIDIA GPUs CUDA sees (empty without a GPU or driver)."""
+    try:
+        import torch
+    except ImportError:
+        return []
+    if not torch.cuda.is_available():
+        return []
+    return [torch.cuda.get_device_name(index) for index in range(torch.cuda.device_count())]
+
+
+def tensorrt_version() -> str | None:
+    try:
+        import tensorrt
+    except ImportError:
+        return None
+    return str(tensorrt.__version__)
+
+
+def unavailable_reason(gpus: list[str], trt_version: str | None) -> str | None:
+    """Why a TensorRT engine cannot be built here, or None when it can."""
+    if not gpus:
+        return "no NVIDIA GPU visible to CUDA: TensorRT engines are built and run on the GPU they target"
+    if trt_version is None:
+        return (f"the tensorrt Python package is not installed (GPU {gpus[0]} is present): install "
+                "tensorrt matching the CUDA driver, or serve the ONNX model with Triton's TensorRT accelerator")
+    return None
+
+
+def build_engine(onnx_path: Path, engine_path: Path, config: CompileConfig, precision: str) -> dict[str, str]:
+    """Parse ``onnx_path`` and serialize an engine with one optimization profile over the dynamic
+    batch and sequence axes. ``precision`` ("fp32", "fp16", "int8") names what the ONNX model holds."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    major = int(trt.__version__.split(".")[0])
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(index)) for index in range(parser.num_errors))
+        raise CompileError(f"TensorRT could not parse {onnx_path}: {errors}")
+    build_config = builder.create_builder_config()
+    build_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, config.workspace_mb << 20)
+    if major < 11:  # TensorRT 10 types the network weakly: precision is allowed by flags
+        if precision == "fp16":
+            build_config.set_flag(trt.BuilderFlag.FP16)
+        elif precision == "int8":
+            build_config.set_flag(trt.BuilderFlag.INT8)
+            build_config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    low, optimum, high = config.shapes()
+    for name in INPUT_NAMES:
+        profile.set_shape(name, low, optimum, high)
+    build_config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, build_config)
+    if serialized is None:
+        raise CompileError(f"TensorRT failed to build an engine from {onnx_path}; see the TensorRT log above")
+    engine_path.write_bytes(bytes(serialized))
+    return {"tensorrt_version": trt.__version__}
+
+
+def run(config: CompileConfig, onnx_dir: Path, out_dir: Path, precision: str = "fp16",
+        gpus: list[str] | None = None, trt_version: str | None = None) -> StepResult:
+    """Build ``out_dir/model.plan`` from ``onnx_dir/model.onnx``; SKIPPED (with the reason) where impossible."""
+    gpus = gpu_names() if gpus is None else gpus
+    trt_version = tensorrt_version() if trt_version is None else trt_version
+    reason = unavailable_reason(gpus, trt_version)
+    if reason is not None:
+        log.warning("TensorRT compile SKIPPED: %s", reason)
+        return StepResult(step=f"compile_tensorrt_{precision}", status=StepStatus.SKIPPED, reason=reason)
+    with staged_dir(out_dir) as staging:
+        info = build_engine(onnx_dir / MODEL_FILENAME, staging / ENGINE_FILENAME, config, precision)
+        for name in TOKENIZER_FILES:
+            if (onnx_dir / name).exists():
+                shutil.copy2(onnx_dir / name, staging / name)
+        info |= {"gpu": gpus[0], "precision": precision, "source": str(onnx_dir / MODEL_FILENAME)}
+        write_json_atomic(staging / "compile_config.json", asdict(config) | info)
+    return StepResult(
+        step=f"compile_tensorrt_{precision}",
+        status=StepStatus.SUCCESS,
+        uris={"model": str(out_dir), "engine": str(out_dir / ENGINE_FILENAME)},
+        metrics={"size_bytes": float((out_dir / ENGINE_FILENAME).stat().st_size)},
+        info=info,
+    )
