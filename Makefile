@@ -10,12 +10,13 @@ export AIRFLOW__USAGE_DATA_COLLECTION__ENABLED := False
 export SCARF_ANALYTICS := false
 PYTEST_ARGS ?=
 
-.PHONY: help venv venv-triton demo test test-slow up down status assets clean-stack
+.PHONY: help venv venv-triton demo test test-slow bench-compress up down status assets clean-stack
 
 help:
 	@echo "make demo       create environments, start the local stack, run optimize_model end to end"
 	@echo "make test       create environments and run the test suite"
 	@echo "make test-slow  the long checks (real demo assets)"
+	@echo "make bench-compress  every compression technique on the demo assets -> bench/results/compress-demo.{json,md}"
 	@echo "make up|down|status  start, stop or inspect the local stack"
 
 venv: $(VENV)/.installed
@@ -57,6 +58,10 @@ test: venv venv-triton
 
 test-slow: venv venv-triton
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+# ~25 minutes on 2 cores; exits 2 when a target of the compression issue is not met.
+bench-compress: venv
+	$(BIN)/python -m bench.compress --profile demo
 
 clean-stack: down
 	rm -rf .stack

@@ -2,8 +2,10 @@
 ### optimize_model
 
 Fine-tunes the teacher classifier, distills it into a smaller student (half the layers by default),
-exports both to ONNX and quantizes both to dynamic INT8, evaluates every candidate on the same
-held-out split, registers the candidates in the MLflow model registry
+prunes the student's attention heads and feed-forward neurons (recovering by distillation), exports
+the teacher, the student and the pruned student to ONNX and quantizes each to dynamic INT8,
+evaluates every candidate on the same held-out split (accuracy, F1, latency percentiles,
+throughput, size, peak memory), registers the candidates in the MLflow model registry
 and, when the gates pass (accuracy vs teacher and vs the serving champion on the same test split,
 finite outputs on edge-length inputs, agreement with the FP32 model, optional latency budget),
 promotes the fastest passing candidate to Triton and moves the MLflow alias
@@ -39,6 +41,12 @@ PARAMS = {
     "max_length": Param(128, type="integer", minimum=8, maximum=4096, description="tokens per text"),
     "student_layers": Param(0, type="integer", minimum=0, description="student encoder layers (0 = half the teacher's)"),
     "distill_epochs": Param(2.0, type="number", exclusiveMinimum=0, maximum=100, description="distillation epochs"),
+    "prune_heads": Param(0.25, type="number", minimum=0, exclusiveMaximum=1,
+                         description="share of the student's attention heads removed per layer (least important first)"),
+    "prune_ffn": Param(0.5, type="number", minimum=0, exclusiveMaximum=1,
+                       description="share of the student's feed-forward neurons removed per layer"),
+    "prune_epochs": Param(1.0, type="number", minimum=0, maximum=100,
+                          description="recovery distillation epochs after pruning (0 = none)"),
     "max_relative_accuracy_drop": Param(0.03, type="number", minimum=0, maximum=0.99,
                                         description="gate: candidate accuracy >= teacher x (1 - this)"),
     "max_p95_latency_ms": Param(0.0, type="number", minimum=0, description="gate: p95 batch-1 latency budget (0 = none)"),
@@ -98,6 +106,27 @@ def optimize_model():
         return pipeline.distill_student(*_inputs(), data, teacher)
 
     @task
+    def prune_student(data: dict, teacher: dict, student: dict) -> dict:
+        """Remove the least important heads and FFN neurons of the student; recover by distillation."""
+        from tasks import pipeline
+
+        return pipeline.prune_student(*_inputs(), data, teacher, student)
+
+    @task
+    def export_pruned(data: dict, pruned: dict) -> dict:
+        """Export the pruned student to ONNX and check it reproduces the PyTorch logits."""
+        from tasks import pipeline
+
+        return pipeline.export_onnx(*_inputs(), data, pruned, name="pruned_onnx_fp32")
+
+    @task
+    def quantize_pruned(data: dict, pruned_onnx: dict) -> dict:
+        """Dynamic INT8 quantization of the pruned student with ONNX Runtime."""
+        from tasks import pipeline
+
+        return pipeline.quantize_int8(*_inputs(), data, pruned_onnx, name="pruned_int8")
+
+    @task
     def export_onnx(data: dict, teacher: dict) -> dict:
         """Export the teacher to ONNX and check it reproduces the PyTorch logits."""
         from tasks import pipeline
@@ -127,7 +156,7 @@ def optimize_model():
 
     @task
     def evaluate(data: dict, produced: dict) -> dict:
-        """Accuracy, F1 and batch-1 latency of every candidate on the same test split."""
+        """Accuracy, F1, latency percentiles, throughput, size and peak memory of every candidate."""
         from tasks import pipeline
 
         return pipeline.evaluate_candidates(*_inputs(), data, produced)
@@ -153,8 +182,12 @@ def optimize_model():
     student = distill_student(data, teacher)
     student_onnx = export_student(data, student)
     student_int8 = quantize_student(data, student_onnx)
+    pruned = prune_student(data, teacher, student)
+    pruned_onnx = export_pruned(data, pruned)
+    pruned_int8 = quantize_pruned(data, pruned_onnx)
     evaluations = evaluate(data, {"finetune": teacher, "export": onnx, "quantize": int8,
-                                  "export_student": student_onnx, "quantize_student": student_int8})
+                                  "export_student": student_onnx, "quantize_student": student_int8,
+                                  "export_pruned": pruned_onnx, "quantize_pruned": pruned_int8})
     registered = register(data, evaluations)
     promote(data, evaluations, registered)
 

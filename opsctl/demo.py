@@ -78,16 +78,18 @@ def _follow(api: AirflowApi, run_id: str, timeout_s: float) -> str:
 def _print_summary(settings: StackSettings, run_id: str, summary: dict) -> None:
     print()
     print(f"== {DAG_ID} run {run_id}: success")
-    print(f"{'candidate':18s} {'accuracy':>9s} {'macro F1':>9s} {'p50 ms':>8s} {'p95 ms':>8s} {'size MB':>8s}  MLflow version")
+    print(f"{'candidate':18s} {'accuracy':>9s} {'macro F1':>9s} {'p50 ms':>8s} {'p95 ms':>8s} {'texts/s':>8s} "
+          f"{'size MB':>8s} {'peak MB':>8s}  MLflow version")
     from tasks.pipeline import CANDIDATES
 
     for name in CANDIDATES:
         metrics = summary["candidates"][name]
         version = summary["versions"].get(name) or "-"
         print(f"{name:18s} {metrics['accuracy']:9.4f} {metrics['macro_f1']:9.4f} {metrics['latency_p50_ms']:8.2f} "
-              f"{metrics['latency_p95_ms']:8.2f} {metrics['size_bytes'] / 1e6:8.2f}  {version}")
+              f"{metrics['latency_p95_ms']:8.2f} {metrics.get('throughput_per_s', 0):8.0f} "
+              f"{metrics['size_bytes'] / 1e6:8.2f} {metrics.get('peak_memory_mb', 0):8.0f}  {version}")
     teacher = summary["candidates"]["teacher_pytorch"]
-    for name in ("onnx_int8", "student_int8"):
+    for name in ("onnx_int8", "student_int8", "pruned_int8"):
         other = summary["candidates"][name]
         print(f"{name} vs PyTorch teacher: p50 {teacher['latency_p50_ms'] / other['latency_p50_ms']:.1f}x faster, "
               f"{teacher['size_bytes'] / other['size_bytes']:.1f}x smaller, "

@@ -124,12 +124,16 @@ class DistillConfig:
             teacher layers, the last one included.
         temperature: softmax temperature of the soft targets.
         alpha: weight of the soft-target loss; 1 - alpha weighs the hard labels.
+        hidden_weight: weight of an extra hidden-state transfer loss (mean squared error between
+            each student layer's output and the teacher layer it was copied from, padding
+            excluded); 0 = off.
         epochs, batch_size, learning_rate, max_length, seed: training settings.
     """
 
     student_layers: int = 0
     temperature: float = 2.0
     alpha: float = 0.5
+    hidden_weight: float = 0.0
     epochs: float = 1.0
     batch_size: int = 16
     learning_rate: float = 1e-4
@@ -140,6 +144,7 @@ class DistillConfig:
         _require(self.student_layers >= 0, "distill.student_layers must be >= 0")
         _require(0 < self.temperature <= 20, "distill.temperature must be in (0, 20]")
         _require(0 <= self.alpha <= 1, "distill.alpha must be in [0, 1]")
+        _require(0 <= self.hidden_weight <= 100, "distill.hidden_weight must be in [0, 100]")
         _require(0 < self.epochs <= 100, "distill.epochs must be in (0, 100]")
         _require(1 <= self.batch_size <= 1024, "distill.batch_size must be in 1..1024")
         _require(0 < self.learning_rate < 1, "distill.learning_rate must be in (0, 1)")

@@ -68,6 +68,17 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return alpha * soft + (1.0 - alpha) * hard
 
 
+def hidden_state_loss(student_hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[torch.Tensor, ...],
+                      chosen: list[int], attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between each student layer's output and the output of the teacher layer
+    it was copied from (hidden_states[0] is the embeddings, so layer i is at i + 1); padding excluded."""
+    mask = attention_mask.unsqueeze(-1).to(student_hidden[0].dtype)
+    tokens = mask.sum() * student_hidden[0].shape[-1]
+    losses = [(((student_hidden[i + 1] - teacher_hidden[t + 1]) ** 2) * mask).sum() / tokens
+              for i, t in enumerate(chosen)]
+    return torch.stack(losses).mean()
+
+
 def parameter_count(model: torch.nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
@@ -87,11 +98,18 @@ def run(config: DistillConfig, teacher_dir: Path, data_dir: Path, out_dir: Path,
     total_steps = steps_for(len(train), config.batch_size, config.epochs)
     targets = torch.tensor(train["label"].to_numpy())
 
+    transfer_hidden = config.hidden_weight > 0
+
     def loss_fn(batch: dict[str, torch.Tensor], index: list[int]) -> torch.Tensor:
         with torch.no_grad():
-            teacher_logits = teacher(**batch).logits
-        return distillation_loss(student(**batch).logits, teacher_logits, targets[index],
-                                 config.temperature, config.alpha)
+            teacher_out = teacher(**batch, output_hidden_states=transfer_hidden)
+        student_out = student(**batch, output_hidden_states=transfer_hidden)
+        loss = distillation_loss(student_out.logits, teacher_out.logits, targets[index], config.temperature,
+                                 config.alpha)
+        if transfer_hidden:
+            loss = loss + config.hidden_weight * hidden_state_loss(
+                student_out.hidden_states, teacher_out.hidden_states, chosen, batch["attention_mask"])
+        return loss
 
     trained = train_loop(
         student, tokenizer, train["text"].tolist(), loss_fn, total_steps=total_steps,

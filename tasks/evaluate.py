@@ -47,8 +47,25 @@ def onnx_predictor(model_dir: Path, threads: int) -> Predictor:
     return predict
 
 
+def torch_dynamic_int8_predictor(model_dir: Path, threads: int) -> Predictor:
+    import torch
+
+    from tasks.quantize import TORCH_INT8_FILENAME
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = torch.load(model_dir / TORCH_INT8_FILENAME, weights_only=False).eval()  # our own artifact
+
+    def predict(batch: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.inference_mode():
+            return model(**{name: torch.from_numpy(batch[name]) for name in INPUT_NAMES}).logits.float().numpy()
+
+    return predict
+
+
 PREDICTORS: dict[ModelFormat, Callable[[Path, int], Predictor]] = {
     ModelFormat.PYTORCH: torch_predictor,
+    ModelFormat.PYTORCH_DYNAMIC_INT8: torch_dynamic_int8_predictor,
     ModelFormat.ONNX: onnx_predictor,
 }
 

@@ -147,5 +147,5 @@ def run(config: ExportConfig, model_dir: Path, data_dir: Path, out_dir: Path, ma
 
 def model_size_bytes(model_dir: Path) -> int:
     """Bytes of the model's weights: ONNX files plus external-data side files, or safetensors/bin files."""
-    patterns = ("*.onnx", "*.onnx.data", "*.safetensors", "pytorch_model*.bin")
+    patterns = ("*.onnx", "*.onnx.data", "*.safetensors", "pytorch_model*.bin", "*.pt", "*.plan")
     return sum(path.stat().st_size for pattern in patterns for path in Path(model_dir).glob(pattern))

@@ -18,6 +18,7 @@ from tasks import export as export_step
 from tasks import finetune as finetune_step
 from tasks import gate as gate_step
 from tasks import promote as promote_step
+from tasks import prune as prune_step
 from tasks import quantize as quantize_step
 from tasks import registry
 from tasks.assets import fetch_demo_assets
@@ -46,6 +47,9 @@ PARAM_PATHS = {
     "max_length": ("finetune", "max_length"),
     "student_layers": ("distill", "student_layers"),
     "distill_epochs": ("distill", "epochs"),
+    "prune_heads": ("prune", "head_fraction"),
+    "prune_ffn": ("prune", "ffn_fraction"),
+    "prune_epochs": ("prune", "recovery_epochs"),
     "max_relative_accuracy_drop": ("gate", "max_relative_accuracy_drop"),
     "max_p95_latency_ms": ("gate", "max_p95_latency_ms"),
     "max_champion_regression": ("gate", "max_champion_regression"),
@@ -66,6 +70,9 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "max_length": 128,
     "student_layers": 0,
     "distill_epochs": 2.0,
+    "prune_heads": 0.25,
+    "prune_ffn": 0.5,
+    "prune_epochs": 1.0,
     "max_relative_accuracy_drop": 0.03,
     "max_p95_latency_ms": 0.0,
     "max_champion_regression": 0.01,
@@ -79,9 +86,13 @@ CANDIDATES = {
     "onnx_int8": ("quantize", ModelFormat.ONNX, "finetune > ONNX export > dynamic INT8"),
     "student_onnx_fp32": ("export_student", ModelFormat.ONNX, "finetune > distill > ONNX export (FP32)"),
     "student_int8": ("quantize_student", ModelFormat.ONNX, "finetune > distill > ONNX export > dynamic INT8"),
+    "pruned_onnx_fp32": ("export_pruned", ModelFormat.ONNX, "finetune > distill > prune > ONNX export (FP32)"),
+    "pruned_int8": ("quantize_pruned", ModelFormat.ONNX, "finetune > distill > prune > ONNX export > dynamic INT8"),
 }
-# The unquantized / unexported model each candidate is compared with.
-SOURCE_OF = {"onnx_fp32": "teacher_pytorch", "onnx_int8": "onnx_fp32", "student_int8": "student_onnx_fp32"}
+# The model each candidate was converted from (export or quantization), for the agreement gate.
+# Distilled and pruned models are new models: the accuracy gates judge them instead.
+SOURCE_OF = {"onnx_fp32": "teacher_pytorch", "onnx_int8": "onnx_fp32", "student_int8": "student_onnx_fp32",
+             "pruned_int8": "pruned_onnx_fp32"}
 
 
 def config_from_params(params: dict[str, Any]) -> PipelineConfig:
@@ -102,13 +113,14 @@ def config_from_params(params: dict[str, Any]) -> PipelineConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"overrides.{section} must be an object")
         nested.setdefault(section, {}).update(values)
-    # Distillation and evaluation use the fine-tuning sequence length, batch size and learning
-    # rate unless told otherwise.
+    # Distillation, pruning recovery and evaluation use the fine-tuning sequence length, batch size
+    # and learning rate unless told otherwise.
     finetune = nested["finetune"]
     nested.setdefault("evaluate", {}).setdefault("max_length", finetune.get("max_length", 128))
     for key in ("max_length", "batch_size", "learning_rate"):
         if key in finetune:
             nested.setdefault("distill", {}).setdefault(key, finetune[key])
+            nested.setdefault("prune", {}).setdefault(key, finetune[key])
     return PipelineConfig.from_dict(nested)
 
 
@@ -141,6 +153,19 @@ def distill_student(settings: PipelineSettings, config: PipelineConfig, run_id: 
         teacher_dir=Path(StepResult.from_dict(teacher).uri("model")),
         data_dir=Path(StepResult.from_dict(data).uri("data")),
         out_dir=settings.run_dir(run_id) / "student",
+    )
+    return result.to_dict()
+
+
+def prune_student(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict, teacher: dict,
+                  student: dict) -> dict:
+    """Prune the distilled student's heads and FFN neurons, then recover it by distilling from the teacher."""
+    result = prune_step.run(
+        config.prune,
+        student_dir=Path(StepResult.from_dict(student).uri("model")),
+        teacher_dir=Path(StepResult.from_dict(teacher).uri("model")),
+        data_dir=Path(StepResult.from_dict(data).uri("data")),
+        out_dir=settings.run_dir(run_id) / "pruned",
     )
     return result.to_dict()
 
@@ -179,8 +204,8 @@ def evaluate_candidates(settings: PipelineSettings, config: PipelineConfig, run_
     for candidate, (step, model_format, _) in CANDIDATES.items():
         model_dir = Path(StepResult.from_dict(produced[step]).uri("model"))
         log.info("evaluating %s (%s) from %s", candidate, model_format.value, model_dir)
-        result = evaluate_step.run(config.evaluate, candidate, model_dir, model_format, data_dir,
-                                   settings.run_dir(run_id) / "evaluation" / candidate)
+        result = evaluate_step.run_isolated(config.evaluate, candidate, model_dir, model_format, data_dir,
+                                            settings.run_dir(run_id) / "evaluation" / candidate)
         evaluations[candidate] = result.to_dict()
         log.info("%s: accuracy %.4f p50 %.2f ms p95 %.2f ms", candidate, result.metrics["accuracy"],
                  result.metrics["latency_p50_ms"], result.metrics["latency_p95_ms"])

@@ -24,6 +24,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def quantize_dynamic_int8(source: Path, target: Path, config: QuantizeConfig) -> Path:
     """Write an INT8-weight, dynamically quantized copy of ``source`` to ``target``."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(
@@ -32,6 +33,8 @@ def quantize_dynamic_int8(source: Path, target: Path, config: QuantizeConfig) ->
         weight_type=QuantType.QInt8,
         per_channel=config.per_channel,
         reduce_range=config.reduce_range,
+        # Fused contrib ops (Attention, SkipLayerNormalization) defeat shape inference: name the type.
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
     )
     return target
 
@@ -110,6 +113,29 @@ def convert_fp16(source: Path, target: Path) -> Path:
     model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
     onnx.save(model, str(target))
     return target
+
+
+TORCH_INT8_FILENAME = "model_dynamic_int8.pt"
+
+
+def quantize_torch_dynamic(model_dir: Path, out_dir: Path) -> StepResult:
+    """PyTorch dynamic INT8 (``torch.ao.quantization.quantize_dynamic`` on Linear layers), the
+    baseline users reach for first. Saved as a pickled module (load with ``weights_only=False``)."""
+    import warnings
+
+    import torch
+
+    from tasks.modeling import load_classifier
+
+    model = load_classifier(model_dir).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.ao.quantization is deprecated, still works
+        quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    with staged_dir(out_dir) as staging:
+        torch.save(quantized, staging / TORCH_INT8_FILENAME)
+        load_tokenizer(model_dir).save_pretrained(staging)
+    return StepResult(step="quantize_torch_dynamic_int8", status=StepStatus.SUCCESS, uris={"model": str(out_dir)},
+                      metrics={"size_bytes": float((out_dir / TORCH_INT8_FILENAME).stat().st_size)})
 
 
 def run(config: QuantizeConfig, onnx_dir: Path, data_dir: Path, out_dir: Path, max_length: int,

@@ -20,6 +20,7 @@ class StepStatus(str, Enum):
 
 class ModelFormat(str, Enum):
     PYTORCH = "pytorch"
+    PYTORCH_DYNAMIC_INT8 = "pytorch_dynamic_int8"  # torch.ao dynamic quantization: a baseline only
     ONNX = "onnx"
 
 

@@ -36,7 +36,10 @@ def test_optimize_model_wires_the_skeleton_in_order(dagbag):
     edges = [("prepare_data", "finetune_teacher"), ("finetune_teacher", "export_onnx"),
              ("export_onnx", "quantize_int8"), ("finetune_teacher", "distill_student"),
              ("distill_student", "export_student"), ("export_student", "quantize_student"),
-             ("quantize_int8", "evaluate"), ("quantize_student", "evaluate"), ("evaluate", "register"),
+             ("distill_student", "prune_student"), ("finetune_teacher", "prune_student"),
+             ("prune_student", "export_pruned"), ("export_pruned", "quantize_pruned"),
+             ("quantize_int8", "evaluate"), ("quantize_student", "evaluate"), ("quantize_pruned", "evaluate"),
+             ("evaluate", "register"),
              ("register", "promote")]
     assert {task for edge in edges for task in edge} == set(dag.task_ids)
     for upstream, downstream in edges:

@@ -44,7 +44,7 @@ def test_dag_test_runs_every_task_and_promotes(local_services, tiny_model, label
     conf = {
         "data_source": str(labelled_csv), "teacher": str(tiny_model), "epochs": 3.0, "learning_rate": 5e-3,
         "max_length": 32, "registered_model": "dagtest-model", "triton_model": "dagtest_model",
-        "student_layers": 1, "distill_epochs": 3.0,
+        "student_layers": 1, "distill_epochs": 3.0, "prune_heads": 0.5, "prune_ffn": 0.5, "prune_epochs": 2.0,
     }
     result = subprocess.run([sys.executable, "-c", RUNNER, str(REPO_ROOT / "dags"), json.dumps(conf)], env=env,
                             capture_output=True, text=True, timeout=900)
@@ -57,7 +57,9 @@ def test_dag_test_runs_every_task_and_promotes(local_services, tiny_model, label
     assert len(summaries) == 1
     summary = json.loads(summaries[0].read_text())
     assert set(summary["candidates"]) == {"teacher_pytorch", "onnx_fp32", "onnx_int8", "student_onnx_fp32",
-                                          "student_int8"}
+                                          "student_int8", "pruned_onnx_fp32", "pruned_int8"}
+    assert all(metrics["peak_memory_mb"] > 0 and metrics["throughput_per_s"] > 0
+               for metrics in summary["candidates"].values())
     assert summary["promotion"]["status"] == "success"
     winner = summary["winner"]
     assert all(gate["decision"] == "pass" for gate in summary["gates"][winner])

@@ -61,3 +61,21 @@ def test_distill_run_produces_a_smaller_student_that_keeps_accuracy(trained_teac
     assert json.loads((tmp_path / "student" / "distill_config.json").read_text())["teacher_layers_kept"] == [1]
     reloaded = load_classifier(tmp_path / "student")
     assert len(distill.encoder_layers(reloaded)) == 1
+
+
+def test_hidden_state_loss_compares_mapped_layers_and_ignores_padding():
+    embeddings = torch.zeros(1, 3, 2)
+    teacher = (embeddings, torch.ones(1, 3, 2), torch.full((1, 3, 2), 2.0))
+    student_same = (embeddings, torch.full((1, 3, 2), 2.0))
+    mask = torch.tensor([[1, 1, 0]])
+    assert distill.hidden_state_loss(student_same, teacher, [1], mask) == 0  # student layer 0 <- teacher layer 1
+    padded_differs = (embeddings, torch.tensor([[[2.0, 2.0], [2.0, 2.0], [9.0, 9.0]]]))
+    assert distill.hidden_state_loss(padded_differs, teacher, [1], mask) == 0
+    assert distill.hidden_state_loss(student_same, teacher, [0], mask) == pytest.approx(1.0)
+
+
+def test_distill_with_hidden_state_transfer_trains(trained_teacher, prepared_data, tmp_path):
+    config = DistillConfig(student_layers=1, epochs=2, batch_size=16, learning_rate=5e-3, max_length=32,
+                           hidden_weight=1.0)
+    result = distill.run(config, trained_teacher, prepared_data, tmp_path / "student")
+    assert result.metrics["val_accuracy"] >= 0.8

@@ -178,3 +178,13 @@ def test_graph_optimization_fuses_attention_and_still_matches(trained_teacher, p
     assert ops["Attention"] == 2 and result.metrics["fused_Attention"] == 2
     assert ops["SkipLayerNormalization"] > 0
     assert result.metrics["max_abs_diff"] < 1e-3
+
+
+def test_pytorch_dynamic_int8_baseline_is_evaluated_like_any_candidate(trained_teacher, prepared_data, tmp_path):
+    made = quantize.quantize_torch_dynamic(trained_teacher, tmp_path / "torch_int8")
+    assert made.metrics["size_bytes"] > 0
+    result = evaluate.run(EvaluateConfig(warmup=1, max_length=32, batch_size=8, throughput_batches=1),
+                          "teacher_torch_int8", tmp_path / "torch_int8", ModelFormat.PYTORCH_DYNAMIC_INT8,
+                          prepared_data, tmp_path / "eval")
+    assert result.metrics["accuracy"] >= 0.8
+    assert result.metrics["size_bytes"] == made.metrics["size_bytes"]

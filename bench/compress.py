@@ -1,0 +1,330 @@
+"""``make bench-compress``: every compression technique and combination, built from one fine-tuned
+teacher and measured the same way in one run, as a table (JSON + Markdown).
+
+Ratios are what this benchmark reports: the machine is shared and noisy, so every row is measured
+in the same run, one after another, each in a fresh process (for its peak memory), on the same
+held-out texts sent one at a time (batch 1) and in batches that fill the cores.
+
+    python -m bench.compress --profile demo      # the demo assets (MiniLM teacher, IMDB reviews)
+    python -m bench.compress --profile tiny      # a tiny random model on generated texts (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from tasks.results import ModelFormat, StepResult, StepStatus
+
+log = logging.getLogger("bench.compress")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+REFERENCE_ROW = "teacher_pytorch"
+PROMOTED_ROW = "student_pruned_int8"
+# The compression issue's targets for the promoted combination vs the FP32 PyTorch teacher.
+TARGETS = {"p50_speedup": 8.0, "size_reduction": 6.0, "accuracy_retention": 0.97}
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    max_train: int
+    max_eval: int
+    epochs: float
+    batch_size: int
+    learning_rate: float
+    max_length: int
+    distill_epochs: float
+    prune_epochs: float
+    sparsity: float
+    calibration_samples: int
+    warmup: int
+
+
+PROFILES = {
+    # ~25 minutes on 2 cores: 1,500 IMDB reviews, MiniLM-L6 teacher, 500 test reviews.
+    "demo": Profile("demo", max_train=1500, max_eval=500, epochs=1.0, batch_size=32, learning_rate=1e-4,
+                    max_length=128, distill_epochs=2.0, prune_epochs=1.0, sparsity=0.5, calibration_samples=128,
+                    warmup=10),
+    # A tiny random BERT on generated texts: checks the benchmark itself in about a minute.
+    "tiny": Profile("tiny", max_train=0, max_eval=0, epochs=3.0, batch_size=16, learning_rate=5e-3, max_length=32,
+                    distill_epochs=2.0, prune_epochs=2.0, sparsity=0.5, calibration_samples=32, warmup=1),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measured model: its name, the technique chain that made it, where it is, its format."""
+
+    name: str
+    technique: str
+    model_dir: Path | None
+    model_format: ModelFormat | None
+    skipped_reason: str = ""
+
+
+def tiny_inputs(work: Path) -> tuple[str, str]:
+    """A tiny random teacher and a generated labelled CSV (no download)."""
+    import pandas as pd
+
+    from tasks.modeling import build_tiny_model, generate_texts
+
+    teacher = build_tiny_model(work / "inputs" / "tiny-bert")
+    texts, labels = generate_texts(400, seed=1)
+    csv = work / "inputs" / "texts.csv"
+    pd.DataFrame({"text": texts, "label": ["positive" if y else "negative" for y in labels]}).to_csv(csv, index=False)
+    return str(teacher), str(csv)
+
+
+def demo_inputs() -> tuple[str, str]:
+    from opsctl.settings import StackSettings
+    from tasks.assets import fetch_demo_assets
+
+    assets = fetch_demo_assets(StackSettings.from_env(os.environ).assets_cache, progress=log.info)
+    return str(assets.teacher_dir), str(assets.imdb_csv)
+
+
+def build_rows(profile: Profile, work: Path, teacher_source: str, data_source: str,
+               steps: dict[str, dict]) -> list[Row]:
+    """Run every technique and return the rows to measure; ``steps`` collects each step's result."""
+    from tasks import compile as compile_step
+    from tasks import data as data_step
+    from tasks import distill, export, finetune, prune, quantize
+    from tasks.config import (CompileConfig, DataConfig, DistillConfig, ExportConfig, FinetuneConfig, PruneConfig,
+                              QuantizeConfig)
+
+    def record(name: str, result: StepResult) -> StepResult:
+        steps[name] = result.to_dict()
+        log.info("%s: %s %s", name, result.status.value,
+                 {key: round(value, 4) for key, value in list(result.metrics.items())[:8]})
+        return result
+
+    length = profile.max_length
+    data_dir = work / "data"
+    record("data", data_step.run(DataConfig(source=data_source, max_train=profile.max_train,
+                                            max_eval=profile.max_eval), data_dir))
+    teacher = work / "teacher"
+    record("finetune", finetune.run(FinetuneConfig(model=teacher_source, epochs=profile.epochs,
+                                                   batch_size=profile.batch_size,
+                                                   learning_rate=profile.learning_rate, max_length=length),
+                                    data_dir, teacher))
+
+    def export_to(name: str, model_dir: Path, **options) -> Path:
+        record(f"export_{name}", export.run(ExportConfig(**options), model_dir, data_dir, work / name, length))
+        return work / name
+
+    def quantize_to(name: str, onnx_dir: Path, config: QuantizeConfig) -> Path:
+        record(f"quantize_{name}", quantize.run(config, onnx_dir, data_dir, work / name, length))
+        return work / name
+
+    def prune_to(name: str, model_dir: Path, config: PruneConfig) -> Path:
+        config = replace(config, recovery_epochs=profile.prune_epochs, batch_size=profile.batch_size,
+                         learning_rate=profile.learning_rate, max_length=length)
+        record(f"prune_{name}", prune.run(config, model_dir, teacher, data_dir, work / name))
+        return work / name
+
+    onnx_fp32 = export_to("onnx_fp32", teacher)
+    fused = export_to("onnx_fp32_fused", teacher, optimize_graph=True)
+    int8 = quantize_to("onnx_int8", onnx_fp32, QuantizeConfig.avx512_vnni())
+    per_channel = quantize_to("onnx_int8_per_channel", onnx_fp32, replace(QuantizeConfig(), per_channel=True))
+    fused_int8 = quantize_to("onnx_fused_int8", fused, QuantizeConfig.avx512_vnni())
+    static = quantize_to("onnx_static_int8", onnx_fp32,
+                         QuantizeConfig.static_calibrated(samples=profile.calibration_samples))
+    fp16 = quantize_to("onnx_fp16", onnx_fp32, QuantizeConfig.fp16())
+    record("quantize_torch_int8", quantize.quantize_torch_dynamic(teacher, work / "teacher_torch_int8"))
+
+    teacher_pruned = prune_to("teacher_pruned", teacher, PruneConfig.structured_only())
+    teacher_pruned_onnx = export_to("teacher_pruned_onnx", teacher_pruned)
+    teacher_pruned_int8 = quantize_to("teacher_pruned_int8", teacher_pruned_onnx, QuantizeConfig.avx512_vnni())
+
+    student = work / "student"
+    record("distill", distill.run(DistillConfig(epochs=profile.distill_epochs, batch_size=profile.batch_size,
+                                                learning_rate=profile.learning_rate, max_length=length),
+                                  teacher, data_dir, student))
+    student_onnx = export_to("student_onnx", student)
+    student_int8 = quantize_to("student_int8", student_onnx, QuantizeConfig.avx512_vnni())
+    pruned = prune_to("student_pruned", student, PruneConfig.structured_only())
+    pruned_onnx = export_to("student_pruned_onnx", pruned)
+    pruned_int8 = quantize_to("student_pruned_int8", pruned_onnx, QuantizeConfig.avx512_vnni())
+    sparse = prune_to("student_sparse", student, PruneConfig.unstructured_only(profile.sparsity))
+    sparse_onnx = export_to("student_sparse_onnx", sparse)
+    sparse_int8 = quantize_to("student_sparse_int8", sparse_onnx, QuantizeConfig.avx512_vnni())
+
+    trt = record("compile_tensorrt_fp16", compile_step.run(CompileConfig(max_sequence=length, opt_sequence=length),
+                                                           fp16, work / "tensorrt_fp16", precision="fp16"))
+    onnx, torch_fmt = ModelFormat.ONNX, ModelFormat.PYTORCH
+    sparsity = f"{profile.sparsity:.0%} sparse"
+    return [
+        Row(REFERENCE_ROW, "fine-tuned teacher, PyTorch FP32 eager", teacher, torch_fmt),
+        Row("teacher_torch_int8", "PyTorch dynamic INT8 (torch.ao baseline)", work / "teacher_torch_int8",
+            ModelFormat.PYTORCH_DYNAMIC_INT8),
+        Row("onnx_fp32", "ONNX Runtime FP32", onnx_fp32, onnx),
+        Row("onnx_fp32_fused", "ONNX Runtime FP32, attention/LayerNorm/GELU fused", fused, onnx),
+        Row("onnx_int8", "ONNX dynamic INT8 (per tensor)", int8, onnx),
+        Row("onnx_int8_per_channel", "ONNX dynamic INT8 (per channel)", per_channel, onnx),
+        Row("onnx_fused_int8", "ONNX fused + dynamic INT8", fused_int8, onnx),
+        Row("onnx_static_int8", "ONNX static INT8 (calibrated, activation MatMuls FP32)", static, onnx),
+        Row("onnx_fp16", "ONNX FP16 (a GPU format; CPU timing for reference)", fp16, onnx),
+        Row("teacher_pruned_onnx", "structured pruning (25% heads, 50% FFN) > ONNX FP32", teacher_pruned_onnx, onnx),
+        Row("teacher_pruned_int8", "structured pruning > ONNX dynamic INT8", teacher_pruned_int8, onnx),
+        Row("student_onnx", "distilled student (half the layers) > ONNX FP32", student_onnx, onnx),
+        Row("student_int8", "distilled > ONNX dynamic INT8", student_int8, onnx),
+        Row("student_pruned_onnx", "distilled > structured pruning > ONNX FP32", pruned_onnx, onnx),
+        Row(PROMOTED_ROW, "distilled > structured pruning > ONNX dynamic INT8", pruned_int8, onnx),
+        Row("student_sparse_onnx", f"distilled > unstructured {sparsity} > ONNX FP32", sparse_onnx, onnx),
+        Row("student_sparse_int8", f"distilled > unstructured {sparsity} > ONNX dynamic INT8", sparse_int8, onnx),
+        Row("tensorrt_fp16", "ONNX FP16 > TensorRT engine (NVIDIA GPU)",
+            work / "tensorrt_fp16" if trt.status is StepStatus.SUCCESS else None, None,
+            skipped_reason=trt.reason),
+    ]
+
+
+def measure(rows: list[Row], profile: Profile, work: Path, data_dir: Path, isolate: bool) -> dict[str, dict]:
+    """Evaluate every row the same way; a fresh process per row when ``isolate``."""
+    from tasks import evaluate
+    from tasks.config import EvaluateConfig
+
+    config = EvaluateConfig(warmup=profile.warmup, max_length=profile.max_length)
+    evaluate_row: Callable = evaluate.run_isolated if isolate else evaluate.run
+    measured = {}
+    for index, row in enumerate(rows, start=1):
+        if row.model_format is None:
+            log.info("[%d/%d] %s: SKIPPED (%s)", index, len(rows), row.name, row.skipped_reason or "not measurable here")
+            continue
+        started = time.monotonic()
+        result = evaluate_row(config, row.name, row.model_dir, row.model_format, data_dir, work / "evaluation" / row.name)
+        measured[row.name] = result.to_dict()
+        log.info("[%d/%d] %s: accuracy %.4f p50 %.2f ms (%.0fs)", index, len(rows), row.name,
+                 result.metrics["accuracy"], result.metrics["latency_p50_ms"], time.monotonic() - started)
+    return measured
+
+
+def table(rows: list[Row], measured: dict[str, dict]) -> list[dict]:
+    """One dict per row with its metrics and its ratios against the FP32 PyTorch teacher."""
+    from tasks.evaluate import read_logits
+    from tasks.export import compare_logits
+
+    reference = StepResult.from_dict(measured[REFERENCE_ROW])
+    reference_logits = read_logits(Path(reference.uri("predictions")))
+    ref = reference.metrics
+    lines = []
+    for row in rows:
+        if row.name not in measured:
+            lines.append({"name": row.name, "technique": row.technique, "status": "skipped",
+                          "reason": row.skipped_reason})
+            continue
+        result = StepResult.from_dict(measured[row.name])
+        m = result.metrics
+        agreement = compare_logits(reference_logits, read_logits(Path(result.uri("predictions"))))
+        lines.append({
+            "name": row.name, "technique": row.technique, "status": "measured",
+            "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+            "accuracy_retention": m["accuracy"] / ref["accuracy"] if ref["accuracy"] else float("nan"),
+            "teacher_label_agreement": agreement["label_agreement"],
+            "size_mb": m["size_bytes"] / 1e6, "size_reduction": ref["size_bytes"] / m["size_bytes"],
+            "latency_p50_ms": m["latency_p50_ms"], "latency_p95_ms": m["latency_p95_ms"],
+            "latency_p99_ms": m["latency_p99_ms"], "p50_speedup": ref["latency_p50_ms"] / m["latency_p50_ms"],
+            "throughput_per_s": m.get("throughput_per_s", float("nan")),
+            "throughput_gain": m.get("throughput_per_s", float("nan")) / ref.get("throughput_per_s", float("nan")),
+            "peak_memory_mb": m.get("peak_memory_mb", float("nan")),
+            "model_memory_mb": m.get("model_memory_mb", float("nan")),
+        })
+    return lines
+
+
+def target_checks(lines: list[dict]) -> dict[str, dict]:
+    promoted = next(line for line in lines if line["name"] == PROMOTED_ROW)
+    return {key: {"target": target, "measured": promoted[key], "met": bool(promoted[key] >= target)}
+            for key, target in TARGETS.items()}
+
+
+def markdown(report: dict) -> str:
+    """The report as a Markdown page."""
+    head = ("| candidate | technique | accuracy | retention | agreement w/ teacher | size MB | smaller | "
+            "p50 ms | p95 ms | p99 ms | faster (p50) | texts/s @32 | peak MB |")
+    out = [f"# Compression benchmark ({report['profile']['name']} profile)", "",
+           f"Measured {report['finished']} on {report['machine']['processor']} ({report['machine']['cpus']} CPUs), "
+           f"{report['rows_test']} test texts, batch-1 latency with texts sent one at a time, throughput at batch 32. "
+           "Ratios are against the FP32 PyTorch teacher measured in the same run.", "", head,
+           "|" + "---|" * 13]
+    for line in report["table"]:
+        if line["status"] == "skipped":
+            out.append(f"| {line['name']} | {line['technique']} | SKIPPED: {line['reason']} |" + " |" * 11)
+            continue
+        out.append(
+            f"| {line['name']} | {line['technique']} | {line['accuracy']:.4f} | {line['accuracy_retention']:.1%} | "
+            f"{line['teacher_label_agreement']:.1%} | {line['size_mb']:.1f} | {line['size_reduction']:.1f}x | "
+            f"{line['latency_p50_ms']:.2f} | {line['latency_p95_ms']:.2f} | {line['latency_p99_ms']:.2f} | "
+            f"{line['p50_speedup']:.1f}x | {line['throughput_per_s']:.0f} | {line['peak_memory_mb']:.0f} |")
+    out += ["", f"## Targets for `{PROMOTED_ROW}` (distilled + pruned + INT8) vs the FP32 PyTorch teacher", ""]
+    for key, check in report["targets"].items():
+        verdict = "met" if check["met"] else "NOT met"
+        out.append(f"- {key}: {check['measured']:.3f} (target >= {check['target']}): **{verdict}**")
+    steps = report["steps"]
+    out += ["", "## Pruning", ""]
+    for name in ("prune_teacher_pruned", "prune_student_pruned", "prune_student_sparse"):
+        if name in steps:
+            m = steps[name]["metrics"]
+            out.append(f"- {name}: heads {m['heads_before']:.0f} -> {m['heads_after']:.0f}, FFN neurons "
+                       f"{m['ffn_neurons_before']:.0f} -> {m['ffn_neurons_after']:.0f}, parameters "
+                       f"{m['parameters_before'] / 1e6:.2f}M -> {m['parameters_after'] / 1e6:.2f}M, encoder weight "
+                       f"sparsity {m['encoder_weight_sparsity']:.1%}, validation accuracy {m['val_accuracy_before']:.4f}"
+                       f" -> {m['val_accuracy_pruned']:.4f} (pruned) -> {m['val_accuracy']:.4f} (recovered)")
+    out += ["", f"Total wall time: {report['seconds']:.0f} s.", ""]
+    return "\n".join(out)
+
+
+def machine() -> dict:
+    return {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "python": sys.version.split()[0], "platform": platform.platform()}
+
+
+def run(profile: Profile, work: Path, results: Path, isolate: bool = True) -> dict:
+    started = time.monotonic()
+    work.mkdir(parents=True, exist_ok=True)
+    teacher_source, data_source = tiny_inputs(work) if profile.name == "tiny" else demo_inputs()
+    steps: dict[str, dict] = {}
+    rows = build_rows(profile, work, teacher_source, data_source, steps)
+    measured = measure(rows, profile, work, work / "data", isolate)
+    lines = table(rows, measured)
+    report = {
+        "profile": asdict(profile), "machine": machine(),
+        "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "rows_test": int(StepResult.from_dict(measured[REFERENCE_ROW]).metrics["test_rows"]),
+        "table": lines, "targets": target_checks(lines), "steps": steps,
+        "seconds": time.monotonic() - started,
+    }
+    results.mkdir(parents=True, exist_ok=True)
+    stem = f"compress-{profile.name}"
+    (results / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
+    (results / f"{stem}.md").write_text(markdown(report))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.compress", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="demo")
+    parser.add_argument("--work", type=Path, default=REPO_ROOT / ".bench" / "compress",
+                        help="where the models are written (default .bench/compress)")
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="where the JSON and Markdown go")
+    args = parser.parse_args(argv)
+    for name, value in (("MLFLOW_DISABLE_TELEMETRY", "true"), ("DO_NOT_TRACK", "true")):
+        os.environ.setdefault(name, value)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    report = run(PROFILES[args.profile], args.work, args.results)
+    print(markdown(report))
+    print(f"written: {args.results}/compress-{args.profile}.json and .md")
+    return 0 if all(check["met"] for check in report["targets"].values()) else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""The compression benchmark end to end on the tiny profile: every row built, measured, and reported."""
+
+import json
+
+import pytest
+
+from bench import compress
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    work = tmp_path_factory.mktemp("bench")
+    return compress.run(compress.PROFILES["tiny"], work / "work", work / "results", isolate=False), work / "results"
+
+
+def test_every_technique_has_a_row_with_ratios_against_the_teacher(report):
+    data, _ = report
+    rows = {line["name"]: line for line in data["table"]}
+    assert {"teacher_pytorch", "teacher_torch_int8", "onnx_fp32", "onnx_fp32_fused", "onnx_int8",
+            "onnx_int8_per_channel", "onnx_static_int8", "onnx_fp16", "teacher_pruned_int8", "student_int8",
+            compress.PROMOTED_ROW, "student_sparse_onnx", "tensorrt_fp16"} <= set(rows)
+    teacher = rows["teacher_pytorch"]
+    assert teacher["p50_speedup"] == 1.0 and teacher["size_reduction"] == 1.0 and teacher["accuracy_retention"] == 1.0
+    for line in rows.values():
+        if line["status"] == "measured":
+            assert line["size_reduction"] == pytest.approx(teacher["size_mb"] / line["size_mb"])
+            assert line["p50_speedup"] == pytest.approx(teacher["latency_p50_ms"] / line["latency_p50_ms"])
+            assert 0 <= line["teacher_label_agreement"] <= 1
+
+
+def test_pruning_rows_show_what_pruning_did(report):
+    data, _ = report
+    structured = data["steps"]["prune_student_pruned"]["metrics"]
+    assert structured["ffn_neurons_after"] < structured["ffn_neurons_before"]
+    sparse = data["steps"]["prune_student_sparse"]["metrics"]
+    assert sparse["encoder_weight_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert sparse["parameters_after"] == sparse["parameters_before"]
+
+
+def test_tensorrt_row_is_skipped_with_the_reason_on_a_cpu_machine(report):
+    from tasks import compile as compile_step
+
+    data, _ = report
+    trt = next(line for line in data["table"] if line["name"] == "tensorrt_fp16")
+    if compile_step.unavailable_reason(compile_step.gpu_names(), compile_step.tensorrt_version()):
+        assert trt["status"] == "skipped" and trt["reason"]
+
+
+def test_report_files_are_written_and_targets_are_judged(report):
+    data, results = report
+    written = json.loads((results / "compress-tiny.json").read_text())
+    assert written["targets"] == data["targets"]
+    assert set(data["targets"]) == set(compress.TARGETS)
+    page = (results / "compress-tiny.md").read_text()
+    assert "| student_pruned_int8 |" in page and "| tensorrt_fp16 |" in page
+    assert "## Targets" in page
