@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 PYTHON_MODELS_DIR = Path(__file__).parent / "triton_models"
@@ -50,6 +50,10 @@ class OnnxModelConfig:
         tensorrt_precision: on GPU, let ONNX Runtime hand the graph to TensorRT ("FP16" or "FP32";
             "" = plain CUDA execution provider). Triton builds the engine when the model loads.
         tensorrt_workspace_mb: TensorRT builder scratch memory.
+        preferred_batch_sizes / max_queue_delay_us: dynamic batching (requests of equal shape are
+            grouped); no preferred sizes and a delay of 0 turn it off.
+        warmup_tokens: a zero-filled request of this many tokens is run when the model loads, so the
+            first real request does not pay for initialisation (0 = no warmup).
     """
 
     name: str
@@ -62,8 +66,15 @@ class OnnxModelConfig:
     gpu: bool = False
     tensorrt_precision: str = ""
     tensorrt_workspace_mb: int = 1024
+    preferred_batch_sizes: tuple[int, ...] = (4, 8)
+    max_queue_delay_us: int = 500
+    warmup_tokens: int = 16
 
     def __post_init__(self) -> None:
+        if any(size < 1 or size > max(self.max_batch_size, 1) for size in self.preferred_batch_sizes):
+            raise RepositoryError(f"preferred_batch_sizes {self.preferred_batch_sizes} must be in 1..max_batch_size")
+        if self.max_queue_delay_us < 0 or self.warmup_tokens < 0:
+            raise RepositoryError("max_queue_delay_us and warmup_tokens must be >= 0")
         if self.tensorrt_precision not in ("", "FP16", "FP32"):
             raise RepositoryError(f"tensorrt_precision {self.tensorrt_precision!r} must be '', 'FP16' or 'FP32'")
         if self.tensorrt_precision and not self.gpu:
@@ -109,9 +120,26 @@ def render_config(config: OnnxModelConfig) -> str:
         f"instance_group [ {{ count: {config.instances} kind: {'KIND_GPU' if config.gpu else 'KIND_CPU'} }} ]",
         *_parameters({"intra_op_thread_count": str(config.intra_op_threads), "inter_op_thread_count": "1"}),
     ]
+    if config.max_batch_size and (config.preferred_batch_sizes or config.max_queue_delay_us):
+        sizes = ", ".join(map(str, config.preferred_batch_sizes))
+        lines.append(f"dynamic_batching {{ preferred_batch_size: [ {sizes} ] "
+                     f"max_queue_delay_microseconds: {config.max_queue_delay_us} }}")
+    if config.warmup_tokens:
+        lines.append(_warmup(config))
     if config.tensorrt_precision:
         lines.append(_tensorrt_accelerator(config.tensorrt_precision, config.tensorrt_workspace_mb))
     return "\n".join(lines) + "\n"
+
+
+def _warmup(config: OnnxModelConfig) -> str:
+    """One zero-filled batch-1 request of ``warmup_tokens`` tokens per input, run at load time."""
+    inputs = []
+    for spec in config.inputs:
+        dims = ", ".join(str(config.warmup_tokens if dim == -1 else dim) for dim in spec.dims)
+        inputs.append(f'  inputs {{ key: "{spec.name}" value: {{ data_type: {_DATA_TYPES[spec.data_type]} '
+                      f"dims: [ {dims} ] zero_data: true }} }}")
+    body = "\n".join(inputs)
+    return f'model_warmup [ {{\n  name: "zeros"\n  batch_size: 1\n{body}\n}} ]'
 
 
 def _tensorrt_accelerator(precision: str, workspace_mb: int) -> str:
@@ -225,13 +253,19 @@ def ensemble_models(name: str) -> tuple[str, ...]:
     return (f"{name}_onnx", f"{name}_tokenizer", f"{name}_postprocess", name)
 
 
+# Ensemble components keep the two newest versions loaded: while version N of the ensemble (whose
+# steps are pinned to version N of each component) replaces N-1, every request runs entirely on N-1
+# or entirely on N, never on a new classifier with an old tokenizer.
+COMPONENT_VERSIONS_KEPT = 2
+
+
 def render_python_config(name: str, max_batch_size: int, inputs: tuple[TensorSpec, ...],
                          outputs: tuple[TensorSpec, ...], parameters: dict[str, str]) -> str:
     lines = [
         f'name: "{name}"',
         'backend: "python"',
         f"max_batch_size: {max_batch_size}",
-        "version_policy: { latest { num_versions: 1 } }",
+        f"version_policy: {{ latest {{ num_versions: {COMPONENT_VERSIONS_KEPT} }} }}",
         f"input [\n{_tensors(inputs)}\n]",
         f"output [\n{_tensors(outputs)}\n]",
         "instance_group [ { count: 1 kind: KIND_CPU } ]",
@@ -244,7 +278,8 @@ def _maps(kind: str, pairs: dict[str, str]) -> str:
     return " ".join(f'{kind} {{ key: "{key}" value: "{value}" }}' for key, value in pairs.items())
 
 
-def render_ensemble_config(ensemble: ClassifierEnsemble) -> str:
+def render_ensemble_config(ensemble: ClassifierEnsemble, version: int) -> str:
+    """The ensemble's config for its version ``version``: every step pinned to that component version."""
     num_labels = len(ensemble.labels)
     steps = [
         (ensemble.tokenizer_model, {"TEXT": "TEXT"}, {"input_ids": "input_ids", "attention_mask": "attention_mask"}),
@@ -253,7 +288,7 @@ def render_ensemble_config(ensemble: ClassifierEnsemble) -> str:
          {"LOGITS": "LOGITS", "PROBABILITIES": "PROBABILITIES", "LABEL": "LABEL"}),
     ]
     rendered = ",\n".join(
-        f'    {{ model_name: "{model}" model_version: -1 {_maps("input_map", inputs)} {_maps("output_map", outputs)} }}'
+        f'    {{ model_name: "{model}" model_version: {version} {_maps("input_map", inputs)} {_maps("output_map", outputs)} }}'
         for model, inputs, outputs in steps
     )
     lines = [
@@ -298,8 +333,8 @@ def write_ensemble_version(repository: Path, ensemble: ClassifierEnsemble, model
     onnx_files = [model_dir / "model.onnx", *model_dir.glob("*.onnx.data")]
     layout = {
         ensemble.onnx_model: (
-            render_config(classifier_config(ensemble.onnx_model, num_labels, ensemble.intra_op_threads,
-                                            ensemble.max_batch_size)),
+            render_config(replace(classifier_config(ensemble.onnx_model, num_labels, ensemble.intra_op_threads,
+                                                    ensemble.max_batch_size), versions_kept=COMPONENT_VERSIONS_KEPT)),
             onnx_files,
         ),
         ensemble.tokenizer_model: (
@@ -318,7 +353,7 @@ def write_ensemble_version(repository: Path, ensemble: ClassifierEnsemble, model
             ),
             [PYTHON_MODELS_DIR / "postprocess" / "model.py"],
         ),
-        ensemble.name: (render_ensemble_config(ensemble), []),
+        ensemble.name: (render_ensemble_config(ensemble, version), []),
     }
     staged = []
     for model, (config_text, files) in layout.items():

@@ -110,9 +110,9 @@ def batch_throughput(predict: Predictor, tokenizer, texts: list[str], config: Ev
     """Latency of batches of ``config.batch_size`` texts (padded to the longest in each) and the texts
     per second they give, after one untimed batch."""
     size = config.batch_size
-    groups = [texts[start:start + size] for start in range(0, min(len(texts), size * config.throughput_batches), size)]
-    if not size or not groups:
+    if not size or not texts:
         return {}
+    groups = [texts[start:start + size] for start in range(0, min(len(texts), size * config.throughput_batches), size)]
     inputs = [tokenize(tokenizer, group, config.max_length) for group in groups]
     predict(inputs[0])
     timings = np.empty(len(inputs))

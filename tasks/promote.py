@@ -104,11 +104,11 @@ def rollback(config: PromoteConfig, target: PromotionTarget) -> StepResult:
         repo.retire_ensemble_version(target.model_repository, config.triton_model, version)
     repo.restore_ensemble_config(target.model_repository, config.triton_model, wanted)
     try:
-        _load_version(client, config.triton_model, wanted)
+        _load_version(client, config.triton_model, wanted, going_back=True)
     except Exception as error:  # noqa: BLE001 - put the newer versions back and serve the newest again
         for version in newer:
             repo.unretire_ensemble_version(target.model_repository, config.triton_model, version)
-        _restore(client, target.model_repository, config.triton_model, None, present)
+        _restore(client, target.model_repository, config.triton_model, None, present, going_back=False)
         raise PromotionFailed(
             f"rollback of {config.triton_model} to version {wanted} failed: {error}; version {present[-1]} "
             "serves again and the aliases are unchanged"
@@ -147,9 +147,18 @@ def champion_score(target: PromotionTarget, config: PromoteConfig, data_dir: Pat
     return ChampionScore(accuracy, f"Triton {config.triton_model} v{version}")
 
 
-def _load_version(client: TritonClient, name: str, version: int, timeout_s: float = 120.0) -> None:
-    """Load (or reload) every model of the ensemble and wait until version N of each is ready."""
-    models = repo.ensemble_models(name)
+def _load_version(client: TritonClient, name: str, version: int, timeout_s: float = 120.0,
+                  going_back: bool = False) -> None:
+    """Load (or reload) every model of the ensemble and wait until version N of each is ready.
+
+    The ensemble's steps are pinned to its own version of each component, and components keep two
+    versions loaded. Going forward, the components load first (adding N beside N-1) and the
+    ensemble last (switching every request to N at once). Going back (rollback, failed promotion),
+    the ensemble loads first (back onto the older components, still loaded) and the components
+    after it (dropping the newer version nobody routes to any more).
+    """
+    components = repo.ensemble_models(name)[:-1]
+    models = (name, *components) if going_back else (*components, name)
     for model in models:
         client.load(model)
     deadline = time.monotonic() + timeout_s
@@ -177,8 +186,10 @@ def _smoke_test(client: TritonClient, config: PromoteConfig, name: str, predicti
     return diff
 
 
-def _restore(client: TritonClient, repository: Path, name: str, failed: int | None, previous: list[int]) -> None:
-    """Remove the failed version (if any) and serve ``previous[-1]`` with its own config again."""
+def _restore(client: TritonClient, repository: Path, name: str, failed: int | None, previous: list[int],
+             going_back: bool = True) -> None:
+    """Remove the failed version (if any) and serve ``previous[-1]`` with its own config again
+    (``going_back`` False: it is the newest version again, after a failed rollback)."""
     if failed is not None:
         repo.remove_ensemble_version(repository, name, failed)
     models = repo.ensemble_models(name)
@@ -191,6 +202,6 @@ def _restore(client: TritonClient, repository: Path, name: str, failed: int | No
         return
     repo.restore_ensemble_config(repository, name, previous[-1])
     try:
-        _load_version(client, name, previous[-1])
+        _load_version(client, name, previous[-1], going_back=going_back)
     except (TritonUnavailable, PromotionFailed) as error:
         log.error("reloading %s version %d after a failed promotion failed: %s", name, previous[-1], error)

@@ -88,6 +88,10 @@ def test_ensemble_versions_are_written_to_every_model_with_one_number(tmp_path):
         repository / "clf_postprocess" / "config.pbtxt").read_text()
     assert 'key: "max_length" value: { string_value: "64" }' in (repository / "clf_tokenizer" / "config.pbtxt").read_text()
 
+    assert ensemble_text.count("model_version: 2 ") == 3  # every step pinned to this version
+    # Version 1 keeps its own pinning for rollback.
+    assert (repository / "clf" / "1" / repo.CONFIG_SNAPSHOT).read_text().count("model_version: 1 ") == 3
+
     repo.retire_ensemble_version(repository, "clf", 2)
     assert repo.ensemble_versions(repository, "clf") == [1]
     assert (repository / "clf_onnx" / ".retired-2" / "model.onnx").exists()
@@ -161,3 +165,33 @@ def test_gpu_config_hands_the_onnx_graph_to_tensorrt():
 def test_tensorrt_accelerator_needs_the_gpu():
     with pytest.raises(repo.RepositoryError, match="GPU"):
         repo.OnnxModelConfig(name="m", inputs=(), outputs=(), tensorrt_precision="FP16")
+
+
+def test_every_config_of_an_ensemble_version_follows_tritons_schema(tmp_path):
+    ensemble = repo.ClassifierEnsemble("clf", ("negative", "positive"), max_length=64, intra_op_threads=2)
+    repository = tmp_path / "repo"
+    repo.write_ensemble_version(repository, ensemble, _exported(tmp_path))
+    version = repo.write_ensemble_version(repository, ensemble, _exported(tmp_path / "b"))
+    configs = {model: _parsed((repository / model / "config.pbtxt").read_text()) for model in ensemble.load_order}
+    steps = configs["clf"].ensemble_scheduling.step
+    assert [step.model_name for step in steps] == ["clf_tokenizer", "clf_onnx", "clf_postprocess"]
+    assert all(step.model_version == version for step in steps)
+    assert configs["clf"].version_policy.latest.num_versions == 1
+    for component in ("clf_onnx", "clf_tokenizer", "clf_postprocess"):
+        assert configs[component].version_policy.latest.num_versions == repo.COMPONENT_VERSIONS_KEPT
+    assert configs["clf_tokenizer"].backend == "python" and configs["clf_onnx"].platform == "onnxruntime_onnx"
+
+
+def test_classifier_config_batches_dynamically_and_warms_up():
+    parsed = _parsed(repo.render_config(repo.classifier_config("text_classifier", 2)))
+    assert list(parsed.dynamic_batching.preferred_batch_size) == [4, 8]
+    assert parsed.dynamic_batching.max_queue_delay_microseconds == 500
+    (warmup,) = parsed.model_warmup
+    assert warmup.batch_size == 1
+    assert {name: (list(item.dims), item.zero_data) for name, item in warmup.inputs.items()} == {
+        "input_ids": ([16], True), "attention_mask": ([16], True)}
+    plain = repo.render_config(repo.OnnxModelConfig("m", (), (), preferred_batch_sizes=(), max_queue_delay_us=0,
+                                                    warmup_tokens=0))
+    assert "dynamic_batching" not in plain and "model_warmup" not in plain
+    with pytest.raises(repo.RepositoryError, match="preferred_batch_sizes"):
+        repo.OnnxModelConfig("m", (), (), max_batch_size=8, preferred_batch_sizes=(16,))

@@ -1,0 +1,118 @@
+"""Injected faults through the real gate-and-promote step (real MLflow and Triton): a candidate
+whose quantization destroyed its accuracy, one that outputs NaN, and one with its label order
+swapped are each registered, gated, and not promoted; the champion keeps serving."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from serving.triton_client import TritonClient
+from tasks import pipeline, registry
+from tasks.config import EvaluateConfig, GateConfig, PipelineConfig, PromoteConfig
+from tasks.evaluate import run as evaluate
+from tasks.results import ModelFormat, StepResult, StepStatus
+from tasks.settings import PipelineSettings
+
+pytestmark = pytest.mark.integration
+
+
+def _edited_copy(source: Path, target: Path, edit) -> Path:
+    """A copy of an exported model folder whose initializers were changed by ``edit(name, array)``."""
+    shutil.copytree(source, target)
+    model = onnx.load(str(target / "model.onnx"))
+    for index, initializer in enumerate(model.graph.initializer):
+        array = numpy_helper.to_array(initializer)
+        changed = edit(initializer.name, array)
+        if changed is not None:
+            model.graph.initializer[index].CopyFrom(numpy_helper.from_array(changed.astype(array.dtype),
+                                                                            initializer.name))
+    onnx.save(model, str(target / "model.onnx"))
+    return target
+
+
+def _quantized_to_nothing(name: str, array: np.ndarray):
+    """Every weight matrix rounded to a single level (zero): what a broken quantization produces."""
+    return np.zeros_like(array) if array.ndim == 2 else None
+
+
+def _nan_bias(name: str, array: np.ndarray):
+    return np.full_like(array, np.nan) if name.endswith("classifier.bias") else None
+
+
+def _swapped_labels(name: str, array: np.ndarray):
+    return array[::-1].copy() if name.startswith("model.classifier.") else None
+
+
+def _gate_and_promote(settings: PipelineSettings, config: PipelineConfig, run_id: str, data_dir: Path,
+                      evaluations: dict[str, StepResult]) -> dict:
+    uri, model = settings.mlflow_tracking_uri, config.promote.registered_model
+    parent = registry.parent_run_id(uri, settings.experiment, run_id, {"test": "gate-injection"})
+    versions = {"teacher_pytorch": None}
+    for name, result in evaluations.items():
+        if name != "teacher_pytorch":
+            versions[name] = registry.log_candidate(
+                uri, settings.experiment, parent, run_id, model,
+                registry.Candidate(name, Path(result.uri("model")), result.metrics, f"injected: {name}"),
+                {"data_hash": "test"})
+    data = StepResult("prepare_data", StepStatus.SUCCESS, uris={"data": str(data_dir)}).to_dict()
+    return pipeline.gate_and_promote(settings, config, run_id, data,
+                                     {name: result.to_dict() for name, result in evaluations.items()},
+                                     {"parent_run_id": parent, "versions": versions})
+
+
+def test_each_injected_fault_is_gated_out_and_the_champion_keeps_serving(
+        local_services, trained_teacher, exported_onnx, prepared_data, tmp_path):
+    settings = PipelineSettings.from_env(local_services.environment())
+    config = PipelineConfig.from_dict({
+        "data": {"source": "unused"}, "finetune": {"model": "unused"},
+        "evaluate": {"warmup": 1, "max_length": 32, "batch_size": 0},
+        "gate": asdict(GateConfig(max_relative_accuracy_drop=0.05)),
+        "promote": asdict(PromoteConfig(registered_model="injected", triton_model="injected", smoke_samples=4)),
+    })
+
+    def evaluated(name: str, model_dir: Path, model_format: ModelFormat = ModelFormat.ONNX) -> StepResult:
+        return evaluate(config.evaluate, name, model_dir, model_format, prepared_data, tmp_path / "eval" / name)
+
+    teacher = evaluated("teacher_pytorch", trained_teacher, ModelFormat.PYTORCH)
+    good = evaluated("good", exported_onnx)
+    first = _gate_and_promote(settings, config, "run-good", prepared_data, {"teacher_pytorch": teacher, "good": good})
+    assert first["status"] == "success"
+    champion = registry.alias_version(settings.mlflow_tracking_uri, "injected", "champion")
+    assert champion is not None
+
+    faulty = {
+        "destroyed": evaluated("destroyed", _edited_copy(exported_onnx, tmp_path / "destroyed", _quantized_to_nothing)),
+        "nan_model": evaluated("nan_model", _edited_copy(exported_onnx, tmp_path / "nan", _nan_bias)),
+        "swapped": evaluated("swapped", _edited_copy(exported_onnx, tmp_path / "swapped", _swapped_labels)),
+    }
+    assert faulty["nan_model"].metrics["nan_outputs"] == 1.0
+    second = _gate_and_promote(settings, config, "run-faulty", prepared_data, {"teacher_pytorch": teacher, **faulty})
+    assert second["status"] == "skipped" and "no candidate passed" in second["reason"]
+
+    summary = json.loads(Path(second["summary"]).read_text())
+    failed = {name: {gate["name"] for gate in gates if gate["decision"] == "fail"}
+              for name, gates in summary["gates"].items()}
+    assert "accuracy" in failed["destroyed"]
+    assert {"finite_outputs"} <= failed["nan_model"]
+    assert "accuracy" in failed["swapped"] and "champion_regression" in failed["swapped"]
+    assert summary["winner"] is None
+
+    assert registry.alias_version(settings.mlflow_tracking_uri, "injected", "champion") == champion
+    client = TritonClient(settings.triton_url)
+    assert client.ready_versions("injected") == [1]
+    served = client.classify("injected", ["good great film"])
+    assert np.isfinite(served["PROBABILITIES"]).all()
+    from mlflow import MlflowClient
+
+    mlflow = MlflowClient(settings.mlflow_tracking_uri)
+    for name in faulty:
+        description = mlflow.get_model_version("injected", summary["versions"][name]).description
+        assert "not promoted by run run-faulty" in description
