@@ -174,7 +174,7 @@ def build_rows(profile: Profile, work: Path, teacher_source: str, data_source: s
         Row("onnx_fused_int8", "ONNX fused + dynamic INT8", fused_int8, onnx),
         Row("onnx_static_int8", "ONNX static INT8 (calibrated, activation MatMuls FP32)", static, onnx),
         Row("onnx_fp16", "ONNX FP16 (a GPU format; CPU timing for reference)", fp16, onnx),
-        Row("teacher_pruned_onnx", "structured pruning (25% heads, 50% FFN) > ONNX FP32", teacher_pruned_onnx, onnx),
+        Row("teacher_pruned_onnx", "structured pruning (33% heads, 60% FFN) > ONNX FP32", teacher_pruned_onnx, onnx),
         Row("teacher_pruned_int8", "structured pruning > ONNX dynamic INT8", teacher_pruned_int8, onnx),
         Row("student_onnx", "distilled student (half the layers) > ONNX FP32", student_onnx, onnx),
         Row("student_int8", "distilled > ONNX dynamic INT8", student_int8, onnx),

@@ -68,6 +68,25 @@ def triton_spec(settings: StackSettings, env: dict[str, str], prepare: bool = Tr
     )
 
 
+def gateway_spec(settings: StackSettings, env: dict[str, str]) -> ServiceSpec:
+    """One gateway process (uvicorn) in front of Triton, logging predictions to the stack's SQLite."""
+    gateway_env = dict(env)
+    gateway_env.update({
+        "GATEWAY_TRITON_GRPC_URL": settings.triton_grpc_url,
+        "GATEWAY_MODEL": settings.serving_model,
+        "GATEWAY_PREDICTION_LOG_URL": settings.prediction_log_url,
+    })
+    return ServiceSpec(
+        name="gateway",
+        argv=[str(settings.venv / "bin" / "uvicorn"), "serving.gateway:app_from_env", "--factory",
+              "--host", settings.host, "--port", str(settings.gateway_port), "--workers", "1", "--no-access-log"],
+        env=gateway_env,
+        ports=(settings.gateway_port,),
+        health_url=f"{settings.gateway_url}/healthz",
+        cwd=settings.repo_root,
+    )
+
+
 def airflow_environment(settings: StackSettings, env: dict[str, str]) -> dict[str, str]:
     """Airflow 3 on SQLite with LocalExecutor, simple auth manager, loopback only."""
     secrets = load_or_create_secrets(settings.home / "secrets.json")
@@ -161,7 +180,7 @@ def _component_healthy(settings: StackSettings, component: str):
 
 
 class LocalStack:
-    """The whole local stack: MLflow, Triton and the Airflow services."""
+    """The whole local stack: MLflow, Triton, the gateway and the Airflow services."""
 
     def __init__(self, settings: StackSettings, inherited_env: Mapping[str, str] | None = None) -> None:
         self.settings = settings
@@ -170,13 +189,14 @@ class LocalStack:
 
     @property
     def service_names(self) -> list[str]:
-        return ["mlflow", "triton", *[f"airflow-{c}" for c in AIRFLOW_COMPONENTS]]
+        return ["mlflow", "triton", "gateway", *[f"airflow-{c}" for c in AIRFLOW_COMPONENTS]]
 
     def up(self, *, with_airflow: bool = True, progress=print) -> None:
         """Start every service not yet running and wait until each is healthy (idempotent)."""
         self.settings.home.mkdir(parents=True, exist_ok=True)
         triton_running = self.manager.state("triton").running
-        specs = [mlflow_spec(self.settings, self._env), triton_spec(self.settings, self._env, prepare=not triton_running)]
+        specs = [mlflow_spec(self.settings, self._env), triton_spec(self.settings, self._env, prepare=not triton_running),
+                 gateway_spec(self.settings, self._env)]
         if with_airflow:
             airflow_env = airflow_environment(self.settings, self._env)
             if not all(self.manager.state(spec.name).running for spec in airflow_specs(self.settings, airflow_env)):

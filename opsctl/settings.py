@@ -53,6 +53,8 @@ class StackSettings:
     triton_grpc_port: int = 8001
     triton_metrics_port: int = 8002
     airflow_port: int = 8080
+    gateway_port: int = 8090
+    serving_model: str = "text_classifier"
     airflow_parallelism: int = 2
     assets_cache: Path = Path.home() / ".cache" / "transformer-optimization-pipeline"
     venv: Path = REPO_ROOT / ".venv"
@@ -70,6 +72,8 @@ class StackSettings:
             triton_grpc_port=_int(env, "PIPELINE_TRITON_GRPC_PORT", 8001),
             triton_metrics_port=_int(env, "PIPELINE_TRITON_METRICS_PORT", 8002),
             airflow_port=_int(env, "PIPELINE_AIRFLOW_PORT", 8080),
+            gateway_port=_int(env, "PIPELINE_GATEWAY_PORT", 8090),
+            serving_model=env.get("PIPELINE_SERVING_MODEL") or "text_classifier",
             assets_cache=Path(cache).resolve() if cache else cls.assets_cache,
         )
 
@@ -102,6 +106,19 @@ class StackSettings:
         return f"{self.host}:{self.triton_http_port}"
 
     @property
+    def triton_grpc_url(self) -> str:
+        return f"{self.host}:{self.triton_grpc_port}"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.host}:{self.gateway_port}"
+
+    @property
+    def prediction_log_url(self) -> str:
+        """SQLAlchemy URL of the prediction log (SQLite in the stack's home)."""
+        return f"sqlite:///{self.home / 'predictions.db'}"
+
+    @property
     def airflow_home(self) -> Path:
         return self.home / "airflow"
 
@@ -127,6 +144,9 @@ class StackSettings:
             "PIPELINE_TRITON_URL": self.triton_http_url,
             "PIPELINE_TRITON_MODEL_REPOSITORY": str(self.triton_model_repository),
             "PIPELINE_RUNS_DIR": str(self.runs_dir),
+            "PIPELINE_GATEWAY_URL": self.gateway_url,
+            "PIPELINE_PREDICTION_LOG_URL": self.prediction_log_url,
+            "PIPELINE_SERVING_MODEL": self.serving_model,
         }
 
 

@@ -282,7 +282,8 @@ def render_ensemble_config(ensemble: ClassifierEnsemble, version: int) -> str:
     """The ensemble's config for its version ``version``: every step pinned to that component version."""
     num_labels = len(ensemble.labels)
     steps = [
-        (ensemble.tokenizer_model, {"TEXT": "TEXT"}, {"input_ids": "input_ids", "attention_mask": "attention_mask"}),
+        (ensemble.tokenizer_model, {"TEXT": "TEXT"}, {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                                                      "token_count": "TOKENS", "unknown_count": "UNKNOWN_TOKENS"}),
         (ensemble.onnx_model, {"input_ids": "input_ids", "attention_mask": "attention_mask"}, {"logits": "logits"}),
         (ensemble.postprocess_model, {"logits": "logits"},
          {"LOGITS": "LOGITS", "PROBABILITIES": "PROBABILITIES", "LABEL": "LABEL"}),
@@ -306,9 +307,20 @@ def render_ensemble_config(ensemble: ClassifierEnsemble, version: int) -> str:
 TEXT_INPUT = (TensorSpec("TEXT", "string", (1,)),)
 
 
-def _ensemble_outputs(num_labels: int) -> tuple[TensorSpec, ...]:
+TOKENIZER_OUTPUTS = (TensorSpec("input_ids", "int64", (-1,)), TensorSpec("attention_mask", "int64", (-1,)),
+                     TensorSpec("token_count", "int64", (1,)), TensorSpec("unknown_count", "int64", (1,)))
+COUNT_OUTPUTS = (TensorSpec("TOKENS", "int64", (1,)), TensorSpec("UNKNOWN_TOKENS", "int64", (1,)))
+
+
+def _classifier_outputs(num_labels: int) -> tuple[TensorSpec, ...]:
+    """What the postprocess model returns."""
     return (TensorSpec("LABEL", "string", (1,)), TensorSpec("PROBABILITIES", "fp32", (num_labels,)),
             TensorSpec("LOGITS", "fp32", (num_labels,)))
+
+
+def _ensemble_outputs(num_labels: int) -> tuple[TensorSpec, ...]:
+    """What clients get: the postprocess outputs plus each text's token and unknown-token counts."""
+    return _classifier_outputs(num_labels) + COUNT_OUTPUTS
 
 
 def ensemble_versions(repository: Path, name: str) -> list[int]:
@@ -339,8 +351,7 @@ def write_ensemble_version(repository: Path, ensemble: ClassifierEnsemble, model
         ),
         ensemble.tokenizer_model: (
             render_python_config(
-                ensemble.tokenizer_model, ensemble.max_batch_size, TEXT_INPUT,
-                (TensorSpec("input_ids", "int64", (-1,)), TensorSpec("attention_mask", "int64", (-1,))),
+                ensemble.tokenizer_model, ensemble.max_batch_size, TEXT_INPUT, TOKENIZER_OUTPUTS,
                 {"max_length": str(ensemble.max_length), "pad_token": pad_token(model_dir)},
             ),
             [PYTHON_MODELS_DIR / "tokenizer" / "model.py", model_dir / "tokenizer.json"],
@@ -348,7 +359,7 @@ def write_ensemble_version(repository: Path, ensemble: ClassifierEnsemble, model
         ensemble.postprocess_model: (
             render_python_config(
                 ensemble.postprocess_model, ensemble.max_batch_size, (TensorSpec("logits", "fp32", (num_labels,)),),
-                _ensemble_outputs(num_labels),
+                _classifier_outputs(num_labels),
                 {"labels": ",".join(ensemble.labels)},
             ),
             [PYTHON_MODELS_DIR / "postprocess" / "model.py"],

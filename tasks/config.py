@@ -166,8 +166,8 @@ class PruneConfig:
         temperature, alpha, batch_size, learning_rate, max_length, seed: recovery training settings.
     """
 
-    head_fraction: float = 0.25
-    ffn_fraction: float = 0.5
+    head_fraction: float = 0.33
+    ffn_fraction: float = 0.6
     unstructured_sparsity: float = 0.0
     importance_batches: int = 16
     recovery_epochs: float = 1.0
@@ -197,7 +197,7 @@ class PruneConfig:
         return bool(self.head_fraction or self.ffn_fraction)
 
     @classmethod
-    def structured_only(cls, head_fraction: float = 0.25, ffn_fraction: float = 0.5) -> PruneConfig:
+    def structured_only(cls, head_fraction: float = 0.33, ffn_fraction: float = 0.6) -> PruneConfig:
         """Smaller dense layers: what makes CPU inference faster."""
         return cls(head_fraction=head_fraction, ffn_fraction=ffn_fraction)
 

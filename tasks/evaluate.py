@@ -208,8 +208,6 @@ def run_isolated(config: EvaluateConfig, candidate: str, model_dir: Path, model_
 
 def _run_measuring_memory(config: EvaluateConfig, candidate: str, model_dir: Path, model_format: ModelFormat,
                           data_dir: Path, out_dir: Path) -> dict:
-    import resource
-
     import onnxruntime  # noqa: F401  (imported before the baseline is read)
     import psutil
     import torch  # noqa: F401
@@ -217,9 +215,26 @@ def _run_measuring_memory(config: EvaluateConfig, candidate: str, model_dir: Pat
 
     baseline = psutil.Process().memory_info().rss
     result = run(config, candidate, model_dir, model_format, data_dir, out_dir)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = peak_rss_bytes()
     memory = {"peak_memory_mb": peak / 2**20, "model_memory_mb": max(0, peak - baseline) / 2**20}
     return StepResult(result.step, result.status, result.uris, result.metrics | memory, result.info).to_dict()
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since it started its program.
+
+    ``VmHWM`` from /proc is the high-water mark of the current address space; ``ru_maxrss`` is not
+    used because Linux carries it over from the parent across fork and exec (a spawned evaluator
+    would report the training parent's peak).
+    """
+    from pathlib import Path as _Path
+
+    for line in _Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def read_logits(predictions_path: Path) -> np.ndarray:

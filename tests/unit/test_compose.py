@@ -42,3 +42,16 @@ def test_no_secret_is_committed():
     assert "${POSTGRES_PASSWORD:?" in text
     assert (ROOT / ".env.example").exists()
     assert ".env" in (ROOT / ".gitignore").read_text().split()
+
+
+def test_gateway_replicas_sit_behind_nginx():
+    services = _compose()["services"]
+    gateway, nginx = services["gateway"], services["nginx"]
+    assert gateway["deploy"]["replicas"] >= 2 and not gateway.get("ports")  # only reachable through nginx
+    assert "serving.gateway:app_from_env" in gateway["command"]
+    assert gateway["environment"]["GATEWAY_PREDICTION_LOG_URL"].startswith("postgresql")
+    assert nginx["ports"] == ["127.0.0.1:8090:8090"] and "healthcheck" in nginx and "healthcheck" in gateway
+    config = (ROOT / "infra" / "nginx" / "nginx.conf").read_text()
+    assert "server gateway:8090 resolve" in config and "proxy_next_upstream" in config
+    assert "./infra/nginx/nginx.conf:/etc/nginx/nginx.conf:ro" in nginx["volumes"]
+    assert "CREATE DATABASE predictions" in (ROOT / "infra" / "postgres" / "init.sql").read_text()

@@ -3,7 +3,8 @@
 Ships in each version folder next to ``tokenizer.json`` (the fast tokenizer the classifier was
 trained with). A request's texts are padded to the longest of them; a single text is not padded,
 which reproduces the evaluation's batch-1 inputs exactly. ``max_length`` comes from the config's
-``parameters``.
+``parameters``. Also returns, per text, its token count (after truncation, special tokens included)
+and how many of those are the unknown token, for the prediction log and drift monitoring.
 """
 
 import json
@@ -27,6 +28,8 @@ class TritonPythonModel:
         if pad_id is None:
             raise pb_utils.TritonModelException(f"pad token {pad_token!r} is not in {path}")
         self._tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token)
+        unknown = self._tokenizer.model.unk_token if hasattr(self._tokenizer.model, "unk_token") else None
+        self._unknown_id = self._tokenizer.token_to_id(unknown) if unknown else None
 
     def execute(self, requests: list) -> list:
         responses = []
@@ -40,6 +43,10 @@ class TritonPythonModel:
             encodings = self._tokenizer.encode_batch(texts)
             ids = np.array([encoding.ids for encoding in encodings], dtype=np.int64)
             mask = np.array([encoding.attention_mask for encoding in encodings], dtype=np.int64)
+            counts = mask.sum(axis=1, keepdims=True).astype(np.int64)
+            unknown = ((ids == self._unknown_id) & (mask == 1)).sum(axis=1, keepdims=True).astype(np.int64) \
+                if self._unknown_id is not None else np.zeros_like(counts)
             responses.append(pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor("input_ids", ids), pb_utils.Tensor("attention_mask", mask)]))
+                pb_utils.Tensor("input_ids", ids), pb_utils.Tensor("attention_mask", mask),
+                pb_utils.Tensor("token_count", counts), pb_utils.Tensor("unknown_count", unknown)]))
         return responses

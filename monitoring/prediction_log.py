@@ -1,0 +1,202 @@
+"""The prediction log: every served prediction, written off the request path.
+
+The gateway hands each prediction to ``PredictionLog.record``; a background task writes them in
+batches (SQLAlchemy: SQLite by default, Postgres in docker-compose). The queue is bounded: when it
+is full, ``record`` waits for room (back-pressure, counted) instead of dropping anything. A failed
+write is retried with the same rows. Rows older than the retention period are deleted as it goes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import sqlalchemy as sa
+
+log = logging.getLogger(__name__)
+
+METADATA = sa.MetaData()
+PREDICTIONS = sa.Table(
+    "predictions",
+    METADATA,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("served_at", sa.Float, nullable=False, index=True),  # unix seconds
+    sa.Column("model", sa.String(128), nullable=False),
+    sa.Column("model_version", sa.String(32), nullable=False),
+    sa.Column("text_chars", sa.Integer, nullable=False),
+    sa.Column("token_count", sa.Integer, nullable=True),
+    sa.Column("unknown_tokens", sa.Integer, nullable=True),
+    sa.Column("label", sa.String(128), nullable=False),
+    sa.Column("confidence", sa.Float, nullable=False),
+    sa.Column("probabilities", sa.Text, nullable=False),  # JSON list, in label order
+    sa.Column("latency_ms", sa.Float, nullable=False),
+    sa.Column("text", sa.Text, nullable=True),  # only when text logging is on (off by default)
+)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    served_at: float
+    model: str
+    model_version: str
+    text_chars: int
+    token_count: int | None
+    unknown_tokens: int | None
+    label: str
+    probabilities: tuple[float, ...]
+    latency_ms: float
+    text: str | None = None
+
+    def row(self) -> dict:
+        data = asdict(self)
+        data["probabilities"] = json.dumps([round(p, 6) for p in self.probabilities])
+        data["confidence"] = max(self.probabilities) if self.probabilities else 0.0
+        return data
+
+
+@dataclass
+class LogStats:
+    written: int = 0
+    backpressure_waits: int = 0
+    write_failures: int = 0
+    deleted_by_retention: int = 0
+
+
+def create_engine(url: str) -> sa.Engine:
+    """An engine with the table created; SQLite gets WAL mode so readers never block the writer."""
+    engine = sa.create_engine(url, future=True)
+    if engine.dialect.name == "sqlite":
+        @sa.event.listens_for(engine, "connect")
+        def _wal(connection, _record) -> None:  # noqa: ANN001 - DBAPI connection
+            cursor = connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+    METADATA.create_all(engine)
+    return engine
+
+
+class PredictionLog:
+    """Batched, bounded, never-dropping writer of predictions.
+
+    Args:
+        url: SQLAlchemy URL (``sqlite:///path.db``, ``postgresql+psycopg://...``).
+        queue_size: predictions waiting to be written before ``record`` starts to wait.
+        batch_size: most rows per insert.
+        flush_interval_s: longest time a prediction waits before its batch is written.
+        retention_days: rows older than this are deleted (0 = keep everything).
+    """
+
+    def __init__(self, url: str, queue_size: int = 10_000, batch_size: int = 256, flush_interval_s: float = 0.2,
+                 retention_days: float = 30.0) -> None:
+        if queue_size < 1 or batch_size < 1 or flush_interval_s <= 0 or retention_days < 0:
+            raise ValueError("queue_size >= 1, batch_size >= 1, flush_interval_s > 0, retention_days >= 0")
+        self.url = url
+        self.batch_size = batch_size
+        self.flush_interval_s = flush_interval_s
+        self.retention_days = retention_days
+        self.stats = LogStats()
+        self._queue_size = queue_size
+        self._queue: asyncio.Queue[Prediction] | None = None
+        self._engine: sa.Engine | None = None
+        self._writer: asyncio.Task | None = None
+        self._last_retention = 0.0
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize() if self._queue is not None else 0
+
+    async def start(self) -> None:
+        self._engine = await asyncio.to_thread(create_engine, self.url)
+        self._queue = asyncio.Queue(maxsize=self._queue_size)
+        self._writer = asyncio.create_task(self._write_forever(), name="prediction-log-writer")
+
+    async def record(self, predictions: Iterable[Prediction]) -> None:
+        """Queue predictions for writing; waits (and counts it) while the queue is full."""
+        assert self._queue is not None, "PredictionLog.start() was not awaited"
+        for prediction in predictions:
+            if self._queue.full():
+                self.stats.backpressure_waits += 1
+            await self._queue.put(prediction)
+
+    async def close(self) -> None:
+        """Write everything still queued, then stop."""
+        if self._queue is not None:
+            await self._queue.join()
+        if self._writer is not None:
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+        if self._engine is not None:
+            self._engine.dispose()
+
+    async def _write_forever(self) -> None:
+        assert self._queue is not None
+        while True:
+            batch = [await self._queue.get()]
+            deadline = time.monotonic() + self.flush_interval_s
+            while len(batch) < self.batch_size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except TimeoutError:
+                    break
+            await self._write_with_retry(batch)
+            for _ in batch:
+                self._queue.task_done()
+            await self._apply_retention()
+
+    async def _write_with_retry(self, batch: list[Prediction]) -> None:
+        rows = [prediction.row() for prediction in batch]
+        delay = 0.1
+        while True:
+            try:
+                await asyncio.to_thread(self._insert, rows)
+                self.stats.written += len(rows)
+                return
+            except sa.exc.SQLAlchemyError as error:
+                self.stats.write_failures += 1
+                log.warning("prediction log write of %d rows failed (%s); retrying in %.1fs", len(rows), error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _insert(self, rows: list[dict]) -> None:
+        assert self._engine is not None
+        with self._engine.begin() as connection:
+            connection.execute(PREDICTIONS.insert(), rows)
+
+    async def _apply_retention(self) -> None:
+        if not self.retention_days or time.monotonic() - self._last_retention < 60:
+            return
+        self._last_retention = time.monotonic()
+        cutoff = time.time() - self.retention_days * 86400
+        self.stats.deleted_by_retention += await asyncio.to_thread(delete_older_than, self._engine, cutoff)
+
+
+def delete_older_than(engine: sa.Engine, cutoff: float) -> int:
+    with engine.begin() as connection:
+        return connection.execute(PREDICTIONS.delete().where(PREDICTIONS.c.served_at < cutoff)).rowcount
+
+
+def count(engine: sa.Engine, since: float | None = None) -> int:
+    query = sa.select(sa.func.count()).select_from(PREDICTIONS)
+    if since is not None:
+        query = query.where(PREDICTIONS.c.served_at >= since)
+    with engine.connect() as connection:
+        return int(connection.execute(query).scalar_one())
+
+
+def read_window(engine: sa.Engine, start: float, end: float):
+    """Predictions served in [start, end) as a pandas DataFrame (probabilities decoded to lists)."""
+    import pandas as pd
+
+    query = sa.select(PREDICTIONS).where(PREDICTIONS.c.served_at >= start, PREDICTIONS.c.served_at < end)
+    with engine.connect() as connection:
+        frame = pd.read_sql(query, connection)
+    frame["probabilities"] = frame["probabilities"].map(json.loads)
+    return frame

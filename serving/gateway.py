@@ -1,0 +1,350 @@
+"""The inference gateway: raw texts in, labels and probabilities out, every prediction logged.
+
+    POST /v1/classify   {"texts": ["...", ...]}  -> labels, probabilities, model and version, latency
+    GET  /healthz       the process is up
+    GET  /readyz        Triton is ready and the champion model is loaded (503 with the reason if not)
+    GET  /metrics       Prometheus: requests by status, latency, texts per request, in-flight,
+                        prediction-log queue depth, back-pressure and writes
+    GET  /docs, /openapi.json
+
+It talks to Triton over asynchronous gRPC. Bad input is a 4xx with a message that says what is
+wrong (never a 500); Triton down or the model not loaded is a 503 with the reason, and the gateway
+recovers by itself when Triton is back (the gRPC channel reconnects).
+
+Run: ``uvicorn serving.gateway:app_from_env --factory`` with the ``GATEWAY_*`` settings below.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from monitoring.prediction_log import Prediction, PredictionLog
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """Settings of one gateway process (environment variables ``GATEWAY_<FIELD>`` in upper case)."""
+
+    triton_grpc_url: str = "127.0.0.1:8001"
+    model: str = "text_classifier"
+    prediction_log_url: str = "sqlite:///predictions.db"
+    max_texts: int = 64
+    max_chars: int = 10_000
+    max_body_bytes: int = 1 << 20
+    triton_timeout_s: float = 10.0
+    log_texts: bool = False
+    log_queue_size: int = 10_000
+    retention_days: float = 30.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> GatewaySettings:
+        values: dict = {}
+        for name, default in cls().__dict__.items():
+            raw = env.get(f"GATEWAY_{name.upper()}")
+            if raw is None:
+                continue
+            if isinstance(default, bool):
+                values[name] = raw.strip().lower() in ("1", "true", "yes", "on")
+            else:
+                values[name] = type(default)(raw)
+        return cls(**values)
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {"texts": ["What a wonderful film"]}})
+
+    texts: list[str] = Field(..., min_length=1, description="the texts to classify (one prediction each)")
+
+
+class TextPrediction(BaseModel):
+    label: str
+    probabilities: dict[str, float]
+    tokens: int | None = None
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    model_version: str
+    predictions: list[TextPrediction]
+    latency_ms: float
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    details: list | None = None
+
+
+class TritonProblem(Exception):
+    """Triton could not answer: ``status`` is the HTTP status to return (503 or 502)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class Metrics:
+    """The gateway's Prometheus metrics in their own registry (several apps can live in one process)."""
+
+    def __init__(self, prediction_log: PredictionLog) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("gateway_requests_total", "Requests by HTTP status", ["status"], registry=self.registry)
+        self.latency = Histogram("gateway_request_latency_seconds", "Classify latency, request in to response out",
+                                 buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+                                 registry=self.registry)
+        self.batch = Histogram("gateway_texts_per_request", "Texts per classify request",
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
+        self.in_flight = Gauge("gateway_in_flight_requests", "Classify requests being served", registry=self.registry)
+        self.predictions = Counter("gateway_predictions_total", "Texts classified", registry=self.registry)
+        Gauge("prediction_log_queue_depth", "Predictions waiting to be written",
+              registry=self.registry).set_function(lambda: prediction_log.queue_depth)
+        Gauge("prediction_log_backpressure_waits", "Times a request waited for room in the log queue",
+              registry=self.registry).set_function(lambda: prediction_log.stats.backpressure_waits)
+        Gauge("prediction_log_written", "Predictions written to the log",
+              registry=self.registry).set_function(lambda: prediction_log.stats.written)
+        Gauge("prediction_log_write_failures", "Failed (and retried) log writes",
+              registry=self.registry).set_function(lambda: prediction_log.stats.write_failures)
+
+
+class TritonClassifier:
+    """Asynchronous gRPC calls to the classifier ensemble; label names come from its postprocess model."""
+
+    OUTPUTS = ("LABEL", "PROBABILITIES")
+    COUNTS = ("TOKENS", "UNKNOWN_TOKENS")
+
+    def __init__(self, url: str, model: str, timeout_s: float) -> None:
+        import tritonclient.grpc.aio as grpcclient
+
+        self._grpc = grpcclient
+        self._client = grpcclient.InferenceServerClient(url)
+        self.url, self.model, self.timeout_s = url, model, timeout_s
+        self._labels: dict[str, list[str]] = {}
+        self._with_counts = True  # versions written before token counts existed lack them
+
+    async def readiness(self) -> str | None:
+        """None when Triton is ready and the model is loaded, else the reason."""
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            if not await self._client.is_server_ready(client_timeout=self.timeout_s):
+                return f"Triton at {self.url} is not ready"
+            if not await self._client.is_model_ready(self.model, client_timeout=self.timeout_s):
+                return f"model {self.model!r} is not loaded in Triton (no champion promoted yet?)"
+        except (InferenceServerException, OSError) as error:
+            return f"Triton at {self.url} is unreachable: {_short(error)}"
+        return None
+
+    async def _infer(self, texts: list[str], with_counts: bool):
+        text = self._grpc.InferInput("TEXT", [len(texts), 1], "BYTES")
+        text.set_data_from_numpy(np.array([t.encode("utf-8") for t in texts], dtype=object).reshape(-1, 1))
+        names = self.OUTPUTS + (self.COUNTS if with_counts else ())
+        # No version: whichever version serves now; the response says which one it was.
+        return await self._client.infer(self.model, [text], outputs=[self._grpc.InferRequestedOutput(n) for n in names],
+                                        client_timeout=self.timeout_s)
+
+    async def _labels_of(self, version: str) -> list[str]:
+        if version not in self._labels:
+            config = (await self._client.get_model_config(f"{self.model}_postprocess", version, as_json=True,
+                                                          client_timeout=self.timeout_s))["config"]
+            self._labels[version] = config["parameters"]["labels"]["string_value"].split(",")
+        return self._labels[version]
+
+    async def classify(self, texts: list[str]) -> dict:
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            try:
+                result = await self._infer(texts, self._with_counts)
+            except InferenceServerException as error:
+                if not (self._with_counts and "TOKENS" in (error.message() or "")):
+                    raise
+                self._with_counts = False
+                result = await self._infer(texts, False)
+            version = result.get_response().model_version
+            labels = await self._labels_of(version)
+        except InferenceServerException as error:
+            raise _triton_problem(error, self.model) from error
+        except OSError as error:
+            raise TritonProblem(503, f"Triton at {self.url} is unreachable: {_short(error)}") from error
+        counts = {name: result.as_numpy(name).reshape(-1).tolist() for name in self.COUNTS} \
+            if self._with_counts else {}
+        return {
+            "version": version,
+            "labels": labels,
+            "label": [item.decode() if isinstance(item, bytes) else str(item)
+                      for item in result.as_numpy("LABEL").reshape(-1)],
+            "probabilities": result.as_numpy("PROBABILITIES").tolist(),
+            "tokens": counts.get("TOKENS"),
+            "unknown": counts.get("UNKNOWN_TOKENS"),
+        }
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
+def _short(error: BaseException) -> str:
+    return (getattr(error, "message", None) and error.message()) or str(error) or type(error).__name__
+
+
+def _triton_problem(error, model: str) -> TritonProblem:
+    status = str(error.status() or "")
+    message = error.message() or str(error)
+    if "UNAVAILABLE" in status or "DEADLINE" in status or "unknown model" in message.lower() \
+            or "not ready" in message.lower() or "unavailable" in message.lower():
+        return TritonProblem(503, f"Triton cannot serve {model!r} now: {message}")
+    return TritonProblem(502, f"Triton failed the request: {message}")
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    prediction_log = PredictionLog(settings.prediction_log_url, queue_size=settings.log_queue_size,
+                                   retention_days=settings.retention_days)
+    metrics = Metrics(prediction_log)
+    state: dict = {}
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        await prediction_log.start()
+        state["triton"] = TritonClassifier(settings.triton_grpc_url, settings.model, settings.triton_timeout_s)
+        try:
+            yield
+        finally:
+            await prediction_log.close()
+            await state["triton"].close()
+
+    app = FastAPI(title="Text classification gateway", version="1.0",
+                  description="Raw texts in, labels and probabilities out, served by the promoted champion "
+                              "on Triton.", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.prediction_log = prediction_log
+    app.state.metrics = metrics
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        if request.method == "POST":
+            declared = request.headers.get("content-length")
+            if declared is not None and (not declared.isdigit() or int(declared) > settings.max_body_bytes):
+                return _error(413, f"request body over {settings.max_body_bytes} bytes", metrics)
+            body = await request.body()
+            if len(body) > settings.max_body_bytes:
+                return _error(413, f"request body over {settings.max_body_bytes} bytes", metrics)
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, error: RequestValidationError):
+        details = [{"loc": list(item.get("loc", ())), "msg": item.get("msg", "")} for item in error.errors()]
+        json_broken = any(item.get("type") == "json_invalid" for item in error.errors())
+        message = "the body is not valid JSON (UTF-8)" if json_broken else \
+            'expected a JSON object like {"texts": ["some text"]}'
+        return _error(400 if json_broken else 422, message, metrics, details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_problem(_request: Request, error: StarletteHTTPException):
+        message = str(error.detail)
+        if error.status_code == 400 and "parsing the body" in message:
+            message = "the body is not valid JSON (UTF-8)"
+        return _error(error.status_code, message, metrics)
+
+    @app.exception_handler(TritonProblem)
+    async def triton_problem(_request: Request, error: TritonProblem):
+        return _error(error.status, error.message, metrics)
+
+    @app.post("/v1/classify", response_model=ClassifyResponse,
+              responses={400: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
+                         502: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+    async def classify(body: ClassifyRequest) -> ClassifyResponse | JSONResponse:
+        """Classify one or more texts with the serving champion."""
+        if len(body.texts) > settings.max_texts:
+            return _error(422, f"{len(body.texts)} texts in one request; the limit is {settings.max_texts}", metrics)
+        too_long = [i for i, text in enumerate(body.texts) if len(text) > settings.max_chars]
+        if too_long:
+            return _error(422, f"texts {too_long[:10]} are longer than {settings.max_chars} characters", metrics)
+        not_unicode = [i for i, text in enumerate(body.texts) if not _encodable(text)]
+        if not_unicode:
+            return _error(422, f"texts {not_unicode[:10]} are not valid Unicode (lone surrogate escapes)", metrics)
+        started = time.perf_counter()
+        metrics.in_flight.inc()
+        try:
+            result = await state["triton"].classify(body.texts)
+        finally:
+            metrics.in_flight.dec()
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        labels = result["labels"]
+        predictions = [
+            TextPrediction(label=label, probabilities=dict(zip(labels, probabilities, strict=False)),
+                           tokens=result["tokens"][i] if result["tokens"] else None)
+            for i, (label, probabilities) in enumerate(zip(result["label"], result["probabilities"], strict=True))
+        ]
+        served_at = time.time()
+        await prediction_log.record(
+            Prediction(served_at=served_at, model=settings.model, model_version=result["version"],
+                       text_chars=len(text), token_count=result["tokens"][i] if result["tokens"] else None,
+                       unknown_tokens=result["unknown"][i] if result["unknown"] else None, label=label,
+                       probabilities=tuple(probabilities), latency_ms=latency_ms,
+                       text=text if settings.log_texts else None)
+            for i, (text, label, probabilities) in enumerate(zip(body.texts, result["label"],
+                                                                 result["probabilities"], strict=True)))
+        metrics.requests.labels("200").inc()
+        metrics.latency.observe(latency_ms / 1000.0)
+        metrics.batch.observe(len(body.texts))
+        metrics.predictions.inc(len(body.texts))
+        return ClassifyResponse(model=settings.model, model_version=result["version"], predictions=predictions,
+                                latency_ms=latency_ms)
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        """The gateway process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {"model": ErrorResponse}})
+    async def readyz():
+        """Triton is ready and the model is loaded."""
+        reason = await state["triton"].readiness()
+        if reason:
+            return JSONResponse(status_code=503, content={"error": reason})
+        return {"status": "ready", "model": settings.model}
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _error(status: int, message: str, metrics: Metrics, details: list | None = None) -> JSONResponse:
+    metrics.requests.labels(str(status)).inc()
+    content: dict = {"error": message}
+    if details:
+        content["details"] = details
+    return JSONResponse(status_code=status, content=content)
+
+
+def app_from_env() -> FastAPI:
+    """The uvicorn factory: settings from ``GATEWAY_*`` environment variables."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return create_app(GatewaySettings.from_env(os.environ))
+

@@ -1,0 +1,148 @@
+"""The gateway as users run it: a real uvicorn process in front of a real Triton, logging to SQLite.
+
+Fuzzed request bodies never get a 5xx; bad input gets a 4xx that says what is wrong; Triton
+stopped mid-test gives 503 with the reason and the gateway recovers when Triton is back; every
+served prediction is in the prediction log."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from monitoring import prediction_log as plog
+from serving import model_repository as repo
+
+pytestmark = pytest.mark.integration
+MODEL = "gw_model"
+
+
+@pytest.fixture(scope="module")
+def gateway_stack(tmp_path_factory, exported_onnx):
+    """Its own MLflow + Triton + gateway (this module stops and restarts Triton)."""
+    from opsctl.process import free_port
+    from opsctl.services import LocalStack
+    from opsctl.settings import StackSettings
+
+    home = tmp_path_factory.mktemp("gateway-stack")
+    env = {"PIPELINE_HOME": str(home), "PIPELINE_ASSETS_CACHE": str(home / "assets"), "PIPELINE_SERVING_MODEL": MODEL}
+    env.update({f"PIPELINE_{name}_PORT": str(free_port())
+                for name in ("MLFLOW", "TRITON_HTTP", "TRITON_GRPC", "TRITON_METRICS", "AIRFLOW", "GATEWAY")})
+    stack = LocalStack(StackSettings.from_env(env))
+    repo.write_ensemble_version(stack.settings.triton_model_repository,
+                                repo.ClassifierEnsemble(MODEL, ("negative", "positive"), max_length=32), exported_onnx)
+    stack.up(with_airflow=False, progress=lambda _: None)
+    yield stack
+    stack.down(progress=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def http(gateway_stack):
+    with httpx.Client(base_url=gateway_stack.settings.gateway_url, timeout=30) as client:
+        _wait_ready(client)
+        yield client
+
+
+def _wait_ready(client: httpx.Client, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if client.get("/readyz").status_code == 200:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"gateway not ready: {client.get('/readyz').text}")
+
+
+def test_classify_returns_labels_probabilities_and_the_version(http):
+    response = http.post("/v1/classify", json={"texts": ["good great film", "awful boring plot", ""]})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == MODEL and body["model_version"] == "1" and body["latency_ms"] > 0
+    assert len(body["predictions"]) == 3
+    for prediction in body["predictions"]:
+        assert prediction["label"] in {"negative", "positive"}
+        assert set(prediction["probabilities"]) == {"negative", "positive"}
+        assert sum(prediction["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert prediction["tokens"] >= 2  # [CLS] and [SEP] at least
+    assert http.get("/healthz").json() == {"status": "ok"}
+    assert "/v1/classify" in http.get("/openapi.json").json()["paths"]
+
+
+@pytest.mark.parametrize("body, content_type, status, message", [
+    (b"{not json", "application/json", 400, "not valid JSON"),
+    (b'{"texts": ["\xff\xfe bad bytes"]}', "application/json", 400, "not valid JSON"),
+    (b'{"texts": "one string"}', "application/json", 422, "texts"),
+    (b'{"texts": []}', "application/json", 422, "texts"),
+    (b'{"texts": [1, 2]}', "application/json", 422, "texts"),
+    (b'{"text": ["a"]}', "application/json", 422, "texts"),
+    (json.dumps({"texts": ["a"] * 65}).encode(), "application/json", 422, "limit is 64"),
+    (json.dumps({"texts": ["a" * 10_001]}).encode(), "application/json", 422, "longer than 10000"),
+    (json.dumps({"texts": ["a" * 9000] * 60}).encode(), "application/json", 413, "over 1048576 bytes"),
+    (b'{"texts": ["\\ud800 lone surrogate"]}', "application/json", 422, "not valid Unicode"),
+])
+def test_bad_input_gets_a_clear_4xx(http, body, content_type, status, message):
+    response = http.post("/v1/classify", content=body, headers={"content-type": content_type})
+    assert response.status_code == status, response.text
+    assert message in json.dumps(response.json())
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+                           max_leaves=12)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=st.one_of(
+    st.binary(max_size=200),
+    JSON_VALUES.map(lambda value: json.dumps(value).encode()),
+    st.lists(st.text(max_size=300), min_size=0, max_size=70).map(lambda texts: json.dumps({"texts": texts}).encode()),
+    st.lists(JSON_VALUES, max_size=5).map(lambda texts: json.dumps({"texts": texts}).encode()),
+))
+def test_fuzzed_bodies_never_get_a_server_error(http, body):
+    response = http.post("/v1/classify", content=body, headers={"content-type": "application/json"})
+    assert response.status_code < 500, (body[:200], response.text[:500])
+    assert response.status_code == 200 or "error" in response.json()
+
+
+def test_triton_down_gives_503_with_the_reason_then_recovers(gateway_stack, http):
+    assert http.post("/v1/classify", json={"texts": ["fine"]}).status_code == 200
+    gateway_stack.manager.stop("triton")
+    down = http.post("/v1/classify", json={"texts": ["fine"]})
+    assert down.status_code == 503 and "Triton" in down.json()["error"]
+    ready = http.get("/readyz")
+    assert ready.status_code == 503 and "Triton" in ready.json()["error"]
+    assert http.get("/healthz").status_code == 200  # the gateway itself stays up
+
+    gateway_stack.up(with_airflow=False, progress=lambda _: None)
+    deadline, status = time.monotonic() + 60, None
+    while time.monotonic() < deadline:
+        status = http.post("/v1/classify", json={"texts": ["fine again"]}).status_code
+        if status == 200:
+            break
+        time.sleep(0.5)
+    assert status == 200
+    metrics = http.get("/metrics").text
+    assert 'gateway_requests_total{status="503"}' in metrics
+
+
+def test_every_served_prediction_is_in_the_log(gateway_stack, http):
+    engine = plog.create_engine(gateway_stack.settings.prediction_log_url)
+    before = plog.count(engine)
+    served = 0
+    for index in range(40):
+        texts = [f"text number {index} was good"] * (1 + index % 3)
+        response = http.post("/v1/classify", json={"texts": texts})
+        assert response.status_code == 200
+        served += len(response.json()["predictions"])
+    deadline = time.monotonic() + 10
+    while plog.count(engine) < before + served and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert plog.count(engine) == before + served
+    latest = plog.read_window(engine, time.time() - 60, time.time() + 1).iloc[-1]
+    assert latest["model"] == MODEL and latest["model_version"] == "1" and latest["token_count"] >= 2
+    assert latest["text"] is None
+    metrics = http.get("/metrics").text
+    assert "prediction_log_written" in metrics and "gateway_request_latency_seconds_bucket" in metrics

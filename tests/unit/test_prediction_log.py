@@ -1,0 +1,77 @@
+"""The prediction log on SQLite: batched writes, back-pressure without loss, retries, retention."""
+
+import asyncio
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from monitoring import prediction_log as plog
+
+
+def _prediction(index: int, served_at: float | None = None) -> plog.Prediction:
+    return plog.Prediction(served_at=served_at or time.time(), model="m", model_version="3", text_chars=10 + index,
+                           token_count=5, unknown_tokens=0, label="positive" if index % 2 else "negative",
+                           probabilities=(0.3, 0.7) if index % 2 else (0.8, 0.2), latency_ms=1.5)
+
+
+def test_a_full_queue_waits_and_counts_instead_of_dropping(tmp_path):
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+
+    async def scenario() -> plog.LogStats:
+        log = plog.PredictionLog(url, queue_size=8, batch_size=16, flush_interval_s=0.01)
+        await log.start()
+        for start in range(0, 1000, 50):
+            await log.record(_prediction(i) for i in range(start, start + 50))
+        await log.close()
+        return log.stats
+
+    stats = asyncio.run(scenario())
+    engine = plog.create_engine(url)
+    assert plog.count(engine) == 1000 == stats.written
+    assert stats.backpressure_waits > 0
+    frame = plog.read_window(engine, 0, time.time() + 1)
+    assert len(frame) == 1000
+    assert frame["probabilities"].iloc[0] == [0.8, 0.2] and frame["confidence"].iloc[0] == pytest.approx(0.8)
+    assert frame["text"].isna().all()  # texts are not stored unless asked
+
+
+def test_failed_writes_are_retried_with_the_same_rows(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    real_insert = plog.PredictionLog._insert
+    failures = {"left": 2}
+
+    def flaky_insert(self, rows):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise sa.exc.OperationalError("INSERT", {}, Exception("database is locked"))
+        real_insert(self, rows)
+
+    monkeypatch.setattr(plog.PredictionLog, "_insert", flaky_insert)
+
+    async def scenario() -> plog.LogStats:
+        log = plog.PredictionLog(url, batch_size=100, flush_interval_s=0.01)
+        await log.start()
+        await log.record(_prediction(i) for i in range(30))
+        await log.close()
+        return log.stats
+
+    stats = asyncio.run(scenario())
+    assert stats.write_failures == 2 and stats.written == 30
+    assert plog.count(plog.create_engine(url)) == 30
+
+
+def test_retention_deletes_only_old_rows(tmp_path):
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    engine = plog.create_engine(url)
+    now = time.time()
+    with engine.begin() as connection:
+        connection.execute(plog.PREDICTIONS.insert(), [_prediction(1, now - 40 * 86400).row(),
+                                                       _prediction(2, now - 1).row()])
+    assert plog.delete_older_than(engine, now - 30 * 86400) == 1
+    assert plog.count(engine) == 1 and plog.count(engine, since=now - 10) == 1
+
+
+def test_invalid_settings_are_rejected():
+    with pytest.raises(ValueError):
+        plog.PredictionLog("sqlite://", queue_size=0)
