@@ -41,7 +41,7 @@ class GatewaySettings:
     triton_grpc_url: str = "127.0.0.1:8001"
     model: str = "text_classifier"
     prediction_log_url: str = "sqlite:///predictions.db"
-    max_texts: int = 64
+    max_texts: int = 32  # the ensemble's max_batch_size: one request is one Triton batch
     max_chars: int = 10_000
     max_body_bytes: int = 1 << 20
     triton_timeout_s: float = 10.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -191,17 +192,28 @@ def run(config: EvaluateConfig, candidate: str, model_dir: Path, model_format: M
 
 def run_isolated(config: EvaluateConfig, candidate: str, model_dir: Path, model_format: ModelFormat,
                  data_dir: Path, out_dir: Path) -> StepResult:
-    """``run`` in a fresh process, adding its memory: ``peak_memory_mb`` (the whole evaluating
+    """``run`` in a fresh Python process, adding its memory: ``peak_memory_mb`` (the whole evaluating
     process at its peak) and ``model_memory_mb`` (the peak above the process after its imports,
     i.e. what loading and running this model added). A fresh process per candidate keeps one
-    candidate's freed-but-retained memory from hiding another's."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    candidate's freed-but-retained memory from hiding another's.
 
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        data = pool.submit(_run_measuring_memory, config, candidate, model_dir, model_format, data_dir,
-                           out_dir).result()
-    result = StepResult.from_dict(data)
+    A plain ``python -m tasks.evaluate`` child rather than multiprocessing: spawn re-runs the
+    parent's main script, which inside an Airflow worker is the ``airflow`` command itself.
+    """
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="evaluate-") as scratch:
+        request, answer = Path(scratch) / "request.json", Path(scratch) / "result.json"
+        write_json_atomic(request, {"config": asdict(config), "candidate": candidate, "model_dir": str(model_dir),
+                                    "format": model_format.value, "data_dir": str(data_dir), "out_dir": str(out_dir)})
+        finished = subprocess.run([sys.executable, "-m", "tasks.evaluate", str(request), str(answer)],
+                                  capture_output=True, text=True, check=False)
+        if finished.returncode != 0 or not answer.exists():
+            raise RuntimeError(f"evaluating {candidate} in a child process failed (exit {finished.returncode}): "
+                               f"{finished.stderr[-3000:]}")
+        result = StepResult.from_dict(json.loads(answer.read_text()))
     write_json_atomic(out_dir / "metrics.json", result.metrics)
     return result
 
@@ -237,7 +249,22 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _main(request_path: str, result_path: str) -> None:
+    """Child side of ``run_isolated``."""
+    request = json.loads(Path(request_path).read_text())
+    result = _run_measuring_memory(EvaluateConfig(**request["config"]), request["candidate"],
+                                   Path(request["model_dir"]), ModelFormat(request["format"]),
+                                   Path(request["data_dir"]), Path(request["out_dir"]))
+    write_json_atomic(Path(result_path), result)
+
+
 def read_logits(predictions_path: Path) -> np.ndarray:
     frame = pd.read_parquet(predictions_path)
     columns = sorted((c for c in frame.columns if c.startswith("logit_")), key=lambda c: int(c.split("_")[1]))
     return frame[columns].to_numpy(dtype=np.float32)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _main(sys.argv[1], sys.argv[2])

@@ -58,7 +58,10 @@ def run(config: FinetuneConfig, data_dir: Path, out_dir: Path, progress_every: i
         epoch_steps = steps_for(len(train), config.batch_size, 1.0)
         stopping = EarlyStopping(lambda: accuracy(model, tokenizer, validation, config.max_length),
                                  every=max(1, epoch_steps // config.evaluations_per_epoch),
-                                 patience=config.early_stopping_patience, min_steps=epoch_steps)
+                                 patience=config.early_stopping_patience,
+                                 # Never before one epoch and half the planned steps: validation often
+                                 # sits at chance until warm-up ends and the head has learned something.
+                                 min_steps=max(epoch_steps, total_steps // 2))
     trained = train_loop(
         model, tokenizer, train["text"].tolist(),
         lambda batch, index: model(**batch, labels=targets[index]).loss,

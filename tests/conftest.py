@@ -59,7 +59,10 @@ def trained_teacher(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, 
     from tasks.config import FinetuneConfig
 
     out = tmp_path_factory.mktemp("run") / "teacher"
-    config = FinetuneConfig(model=str(tiny_model), epochs=3, batch_size=16, learning_rate=5e-3, max_length=32)
+    # No early stopping: the tiny model's validation accuracy can sit at chance for a while before it
+    # learns, and every test downstream needs a teacher that learned.
+    config = FinetuneConfig(model=str(tiny_model), epochs=3, batch_size=16, learning_rate=5e-3, max_length=32,
+                            early_stopping_patience=0)
     finetune.run(config, prepared_data, out)
     return out
 
@@ -82,7 +85,8 @@ def local_services(tmp_path_factory: pytest.TempPathFactory):
     from opsctl.settings import StackSettings
 
     home = tmp_path_factory.mktemp("stack")
-    ports = {name: str(free_port()) for name in ("MLFLOW", "TRITON_HTTP", "TRITON_GRPC", "TRITON_METRICS", "AIRFLOW")}
+    ports = {name: str(free_port())
+             for name in ("MLFLOW", "TRITON_HTTP", "TRITON_GRPC", "TRITON_METRICS", "AIRFLOW", "GATEWAY")}
     env = {"PIPELINE_HOME": str(home), "PIPELINE_ASSETS_CACHE": str(home / "assets")}
     env.update({f"PIPELINE_{name}_PORT": port for name, port in ports.items()})
     settings = StackSettings.from_env(env)

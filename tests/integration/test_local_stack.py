@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 def _stack(home: Path) -> LocalStack:
     env = {"PIPELINE_HOME": str(home), "PIPELINE_ASSETS_CACHE": str(home / "assets")}
     env.update({f"PIPELINE_{name}_PORT": str(free_port())
-                for name in ("MLFLOW", "TRITON_HTTP", "TRITON_GRPC", "TRITON_METRICS", "AIRFLOW")})
+                for name in ("MLFLOW", "TRITON_HTTP", "TRITON_GRPC", "TRITON_METRICS", "AIRFLOW", "GATEWAY")})
     return LocalStack(StackSettings.from_env(env))
 
 
