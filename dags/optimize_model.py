@@ -55,6 +55,10 @@ PARAMS = {
                                                  "accuracy on the same test split"),
     "registered_model": Param("text-classifier", type="string", description="MLflow registered model name"),
     "triton_model": Param("text_classifier", type="string", pattern="^[A-Za-z0-9_-]+$", description="Triton model name"),
+    "trigger_reason": Param("manual or nightly", type="string",
+                            description="why this run started (monitor_serving fills it in when drift or an SLO "
+                                        "breach persisted)"),
+    "trigger_evidence": Param("{}", type="string", description="the monitoring evidence behind the trigger (JSON)"),
 }
 
 
@@ -86,9 +90,15 @@ def _inputs():
 def optimize_model():
     @task
     def prepare_data() -> dict:
-        """Load, clean and split the labelled texts; hash them."""
+        """Load, clean and split the labelled texts; hash them. Logs why the run started."""
+        import logging
+
+        from airflow.sdk import get_current_context
+
         from tasks import pipeline
 
+        params = get_current_context()["params"]
+        logging.getLogger(__name__).info("run started because: %s", params.get("trigger_reason"))
         return pipeline.prepare_data(*_inputs())
 
     @task

@@ -95,9 +95,14 @@ SOURCE_OF = {"onnx_fp32": "teacher_pytorch", "onnx_int8": "onnx_fp32", "student_
              "pruned_int8": "pruned_onnx_fp32"}
 
 
+# Params that describe why a run started (set by monitor_serving's trigger); not step settings.
+TRIGGER_PARAMS = ("trigger_reason", "trigger_evidence")
+
+
 def config_from_params(params: dict[str, Any]) -> PipelineConfig:
     """Flat UI params (plus an optional nested ``overrides`` object) -> a validated PipelineConfig."""
     nested: dict[str, dict[str, Any]] = {}
+    params = {name: value for name, value in params.items() if name not in TRIGGER_PARAMS}
     unknown = set(params) - set(PARAM_PATHS) - {"overrides"}
     if unknown:
         raise ConfigError(f"unknown params {sorted(unknown)}; known: {sorted(PARAM_PATHS)} and 'overrides'")

@@ -10,7 +10,6 @@ leaves the aliases untouched. ``rollback`` serves the previous champion again.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,8 +50,9 @@ def run(config: PromoteConfig, target: PromotionTarget, model_dir: Path, predict
     version = repo.write_ensemble_version(target.model_repository, ensemble, model_dir)
     log.info("wrote %s version %d; loading it", ensemble.name, version)
     try:
-        # Drift monitoring's reference: the evaluation outputs, kept beside the served version.
-        shutil.copy2(predictions, target.model_repository / ensemble.name / str(version) / REFERENCE_FILE)
+        # Drift monitoring's reference: the evaluation outputs and their features, beside the served version.
+        write_reference(predictions, data_dir, model_dir, list(labels), max_length,
+                        target.model_repository / ensemble.name / str(version) / REFERENCE_FILE)
         _load_version(client, ensemble.name, version)
         diff = _smoke_test(client, config, ensemble.name, predictions, data_dir, version)
     except Exception as error:  # noqa: BLE001 - whatever failed, the previous version must serve again
@@ -167,6 +167,21 @@ def _load_version(client: TritonClient, name: str, version: int, timeout_s: floa
             return
         time.sleep(0.25)
     raise PromotionFailed(f"Triton did not report {name} version {version} ready within {timeout_s:.0f}s")
+
+
+def write_reference(predictions: Path, data_dir: Path, model_dir: Path, labels: list[str], max_length: int,
+                    target: Path) -> Path:
+    """The evaluation's per-text outputs (label, prediction, logits) plus the monitoring features
+    (confidence, predicted label, text length, token and unknown-token share) of the same test texts."""
+    import pandas as pd
+
+    from monitoring.features import reference_features
+
+    frame = pd.read_parquet(predictions)
+    texts = data_step.read_split(data_dir, "test")["text"].tolist()
+    features = reference_features(read_logits(predictions), texts, labels, model_dir / "tokenizer.json", max_length)
+    pd.concat([frame.reset_index(drop=True), features], axis=1).to_parquet(target, index=False)
+    return target
 
 
 def _smoke_test(client: TritonClient, config: PromoteConfig, name: str, predictions: Path, data_dir: Path,

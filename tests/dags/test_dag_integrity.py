@@ -28,7 +28,7 @@ def dagbag(no_network):
 
 def test_every_dag_imports_without_errors(dagbag):
     assert dagbag.import_errors == {}
-    assert "optimize_model" in dagbag.dag_ids
+    assert {"optimize_model", "monitor_serving"} <= set(dagbag.dag_ids)
 
 
 def test_optimize_model_wires_the_skeleton_in_order(dagbag):
@@ -50,12 +50,26 @@ def test_optimize_model_wires_the_skeleton_in_order(dagbag):
 
 
 def test_params_defaults_build_a_valid_pipeline_config(dagbag):
-    from tasks.pipeline import DEFAULT_PARAMS, config_from_params
+    from tasks.pipeline import DEFAULT_PARAMS, TRIGGER_PARAMS, config_from_params
 
     dag = dagbag.dags["optimize_model"]
     defaults = {name: param.value for name, param in dag.params.items()}
-    assert defaults == DEFAULT_PARAMS
+    assert {k: v for k, v in defaults.items() if k not in TRIGGER_PARAMS} == DEFAULT_PARAMS
+    assert set(TRIGGER_PARAMS) <= set(defaults)
     config_from_params(defaults)
+
+
+def test_monitor_serving_judges_then_triggers_optimize_model(dagbag):
+    dag = dagbag.dags["monitor_serving"]
+    assert dag.get_task("should_trigger").downstream_task_ids == {"trigger_optimize_model"}
+    assert dag.get_task("check_window").downstream_task_ids == {"should_trigger"}
+    trigger = dag.get_task("trigger_optimize_model")
+    assert trigger.trigger_dag_id == "optimize_model"
+    assert dag.max_active_runs == 1 and dag.doc_md
+    from monitoring.pipeline import config_from_params
+
+    config = config_from_params({name: param.value for name, param in dag.params.items()})
+    assert config.policy.persist_windows == 2 and config.drift.min_rows == 100
 
 
 def test_dag_files_do_not_import_heavy_libraries_at_top_level():

@@ -1,0 +1,80 @@
+"""
+### monitor_serving
+
+Every 15 minutes (`PIPELINE_MONITOR_INTERVAL_MINUTES`), reads the last window of the gateway's
+prediction log and compares the champion's served outputs with its reference predictions (stored
+at promotion) using Evidently, with explicit methods and thresholds per feature: confidence,
+predicted label, text length, token count, unknown-token share. It also checks latency (p95/p99
+from the log) and the gateway's 5xx error rate against their SLOs.
+
+A window with too little traffic is reported, not judged. When drift or an SLO breach persists
+over consecutive windows, and no optimize_model run is active and the cooldown has passed, it
+triggers **optimize_model** with the reason and the evidence in its conf. Each window is an MLflow
+run in the `monitoring` experiment with the Evidently HTML report and a JSON summary.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
+from airflow.sdk import CronTriggerTimetable, Param, dag, task
+
+INTERVAL_MINUTES = int(os.environ.get("PIPELINE_MONITOR_INTERVAL_MINUTES", "15"))
+
+PARAMS = {
+    "window_minutes": Param(INTERVAL_MINUTES, type="number", exclusiveMinimum=0,
+                            description="how far back the window reaches"),
+    "min_rows": Param(100, type="integer", minimum=1, description="fewer predictions than this: not judged"),
+    "persist_windows": Param(2, type="integer", minimum=1,
+                             description="consecutive breaching windows needed to trigger"),
+    "cooldown_minutes": Param(360, type="number", minimum=0, description="no new trigger within this time"),
+    "max_p95_ms": Param(100.0, type="number", exclusiveMinimum=0, description="SLO: p95 latency"),
+    "max_p99_ms": Param(200.0, type="number", exclusiveMinimum=0, description="SLO: p99 latency"),
+    "max_error_rate": Param(0.01, type="number", minimum=0, maximum=1, description="SLO: share of 5xx responses"),
+}
+
+
+@dag(
+    dag_id="monitor_serving",
+    schedule=CronTriggerTimetable(f"*/{INTERVAL_MINUTES} * * * *", timezone="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args={"retries": 1, "retry_delay": timedelta(minutes=1)},
+    params=PARAMS,
+    render_template_as_native_obj=True,
+    tags=["monitoring", "evidently", "triton"],
+    doc_md=__doc__,
+)
+def monitor_serving():
+    @task
+    def check_window() -> dict:
+        """Judge the last window (drift, latency, errors) and decide whether to re-optimize."""
+        from airflow.sdk import get_current_context
+
+        from monitoring import pipeline
+
+        context = get_current_context()
+        active = context["ti"].get_dr_count(dag_id="optimize_model", states=["queued", "running"]) > 0
+        return pipeline.check_window(os.environ, dict(context["params"]), context["data_interval_end"], active,
+                                     context["run_id"])
+
+    @task.short_circuit
+    def should_trigger(result: dict) -> bool:
+        """Continue to the trigger only when the policy says so (the reason is in the log either way)."""
+        print(result["decision"]["reason"])
+        return bool(result["decision"]["trigger"])
+
+    trigger = TriggerDagRunOperator(
+        task_id="trigger_optimize_model",
+        trigger_dag_id="optimize_model",
+        conf="{{ ti.xcom_pull(task_ids='check_window')['trigger_conf'] }}",
+        wait_for_completion=False,
+    )
+
+    result = check_window()
+    should_trigger(result) >> trigger
+
+
+monitor_serving()

@@ -1,0 +1,206 @@
+"""One monitoring window: read the served predictions, compare them with the champion's reference,
+check the latency and error SLOs, judge the window, decide whether to re-optimize, and record it
+all in MLflow (HTML drift report, JSON summary, metrics)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from monitoring import prediction_log as plog
+from monitoring.drift import DriftConfig, detect
+from monitoring.features import FEATURES, window_features
+from monitoring.policy import Decision, PolicyConfig, WindowVerdict, decide, judge, slo_reasons
+
+log = logging.getLogger(__name__)
+
+REFERENCE_FILE = "reference_predictions.parquet"
+EXPERIMENT = "monitoring"
+HISTORY_KEPT = 200
+
+
+@dataclass(frozen=True)
+class MonitorSettings:
+    prediction_log_url: str
+    model_repository: Path
+    serving_model: str
+    mlflow_tracking_uri: str
+    state_dir: Path
+    gateway_url: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> MonitorSettings:
+        missing = [name for name in ("PIPELINE_PREDICTION_LOG_URL", "PIPELINE_TRITON_MODEL_REPOSITORY",
+                                     "PIPELINE_MLFLOW_TRACKING_URI", "PIPELINE_HOME") if not env.get(name)]
+        if missing:
+            raise ValueError(f"environment variables {missing} are not set: start the stack with `make up`")
+        return cls(
+            prediction_log_url=env["PIPELINE_PREDICTION_LOG_URL"],
+            model_repository=Path(env["PIPELINE_TRITON_MODEL_REPOSITORY"]),
+            serving_model=env.get("PIPELINE_SERVING_MODEL") or "text_classifier",
+            mlflow_tracking_uri=env["PIPELINE_MLFLOW_TRACKING_URI"],
+            state_dir=Path(env["PIPELINE_HOME"]) / "monitoring",
+            gateway_url=env.get("PIPELINE_GATEWAY_URL") or None,
+        )
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    window_minutes: float = 15.0
+    drift: DriftConfig = field(default_factory=DriftConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+
+
+@dataclass
+class MonitorState:
+    """What persists between windows: recent verdicts, the last trigger, the gateway's counters."""
+
+    history: list[WindowVerdict] = field(default_factory=list)
+    last_trigger_at: float | None = None
+    gateway_counts: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> MonitorState:
+        if not path.exists():
+            return cls()
+        data = json.loads(path.read_text())
+        return cls([WindowVerdict.from_dict(item) for item in data.get("history", [])], data.get("last_trigger_at"),
+                   data.get("gateway_counts", {}))
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_name(f".{path.name}.tmp")
+        temp.write_text(json.dumps({"history": [v.to_dict() for v in self.history[-HISTORY_KEPT:]],
+                                    "last_trigger_at": self.last_trigger_at,
+                                    "gateway_counts": self.gateway_counts}, indent=2, default=str))
+        temp.replace(path)
+
+
+def champion_version(repository: Path, model: str, served: pd.Series) -> str | None:
+    """The version most predictions in the window came from, else the newest version with a reference."""
+    if len(served):
+        return str(served.mode().iloc[0])
+    folder = repository / model
+    candidates = sorted((int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / REFERENCE_FILE).exists()),
+                        reverse=True) if folder.exists() else []
+    return str(candidates[0]) if candidates else None
+
+
+def reference_for(repository: Path, model: str, version: str) -> pd.DataFrame:
+    path = repository / model / version / REFERENCE_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no drift reference for {model} version {version} at {path}: it was promoted "
+                                "before references carried features; promote a new version")
+    frame = pd.read_parquet(path)
+    missing = [name for name in FEATURES if name not in frame]
+    if missing:
+        raise FileNotFoundError(f"{path} lacks the monitoring features {missing}: promote a new version")
+    return frame[list(FEATURES)]
+
+
+def gateway_counts(gateway_url: str | None) -> dict[str, float] | None:
+    """``gateway_requests_total`` by status from the gateway's /metrics (None when unreachable)."""
+    if not gateway_url:
+        return None
+    try:
+        with urllib.request.urlopen(f"{gateway_url}/metrics", timeout=5) as response:  # noqa: S310 - loopback
+            text = response.read().decode()
+    except (urllib.error.URLError, OSError):
+        return None
+    counts = {}
+    for line in text.splitlines():
+        if line.startswith("gateway_requests_total{"):
+            status = line.split('status="', 1)[1].split('"', 1)[0]
+            counts[status] = float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def error_rate(previous: dict[str, float], current: dict[str, float]) -> tuple[float, int]:
+    """Share of server-side failures (5xx) among the requests since the previous window; client errors
+    (4xx) are the callers' problem and do not count against the SLO."""
+    delta = {status: current.get(status, 0.0) - previous.get(status, 0.0) for status in current}
+    if any(value < 0 for value in delta.values()):  # the gateway restarted: its counters began again
+        delta = dict(current)
+    total = sum(delta.values())
+    failures = sum(value for status, value in delta.items() if status.startswith("5"))
+    return (failures / total if total else 0.0), int(total)
+
+
+def run_window(settings: MonitorSettings, config: MonitorConfig, window_end: float, optimization_active: bool,
+               out_dir: Path, log_to_mlflow: bool = True) -> dict:
+    """Judge the window ending at ``window_end`` and decide; returns the summary (also written as JSON)."""
+    started = time.monotonic()
+    state_path = settings.state_dir / "state.json"
+    state = MonitorState.load(state_path)
+    engine = plog.create_engine(settings.prediction_log_url)
+    window_start = window_end - config.window_minutes * 60
+    rows = plog.read_window(engine, window_start, window_end)
+    version = champion_version(settings.model_repository, settings.serving_model, rows["model_version"])
+    champion_rows = rows[rows["model_version"] == version] if version else rows.iloc[0:0]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    html = out_dir / "drift_report.html"
+    drift = None
+    if version is not None:
+        reference = reference_for(settings.model_repository, settings.serving_model, version)
+        drift = detect(reference, window_features(champion_rows), config.drift, html_path=html)
+    latencies = rows["latency_ms"].to_numpy(dtype=float)
+    p95 = float(np.percentile(latencies, 95)) if len(latencies) else 0.0
+    p99 = float(np.percentile(latencies, 99)) if len(latencies) else 0.0
+    counts = gateway_counts(settings.gateway_url)
+    errors, requests = error_rate(state.gateway_counts, counts) if counts is not None else (0.0, 0)
+    if counts is not None:
+        state.gateway_counts = counts
+    evidence = {
+        "window": [window_start, window_end], "predictions": len(rows), "champion_version": version,
+        "latency_p95_ms": p95, "latency_p99_ms": p99, "error_rate": errors, "requests": requests,
+        "gateway_metrics": counts is not None,
+        "drift": {name: item for name, item in (drift.features.items() if drift else [])},
+    }
+    verdict = judge(window_end, len(champion_rows), config.drift.min_rows,
+                    drift.drifted_features if drift else [], bool(drift and drift.drifted),
+                    slo_reasons(p95, p99, errors, config.policy) if len(rows) else [], evidence)
+    state.history.append(verdict)
+    decision: Decision = decide(state.history, window_end, state.last_trigger_at, optimization_active, config.policy)
+    if decision.trigger:
+        state.last_trigger_at = window_end
+    state.save(state_path)
+    summary = {
+        "verdict": verdict.to_dict(), "decision": asdict(decision),
+        "trigger_conf": {"trigger_reason": decision.reason, "trigger_evidence": json.dumps(decision.evidence)},
+        "seconds": time.monotonic() - started, "drift_report": str(html) if html.exists() else None,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    log.info("window ending %s: %s %s; decision: %s", time.strftime("%H:%M", time.gmtime(window_end)),
+             verdict.status, "; ".join(verdict.reasons), decision.reason)
+    if log_to_mlflow:
+        summary["mlflow_run_id"] = _log_to_mlflow(settings, verdict, decision, evidence, out_dir)
+    return summary
+
+
+def _log_to_mlflow(settings: MonitorSettings, verdict: WindowVerdict, decision: Decision, evidence: dict,
+                   out_dir: Path) -> str:
+    import mlflow
+
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    experiment = mlflow.set_experiment(EXPERIMENT)
+    name = "window " + time.strftime("%Y-%m-%dT%H:%M", time.gmtime(verdict.window_end))
+    with mlflow.start_run(experiment_id=experiment.experiment_id, run_name=name) as run:
+        mlflow.set_tags({"status": verdict.status, "trigger": str(decision.trigger), "decision": decision.reason[:500],
+                         "model": settings.serving_model, "champion_version": str(evidence["champion_version"])})
+        metrics = {"predictions": evidence["predictions"], "latency_p95_ms": evidence["latency_p95_ms"],
+                   "latency_p99_ms": evidence["latency_p99_ms"], "error_rate": evidence["error_rate"]}
+        metrics |= {f"drift_{name}": item["score"] for name, item in evidence["drift"].items()}
+        mlflow.log_metrics(metrics)
+        for path in (out_dir / "summary.json", out_dir / "drift_report.html"):
+            if path.exists():
+                mlflow.log_artifact(str(path))
+        return run.info.run_id
