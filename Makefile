@@ -10,13 +10,15 @@ export AIRFLOW__USAGE_DATA_COLLECTION__ENABLED := False
 export SCARF_ANALYTICS := false
 PYTEST_ARGS ?=
 
-.PHONY: help venv venv-triton demo test test-slow bench-compress up down status assets clean-stack
+.PHONY: help venv venv-triton demo test test-slow bench-compress bench-monitor load-test up down status assets clean-stack
 
 help:
 	@echo "make demo       create environments, start the local stack, run optimize_model end to end"
 	@echo "make test       create environments and run the test suite"
 	@echo "make test-slow  the long checks (real demo assets)"
 	@echo "make bench-compress  every compression technique on the demo assets -> bench/results/compress-demo.{json,md}"
+	@echo "make bench-monitor   one monitoring window over 10,000 logged predictions -> bench/results/monitor.json"
+	@echo "make load-test       60 s of steady single-text requests to the local gateway -> bench/results/load-local.{json,md}"
 	@echo "make up|down|status  start, stop or inspect the local stack"
 
 venv: $(VENV)/.installed
@@ -62,6 +64,13 @@ test-slow: venv venv-triton
 # ~25 minutes on 2 cores; exits 2 when a target of the compression issue is not met.
 bench-compress: venv
 	$(BIN)/python -m bench.compress --profile demo
+
+bench-monitor: venv
+	$(BIN)/python -m bench.monitor
+
+# Needs the local stack with a promoted champion (make demo).
+load-test: venv
+	$(BIN)/python -m bench.load_test --rate 20 --duration 60
 
 clean-stack: down
 	rm -rf .stack
