@@ -42,7 +42,7 @@ class AirflowApi:
                 errors = self._call("GET", "/importErrors").get("import_errors", [])
                 mine = [error for error in errors if dag_id in error.get("filename", "")]
                 if mine:
-                    raise AirflowApiError(f"{dag_id} failed to import:\n{mine[0].get('stack_trace', '')[-2000:]}")
+                    raise AirflowApiError(f"{dag_id} failed to import:\n{mine[0].get('stack_trace', '')[-2000:]}") from None
                 time.sleep(2)
         raise AirflowApiError(f"DAG {dag_id} was not parsed within {timeout_s:.0f}s: check the dag-processor log")
 

@@ -22,6 +22,16 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _require_distillation(section: str, temperature: float, alpha: float, batch_size: int, learning_rate: float,
+                          max_length: int) -> None:
+    """The settings distillation and pruning recovery share."""
+    _require(0 < temperature <= 20, f"{section}.temperature must be in (0, 20]")
+    _require(0 <= alpha <= 1, f"{section}.alpha must be in [0, 1]")
+    _require(1 <= batch_size <= 1024, f"{section}.batch_size must be in 1..1024")
+    _require(0 < learning_rate < 1, f"{section}.learning_rate must be in (0, 1)")
+    _require(8 <= max_length <= 4096, f"{section}.max_length must be in 8..4096")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the labelled texts come from and how they are split.
@@ -142,13 +152,10 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         _require(self.student_layers >= 0, "distill.student_layers must be >= 0")
-        _require(0 < self.temperature <= 20, "distill.temperature must be in (0, 20]")
-        _require(0 <= self.alpha <= 1, "distill.alpha must be in [0, 1]")
         _require(0 <= self.hidden_weight <= 100, "distill.hidden_weight must be in [0, 100]")
         _require(0 < self.epochs <= 100, "distill.epochs must be in (0, 100]")
-        _require(1 <= self.batch_size <= 1024, "distill.batch_size must be in 1..1024")
-        _require(0 < self.learning_rate < 1, "distill.learning_rate must be in (0, 1)")
-        _require(8 <= self.max_length <= 4096, "distill.max_length must be in 8..4096")
+        _require_distillation("distill", self.temperature, self.alpha, self.batch_size, self.learning_rate,
+                              self.max_length)
 
 
 @dataclass(frozen=True)
@@ -186,11 +193,8 @@ class PruneConfig:
         _require(0 <= self.recovery_epochs <= 100, "prune.recovery_epochs must be in [0, 100]")
         _require(not (self.unstructured_sparsity and not self.recovery_epochs),
                  "prune.unstructured_sparsity needs recovery_epochs > 0: the schedule runs during recovery")
-        _require(0 < self.temperature <= 20, "prune.temperature must be in (0, 20]")
-        _require(0 <= self.alpha <= 1, "prune.alpha must be in [0, 1]")
-        _require(1 <= self.batch_size <= 1024, "prune.batch_size must be in 1..1024")
-        _require(0 < self.learning_rate < 1, "prune.learning_rate must be in (0, 1)")
-        _require(8 <= self.max_length <= 4096, "prune.max_length must be in 8..4096")
+        _require_distillation("prune", self.temperature, self.alpha, self.batch_size, self.learning_rate,
+                              self.max_length)
 
     @property
     def structured(self) -> bool:

@@ -16,7 +16,7 @@ from onnx import numpy_helper
 
 from serving.triton_client import TritonClient
 from tasks import pipeline, registry
-from tasks.config import EvaluateConfig, GateConfig, PipelineConfig, PromoteConfig
+from tasks.config import GateConfig, PipelineConfig, PromoteConfig
 from tasks.evaluate import run as evaluate
 from tasks.results import ModelFormat, StepResult, StepStatus
 from tasks.settings import PipelineSettings

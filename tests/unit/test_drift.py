@@ -4,7 +4,6 @@ the training distribution (no drift) and on shifted texts (short, unknown words,
 import random
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from monitoring.drift import DriftConfig, detect
@@ -35,7 +34,7 @@ def test_no_drift_windows_from_the_same_distribution_rarely_alarm(pools, tmp_pat
     reference, held_out, _ = pools
     rng = np.random.default_rng(0)
     alarms = 0
-    for window in range(WINDOWS):
+    for _ in range(WINDOWS):
         sample = held_out.iloc[rng.choice(len(held_out), WINDOW_ROWS, replace=False)].reset_index(drop=True)
         alarms += detect(reference, sample, DriftConfig()).drifted
     false_alarm_rate = alarms / WINDOWS
