@@ -57,8 +57,9 @@ def monitor_serving():
 
         context = get_current_context()
         active = context["ti"].get_dr_count(dag_id="optimize_model", states=["queued", "running"]) > 0
-        return pipeline.check_window(os.environ, dict(context["params"]), context["data_interval_end"], active,
-                                     context["run_id"])
+        # Scheduled runs end their window at the tick; manual runs have no interval: now.
+        window_end = context.get("data_interval_end") or context.get("logical_date")
+        return pipeline.check_window(os.environ, dict(context["params"]), window_end, active, context["run_id"])
 
     @task.short_circuit
     def should_trigger(result: dict) -> bool:

@@ -81,7 +81,7 @@ def decide(history: list[WindowVerdict], now: float, last_trigger_at: float | No
     judged = [verdict for verdict in history if verdict.status != "insufficient"]
     recent = judged[-config.persist_windows:]
     if len(recent) < config.persist_windows or not all(verdict.breach for verdict in recent):
-        streak = len(recent) - next((i for i, v in enumerate(reversed(recent)) if not v.breach), len(recent))
+        streak = next((i for i, v in enumerate(reversed(recent)) if not v.breach), len(recent))
         return Decision(False, f"no persistent breach ({streak}/{config.persist_windows} judged windows in a row)")
     evidence = {"windows": [verdict.to_dict() for verdict in recent]}
     reasons = "; ".join(sorted({reason for verdict in recent for reason in verdict.reasons}))

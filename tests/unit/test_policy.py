@@ -12,7 +12,9 @@ def _verdict(minute: int, status: str) -> WindowVerdict:
 
 
 def test_one_breach_is_not_enough_two_in_a_row_trigger():
-    assert not decide([_verdict(0, "ok"), _verdict(15, "drift")], 900, None, False, CONFIG).trigger
+    one = decide([_verdict(0, "ok"), _verdict(15, "drift")], 900, None, False, CONFIG)
+    assert not one.trigger and "1/2" in one.reason
+    assert "0/2" in decide([_verdict(0, "drift"), _verdict(15, "ok")], 900, None, False, CONFIG).reason
     decision = decide([_verdict(0, "drift"), _verdict(15, "slo_breach")], 900, None, False, CONFIG)
     assert decision.trigger and "drift at 0" in decision.reason and len(decision.evidence["windows"]) == 2
 
