@@ -237,16 +237,19 @@ def register_candidates(settings: PipelineSettings, config: PipelineConfig, run_
     parent = registry.parent_run_id(settings.mlflow_tracking_uri, settings.experiment, run_id,
                                     _flatten(config.to_dict()))
     lineage = {"data_hash": data_result.info["data_hash"],
-               "split_sizes": ",".join(f"{k}={int(v)}" for k, v in data_result.metrics.items())}
+               "split_sizes": ",".join(f"{k}={int(v)}" for k, v in data_result.metrics.items()),
+               "code_version": registry.code_version()}
     versions: dict[str, str | None] = {}
-    for candidate, (_, model_format, technique) in CANDIDATES.items():
+    for candidate, (_, model_format, technique) in CANDIDATES.items():  # sources come before what they feed
         evaluation = StepResult.from_dict(evaluations[candidate])
         metrics = candidate_metrics(evaluations, candidate)
+        source = SOURCE_OF.get(candidate)
         versions[candidate] = registry.log_candidate(
             settings.mlflow_tracking_uri, settings.experiment, parent, run_id, config.promote.registered_model,
             registry.Candidate(candidate, Path(evaluation.uri("model")), metrics, technique,
                                registrable=model_format is ModelFormat.ONNX),
-            lineage,
+            lineage | {"source_candidate": source or "-",
+                       "source_version": (versions.get(source) or "not registered") if source else "-"},
         )
     return {"parent_run_id": parent, "versions": versions}
 

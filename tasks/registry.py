@@ -129,6 +129,25 @@ def log_candidate(tracking_uri: str, experiment: str, parent_id: str, pipeline_r
     return version
 
 
+def code_version() -> str:
+    """The git commit of the pipeline code (``+dirty`` with uncommitted changes), else the package version."""
+    import subprocess
+    from importlib import metadata
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        try:
+            return "package " + metadata.version("transformer-optimization-pipeline")
+        except metadata.PackageNotFoundError:
+            return "unknown"
+
+
 def describe_decision(tracking_uri: str, registered_model: str, version: str, decision: str) -> None:
     """Append the promotion decision (and why) to the version's description shown in the MLflow UI."""
     client = _client(tracking_uri)

@@ -70,6 +70,11 @@ def test_dag_test_runs_every_task_and_promotes(local_services, tiny_model, label
     from serving.triton_client import TritonClient
     from tasks import registry
 
+    int8_tags = registry.version_tags(settings.mlflow_url, "dagtest-model", summary["versions"]["onnx_int8"])
+    assert int8_tags["source_candidate"] == "onnx_fp32"
+    assert int8_tags["source_version"] == summary["versions"]["onnx_fp32"]
+    assert int8_tags["code_version"] and int8_tags["data_hash"] and int8_tags["technique"]
+    assert any(key.startswith("gate.") for key in int8_tags)
     promoted_version = summary["versions"][winner]
     assert registry.alias_version(settings.mlflow_url, "dagtest-model", "champion") == promoted_version
     client = TritonClient(settings.triton_http_url)
