@@ -36,6 +36,7 @@ class MonitorSettings:
     mlflow_tracking_uri: str
     state_dir: Path
     gateway_url: str | None = None
+    triton_metrics_url: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> MonitorSettings:
@@ -50,6 +51,7 @@ class MonitorSettings:
             mlflow_tracking_uri=env["PIPELINE_MLFLOW_TRACKING_URI"],
             state_dir=Path(env["PIPELINE_HOME"]) / "monitoring",
             gateway_url=env.get("PIPELINE_GATEWAY_URL") or None,
+            triton_metrics_url=env.get("PIPELINE_TRITON_METRICS_URL") or None,
         )
 
 
@@ -67,6 +69,7 @@ class MonitorState:
     history: list[WindowVerdict] = field(default_factory=list)
     last_trigger_at: float | None = None
     gateway_counts: dict[str, float] = field(default_factory=dict)
+    triton_counts: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> MonitorState:
@@ -74,14 +77,15 @@ class MonitorState:
             return cls()
         data = json.loads(path.read_text())
         return cls([WindowVerdict.from_dict(item) for item in data.get("history", [])], data.get("last_trigger_at"),
-                   data.get("gateway_counts", {}))
+                   data.get("gateway_counts", {}), data.get("triton_counts", {}))
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         temp = path.with_name(f".{path.name}.tmp")
         temp.write_text(json.dumps({"history": [v.to_dict() for v in self.history[-HISTORY_KEPT:]],
                                     "last_trigger_at": self.last_trigger_at,
-                                    "gateway_counts": self.gateway_counts}, indent=2, default=str))
+                                    "gateway_counts": self.gateway_counts,
+                                    "triton_counts": self.triton_counts}, indent=2, default=str))
         temp.replace(path)
 
 
@@ -107,15 +111,46 @@ def reference_for(repository: Path, model: str, version: str) -> pd.DataFrame:
     return frame[list(FEATURES)]
 
 
-def gateway_counts(gateway_url: str | None) -> dict[str, float] | None:
-    """``gateway_requests_total`` by status from the gateway's /metrics (None when unreachable)."""
-    if not gateway_url:
+def _scrape(url: str | None) -> str | None:
+    """A Prometheus text page, or None when not configured or unreachable."""
+    if not url:
         return None
     try:
-        with urllib.request.urlopen(f"{gateway_url}/metrics", timeout=5) as response:  # noqa: S310 - loopback
-            text = response.read().decode()
+        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - loopback only
+            return response.read().decode()
     except (urllib.error.URLError, OSError):
         return None
+
+
+def triton_counts(metrics_url: str | None, model: str) -> dict[str, float] | None:
+    """Triton's own view of the ensemble: ``success`` and ``failure`` request counters (all versions
+    summed) and the ``p99_us`` request-latency quantile (``summary_latencies``, newest version)."""
+    text = _scrape(metrics_url)
+    return None if text is None else parse_triton_metrics(text, model)
+
+
+def parse_triton_metrics(text: str, model: str) -> dict[str, float]:
+    counts = {"success": 0.0, "failure": 0.0}
+    for line in text.splitlines():
+        if f'model="{model}"' not in line:
+            continue
+        value = float(line.rsplit(" ", 1)[1])
+        if line.startswith("nv_inference_request_success{"):
+            counts["success"] += value
+        elif line.startswith("nv_inference_request_failure{"):
+            counts["failure"] += value
+        elif line.startswith("nv_inference_request_summary_us{") and 'quantile="0.99"' in line and value == value:
+            counts["p99_us"] = value
+    return counts
+
+
+def gateway_counts(gateway_url: str | None) -> dict[str, float] | None:
+    """``gateway_requests_total`` by status from the gateway's /metrics (None when unreachable)."""
+    text = _scrape(f"{gateway_url}/metrics" if gateway_url else None)
+    return None if text is None else parse_gateway_metrics(text)
+
+
+def parse_gateway_metrics(text: str) -> dict[str, float]:
     counts = {}
     for line in text.splitlines():
         if line.startswith("gateway_requests_total{"):
@@ -159,15 +194,25 @@ def run_window(settings: MonitorSettings, config: MonitorConfig, window_end: flo
     errors, requests = error_rate(state.gateway_counts, counts) if counts is not None else (0.0, 0)
     if counts is not None:
         state.gateway_counts = counts
+    triton = triton_counts(settings.triton_metrics_url, settings.serving_model)
+    triton_errors = 0.0
+    if triton is not None:
+        triton_errors, _ = error_rate({"200": state.triton_counts.get("success", 0.0),
+                                       "500": state.triton_counts.get("failure", 0.0)},
+                                      {"200": triton["success"], "500": triton["failure"]})
+        state.triton_counts = triton
     evidence = {
         "window": [window_start, window_end], "predictions": len(rows), "champion_version": version,
-        "latency_p95_ms": p95, "latency_p99_ms": p99, "error_rate": errors, "requests": requests,
-        "gateway_metrics": counts is not None,
+        "latency_p95_ms": p95, "latency_p99_ms": p99, "error_rate": max(errors, triton_errors), "requests": requests,
+        "gateway_metrics": counts is not None, "triton_metrics": triton is not None,
+        "triton_error_rate": triton_errors,
+        "triton_p99_ms": triton["p99_us"] / 1000.0 if triton and "p99_us" in triton else None,
         "drift": {name: item for name, item in (drift.features.items() if drift else [])},
     }
     verdict = judge(window_end, len(champion_rows), config.drift.min_rows,
                     drift.drifted_features if drift else [], bool(drift and drift.drifted),
-                    slo_reasons(p95, p99, errors, config.policy) if len(rows) else [], evidence)
+                    slo_reasons(p95, p99, evidence["error_rate"], config.policy) if len(rows) or triton_errors else [],
+                    evidence)
     state.history.append(verdict)
     decision: Decision = decide(state.history, window_end, state.last_trigger_at, optimization_active, config.policy)
     if decision.trigger:

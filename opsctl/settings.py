@@ -145,6 +145,7 @@ class StackSettings:
             "PIPELINE_TRITON_MODEL_REPOSITORY": str(self.triton_model_repository),
             "PIPELINE_RUNS_DIR": str(self.runs_dir),
             "PIPELINE_GATEWAY_URL": self.gateway_url,
+            "PIPELINE_TRITON_METRICS_URL": f"http://{self.host}:{self.triton_metrics_port}/metrics",
             "PIPELINE_PREDICTION_LOG_URL": self.prediction_log_url,
             "PIPELINE_SERVING_MODEL": self.serving_model,
         }
