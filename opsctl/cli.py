@@ -58,7 +58,7 @@ def _cmd_fetch_assets(settings: StackSettings, args: argparse.Namespace) -> int:
 def _cmd_demo(settings: StackSettings, args: argparse.Namespace) -> int:
     from opsctl.demo import run_demo
 
-    return run_demo(settings, profile=args.profile, timeout_s=args.timeout)
+    return run_demo(settings, profile=args.profile, timeout_s=args.timeout, force=args.force)
 
 
 def _cmd_rollback(settings: StackSettings, args: argparse.Namespace) -> int:
@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="trigger optimize_model through Airflow and print what it did")
     demo.add_argument("--profile", choices=["demo", "quick"], default="demo", help="size of the demo run")
     demo.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the DAG run")
+    demo.add_argument("--force", action="store_true",
+                      help="train even when the champion was trained on the same data with the same code")
     demo.set_defaults(handler=_cmd_demo)
     return parser
 

@@ -27,7 +27,7 @@ SAMPLE_TEXTS = (
 )
 
 
-def run_demo(settings: StackSettings, profile: str = "demo", timeout_s: float = 1800.0) -> int:
+def run_demo(settings: StackSettings, profile: str = "demo", timeout_s: float = 1800.0, force: bool = False) -> int:
     stack = LocalStack(settings)
     not_running = [name for name, state in stack.status().items() if not state["running"]]
     if not_running:
@@ -42,7 +42,7 @@ def run_demo(settings: StackSettings, profile: str = "demo", timeout_s: float = 
     api.wait_for_dag(DAG_ID)
     api.unpause(DAG_ID)
     run_id = f"demo__{profile}__{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
-    conf = PROFILES[profile]
+    conf = PROFILES[profile] | ({"force_retrain": True} if force else {})
     api.trigger(DAG_ID, conf, run_id=run_id)
     print(f"== triggered {DAG_ID} run {run_id} with {json.dumps(conf)}")
     state = _follow(api, run_id, timeout_s)
@@ -51,7 +51,13 @@ def run_demo(settings: StackSettings, profile: str = "demo", timeout_s: float = 
         return 1
     from tasks.settings import safe_name
 
-    summary = json.loads((settings.runs_dir / safe_name(run_id) / "summary.json").read_text())
+    summary_path = settings.runs_dir / safe_name(run_id) / "summary.json"
+    if not summary_path.exists() and api.task_states(DAG_ID, run_id).get("finetune_teacher") == "skipped":
+        print(f"nothing changed: the serving champion was trained on this data with this code, so the run stopped "
+              f"at data_changed (its log says which version). `opsctl demo --force` trains anyway.\n"
+              f"Airflow run: {settings.airflow_url}/dags/{DAG_ID}/runs/{run_id}")
+        return 0
+    summary = json.loads(summary_path.read_text())
     _print_summary(settings, run_id, summary)
     return 0
 

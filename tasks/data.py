@@ -29,9 +29,14 @@ _SPACES = re.compile(r"\s+")
 def load_frame(source: str) -> pd.DataFrame:
     """Read labelled texts from ``source``.
 
-    Accepts a CSV / Parquet / JSONL / JSON file, a folder of such files (concatenated in name
-    order), or ``hf:<dataset>[:<split>]`` for a Hugging Face dataset (default split ``train``;
-    a local dataset folder works offline, e.g. ``hf:/data/my_dataset``).
+    Accepts a CSV / Parquet / JSONL / JSON file, a folder of such files, or ``hf:<dataset>[:<split>]``
+    for a Hugging Face dataset (default split ``train``; a local dataset folder works offline, e.g.
+    ``hf:/data/my_dataset``).
+
+    A folder is a versioned data location: its files are read in name order (name them so that
+    newer sorts later, e.g. ``2026-11-01-base.csv``, ``2026-11-27-tweets-labelled.csv``) and
+    concatenated; when a text appears in several files, ``normalise`` keeps the label from the
+    latest file, so newly labelled examples correct older labels.
     """
     if source.startswith("hf:"):
         return _load_hf(source[3:])
@@ -76,7 +81,8 @@ def clean_text(text: str) -> str:
 
 
 def normalise(frame: pd.DataFrame, config: DataConfig) -> tuple[pd.DataFrame, list[str]]:
-    """Keep text and label columns, clean texts, drop empties and duplicates, map labels to ids."""
+    """Keep text and label columns, clean texts, drop empties and duplicates (the last occurrence of a
+    text wins: later files of a data folder are newer), map labels to ids."""
     missing = [column for column in (config.text_column, config.label_column) if column not in frame.columns]
     if missing:
         raise DataError(
@@ -90,7 +96,7 @@ def normalise(frame: pd.DataFrame, config: DataConfig) -> tuple[pd.DataFrame, li
     frame = frame[frame["text"].map(lambda value: isinstance(value, str))]
     frame = frame.assign(text=frame["text"].map(clean_text), label_name=frame["label_name"].astype(str))
     frame = frame[frame["text"].str.len() >= config.min_chars]
-    frame = frame.drop_duplicates(subset="text").reset_index(drop=True)
+    frame = frame.drop_duplicates(subset="text", keep="last").reset_index(drop=True)
     found = sorted(frame["label_name"].unique())
     labels = list(config.labels) or found
     unknown = sorted(set(found) - set(labels))

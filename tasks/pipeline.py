@@ -97,12 +97,14 @@ SOURCE_OF = {"onnx_fp32": "teacher_pytorch", "onnx_int8": "onnx_fp32", "student_
 
 # Params that describe why a run started (set by monitor_serving's trigger); not step settings.
 TRIGGER_PARAMS = ("trigger_reason", "trigger_evidence")
+# Params about the run itself rather than a step.
+RUN_PARAMS = (*TRIGGER_PARAMS, "force_retrain")
 
 
 def config_from_params(params: dict[str, Any]) -> PipelineConfig:
     """Flat UI params (plus an optional nested ``overrides`` object) -> a validated PipelineConfig."""
     nested: dict[str, dict[str, Any]] = {}
-    params = {name: value for name, value in params.items() if name not in TRIGGER_PARAMS}
+    params = {name: value for name, value in params.items() if name not in RUN_PARAMS}
     unknown = set(params) - set(PARAM_PATHS) - {"overrides"}
     if unknown:
         raise ConfigError(f"unknown params {sorted(unknown)}; known: {sorted(PARAM_PATHS)} and 'overrides'")
@@ -143,6 +145,27 @@ def prepare_data(settings: PipelineSettings, config: PipelineConfig, run_id: str
     data_config = replace(config.data, source=resolve_source(config.data.source, settings))
     result = data_step.run(data_config, settings.run_dir(run_id) / "data")
     return result.to_dict()
+
+
+def data_changed(settings: PipelineSettings, config: PipelineConfig, data: dict, force: bool) -> dict:
+    """Whether training can change anything: False when the serving champion was trained on exactly this
+    data (same content hash) by exactly this code (same commit). Returns ``{"changed", "reason"}``."""
+    if force:
+        return {"changed": True, "reason": "force_retrain is set"}
+    uri, model = settings.mlflow_tracking_uri, config.promote.registered_model
+    champion = registry.alias_version(uri, model, config.promote.alias)
+    if champion is None:
+        return {"changed": True, "reason": f"{model} has no {config.promote.alias!r} yet"}
+    tags = registry.version_tags(uri, model, champion)
+    data_hash, code = StepResult.from_dict(data).info["data_hash"], registry.code_version()
+    differences = [f"{name} {tags.get(key, '?')[:12]} -> {value[:12]}"
+                   for name, key, value in (("data", "data_hash", data_hash), ("code", "code_version", code))
+                   if tags.get(key) != value]
+    if differences:
+        return {"changed": True, "reason": f"changed since champion v{champion}: " + ", ".join(differences)}
+    return {"changed": False,
+            "reason": f"nothing changed: champion v{champion} was trained on this data ({data_hash[:12]}) with this "
+                      f"code ({code}); the run stops here. Set force_retrain to train anyway."}
 
 
 def finetune_teacher(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict) -> dict:

@@ -33,7 +33,7 @@ def test_every_dag_imports_without_errors(dagbag):
 
 def test_optimize_model_wires_the_skeleton_in_order(dagbag):
     dag = dagbag.dags["optimize_model"]
-    edges = [("prepare_data", "finetune_teacher"), ("finetune_teacher", "export_onnx"),
+    edges = [("prepare_data", "finetune_teacher"), ("prepare_data", "data_changed"), ("data_changed", "finetune_teacher"), ("finetune_teacher", "export_onnx"),
              ("export_onnx", "quantize_int8"), ("finetune_teacher", "distill_student"),
              ("distill_student", "export_student"), ("export_student", "quantize_student"),
              ("distill_student", "prune_student"), ("finetune_teacher", "prune_student"),
@@ -50,12 +50,12 @@ def test_optimize_model_wires_the_skeleton_in_order(dagbag):
 
 
 def test_params_defaults_build_a_valid_pipeline_config(dagbag):
-    from tasks.pipeline import DEFAULT_PARAMS, TRIGGER_PARAMS, config_from_params
+    from tasks.pipeline import DEFAULT_PARAMS, RUN_PARAMS, config_from_params
 
     dag = dagbag.dags["optimize_model"]
     defaults = {name: param.value for name, param in dag.params.items()}
-    assert {k: v for k, v in defaults.items() if k not in TRIGGER_PARAMS} == DEFAULT_PARAMS
-    assert set(TRIGGER_PARAMS) <= set(defaults)
+    assert {k: v for k, v in defaults.items() if k not in RUN_PARAMS} == DEFAULT_PARAMS
+    assert set(RUN_PARAMS) <= set(defaults)
     config_from_params(defaults)
 
 

@@ -82,3 +82,11 @@ def test_dag_test_runs_every_task_and_promotes(local_services, tiny_model, label
     served = client.classify("dagtest_model", ["great wonderful film"])
     assert served["LOGITS"].shape == (1, 2) and np.isfinite(served["LOGITS"]).all()
     assert served["LABEL"][0] in {"negative", "positive"}
+
+    # The same data and code again: the run stops at data_changed and the champion stays.
+    again = subprocess.run([sys.executable, "-c", RUNNER, str(REPO_ROOT / "dags"), json.dumps(conf)], env=env,
+                           capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert "nothing changed: champion v" in again.stdout + again.stderr
+    assert len(list(settings.runs_dir.glob("*/summary.json"))) == 1
+    assert registry.alias_version(settings.mlflow_url, "dagtest-model", "champion") == promoted_version

@@ -33,6 +33,22 @@ def test_loads_a_folder_of_files(tmp_path, frame):
     assert len(data.load_frame(str(tmp_path))) == len(frame)
 
 
+def test_a_newer_file_in_a_data_folder_relabels_the_same_text(tmp_path, frame):
+    folder = tmp_path / "versions"
+    folder.mkdir()
+    frame.to_csv(folder / "2026-11-01-base.csv", index=False)
+    relabelled = frame.head(3).assign(sentiment="neg")
+    new = pd.DataFrame({"review": ["a newly labelled tweet", "another one"], "sentiment": ["pos", "neg"]})
+    pd.concat([relabelled, new]).to_csv(folder / "2026-11-27-labelled.csv", index=False)
+    config = DataConfig(source=str(folder), text_column="review", label_column="sentiment")
+    normalised, labels = data.normalise(data.load_frame(str(folder)), config)
+    assert len(normalised) == len(frame) + 2
+    by_text = dict(zip(normalised["text"], normalised["label"]))
+    neg = labels.index("neg")
+    assert all(by_text[data.clean_text(text)] == neg for text in relabelled["review"])
+    assert by_text["a newly labelled tweet"] == labels.index("pos")
+
+
 def test_loads_a_hugging_face_dataset_by_name(tmp_path, frame):
     # datasets resolves a local folder name offline through the same load_dataset call a hub name uses.
     folder = tmp_path / "my_dataset"
