@@ -372,7 +372,8 @@ def run(profile: Profile, work: Path, results: Path, isolate: bool = True, measu
         "seconds": time.monotonic() - started,
     }
     results.mkdir(parents=True, exist_ok=True)
-    (results / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
+    # Paths relative to the repository: the report is committed and read on other machines.
+    (results / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str).replace(f"{REPO_ROOT}/", ""))
     (results / f"{stem}.md").write_text(markdown(report))
     return report
 

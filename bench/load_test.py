@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = result.summary()
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / f"load-{args.name}.json").write_text(
-        json.dumps(summary | {"config": {k: str(v) for k, v in vars(args).items()}}, indent=2))
+        json.dumps(summary | {"config": {k: str(v) for k, v in vars(args).items()}}, indent=2).replace(f"{REPO_ROOT}/", ""))
     (args.results / f"load-{args.name}.md").write_text(markdown(args.name, summary))
     print(markdown(args.name, summary))
     return 0 if summary["error_rate"] == 0 and summary["all_logged"] is not False else 1
