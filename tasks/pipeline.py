@@ -328,6 +328,10 @@ def gate_and_promote(settings: PipelineSettings, config: PipelineConfig, run_id:
         except PromotionFailed as error:
             registry.describe_decision(uri, model_name, version,
                                        f"gates passed but run {run_id} could not serve it: {error}")
+            # The run's record is written even so: reviewers see every gate and why serving failed.
+            failed = StepResult(step="promote", status=StepStatus.FAILED, reason=str(error),
+                                info={"candidate": winner})
+            _write_summary(settings, run_id, model_name, registered, evaluations, champion, gates, winner, failed)
             raise
         result = replace(result, info=result.info | {"candidate": winner})
         registry.describe_decision(
@@ -335,6 +339,15 @@ def gate_and_promote(settings: PipelineSettings, config: PipelineConfig, run_id:
             f"promoted by run {run_id}: every gate passed and it was the fastest passing candidate; serving as "
             f"Triton {config.promote.triton_model} version {int(result.metrics['triton_version'])} with alias "
             f"{config.promote.alias!r}.")
+    summary_path = _write_summary(settings, run_id, model_name, registered, evaluations, champion, gates, winner, result)
+    return result.to_dict() | {"summary": str(summary_path)}
+
+
+def _write_summary(settings: PipelineSettings, run_id: str, model_name: str, registered: dict,
+                   evaluations: dict[str, dict], champion: gate_step.ChampionScore | None,
+                   gates: dict[str, list[gate_step.GateCheck]], winner: str | None, result: StepResult) -> Path:
+    """``summary.json`` of the run (candidates, gates, winner, promotion), also logged to the parent run."""
+    uri = settings.mlflow_tracking_uri
     summary = {
         "run_id": run_id,
         "mlflow_parent_run_id": registered["parent_run_id"],
@@ -352,7 +365,7 @@ def gate_and_promote(settings: PipelineSettings, config: PipelineConfig, run_id:
     registry.log_run_summary(uri, registered["parent_run_id"], summary_path,
                              {f"{name}.{key}": value for name, value in summary["candidates"].items()
                               for key, value in value.items() if key in ("accuracy", "latency_p95_ms")})
-    return result.to_dict() | {"summary": str(summary_path)}
+    return summary_path
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:

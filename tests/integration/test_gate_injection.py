@@ -51,8 +51,8 @@ def _swapped_labels(name: str, array: np.ndarray):
     return array[::-1].copy() if name.startswith("model.classifier.") else None
 
 
-def _gate_and_promote(settings: PipelineSettings, config: PipelineConfig, run_id: str, data_dir: Path,
-                      evaluations: dict[str, StepResult]) -> dict:
+def _register(settings: PipelineSettings, config: PipelineConfig, run_id: str,
+              evaluations: dict[str, StepResult]) -> dict:
     uri, model = settings.mlflow_tracking_uri, config.promote.registered_model
     parent = registry.parent_run_id(uri, settings.experiment, run_id, {"test": "gate-injection"})
     versions = {"teacher_pytorch": None}
@@ -62,10 +62,19 @@ def _gate_and_promote(settings: PipelineSettings, config: PipelineConfig, run_id
                 uri, settings.experiment, parent, run_id, model,
                 registry.Candidate(name, Path(result.uri("model")), result.metrics, f"injected: {name}"),
                 {"data_hash": "test"})
+    return {"parent_run_id": parent, "versions": versions}
+
+
+def _promote(settings: PipelineSettings, config: PipelineConfig, run_id: str, data_dir: Path,
+             evaluations: dict[str, StepResult], registered: dict) -> dict:
     data = StepResult("prepare_data", StepStatus.SUCCESS, uris={"data": str(data_dir)}).to_dict()
     return pipeline.gate_and_promote(settings, config, run_id, data,
-                                     {name: result.to_dict() for name, result in evaluations.items()},
-                                     {"parent_run_id": parent, "versions": versions})
+                                     {name: result.to_dict() for name, result in evaluations.items()}, registered)
+
+
+def _gate_and_promote(settings: PipelineSettings, config: PipelineConfig, run_id: str, data_dir: Path,
+                      evaluations: dict[str, StepResult]) -> dict:
+    return _promote(settings, config, run_id, data_dir, evaluations, _register(settings, config, run_id, evaluations))
 
 
 def test_each_injected_fault_is_gated_out_and_the_champion_keeps_serving(
@@ -116,3 +125,29 @@ def test_each_injected_fault_is_gated_out_and_the_champion_keeps_serving(
     for name in faulty:
         description = mlflow.get_model_version("injected", summary["versions"][name]).description
         assert "not promoted by run run-faulty" in description
+
+
+def test_a_candidate_that_passes_the_gates_but_cannot_load_still_leaves_a_summary(
+        local_services, trained_teacher, exported_onnx, prepared_data, tmp_path):
+    from tasks.errors import PromotionFailed
+
+    settings = PipelineSettings.from_env(local_services.environment())
+    config = PipelineConfig.from_dict({
+        "data": {"source": "unused"}, "finetune": {"model": "unused"},
+        "evaluate": {"warmup": 1, "max_length": 32, "batch_size": 0},
+        "promote": asdict(PromoteConfig(registered_model="unloadable", triton_model="unloadable", smoke_samples=4)),
+    })
+    teacher = evaluate(config.evaluate, "teacher_pytorch", trained_teacher, ModelFormat.PYTORCH, prepared_data,
+                       tmp_path / "eval" / "teacher")
+    copy = tmp_path / "good"
+    shutil.copytree(exported_onnx, copy)
+    good = evaluate(config.evaluate, "good", copy, ModelFormat.ONNX, prepared_data, tmp_path / "eval" / "good")
+    evaluations = {"teacher_pytorch": teacher, "good": good}
+    registered = _register(settings, config, "run-unloadable", evaluations)
+    (copy / "model.onnx").write_bytes(b"corrupted after registration")  # gates pass, Triton cannot load it
+    with pytest.raises(PromotionFailed):
+        _promote(settings, config, "run-unloadable", prepared_data, evaluations, registered)
+    summary = json.loads((settings.run_dir("run-unloadable") / "summary.json").read_text())
+    assert summary["winner"] == "good"
+    assert summary["promotion"]["status"] == "failed" and "was not promoted" in summary["promotion"]["reason"]
+    assert all(gate["decision"] == "pass" for gate in summary["gates"]["good"])
