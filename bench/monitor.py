@@ -37,7 +37,8 @@ def synthetic_features(rows: int, seed: int) -> pd.DataFrame:
 
 def run(rows: int = 10_000) -> dict:
     from monitoring import prediction_log as plog
-    from monitoring.monitor import REFERENCE_FILE, MonitorConfig, MonitorSettings, run_window
+    from monitoring.features import REFERENCE_FILE
+    from monitoring.monitor import MonitorConfig, MonitorSettings, run_window
 
     with tempfile.TemporaryDirectory(prefix="bench-monitor-") as scratch:
         root = Path(scratch)

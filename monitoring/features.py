@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+# Written beside each served Triton version at promotion; read by every monitoring window.
+REFERENCE_FILE = "reference_predictions.parquet"
 FEATURES = ("confidence", "predicted", "text_chars", "token_count", "unknown_share")
 NUMERICAL = ("confidence", "text_chars", "token_count", "unknown_share")
 CATEGORICAL = ("predicted",)

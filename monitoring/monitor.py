@@ -18,12 +18,11 @@ import pandas as pd
 
 from monitoring import prediction_log as plog
 from monitoring.drift import DriftConfig, detect
-from monitoring.features import FEATURES, window_features
+from monitoring.features import FEATURES, REFERENCE_FILE, window_features
 from monitoring.policy import Decision, PolicyConfig, WindowVerdict, decide, judge, slo_reasons
 
 log = logging.getLogger(__name__)
 
-REFERENCE_FILE = "reference_predictions.parquet"
 EXPERIMENT = "monitoring"
 HISTORY_KEPT = 200
 

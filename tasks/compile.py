@@ -9,14 +9,13 @@ model) and the plan records both.
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
 from tasks.config import CompileConfig
 from tasks.errors import CompileError
 from tasks.export import INPUT_NAMES, MODEL_FILENAME
-from tasks.quantize import TOKENIZER_FILES
+from tasks.quantize import copy_tokenizer_files
 from tasks.results import StepResult, StepStatus, staged_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -97,9 +96,7 @@ def run(config: CompileConfig, onnx_dir: Path, out_dir: Path, precision: str = "
         return StepResult(step=f"compile_tensorrt_{precision}", status=StepStatus.SKIPPED, reason=reason)
     with staged_dir(out_dir) as staging:
         info = build_engine(onnx_dir / MODEL_FILENAME, staging / ENGINE_FILENAME, config, precision)
-        for name in TOKENIZER_FILES:
-            if (onnx_dir / name).exists():
-                shutil.copy2(onnx_dir / name, staging / name)
+        copy_tokenizer_files(onnx_dir, staging)
         info |= {"gpu": gpus[0], "precision": precision, "source": str(onnx_dir / MODEL_FILENAME)}
         write_json_atomic(staging / "compile_config.json", asdict(config) | info)
     return StepResult(

@@ -77,12 +77,6 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> dict[str, np.ndarr
     return {name: batch[name].astype(np.int64) for name in INPUT_NAMES}
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
-
-
 def macro_f1(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> float:
     scores = []
     for cls in range(num_classes):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from monitoring.features import REFERENCE_FILE
 from serving import model_repository as repo
 from serving.triton_client import TritonClient, TritonUnavailable
 from tasks import data as data_step
@@ -29,7 +30,6 @@ from tasks.results import StepResult, StepStatus
 log = logging.getLogger(__name__)
 
 PREVIOUS_ALIAS = "previous_champion"
-REFERENCE_FILE = "reference_predictions.parquet"
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,13 @@ log = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "config.json")
 
 
+def copy_tokenizer_files(source: Path, target: Path) -> None:
+    """Copy the tokenizer and model config files that sit next to a model, so the folder stays servable."""
+    for name in TOKENIZER_FILES:
+        if (source / name).exists():
+            shutil.copy2(source / name, target / name)
+
+
 def quantize_dynamic_int8(source: Path, target: Path, config: QuantizeConfig) -> Path:
     """Write an INT8-weight, dynamically quantized copy of ``source`` to ``target``."""
     import onnx
@@ -156,9 +163,7 @@ def run(config: QuantizeConfig, onnx_dir: Path, data_dir: Path, out_dir: Path, m
             info["fp32_nodes"] = ",".join(kept)
         else:
             convert_fp16(source, target)
-        for name in TOKENIZER_FILES:
-            if (onnx_dir / name).exists():
-                shutil.copy2(onnx_dir / name, staging / name)
+        copy_tokenizer_files(onnx_dir, staging)
         write_json_atomic(staging / "quantize_config.json", asdict(config) | {"fp32_nodes": info.get("fp32_nodes", "")})
         # One text per call, as served: dynamic INT8 scales depend on the whole input tensor.
         check = compare_logits(

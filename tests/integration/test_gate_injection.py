@@ -77,15 +77,20 @@ def _gate_and_promote(settings: PipelineSettings, config: PipelineConfig, run_id
     return _promote(settings, config, run_id, data_dir, evaluations, _register(settings, config, run_id, evaluations))
 
 
+def _config(model: str, gate: GateConfig | None = None) -> PipelineConfig:
+    """A pipeline config for gating and promoting into ``model`` (registered and Triton name)."""
+    return PipelineConfig.from_dict({
+        "data": {"source": "unused"}, "finetune": {"model": "unused"},
+        "evaluate": {"warmup": 1, "max_length": 32, "batch_size": 0},
+        "gate": asdict(gate or GateConfig()),
+        "promote": asdict(PromoteConfig(registered_model=model, triton_model=model, smoke_samples=4)),
+    })
+
+
 def test_each_injected_fault_is_gated_out_and_the_champion_keeps_serving(
         local_services, trained_teacher, exported_onnx, prepared_data, tmp_path):
     settings = PipelineSettings.from_env(local_services.environment())
-    config = PipelineConfig.from_dict({
-        "data": {"source": "unused"}, "finetune": {"model": "unused"},
-        "evaluate": {"warmup": 1, "max_length": 32, "batch_size": 0},
-        "gate": asdict(GateConfig(max_relative_accuracy_drop=0.05)),
-        "promote": asdict(PromoteConfig(registered_model="injected", triton_model="injected", smoke_samples=4)),
-    })
+    config = _config("injected", GateConfig(max_relative_accuracy_drop=0.05))
 
     def evaluated(name: str, model_dir: Path, model_format: ModelFormat = ModelFormat.ONNX) -> StepResult:
         return evaluate(config.evaluate, name, model_dir, model_format, prepared_data, tmp_path / "eval" / name)
@@ -132,11 +137,7 @@ def test_a_candidate_that_passes_the_gates_but_cannot_load_still_leaves_a_summar
     from tasks.errors import PromotionFailed
 
     settings = PipelineSettings.from_env(local_services.environment())
-    config = PipelineConfig.from_dict({
-        "data": {"source": "unused"}, "finetune": {"model": "unused"},
-        "evaluate": {"warmup": 1, "max_length": 32, "batch_size": 0},
-        "promote": asdict(PromoteConfig(registered_model="unloadable", triton_model="unloadable", smoke_samples=4)),
-    })
+    config = _config("unloadable")
     teacher = evaluate(config.evaluate, "teacher_pytorch", trained_teacher, ModelFormat.PYTORCH, prepared_data,
                        tmp_path / "eval" / "teacher")
     copy = tmp_path / "good"

@@ -19,7 +19,8 @@ from monitoring.features import reference_features
 from serving import model_repository as repo
 from tasks.export import onnx_logits
 from tasks.modeling import generate_texts, load_tokenizer
-from tasks.promote import REFERENCE_FILE, write_reference
+from monitoring.features import REFERENCE_FILE
+from tasks.promote import write_reference
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL = "mon_model"
