@@ -10,10 +10,11 @@ export AIRFLOW__USAGE_DATA_COLLECTION__ENABLED := False
 export SCARF_ANALYTICS := false
 PYTEST_ARGS ?=
 
-.PHONY: help venv venv-triton demo test test-slow bench-compress bench-monitor load-test up down status assets clean-stack
+.PHONY: help venv venv-triton demo demo-drift test test-slow bench-compress bench-monitor load-test up down status assets clean-stack
 
 help:
 	@echo "make demo       create environments, start the local stack, run optimize_model end to end"
+	@echo "make demo-drift after make demo: normal then shifted traffic, the monitor triggers a retrain (~20 min)"
 	@echo "make test       create environments and run the test suite"
 	@echo "make test-slow  the long checks (real demo assets)"
 	@echo "make bench-compress  every compression technique on the demo assets -> bench/results/compress-demo.{json,md}"
@@ -54,6 +55,11 @@ assets: venv
 demo: venv venv-triton
 	$(BIN)/opsctl up
 	$(BIN)/opsctl demo
+
+# After `make demo` (needs a champion): the monitoring loop, drift -> trigger -> retrain -> gates.
+demo-drift: venv venv-triton
+	$(BIN)/opsctl up
+	$(BIN)/opsctl demo-drift
 
 test: venv venv-triton
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -9,7 +9,8 @@ from the log) and the gateway's 5xx error rate against their SLOs.
 
 A window with too little traffic is reported, not judged. When drift or an SLO breach persists
 over consecutive windows, and no optimize_model run is active and the cooldown has passed, it
-triggers **optimize_model** with the reason and the evidence in its conf. Each window is an MLflow
+triggers **optimize_model** (run id `monitor__<this run id>`) with the reason and the evidence in
+its conf, plus the params in `retrain_conf` (e.g. the labelled data location to retrain on). Each window is an MLflow
 run in the `monitoring` experiment with the Evidently HTML report and a JSON summary.
 """
 
@@ -33,6 +34,9 @@ PARAMS = {
     "max_p95_ms": Param(100.0, type="number", exclusiveMinimum=0, description="SLO: p95 latency"),
     "max_p99_ms": Param(200.0, type="number", exclusiveMinimum=0, description="SLO: p99 latency"),
     "max_error_rate": Param(0.01, type="number", minimum=0, maximum=1, description="SLO: share of 5xx responses"),
+    "retrain_conf": Param("", type="string",
+                          description="optimize_model params (JSON object) for the runs this monitor triggers, e.g. "
+                                      '{"data_source": "/data/labelled"}; empty: PIPELINE_RETRAIN_CONF, else defaults'),
 }
 
 
@@ -71,6 +75,7 @@ def monitor_serving():
         task_id="trigger_optimize_model",
         trigger_dag_id="optimize_model",
         conf="{{ ti.xcom_pull(task_ids='check_window')['trigger_conf'] }}",
+        trigger_run_id="monitor__{{ run_id }}",
         wait_for_completion=False,
     )
 

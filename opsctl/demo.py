@@ -45,7 +45,7 @@ def run_demo(settings: StackSettings, profile: str = "demo", timeout_s: float = 
     conf = PROFILES[profile] | ({"force_retrain": True} if force else {})
     api.trigger(DAG_ID, conf, run_id=run_id)
     print(f"== triggered {DAG_ID} run {run_id} with {json.dumps(conf)}")
-    state = _follow(api, run_id, timeout_s)
+    state = follow_run(api, DAG_ID, run_id, timeout_s)
     if state != "success":
         print(f"error: the run ended as {state!r}. Task logs: {settings.airflow_url}/dags/{DAG_ID}/runs/{run_id}")
         return 1
@@ -58,21 +58,22 @@ def run_demo(settings: StackSettings, profile: str = "demo", timeout_s: float = 
               f"Airflow run: {settings.airflow_url}/dags/{DAG_ID}/runs/{run_id}")
         return 0
     summary = json.loads(summary_path.read_text())
-    _print_summary(settings, run_id, summary)
+    print_summary(settings, DAG_ID, run_id, summary)
     return 0
 
 
-def _follow(api: AirflowApi, run_id: str, timeout_s: float) -> str:
-    """Print each task state change until the run finishes."""
+def follow_run(api: AirflowApi, dag_id: str, run_id: str, timeout_s: float) -> str:
+    """Print each task state change until the run finishes; returns its final state."""
     started = time.monotonic()
     seen: dict[str, str | None] = {}
     state = ""
     while time.monotonic() - started < timeout_s:
-        for task_id, task_state in api.task_states(DAG_ID, run_id).items():
-            if seen.get(task_id) != task_state and task_state is not None:
-                print(f"   [{time.monotonic() - started:6.0f}s] {task_id:18s} {task_state}")
-            seen[task_id] = task_state
-        previous, state = state, api.run_state(DAG_ID, run_id)
+        previous, state = state, _run_state(api, dag_id, run_id)
+        if state != "waiting":
+            for task_id, task_state in api.task_states(dag_id, run_id).items():
+                if seen.get(task_id) != task_state and task_state is not None:
+                    print(f"   [{time.monotonic() - started:6.0f}s] {task_id:22s} {task_state}")
+                seen[task_id] = task_state
         if state != previous:
             print(f"   [{time.monotonic() - started:6.0f}s] run is {state}")
         if state in ("success", "failed"):
@@ -81,9 +82,21 @@ def _follow(api: AirflowApi, run_id: str, timeout_s: float) -> str:
     return f"still {state} after {timeout_s:.0f}s"
 
 
-def _print_summary(settings: StackSettings, run_id: str, summary: dict) -> None:
+def _run_state(api: AirflowApi, dag_id: str, run_id: str) -> str:
+    """The run's state; "waiting" while a run another DAG triggers does not exist yet."""
+    from opsctl.airflow_api import AirflowApiError
+
+    try:
+        return api.run_state(dag_id, run_id)
+    except AirflowApiError as error:
+        if " 404 " in str(error):
+            return "waiting"
+        raise
+
+
+def print_summary(settings: StackSettings, dag_id: str, run_id: str, summary: dict) -> None:
     print()
-    print(f"== {DAG_ID} run {run_id}: success")
+    print(f"== {dag_id} run {run_id}: success")
     print(f"{'candidate':18s} {'accuracy':>9s} {'macro F1':>9s} {'p50 ms':>8s} {'p95 ms':>8s} {'texts/s':>8s} "
           f"{'size MB':>8s} {'peak MB':>8s}  MLflow version")
     from tasks.pipeline import CANDIDATES
@@ -114,7 +127,7 @@ def _print_summary(settings: StackSettings, run_id: str, summary: dict) -> None:
           f" -> Triton {info['triton_model']} version {triton_version}")
     _send_samples(settings, info["triton_model"], Path(promotion["uris"]["triton_version_dir"]))
     print()
-    print(f"Airflow run:  {settings.airflow_url}/dags/{DAG_ID}/runs/{run_id}")
+    print(f"Airflow run:  {settings.airflow_url}/dags/{dag_id}/runs/{run_id}")
     print(f"MLflow model: {settings.mlflow_url}/#/models/{info['registered_model']}/versions/{info['mlflow_version']}")
     print(f"MLflow run:   {settings.mlflow_url}/#/experiments (run {summary['mlflow_parent_run_id']})")
     print(f"Triton:       http://{settings.triton_http_url}/v2/models/{info['triton_model']}")

@@ -7,6 +7,7 @@ loads unchanged in the official Triton container (real ONNX Runtime backend).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -154,7 +155,6 @@ def _tensorrt_accelerator(precision: str, workspace_mb: int) -> str:
 
 
 CONFIG_SNAPSHOT = "config.pbtxt.snapshot"
-RETIRED_PREFIX = ".retired-"
 
 
 def versions(repository: Path, model: str) -> list[int]:
@@ -163,14 +163,6 @@ def versions(repository: Path, model: str) -> list[int]:
     if not folder.exists():
         return []
     return sorted(int(entry.name) for entry in folder.iterdir() if entry.is_dir() and entry.name.isdigit())
-
-
-def _retired_versions(repository: Path, model: str) -> list[int]:
-    folder = repository / model
-    if not folder.exists():
-        return []
-    return [int(entry.name[len(RETIRED_PREFIX):]) for entry in folder.iterdir()
-            if entry.name.startswith(RETIRED_PREFIX) and entry.name[len(RETIRED_PREFIX):].isdigit()]
 
 
 def write_version(repository: Path, config: OnnxModelConfig, model_dir: Path,
@@ -328,19 +320,22 @@ def ensemble_versions(repository: Path, name: str) -> list[int]:
     return versions(repository, name)
 
 
-def write_ensemble_version(repository: Path, ensemble: ClassifierEnsemble, model_dir: Path) -> int:
-    """Write version N of the ensemble and its three components from an exported classifier folder.
+def next_ensemble_version(repository: Path, name: str) -> int:
+    """One more than any version folder of the ensemble's four models: one number per served version."""
+    return 1 + max(max(versions(repository, model) + [0]) for model in ensemble_models(name))
 
-    ``model_dir`` holds ``model.onnx`` (+ external data) and ``tokenizer.json``. N is one more than
-    any version of the four models, so the components of one served version share its number.
-    Every folder is assembled under a hidden name and renamed into place.
+
+def write_component_versions(repository: Path, ensemble: ClassifierEnsemble, model_dir: Path) -> int:
+    """Write version N of the ensemble's three components (not the ensemble) from an exported folder.
+
+    ``model_dir`` holds ``model.onnx`` (+ external data) and ``tokenizer.json``. Nothing routes to
+    the new components until ``write_ensemble_step`` adds the ensemble version pinned to them, so
+    they can be loaded beside the serving version first.
     """
     missing = [name for name in ("model.onnx", "tokenizer.json") if not (model_dir / name).exists()]
     if missing:
         raise RepositoryError(f"Could not find {missing} in {model_dir}")
-    # Retired numbers count too: a version number is never given to two different models.
-    version = 1 + max(max(versions(repository, model) + _retired_versions(repository, model) + [0])
-                      for model in ensemble.load_order)
+    version = next_ensemble_version(repository, ensemble.name)
     num_labels = len(ensemble.labels)
     onnx_files = [model_dir / "model.onnx", *model_dir.glob("*.onnx.data")]
     layout = {
@@ -364,8 +359,55 @@ def write_ensemble_version(repository: Path, ensemble: ClassifierEnsemble, model
             ),
             [PYTHON_MODELS_DIR / "postprocess" / "model.py"],
         ),
-        ensemble.name: (render_ensemble_config(ensemble, version), []),
     }
+    _write_versions(repository, version, {model: (text, files) for model, (text, files) in layout.items()})
+    return version
+
+
+def write_ensemble_step(repository: Path, name: str, version: int, config_text: str,
+                        files: tuple[Path, ...] = ()) -> None:
+    """Add version N of the ensemble itself (its config pins every step to component version N).
+    Loading it switches traffic to N at once, so it is written only once the components are loaded."""
+    _write_versions(repository, version, {name: (config_text, list(files))})
+
+
+def write_ensemble_version(repository: Path, ensemble: ClassifierEnsemble, model_dir: Path) -> int:
+    """Write version N of the ensemble and its three components in one go (for a repository that
+    Triton loads afterwards; a live switch writes and loads the components first, see tasks.promote)."""
+    version = write_component_versions(repository, ensemble, model_dir)
+    write_ensemble_step(repository, ensemble.name, version, render_ensemble_config(ensemble, version))
+    return version
+
+
+def copy_ensemble_components(repository: Path, name: str, source: int) -> int:
+    """Copy version ``source`` of the three components to a new version N (serving an older model again
+    goes forward, through the same path as a promotion). Each component gets its config of ``source``."""
+    missing = [model for model in ensemble_models(name)[:-1] if not (repository / model / str(source)).is_dir()]
+    if missing:
+        raise RepositoryError(f"version {source} of {missing} is no longer in {repository}")
+    version = next_ensemble_version(repository, name)
+    layout = {}
+    for model in ensemble_models(name)[:-1]:
+        folder = repository / model / str(source)
+        files = [path for path in folder.iterdir() if path.is_file() and path.name != CONFIG_SNAPSHOT]
+        layout[model] = ((folder / CONFIG_SNAPSHOT).read_text(), files)
+    _write_versions(repository, version, layout)
+    return version
+
+
+def repinned_ensemble_config(repository: Path, name: str, source: int, version: int) -> str:
+    """The ensemble config of version ``source`` with its steps pinned to component version ``version``."""
+    text = (repository / name / str(source) / CONFIG_SNAPSHOT).read_text()
+    return re.sub(r"\bmodel_version: \d+\b", f"model_version: {version}", text)
+
+
+def _write_versions(repository: Path, version: int, layout: dict[str, tuple[str, list[Path]]]) -> None:
+    """Stage version ``version`` of each model under a hidden name, then rename all into place.
+
+    ``config.pbtxt`` is per model, not per version: each version keeps its own copy (to go back to),
+    and the model's config is rewritten only when its text changes (a rewrite makes Triton reload
+    every loaded version of the model, not just add the new one).
+    """
     staged = []
     for model, (config_text, files) in layout.items():
         folder = repository / model
@@ -375,34 +417,32 @@ def write_ensemble_version(repository: Path, ensemble: ClassifierEnsemble, model
         staging.mkdir()
         for source in files:
             shutil.copy2(source, staging / source.name)
-        # config.pbtxt is per model, not per version: keep this version's copy to restore on rollback.
         (staging / CONFIG_SNAPSHOT).write_text(config_text)
-        _write_text_atomic(folder / "config.pbtxt", config_text)
+        write_config_if_changed(folder, config_text)
         staged.append((staging, folder / str(version)))
     for staging, final in staged:
         staging.rename(final)
-    return version
 
 
-def remove_ensemble_version(repository: Path, name: str, version: int) -> None:
-    for model in ensemble_models(name):
+def write_config_if_changed(folder: Path, config_text: str) -> bool:
+    config = folder / "config.pbtxt"
+    if config.exists() and config.read_text() == config_text:
+        return False
+    _write_text_atomic(config, config_text)
+    return True
+
+
+def remove_ensemble_version(repository: Path, name: str, version: int, models: tuple[str, ...] | None = None) -> None:
+    """Delete version N of the ensemble's models (all four unless ``models`` names some)."""
+    for model in models or ensemble_models(name):
         remove_version(repository, model, version)
 
 
-def restore_ensemble_config(repository: Path, name: str, version: int) -> None:
-    """Make version N's own config the models' config again (before reloading an older version)."""
-    for model in ensemble_models(name):
-        snapshot = repository / model / str(version) / CONFIG_SNAPSHOT
-        if snapshot.exists():
-            _write_text_atomic(repository / model / "config.pbtxt", snapshot.read_text())
-
-
-def unretire_ensemble_version(repository: Path, name: str, version: int) -> None:
-    """Undo ``retire_ensemble_version``."""
-    for model in ensemble_models(name):
-        source = repository / model / f"{RETIRED_PREFIX}{version}"
-        if source.exists():
-            source.rename(repository / model / str(version))
+def restore_config(repository: Path, model: str, version: int) -> None:
+    """Make version N's own config the model's config again (when N serves again after a failure)."""
+    snapshot = repository / model / str(version) / CONFIG_SNAPSHOT
+    if snapshot.exists():
+        write_config_if_changed(repository / model, snapshot.read_text())
 
 
 def pad_token(model_dir: Path) -> str:
@@ -418,13 +458,3 @@ def pad_token(model_dir: Path) -> str:
             if value:
                 return str(value)
     return "[PAD]"
-
-
-def retire_ensemble_version(repository: Path, name: str, version: int) -> None:
-    """Move version N of every model aside (``.retired-N``) so the previous version becomes the newest."""
-    for model in ensemble_models(name):
-        source = repository / model / str(version)
-        if source.exists():
-            target = repository / model / f"{RETIRED_PREFIX}{version}"
-            shutil.rmtree(target, ignore_errors=True)
-            source.rename(target)

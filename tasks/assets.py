@@ -135,7 +135,9 @@ def normalise_tweets(raw_csv: Path, target: Path) -> Path:
     """CrowdFlower columns sentiment,confidence,text -> text,label with neutral tweets dropped."""
     raw = raw_csv.read_bytes().decode("utf-8", errors="replace")
     frame = pd.read_csv(io.StringIO(raw)).rename(columns={"sentiment": "label"})
-    frame = frame[frame["label"].isin(["negative", "positive"])]
+    frame = frame[frame["label"].isin(["negative", "positive"])].copy()
+    # Some tweets hold bare carriage returns, which pandas' default (C) CSV reader rejects.
+    frame["text"] = frame["text"].astype(str).str.replace(r"\s+", " ", regex=True).str.strip()
     return _write_csv_atomic(frame[["text", "label"]], target)
 
 
@@ -154,7 +156,8 @@ def fetch_demo_assets(
     assets = DemoAssets(
         teacher_dir=cache / "teacher-all-minilm-l6-v2",
         imdb_csv=cache / "imdb.csv",
-        tweets_csv=cache / "tweets.csv",
+        # v2: line breaks inside tweets are spaces (v1, tweets.csv, was unreadable by pandas' C reader).
+        tweets_csv=cache / "tweets-v2.csv",
     )
     if not (assets.teacher_dir / "config.json").exists():
         progress(f"fetching teacher from {TEACHER.requirement}")

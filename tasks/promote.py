@@ -1,15 +1,20 @@
 """Put a gated candidate into service on Triton, then move the MLflow alias to exactly that version.
 
-Order matters: write the new Triton version (ensemble: tokenizer -> ONNX model -> postprocess)
-atomically, load it, smoke-test it through Triton with raw texts against the candidate's own
-evaluation outputs, and only then move the alias (the old champion becomes
-``previous_champion``). Any failure removes the new version, reloads the previous one and
-leaves the aliases untouched. ``rollback`` serves the previous champion again.
+Order matters. Version N of the ensemble's components (tokenizer, ONNX model, postprocess) is
+written and loaded beside the serving version N-1 while nothing routes to it yet; only then is the
+ensemble's version N written (its steps pinned to component version N) and loaded, which switches
+every request at once. N is smoke-tested through Triton with raw texts against the candidate's own
+evaluation outputs, and only then does the alias move (the old champion becomes
+``previous_champion``). Any failure takes N out again, serves N-1 and leaves the aliases untouched.
+``rollback`` serves the previous champion again by the same forward path: its files become a new
+version. Going forward only matters: Triton reloads an ensemble whenever one of its models is
+loaded, so an ensemble version on disk must never name components that are not loaded yet.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,23 +49,27 @@ def run(config: PromoteConfig, target: PromotionTarget, model_dir: Path, predict
     """Serve ``model_dir`` as a new version of the ``config.triton_model`` ensemble and move the alias."""
     labels = tuple(data_step.read_meta(data_dir)["labels"])
     ensemble = repo.ClassifierEnsemble(config.triton_model, labels, max_length, intra_op_threads=intra_op_threads)
+    repository = target.model_repository
     client = TritonClient(target.triton_url)
     client.wait_ready(timeout_s=30)
-    previous = repo.ensemble_versions(target.model_repository, ensemble.name)
-    version = repo.write_ensemble_version(target.model_repository, ensemble, model_dir)
-    log.info("wrote %s version %d; loading it", ensemble.name, version)
-    try:
+    previous = repo.ensemble_versions(repository, ensemble.name)
+    with tempfile.TemporaryDirectory(prefix="promote-") as scratch:
         # Drift monitoring's reference: the evaluation outputs and their features, beside the served version.
-        write_reference(predictions, data_dir, model_dir, list(labels), max_length,
-                        target.model_repository / ensemble.name / str(version) / REFERENCE_FILE)
-        _load_version(client, ensemble.name, version)
-        diff = _smoke_test(client, config, ensemble.name, predictions, data_dir, version)
-    except Exception as error:  # noqa: BLE001 - whatever failed, the previous version must serve again
-        _restore(client, target.model_repository, ensemble.name, version, previous)
-        raise PromotionFailed(
-            f"{ensemble.name} version {version} was not promoted: {error}. "
-            f"Version {previous[-1] if previous else '(none)'} keeps serving; the alias {config.alias!r} is unchanged."
-        ) from error
+        reference = write_reference(predictions, data_dir, model_dir, list(labels), max_length,
+                                    Path(scratch) / REFERENCE_FILE)
+        version = repo.write_component_versions(repository, ensemble, model_dir)
+        log.info("wrote %s version %d; loading it", ensemble.name, version)
+        try:
+            _switch_to(client, repository, ensemble.name, version, repo.render_ensemble_config(ensemble, version),
+                       (reference,))
+            diff = _smoke_test(client, config, ensemble.name, predictions, data_dir, version)
+        except Exception as error:  # noqa: BLE001 - whatever failed, the previous version must serve again
+            _restore(client, repository, ensemble.name, version, previous)
+            raise PromotionFailed(
+                f"{ensemble.name} version {version} was not promoted: {error}. "
+                f"Version {previous[-1] if previous else '(none)'} keeps serving; "
+                f"the alias {config.alias!r} is unchanged."
+            ) from error
     current = registry.alias_version(target.tracking_uri, config.registered_model, config.alias)
     if current is not None and current != mlflow_version:
         registry.set_alias(target.tracking_uri, config.registered_model, PREVIOUS_ALIAS, current)
@@ -72,7 +81,7 @@ def run(config: PromoteConfig, target: PromotionTarget, model_dir: Path, predict
     return StepResult(
         step="promote",
         status=StepStatus.SUCCESS,
-        uris={"triton_version_dir": str(target.model_repository / ensemble.name / str(version))},
+        uris={"triton_version_dir": str(repository / ensemble.name / str(version))},
         metrics={"triton_version": float(version), "smoke_max_abs_diff": diff},
         info={"registered_model": config.registered_model, "mlflow_version": mlflow_version,
               "alias": config.alias, "triton_model": ensemble.name},
@@ -80,7 +89,10 @@ def run(config: PromoteConfig, target: PromotionTarget, model_dir: Path, predict
 
 
 def rollback(config: PromoteConfig, target: PromotionTarget) -> StepResult:
-    """Serve the ``previous_champion`` again in Triton and make it the champion in MLflow."""
+    """Serve the ``previous_champion`` again in Triton and make it the champion in MLflow.
+
+    Its Triton version's files are copied to a new version and switched to like any promotion, so
+    requests never see a gap; the MLflow version is re-tagged with the new Triton version."""
     previous = registry.alias_version(target.tracking_uri, config.registered_model, PREVIOUS_ALIAS)
     if previous is None:
         raise PromotionFailed(
@@ -93,38 +105,45 @@ def rollback(config: PromoteConfig, target: PromotionTarget) -> StepResult:
             f"{config.registered_model} version {previous} was never served as {config.triton_model}; "
             "promote it with the pipeline instead"
         )
-    wanted = int(tags["triton_version"])
-    present = repo.ensemble_versions(target.model_repository, config.triton_model)
-    if wanted not in present:
-        raise PromotionFailed(f"Triton version {wanted} of {config.triton_model} is no longer in the repository")
+    source = int(tags["triton_version"])
+    repository = target.model_repository
+    present = repo.ensemble_versions(repository, config.triton_model)
+    if source not in present:
+        raise PromotionFailed(f"Triton version {source} of {config.triton_model} is no longer in the repository")
     client = TritonClient(target.triton_url)
     client.wait_ready(timeout_s=30)
-    newer = [v for v in present if v > wanted]
-    for version in newer:
-        repo.retire_ensemble_version(target.model_repository, config.triton_model, version)
-    repo.restore_ensemble_config(target.model_repository, config.triton_model, wanted)
     try:
-        _load_version(client, config.triton_model, wanted, going_back=True)
-    except Exception as error:  # noqa: BLE001 - put the newer versions back and serve the newest again
-        for version in newer:
-            repo.unretire_ensemble_version(target.model_repository, config.triton_model, version)
-        _restore(client, target.model_repository, config.triton_model, None, present, going_back=False)
+        version = repo.copy_ensemble_components(repository, config.triton_model, source)
+    except repo.RepositoryError as error:
+        raise PromotionFailed(f"cannot roll back {config.triton_model} to version {source}: {error}") from error
+    reference = repository / config.triton_model / str(source) / REFERENCE_FILE
+    try:
+        _switch_to(client, repository, config.triton_model, version,
+                   repo.repinned_ensemble_config(repository, config.triton_model, source, version),
+                   tuple(path for path in (reference,) if path.exists()))
+        _check_serving(client, config.triton_model, version)
+    except Exception as error:  # noqa: BLE001 - whatever failed, the current version must serve again
+        _restore(client, repository, config.triton_model, version, present)
         raise PromotionFailed(
-            f"rollback of {config.triton_model} to version {wanted} failed: {error}; version {present[-1]} "
-            "serves again and the aliases are unchanged"
+            f"rollback of {config.triton_model} to the files of version {source} failed: {error}; version "
+            f"{present[-1]} serves again and the aliases are unchanged"
         ) from error
     registry.set_alias(target.tracking_uri, config.registered_model, config.alias, previous)
     registry.delete_alias(target.tracking_uri, config.registered_model, PREVIOUS_ALIAS)
+    registry.tag_version(target.tracking_uri, config.registered_model, previous,
+                         {"triton_version": str(version), "rolled_back_from": current or ""})
     if current is not None:
         registry.tag_version(target.tracking_uri, config.registered_model, current,
                              {"rolled_back": f"replaced by version {previous}"})
-    log.info("rolled back %s to MLflow v%s (Triton v%d)", config.registered_model, previous, wanted)
+    log.info("rolled back %s to MLflow v%s (Triton v%d, the files of v%d)", config.registered_model, previous,
+             version, source)
     return StepResult(
         step="rollback",
         status=StepStatus.SUCCESS,
-        metrics={"triton_version": float(wanted)},
+        metrics={"triton_version": float(version)},
         info={"registered_model": config.registered_model, "mlflow_version": previous,
-              "replaced_version": current or "", "triton_model": config.triton_model},
+              "replaced_version": current or "", "triton_model": config.triton_model,
+              "files_of_triton_version": str(source)},
     )
 
 
@@ -147,18 +166,16 @@ def champion_score(target: PromotionTarget, config: PromoteConfig, data_dir: Pat
     return ChampionScore(accuracy, f"Triton {config.triton_model} v{version}")
 
 
-def _load_version(client: TritonClient, name: str, version: int, timeout_s: float = 120.0,
-                  going_back: bool = False) -> None:
-    """Load (or reload) every model of the ensemble and wait until version N of each is ready.
+def _switch_to(client: TritonClient, repository: Path, name: str, version: int, ensemble_config: str,
+              ensemble_files: tuple[Path, ...]) -> None:
+    """Load component version N beside the serving one, then add and load ensemble version N (the switch)."""
+    _load_and_wait(client, repo.ensemble_models(name)[:-1], version)
+    repo.write_ensemble_step(repository, name, version, ensemble_config, ensemble_files)
+    _load_and_wait(client, (name,), version)
 
-    The ensemble's steps are pinned to its own version of each component, and components keep two
-    versions loaded. Going forward, the components load first (adding N beside N-1) and the
-    ensemble last (switching every request to N at once). Going back (rollback, failed promotion),
-    the ensemble loads first (back onto the older components, still loaded) and the components
-    after it (dropping the newer version nobody routes to any more).
-    """
-    components = repo.ensemble_models(name)[:-1]
-    models = (name, *components) if going_back else (*components, name)
+
+def _load_and_wait(client: TritonClient, models: tuple[str, ...], version: int, timeout_s: float = 120.0) -> None:
+    """Load (or reload) ``models`` and wait until version N of each is ready."""
     for model in models:
         client.load(model)
     deadline = time.monotonic() + timeout_s
@@ -166,7 +183,19 @@ def _load_version(client: TritonClient, name: str, version: int, timeout_s: floa
         if all(client.is_ready(model, version) for model in models):
             return
         time.sleep(0.25)
-    raise PromotionFailed(f"Triton did not report {name} version {version} ready within {timeout_s:.0f}s")
+    raise PromotionFailed(f"Triton did not report {', '.join(models)} version {version} ready within {timeout_s:.0f}s")
+
+
+CHECK_TEXTS = ("a short check that the model serves", "another one, a little longer, with punctuation!")
+
+
+def _check_serving(client: TritonClient, name: str, version: int) -> None:
+    """Version N answers with finite probabilities that sum to one (a rollback has no evaluation outputs
+    for these texts to compare with; the files it serves already passed the smoke test once)."""
+    served = client.classify(name, list(CHECK_TEXTS), version=version)
+    probabilities = served["PROBABILITIES"]
+    if not np.isfinite(probabilities).all() or not np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-4):
+        raise PromotionFailed(f"{name} version {version} returned invalid probabilities: {probabilities.tolist()}")
 
 
 def write_reference(predictions: Path, data_dir: Path, model_dir: Path, labels: list[str], max_length: int,
@@ -201,12 +230,13 @@ def _smoke_test(client: TritonClient, config: PromoteConfig, name: str, predicti
     return diff
 
 
-def _restore(client: TritonClient, repository: Path, name: str, failed: int | None, previous: list[int],
-             going_back: bool = True) -> None:
-    """Remove the failed version (if any) and serve ``previous[-1]`` with its own config again
-    (``going_back`` False: it is the newest version again, after a failed rollback)."""
-    if failed is not None:
-        repo.remove_ensemble_version(repository, name, failed)
+def _restore(client: TritonClient, repository: Path, name: str, failed: int, previous: list[int]) -> None:
+    """Take the failed version N out and serve ``previous[-1]`` again.
+
+    The ensemble goes back first (its older version's components are still loaded beside N), the
+    components after it (dropping N, which nothing routes to any more). Errors are logged: the
+    caller reports the original failure.
+    """
     models = repo.ensemble_models(name)
     if not previous:
         for model in reversed(models):
@@ -214,9 +244,19 @@ def _restore(client: TritonClient, repository: Path, name: str, failed: int | No
                 client.unload(model)
             except Exception:  # noqa: BLE001 - nothing served before; unloading is best effort
                 log.warning("could not unload %s after a failed first promotion", model)
+        repo.remove_ensemble_version(repository, name, failed)
         return
-    repo.restore_ensemble_config(repository, name, previous[-1])
+    serving = previous[-1]
     try:
-        _load_version(client, name, previous[-1], going_back=going_back)
+        if failed in repo.ensemble_versions(repository, name):
+            repo.remove_ensemble_version(repository, name, failed, models=(name,))
+            repo.restore_config(repository, name, serving)
+            _load_and_wait(client, (name,), serving)
+        components = models[:-1]
+        repo.remove_ensemble_version(repository, name, failed, models=components)
+        for model in components:
+            repo.restore_config(repository, model, serving)
+        _load_and_wait(client, components, serving)
     except (TritonUnavailable, PromotionFailed) as error:
-        log.error("reloading %s version %d after a failed promotion failed: %s", name, previous[-1], error)
+        log.error("serving %s version %d again after a failed switch to %d failed: %s", name, serving, failed,
+                  error)

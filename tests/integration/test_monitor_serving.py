@@ -34,6 +34,9 @@ when = datetime.fromtimestamp(float(sys.argv[3]), tz=timezone.utc)
 run = bag.dags["monitor_serving"].test(run_conf=json.loads(sys.argv[2]), logical_date=when)
 states = {ti.task_id: ti.state for ti in run.get_task_instances()}
 print("DAG_RUN", run.state, json.dumps({k: str(v) for k, v in states.items()}))
+from airflow.models import DagRun
+triggered = [{"run_id": r.run_id, "conf": r.conf} for r in DagRun.find(dag_id="optimize_model")]
+print("TRIGGERED", json.dumps(triggered))
 """
 
 pytestmark = pytest.mark.integration
@@ -102,13 +105,16 @@ def test_monitor_dag_reports_no_drift_then_triggers_on_shifted_traffic(local_ser
     assert migrate.returncode == 0, migrate.stderr[-2000:]
 
     def run_monitor(window_end: float) -> dict:
-        conf = {"window_minutes": 15, "min_rows": 100, "persist_windows": 1, "cooldown_minutes": 0}
+        conf = {"window_minutes": 15, "min_rows": 100, "persist_windows": 1, "cooldown_minutes": 0,
+                "retrain_conf": json.dumps({"data_source": "/data/labelled", "max_train": 300})}
         done = subprocess.run([sys.executable, "-c", RUNNER, str(REPO_ROOT / "dags"), json.dumps(conf),
                                str(window_end)], env=env, capture_output=True, text=True, timeout=600)
         output = done.stdout + done.stderr
         line = [row for row in done.stdout.splitlines() if row.startswith("DAG_RUN")]
         assert done.returncode == 0 and line, output[-4000:]
-        return {"state": line[0].split()[1], "tasks": json.loads(line[0].split(" ", 2)[2]), "output": output}
+        triggered = [row for row in done.stdout.splitlines() if row.startswith("TRIGGERED")]
+        return {"state": line[0].split()[1], "tasks": json.loads(line[0].split(" ", 2)[2]), "output": output,
+                "triggered": json.loads(triggered[0].split(" ", 1)[1]) if triggered else None}
 
     quiet = run_monitor(quiet_end)
     assert quiet["tasks"]["check_window"] == "success", quiet["output"][-3000:]
@@ -116,6 +122,12 @@ def test_monitor_dag_reports_no_drift_then_triggers_on_shifted_traffic(local_ser
     shifted = run_monitor(shifted_end)
     assert shifted["tasks"]["check_window"] == "success" and shifted["tasks"]["should_trigger"] == "success"
     assert shifted["tasks"]["trigger_optimize_model"] == "success", shifted["output"][-4000:]
+    # The triggered run carries the retrain params, the reason and the evidence, under a traceable run id.
+    (optimize_run,) = shifted["triggered"]
+    assert optimize_run["run_id"].startswith("monitor__")
+    assert optimize_run["conf"]["data_source"] == "/data/labelled" and optimize_run["conf"]["max_train"] == 300
+    assert "output drift" in optimize_run["conf"]["trigger_reason"]
+    assert json.loads(optimize_run["conf"]["trigger_evidence"])["windows"]
 
     windows = sorted((home / "monitoring" / "windows").iterdir())
     summaries = [json.loads((folder / "summary.json").read_text()) for folder in windows]

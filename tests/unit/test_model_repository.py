@@ -92,15 +92,56 @@ def test_ensemble_versions_are_written_to_every_model_with_one_number(tmp_path):
     # Version 1 keeps its own pinning for rollback.
     assert (repository / "clf" / "1" / repo.CONFIG_SNAPSHOT).read_text().count("model_version: 1 ") == 3
 
-    repo.retire_ensemble_version(repository, "clf", 2)
-    assert repo.ensemble_versions(repository, "clf") == [1]
-    assert (repository / "clf_onnx" / ".retired-2" / "model.onnx").exists()
-    # A retired number is never given to another model: the next version is 3, not 2 again.
-    assert repo.write_ensemble_version(repository, ensemble, _exported(tmp_path / "c")) == 3
-    repo.remove_ensemble_version(repository, "clf", 3)
+    repo.remove_ensemble_version(repository, "clf", 2)
     assert all(repo.versions(repository, model) == [1] for model in ensemble.load_order)
-    repo.unretire_ensemble_version(repository, "clf", 2)
+
+
+def test_components_are_written_before_the_ensemble_that_routes_to_them(tmp_path):
+    ensemble = repo.ClassifierEnsemble("clf", ("negative", "positive"), max_length=64)
+    repository = tmp_path / "repo"
+    repo.write_ensemble_version(repository, ensemble, _exported(tmp_path))
+    version = repo.write_component_versions(repository, ensemble, _exported(tmp_path / "b"))
+    assert version == 2
+    assert repo.ensemble_versions(repository, "clf") == [1]  # nothing routes to version 2 yet
+    assert all(repo.versions(repository, model) == [1, 2] for model in ensemble.load_order[:-1])
+    assert (repository / "clf" / "config.pbtxt").read_text().count("model_version: 1 ") == 3
+    reference = tmp_path / "reference.parquet"
+    reference.write_bytes(b"x")
+    repo.write_ensemble_step(repository, "clf", version, repo.render_ensemble_config(ensemble, version), (reference,))
     assert repo.ensemble_versions(repository, "clf") == [1, 2]
+    assert (repository / "clf" / "2" / "reference.parquet").exists()
+    assert not list((repository / "clf").glob(".incoming-*"))
+
+
+def test_an_older_version_is_served_again_as_a_new_version(tmp_path):
+    repository = tmp_path / "repo"
+    long = repo.ClassifierEnsemble("clf", ("negative", "positive"), max_length=128)
+    short = repo.ClassifierEnsemble("clf", ("negative", "positive"), max_length=64)
+    repo.write_ensemble_version(repository, long, _exported(tmp_path / "a"))
+    repo.write_ensemble_version(repository, short, _exported(tmp_path / "b"))
+    (repository / "clf_onnx" / "1" / "model.onnx").write_bytes(b"version one")
+    version = repo.copy_ensemble_components(repository, "clf", 1)
+    assert version == 3
+    assert (repository / "clf_onnx" / "3" / "model.onnx").read_bytes() == b"version one"
+    assert (repository / "clf_tokenizer" / "3" / "tokenizer.json").exists()
+    # The copy brings version 1's own config back (max_length 128), the ensemble still routes to 2.
+    assert '"128"' in (repository / "clf_tokenizer" / "config.pbtxt").read_text()
+    assert repo.ensemble_versions(repository, "clf") == [1, 2]
+    config = repo.repinned_ensemble_config(repository, "clf", 1, 3)
+    assert config.count("model_version: 3 ") == 3 and "model_version: 1 " not in config
+    assert _parsed(config).ensemble_scheduling.step[0].model_version == 3
+    repo.remove_version(repository, "clf_onnx", 1)
+    with pytest.raises(repo.RepositoryError, match="no longer"):
+        repo.copy_ensemble_components(repository, "clf", 1)
+
+
+def test_a_config_is_rewritten_only_when_its_text_changes(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    assert repo.write_config_if_changed(folder, "a") is True
+    assert repo.write_config_if_changed(folder, "a") is False
+    assert repo.write_config_if_changed(folder, "b") is True
+    assert (folder / "config.pbtxt").read_text() == "b"
 
 
 def test_each_version_keeps_its_own_config_for_rollback(tmp_path):
@@ -111,7 +152,7 @@ def test_each_version_keeps_its_own_config_for_rollback(tmp_path):
     repo.write_ensemble_version(repository, short, _exported(tmp_path / "b"))
     config = repository / "clf_tokenizer" / "config.pbtxt"
     assert '"64"' in config.read_text()
-    repo.restore_ensemble_config(repository, "clf", 1)
+    repo.restore_config(repository, "clf_tokenizer", 1)
     assert '"128"' in config.read_text() and '"64"' not in config.read_text()
 
 
