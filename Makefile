@@ -2,6 +2,7 @@
 PYTHON ?= python3.11
 VENV := .venv
 VENV_TRITON := .venv-triton
+VENV_KFP := .venv-kfp
 BIN := $(VENV)/bin
 # Telemetry off for everything started from here (the Python code sets it too).
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -10,7 +11,7 @@ export AIRFLOW__USAGE_DATA_COLLECTION__ENABLED := False
 export SCARF_ANALYTICS := false
 PYTEST_ARGS ?=
 
-.PHONY: help venv venv-triton demo demo-drift test test-slow bench-compress bench-monitor load-test up down status assets clean-stack
+.PHONY: help venv venv-triton venv-kfp kubeflow demo demo-drift test test-slow bench-compress bench-monitor load-test up down status assets clean-stack
 
 help:
 	@echo "make demo       create environments, start the local stack, run optimize_model end to end"
@@ -20,10 +21,12 @@ help:
 	@echo "make bench-compress  every compression technique on the demo assets -> bench/results/compress-demo.{json,md}"
 	@echo "make bench-monitor   one monitoring window over 10,000 logged predictions -> bench/results/monitor.json"
 	@echo "make load-test       60 s of steady single-text requests to the local gateway -> bench/results/load-local.{json,md}"
+	@echo "make kubeflow        compile optimize_model for Kubeflow Pipelines -> build/optimize_model.kfp.yaml"
 	@echo "make up|down|status  start, stop or inspect the local stack"
 
 venv: $(VENV)/.installed
 venv-triton: $(VENV_TRITON)/.installed
+venv-kfp: $(VENV_KFP)/.installed
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +42,16 @@ $(VENV_TRITON)/.installed: requirements-triton.lock
 	$(VENV_TRITON)/bin/pip install --quiet --disable-pip-version-check -r requirements-triton.lock
 	$(VENV_TRITON)/bin/pip install --quiet --disable-pip-version-check --no-deps nvidia-pytriton==0.7.0
 	@touch $@
+
+# Kubeflow Pipelines compiler only (kfp pins protobuf/click versions the main environment cannot share).
+$(VENV_KFP)/.installed: requirements-kfp.lock
+	@test -x $(VENV_KFP)/bin/python || $(PYTHON) -m venv $(VENV_KFP)
+	$(VENV_KFP)/bin/pip install --quiet --disable-pip-version-check -r requirements-kfp.lock
+	@touch $@
+
+# optimize_model as a Kubeflow Pipelines YAML (upload it in the Kubeflow UI or with the kfp client).
+kubeflow: venv-kfp
+	$(VENV_KFP)/bin/python infra/kubeflow/pipeline.py --output build/optimize_model.kfp.yaml
 
 up: venv venv-triton
 	$(BIN)/opsctl up
@@ -61,10 +74,10 @@ demo-drift: venv venv-triton
 	$(BIN)/opsctl up
 	$(BIN)/opsctl demo-drift
 
-test: venv venv-triton
+test: venv venv-triton venv-kfp
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-slow: venv venv-triton
+test-slow: venv venv-triton venv-kfp
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 # ~25 minutes on 2 cores; exits 2 when a target of the compression issue is not met.

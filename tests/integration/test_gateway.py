@@ -160,3 +160,25 @@ def test_every_served_prediction_is_in_the_log(gateway_stack, http):
     assert latest["text"] is None
     metrics = http.get("/metrics").text
     assert "prediction_log_written" in metrics and "gateway_request_latency_seconds_bucket" in metrics
+
+
+def _metric_names(text: str) -> set[str]:
+    return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def test_every_metric_the_dashboard_and_alerts_use_is_exported(gateway_stack, http):
+    """The Grafana dashboard and the Prometheus alerts name metrics that the live gateway and Triton
+    really export (GPU metrics only exist on GPU hosts)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    assert http.post("/v1/classify", json={"texts": ["good", "bad"]}).status_code == 200
+    settings = gateway_stack.settings
+    exported = _metric_names(http.get("/metrics").text)
+    exported |= _metric_names(httpx.get(f"http://{settings.host}:{settings.triton_metrics_port}/metrics").text)
+    texts = [(root / "infra" / "grafana" / "dashboards" / "serving.json").read_text(),
+             (root / "infra" / "prometheus" / "alerts.yml").read_text()]
+    used = {name for text in texts for name in re.findall(r"\b(?:nv|gateway|prediction_log)_[a-z_]+\b", text)}
+    missing = sorted(name for name in used - exported if not name.startswith("nv_gpu_"))
+    assert len(used) > 10 and not missing, f"not exported: {missing}"
