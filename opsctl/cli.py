@@ -67,6 +67,52 @@ def _cmd_demo_drift(settings: StackSettings, args: argparse.Namespace) -> int:
     return run_drift_demo(settings, profile=args.profile, timeout_s=args.timeout, rate=args.rate, force=args.force)
 
 
+def _cmd_champion(settings: StackSettings, args: argparse.Namespace) -> int:
+    """Which MLflow version is the champion, what it is, and what Triton serves."""
+    from serving.triton_client import TritonClient
+    from tasks import registry
+    from tasks.promote import PREVIOUS_ALIAS
+
+    lines = champion_lines(settings.mlflow_url, TritonClient(settings.triton_http_url), args.registered_model,
+                           args.triton_model, PREVIOUS_ALIAS, registry)
+    print("\n".join(lines))
+    return 0 if lines and not lines[0].startswith("no champion") else 1
+
+
+def champion_lines(mlflow_url: str, triton, registered_model: str, triton_model: str, previous_alias: str,
+                   registry) -> list[str]:
+    champion = registry.alias_version(mlflow_url, registered_model, "champion")
+    served = triton.ready_versions(triton_model) if triton.is_ready(triton_model) else []
+    serving = f"Triton {triton_model}: " + (f"version {served[-1]} ready" if served else "not serving")
+    if champion is None:
+        return [f"no champion: {registered_model} has no 'champion' alias yet (run `make demo`)", serving]
+    tags = registry.version_tags(mlflow_url, registered_model, champion)
+    lines = [f"champion: {registered_model} version {champion} ({tags.get('candidate', '?')}, "
+             f"accuracy {tags.get('metric.accuracy', '?')}, p50 {tags.get('metric.latency_p50_ms', '?')} ms), "
+             f"served as Triton {tags.get('triton_model', '?')} version {tags.get('triton_version', '?')}", serving]
+    previous = registry.alias_version(mlflow_url, registered_model, previous_alias)
+    lines.append(f"previous champion: version {previous} (`opsctl rollback` serves it again)" if previous
+                 else "previous champion: none")
+    lines.append(f"MLflow: {mlflow_url}/#/models/{registered_model}/versions/{champion}")
+    return lines
+
+
+def _cmd_classify(settings: StackSettings, args: argparse.Namespace) -> int:
+    """Send texts through the gateway (as clients do) and print what came back."""
+    import httpx
+
+    response = httpx.post(f"{settings.gateway_url}/v1/classify", json={"texts": args.texts}, timeout=30)
+    body = response.json()
+    if response.status_code != 200:
+        print(f"error: the gateway answered {response.status_code}: {body.get('error', body)}", file=sys.stderr)
+        return 1
+    print(f"{body['model']} version {body['model_version']}, {body['latency_ms']:.1f} ms")
+    for text, prediction in zip(args.texts, body["predictions"]):
+        probability = prediction["probabilities"][prediction["label"]]
+        print(f"  {prediction['label']:10s} p={probability:.3f}  {text[:100]}")
+    return 0
+
+
 def _cmd_rollback(settings: StackSettings, args: argparse.Namespace) -> int:
     from tasks.config import PromoteConfig
     from tasks.promote import PromotionTarget, rollback
@@ -105,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "fetch-assets", help="download and verify the demo teacher and data (cached; never fetched twice)"
     ).set_defaults(handler=_cmd_fetch_assets)
+    champion = commands.add_parser("champion", help="the MLflow champion version, what it is and what Triton serves")
+    champion.add_argument("--registered-model", default="text-classifier", help="MLflow registered model name")
+    champion.add_argument("--triton-model", default="text_classifier", help="Triton ensemble name")
+    champion.set_defaults(handler=_cmd_champion)
+    classify = commands.add_parser("classify", help="send texts through the gateway and print the predictions")
+    classify.add_argument("texts", nargs="+", help="one or more texts (quote each)")
+    classify.set_defaults(handler=_cmd_classify)
     back = commands.add_parser("rollback", help="serve the previous champion again (Triton and MLflow alias)")
     back.add_argument("--registered-model", default="text-classifier", help="MLflow registered model name")
     back.add_argument("--triton-model", default="text_classifier", help="Triton ensemble name")

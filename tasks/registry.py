@@ -117,7 +117,7 @@ def log_candidate(tracking_uri: str, experiment: str, parent_id: str, pipeline_r
                                  if (candidate.model_dir / name).exists()],
                 )
         version = str(info.registered_model_version)
-    for key, value in tags.items():
+    for key, value in (tags | {CANDIDATE_TAG: candidate.name}).items():
         client.set_model_version_tag(registered_model, version, key, value)
     for key, value in candidate.metrics.items():
         client.set_model_version_tag(registered_model, version, f"metric.{key}", f"{value:.6g}")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,11 +21,16 @@ from opsctl.settings import StackSettings
 pytestmark = pytest.mark.integration
 
 
-def _stack(home: Path) -> LocalStack:
+def _env(home: Path) -> dict[str, str]:
     env = {"PIPELINE_HOME": str(home), "PIPELINE_ASSETS_CACHE": str(home / "assets")}
     env.update({f"PIPELINE_{name}_PORT": str(free_port())
                 for name in ("MLFLOW", "TRITON_HTTP", "TRITON_GRPC", "TRITON_METRICS", "AIRFLOW", "GATEWAY")})
-    return LocalStack(StackSettings.from_env(env))
+    return env
+
+
+def _opsctl(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "opsctl.cli", *args], env=os.environ | env, capture_output=True,
+                          text=True, timeout=120)
 
 
 def _alive(pid: int) -> bool:
@@ -49,7 +56,8 @@ def _wait_run(api: AirflowApi, run_id: str, timeout_s: float) -> str:
 
 
 def test_scheduler_runs_optimize_model_and_restart_keeps_state(tmp_path, tiny_model, labelled_csv):
-    stack = _stack(tmp_path / "stack")
+    env = _env(tmp_path / "stack")
+    stack = LocalStack(StackSettings.from_env(env))
     settings = stack.settings
     messages: list[str] = []
     try:
@@ -92,6 +100,17 @@ def test_scheduler_runs_optimize_model_and_restart_keeps_state(tmp_path, tiny_mo
         assert client.ready_versions("text_classifier") == [1]
         summary = json.loads((settings.runs_dir / "stack_test_run" / "summary.json").read_text())
         assert summary["promotion"]["status"] == "success"
+        # The CLI a user reaches for next: what is the champion, and what does it answer?
+        champion = _opsctl(env, "champion")
+        assert champion.returncode == 0, champion.stderr
+        assert f"champion: text-classifier version {mlflow_version} " in champion.stdout
+        assert "Triton text_classifier: version 1 ready" in champion.stdout
+        classified = _opsctl(env, "classify", "a wonderful film", "dull and far too long")
+        assert classified.returncode == 0, classified.stderr
+        assert classified.stdout.startswith("text_classifier version 1, ")
+        assert len([line for line in classified.stdout.splitlines() if " p=" in line]) == 2
+        refused = _opsctl(env, "classify", "x" * 20_000)
+        assert refused.returncode == 1 and "the gateway answered 422" in refused.stderr and "longer than" in refused.stderr
     finally:
         restarted.down(progress=lambda _: None)
     assert all(not state["running"] for state in restarted.status().values())

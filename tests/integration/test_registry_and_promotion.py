@@ -167,6 +167,16 @@ def test_promote_switch_fail_and_roll_back_without_dropping_requests(local_servi
     with pytest.raises(PromotionFailed, match="nothing to roll back to"):
         rollback(config, target)
 
+    # What `opsctl champion` prints for this state.
+    from opsctl.cli import champion_lines
+
+    lines = champion_lines(settings.mlflow_url, client, "promo-model", "promo_model", PREVIOUS_ALIAS, registry)
+    assert lines[0].startswith(f"champion: promo-model version {mlflow_v1} (onnx_fp32, accuracy ")
+    assert lines[0].endswith("served as Triton promo_model version 3")
+    assert lines[1:3] == ["Triton promo_model: version 3 ready", "previous champion: none"]
+    assert champion_lines(settings.mlflow_url, client, "never-registered", "nothing", PREVIOUS_ALIAS,
+                          registry)[0].startswith("no champion")
+
 
 def test_smoke_test_mismatch_is_not_promoted(local_services, exported_onnx, evaluated, prepared_data, tmp_path):
     """Outputs through Triton that differ from the evaluation outputs (wrong label order) block promotion."""

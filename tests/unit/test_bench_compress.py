@@ -10,7 +10,8 @@ from bench import compress
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     work = tmp_path_factory.mktemp("bench")
-    return compress.run(compress.PROFILES["tiny"], work / "work", work / "results", isolate=False), work / "results"
+    return (compress.run(compress.PROFILES["tiny"], work / "work", work / "results", isolate=False, rounds=2),
+            work / "results")
 
 
 def test_every_technique_has_a_row_with_ratios_against_the_teacher(report):
@@ -26,6 +27,10 @@ def test_every_technique_has_a_row_with_ratios_against_the_teacher(report):
             assert line["size_reduction"] == pytest.approx(teacher["size_mb"] / line["size_mb"])
             assert line["p50_speedup"] == pytest.approx(teacher["latency_p50_ms"] / line["latency_p50_ms"])
             assert 0 <= line["teacher_label_agreement"] <= 1
+            # Interleaved: every model timed in every round in its own worker; ratios per round.
+            assert line["interleaved_speedup_min"] <= line["interleaved_speedup"] <= line["interleaved_speedup_max"]
+            assert line["interleaved_p50_ms"] > 0
+    assert teacher["interleaved_speedup"] == teacher["interleaved_speedup_min"] == 1.0
 
 
 def test_pruning_rows_show_what_pruning_did(report):
@@ -54,3 +59,13 @@ def test_report_files_are_written_and_targets_are_judged(report):
     page = (results / "compress-tiny.md").read_text()
     assert "| student_pruned_int8 |" in page and "| tensorrt_fp16 |" in page
     assert "## Targets" in page
+
+
+def test_interleaved_speedup_is_the_median_of_per_round_ratios():
+    from bench.latency_workers import InterleavedLatency
+
+    latency = InterleavedLatency(rounds=3, texts=2, per_round_p50={"ref": [10.0, 30.0, 12.0], "m": [1.0, 2.0, 2.0]},
+                                 calls={"m": [1.0, 1.0, 2.0, 2.0, 2.0, 2.0]})
+    # Rounds 10/1, 30/2, 12/2: a slow spell in round 2 moves the median, not the verdict.
+    assert latency.speedup("ref", "m") == {"median": 10.0, "min": 6.0, "max": 15.0}
+    assert latency.percentiles("m")["p50"] == 2.0 and latency.percentiles("m")["calls"] == 6.0
