@@ -11,13 +11,13 @@ export AIRFLOW__USAGE_DATA_COLLECTION__ENABLED := False
 export SCARF_ANALYTICS := false
 PYTEST_ARGS ?=
 
-.PHONY: help venv venv-triton venv-kfp kubeflow demo demo-drift test test-slow bench-compress bench-monitor load-test up down status assets clean-stack
+.PHONY: help venv venv-triton venv-kfp browser-deps kubeflow demo demo-drift test test-slow bench-compress bench-monitor load-test up down status assets clean-stack
 
 help:
 	@echo "make demo       create environments, start the local stack, run optimize_model end to end"
 	@echo "make demo-drift after make demo: normal then shifted traffic, the monitor triggers a retrain (~20 min)"
 	@echo "make test       create environments and run the test suite"
-	@echo "make test-slow  the long checks (real demo assets)"
+	@echo "make test-slow  the long checks (real demo assets, the browser test in headless Chromium)"
 	@echo "make bench-compress  every compression technique on the demo assets -> bench/results/compress-demo.{json,md}"
 	@echo "make bench-monitor   one monitoring window over 10,000 logged predictions -> bench/results/monitor.json"
 	@echo "make load-test       60 s of steady single-text requests to the local gateway -> bench/results/load-local.{json,md}"
@@ -77,7 +77,13 @@ demo-drift: venv venv-triton
 test: venv venv-triton venv-kfp
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-slow: venv venv-triton venv-kfp
+# Headless Chromium and its driver for the browser test (Debian packages; root or sudo).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser-deps:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends chromium chromium-driver; }
+
+test-slow: venv venv-triton venv-kfp browser-deps
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 # ~25 minutes on 2 cores; exits 2 when a target of the compression issue is not met.

@@ -3,7 +3,9 @@ teacher and measured the same way in one run, as a table (JSON + Markdown).
 
 Ratios are what this benchmark reports: the machine is shared and noisy, so every row is measured
 in the same run, one after another, each in a fresh process (for its peak memory), on the same
-held-out texts sent one at a time (batch 1) and in batches that fill the cores.
+held-out texts sent one at a time (batch 1) and in batches that fill the cores. Batch-1 latency is
+then measured again interleaved (``bench.latency_workers``): the speed-up of record is the median
+over rounds of the per-round ratio, so a noisy spell cannot decide it.
 
     python -m bench.compress --profile demo      # the demo assets (MiniLM teacher, IMDB reviews)
     python -m bench.compress --profile tiny      # a tiny random model on generated texts (seconds)
@@ -276,11 +278,14 @@ def _interleaved(latency: InterleavedLatency | None, name: str, sequential_speed
     if latency is None:
         nan = float("nan")
         return {"interleaved_p50_ms": nan, "interleaved_p95_ms": nan, "interleaved_speedup": sequential_speedup,
-                "interleaved_speedup_min": nan, "interleaved_speedup_max": nan}
+                "interleaved_speedup_min": nan, "interleaved_speedup_max": nan, "interleaved_round_speedups": [],
+                "interleaved_round_p50_ms": []}
     figures, speedup = latency.percentiles(name), latency.speedup(REFERENCE_ROW, name)
     return {"interleaved_p50_ms": figures["p50"], "interleaved_p95_ms": figures["p95"],
             "interleaved_speedup": speedup["median"], "interleaved_speedup_min": speedup["min"],
-            "interleaved_speedup_max": speedup["max"]}
+            "interleaved_speedup_max": speedup["max"],
+            "interleaved_round_speedups": [round(ratio, 2) for ratio in latency.round_ratios(REFERENCE_ROW, name)],
+            "interleaved_round_p50_ms": [round(value, 3) for value in latency.per_round_p50[name]]}
 
 
 def target_checks(lines: list[dict]) -> dict[str, dict]:

@@ -7,6 +7,12 @@ is served), and a noisy spell of this shared machine lands on several models ins
 model's whole measurement. Ratios between two models are taken per round; their median over the
 rounds is the figure of record, with the lowest and highest round shown beside it.
 
+Between two turns the parent waits ``GAP_S``, and each turn starts with a few untimed calls:
+runtimes keep their threads spinning for a while after a call (OpenMP in PyTorch, ONNX Runtime's
+pool), and without the gap the model timed right after a PyTorch worker shared the cores with
+those spinning threads: in one run every model's ratio to the teacher moved by a third depending
+on where it stood in the round's order.
+
     python -m bench.latency_workers MODEL_DIR FORMAT MAX_LENGTH WARMUP TEXTS_FILE   # a worker (internal)
 """
 
@@ -24,6 +30,8 @@ from pathlib import Path
 import numpy as np
 
 READY = "ready"
+GAP_S = 0.5  # idle time between two workers' turns (spinning threads of the last one go to sleep)
+WARM_CALLS = 5  # untimed calls at the start of each turn
 
 
 @dataclass(frozen=True)
@@ -47,8 +55,11 @@ class InterleavedLatency:
 
     def speedup(self, reference: str, name: str) -> dict[str, float]:
         """Per-round ratio of p50 latencies (reference / name): median, lowest and highest round."""
-        ratios = [ref / other for ref, other in zip(self.per_round_p50[reference], self.per_round_p50[name])]
+        ratios = self.round_ratios(reference, name)
         return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+
+    def round_ratios(self, reference: str, name: str) -> list[float]:
+        return [ref / other for ref, other in zip(self.per_round_p50[reference], self.per_round_p50[name])]
 
 
 class Worker:
@@ -110,6 +121,7 @@ def measure(candidates: list[Candidate], texts: list[str], max_length: int, warm
         for round_index in range(rounds):
             shift = round_index % len(workers)
             for worker in workers[shift:] + workers[:shift]:
+                time.sleep(GAP_S)
                 timings = worker.time_all()
                 result.calls[worker.name].extend(timings)
                 result.per_round_p50[worker.name].append(float(np.percentile(timings, 50)))
@@ -137,6 +149,8 @@ def _serve(model_dir: Path, model_format: str, max_length: int, warmup: int, tex
     for command in sys.stdin:
         if command.strip() != "time":
             break
+        for batch in batches[:WARM_CALLS]:
+            predict(batch)
         timings = []
         for batch in batches:
             started = time.perf_counter()

@@ -95,6 +95,8 @@ def _run_state(api: AirflowApi, dag_id: str, run_id: str) -> str:
 
 
 def print_summary(settings: StackSettings, dag_id: str, run_id: str, summary: dict) -> None:
+    from tasks.settings import safe_name
+
     print()
     print(f"== {dag_id} run {run_id}: success")
     print(f"{'candidate':18s} {'accuracy':>9s} {'macro F1':>9s} {'p50 ms':>8s} {'p95 ms':>8s} {'texts/s':>8s} "
@@ -129,7 +131,9 @@ def print_summary(settings: StackSettings, dag_id: str, run_id: str, summary: di
     print()
     print(f"Airflow run:  {settings.airflow_url}/dags/{dag_id}/runs/{run_id}")
     print(f"MLflow model: {settings.mlflow_url}/#/models/{info['registered_model']}/versions/{info['mlflow_version']}")
-    print(f"MLflow run:   {settings.mlflow_url}/#/experiments (run {summary['mlflow_parent_run_id']})")
+    print(f"MLflow run:   {settings.mlflow_url}/#/experiments (run {summary['mlflow_parent_run_id']}: report.html, "
+          f"report.md, pareto.png)")
+    print(f"Report:       {settings.runs_dir / safe_name(run_id) / 'report' / 'report.html'}")
     print(f"Triton:       http://{settings.triton_http_url}/v2/models/{info['triton_model']}")
 
 

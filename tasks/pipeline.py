@@ -21,6 +21,7 @@ from tasks import promote as promote_step
 from tasks import prune as prune_step
 from tasks import quantize as quantize_step
 from tasks import registry
+from tasks import report
 from tasks.assets import fetch_demo_assets
 from tasks.config import PipelineConfig
 from tasks.errors import ConfigError, PromotionFailed
@@ -362,7 +363,9 @@ def _write_summary(settings: PipelineSettings, run_id: str, model_name: str, reg
     }
     summary_path = settings.run_dir(run_id) / "summary.json"
     write_json_atomic(summary_path, summary)
-    registry.log_run_summary(uri, registered["parent_run_id"], summary_path,
+    # The readable report (Markdown, HTML, Pareto plot) beside summary.json, all on the parent run.
+    reports = report.write_reports(summary, settings.run_dir(run_id) / "report")
+    registry.log_run_summary(uri, registered["parent_run_id"], [summary_path, *reports],
                              {f"{name}.{key}": value for name, value in summary["candidates"].items()
                               for key, value in value.items() if key in ("accuracy", "latency_p95_ms")})
     return summary_path

@@ -55,8 +55,14 @@ def run(config: PromoteConfig, target: PromotionTarget, model_dir: Path, predict
     previous = repo.ensemble_versions(repository, ensemble.name)
     with tempfile.TemporaryDirectory(prefix="promote-") as scratch:
         # Drift monitoring's reference: the evaluation outputs and their features, beside the served version.
-        reference = write_reference(predictions, data_dir, model_dir, list(labels), max_length,
-                                    Path(scratch) / REFERENCE_FILE)
+        try:
+            reference = write_reference(predictions, data_dir, model_dir, list(labels), max_length,
+                                        Path(scratch) / REFERENCE_FILE)
+        except Exception as error:  # noqa: BLE001 - reported as a failed promotion; nothing was changed yet
+            raise PromotionFailed(
+                f"{ensemble.name}: could not build the drift reference from {predictions.name}: {error}. "
+                f"Nothing was changed; the alias {config.alias!r} is unchanged."
+            ) from error
         version = repo.write_component_versions(repository, ensemble, model_dir)
         log.info("wrote %s version %d; loading it", ensemble.name, version)
         try:

@@ -185,9 +185,11 @@ def tag_version(tracking_uri: str, registered_model: str, version: str, tags: di
         client.set_model_version_tag(registered_model, version, key, value)
 
 
-def log_run_summary(tracking_uri: str, parent_id: str, summary_path: Path, metrics: dict[str, float]) -> None:
+def log_run_summary(tracking_uri: str, parent_id: str, files: list[Path], metrics: dict[str, float]) -> None:
+    """The run's summary and reports as artifacts of its parent run, its headline metrics as metrics."""
     client = _client(tracking_uri)
-    client.log_artifact(parent_id, str(summary_path))
+    for path in files:
+        client.log_artifact(parent_id, str(path))
     for key, value in metrics.items():
         client.log_metric(parent_id, key, value)
 

@@ -75,6 +75,14 @@ def test_dag_test_runs_every_task_and_promotes(local_services, tiny_model, label
     assert int8_tags["source_version"] == summary["versions"]["onnx_fp32"]
     assert int8_tags["code_version"] and int8_tags["data_hash"] and int8_tags["technique"]
     assert any(key.startswith("gate.") for key in int8_tags)
+    assert int8_tags["candidate"] == "onnx_int8"
+    # Reviewers find the readable report and the Pareto plot on the run's parent run.
+    import mlflow
+
+    artifacts = {item.path for item in mlflow.MlflowClient(settings.mlflow_url).list_artifacts(
+        summary["mlflow_parent_run_id"])}
+    assert {"summary.json", "report.md", "report.html", "pareto.png"} <= artifacts
+    assert f"Promoted **{winner}**" in (summaries[0].parent / "report" / "report.md").read_text()
     promoted_version = summary["versions"][winner]
     assert registry.alias_version(settings.mlflow_url, "dagtest-model", "champion") == promoted_version
     client = TritonClient(settings.triton_http_url)

@@ -1,0 +1,170 @@
+"""The readable report of one optimize_model run, from its ``summary.json``: a Markdown page, the
+same as HTML, and a latency/accuracy Pareto plot. All three are logged to the run's MLflow parent
+run, where reviewers look at candidates.
+
+Figures are the run's own measurements (batch-1 latency percentiles, throughput at batch 32,
+size, peak memory) relative to the FP32 PyTorch teacher of the same run. "Cost" is compute per
+text: the cores a text keeps busy, so at a fixed load the cost ratio is the inverse of the
+throughput ratio on the same machine.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+REFERENCE = "teacher_pytorch"
+REPORT_FILES = ("report.md", "report.html", "pareto.png")
+
+
+def candidate_rows(summary: dict) -> list[dict]:
+    """One row per candidate with its ratios against the PyTorch teacher, in the run's order."""
+    reference = summary["candidates"][REFERENCE]
+    rows = []
+    for name, metrics in summary["candidates"].items():
+        throughput = metrics.get("throughput_per_s") or float("nan")
+        rows.append({
+            "name": name, "version": summary["versions"].get(name) or "-",
+            "accuracy": metrics["accuracy"], "retention": metrics["accuracy"] / reference["accuracy"],
+            "size_mb": metrics["size_bytes"] / 1e6, "smaller": reference["size_bytes"] / metrics["size_bytes"],
+            "p50": metrics["latency_p50_ms"], "p95": metrics["latency_p95_ms"],
+            "p99": metrics.get("latency_p99_ms", float("nan")),
+            "faster": reference["latency_p50_ms"] / metrics["latency_p50_ms"],
+            "throughput": throughput,
+            "cost_reduction": 1.0 - reference.get("throughput_per_s", float("nan")) / throughput,
+            "peak_mb": metrics.get("peak_memory_mb", float("nan")),
+            "gates": _gate_verdict(summary["gates"].get(name)),
+        })
+    return rows
+
+
+def _gate_verdict(checks: list[dict] | None) -> str:
+    if checks is None:
+        return "not gated (reference)"
+    failed = [f"{check['name']}: {check['detail']}" for check in checks if check["decision"] != "pass"]
+    return "pass" if not failed else "FAIL: " + "; ".join(failed)
+
+
+def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
+    """Names of the points no other point beats on both latency (lower) and accuracy (higher),
+    fastest first."""
+    front = [name for name, (latency, accuracy) in points.items()
+             if not any(other_latency <= latency and other_accuracy >= accuracy
+                        and (other_latency, other_accuracy) != (latency, accuracy)
+                        for other_latency, other_accuracy in points.values())]
+    return sorted(front, key=lambda name: points[name][0])
+
+
+def _outcome(summary: dict) -> str:
+    promotion = summary["promotion"]
+    if promotion["status"] == "success":
+        info = promotion["info"]
+        return (f"Promoted **{summary['winner']}**: MLflow {info['registered_model']} version {info['mlflow_version']} "
+                f"(alias `{info['alias']}`), Triton {info['triton_model']} version "
+                f"{int(promotion['metrics']['triton_version'])}.")
+    return f"Nothing promoted: {promotion.get('reason') or promotion['status']}. The champion stays."
+
+
+def _champion_line(champion: dict | None) -> str:
+    if not champion:
+        return "No champion was serving before this run."
+    if champion.get("accuracy") is None:
+        return f"The serving champion could not be scored on this run's data: {champion['note']}."
+    return (f"Serving champion before this run: accuracy {champion['accuracy']:.4f} on this run's test split "
+            f"({champion['note']}).")
+
+
+def markdown(summary: dict) -> str:
+    rows = candidate_rows(summary)
+    lines = [
+        f"# optimize_model run `{summary['run_id']}`", "",
+        _outcome(summary), "",
+        _champion_line(summary.get("champion_before")), "",
+        "| candidate | MLflow version | accuracy | retention | size MB | smaller | p50 ms | p95 ms | p99 ms | "
+        "faster (p50) | texts/s @32 | cost per text | peak MB | gates |",
+        "|" + "---|" * 14,
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['name']} | {row['version']} | {row['accuracy']:.4f} | {row['retention']:.1%} | "
+            f"{row['size_mb']:.1f} | {row['smaller']:.1f}x | {row['p50']:.2f} | {row['p95']:.2f} | {row['p99']:.2f} | "
+            f"{row['faster']:.1f}x | {row['throughput']:.0f} | {-row['cost_reduction']:+.0%} | {row['peak_mb']:.0f} | "
+            f"{row['gates']} |")
+    points = {row["name"]: (row["p50"], row["accuracy"]) for row in rows}
+    lines += ["", "Ratios are against the FP32 PyTorch teacher of this run; cost per text is the inverse of "
+              "throughput on the same cores.", "",
+              f"Pareto front (no candidate is both faster and more accurate): {', '.join(pareto_front(points))}.", "",
+              "![latency vs accuracy](pareto.png)", ""]
+    return "\n".join(lines)
+
+
+def html_page(summary: dict) -> str:
+    rows = candidate_rows(summary)
+    cells = []
+    for row in rows:
+        failed = row["gates"].startswith("FAIL")
+        cells.append(
+            "<tr>" + "".join(f"<td>{html.escape(str(value))}</td>" for value in (
+                row["name"], row["version"], f"{row['accuracy']:.4f}", f"{row['retention']:.1%}", f"{row['size_mb']:.1f}",
+                f"{row['smaller']:.1f}x", f"{row['p50']:.2f}", f"{row['p95']:.2f}", f"{row['p99']:.2f}",
+                f"{row['faster']:.1f}x", f"{row['throughput']:.0f}", f"{-row['cost_reduction']:+.0%}",
+                f"{row['peak_mb']:.0f}"))
+            + f"<td class=\"{'fail' if failed else 'pass'}\">{html.escape(row['gates'])}</td></tr>")
+    header = "".join(f"<th>{name}</th>" for name in (
+        "candidate", "MLflow version", "accuracy", "retention", "size MB", "smaller", "p50 ms", "p95 ms", "p99 ms",
+        "faster (p50)", "texts/s @32", "cost per text", "peak MB", "gates"))
+    outcome = html.escape(_outcome(summary)).replace("**", "")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>optimize_model {html.escape(summary['run_id'])}</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;
+padding:4px 8px;text-align:right}}td:first-child,td:last-child{{text-align:left}}.fail{{color:#b00}}.pass{{color:#070}}
+</style></head><body>
+<h1>optimize_model run {html.escape(summary['run_id'])}</h1>
+<p>{outcome}</p>
+<table><thead><tr>{header}</tr></thead><tbody>
+{chr(10).join(cells)}
+</tbody></table>
+<p>Ratios are against the FP32 PyTorch teacher of this run; cost per text is the inverse of throughput on the
+same cores.</p>
+<img src="pareto.png" alt="latency vs accuracy of every candidate">
+</body></html>
+"""
+
+
+def pareto_plot(summary: dict, target: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = candidate_rows(summary)
+    points = {row["name"]: (row["p50"], row["accuracy"]) for row in rows}
+    front = pareto_front(points)
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for name, (latency, accuracy) in points.items():
+        winner = name == summary.get("winner")
+        axes.scatter(latency, accuracy, s=80 if winner else 40, color="tab:green" if winner else "tab:blue",
+                     zorder=3)
+        axes.annotate(name + (" (promoted)" if winner else ""), (latency, accuracy), textcoords="offset points",
+                      xytext=(5, 4), fontsize=8)
+    axes.plot([points[name][0] for name in front], [points[name][1] for name in front], "--", color="tab:orange",
+              label="Pareto front", zorder=2)
+    axes.set_xscale("log")
+    axes.set_xlabel("batch-1 latency p50 (ms, log scale)")
+    axes.set_ylabel("accuracy (test split)")
+    axes.set_title(f"optimize_model {summary['run_id']}", fontsize=9)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(target, dpi=120)
+    plt.close(figure)
+    return target
+
+
+def write_reports(summary: dict, folder: Path) -> list[Path]:
+    """``report.md``, ``report.html`` and ``pareto.png`` in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "report.md").write_text(markdown(summary))
+    (folder / "report.html").write_text(html_page(summary))
+    pareto_plot(summary, folder / "pareto.png")
+    return [folder / name for name in REPORT_FILES]

@@ -1,0 +1,125 @@
+"""What a user sees, in headless Chromium (Debian's chromium + chromium-driver, driven by Selenium):
+log in to Airflow and find both DAGs and a successful optimize_model run; open MLflow and find the
+registered model with its `champion` alias. Screenshots go to test-artifacts/browser/.
+
+Runs in `make test-slow` (it starts the whole stack and trains a tiny model through the scheduler,
+about four minutes here); `make browser-deps` installs the browser.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SHOTS = REPO_ROOT / "test-artifacts" / "browser"
+RUN_ID = "browser_test_run"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tiny_model, labelled_csv):
+    """The local stack with a champion promoted by a real optimize_model run through the scheduler."""
+    from opsctl.airflow_api import AirflowApi
+    from opsctl.process import free_port
+    from opsctl.services import LocalStack
+    from opsctl.settings import StackSettings
+
+    home = tmp_path_factory.mktemp("browser-stack")
+    env = {"PIPELINE_HOME": str(home), "PIPELINE_ASSETS_CACHE": str(home / "assets")}
+    env.update({f"PIPELINE_{name}_PORT": str(free_port())
+                for name in ("MLFLOW", "TRITON_HTTP", "TRITON_GRPC", "TRITON_METRICS", "AIRFLOW", "GATEWAY")})
+    local = LocalStack(StackSettings.from_env(env))
+    local.up(progress=lambda _: None)
+    try:
+        api = AirflowApi(local.settings.airflow_url, "admin", local.airflow_admin_password())
+        for dag_id in ("optimize_model", "monitor_serving"):
+            api.wait_for_dag(dag_id)
+        api.unpause("optimize_model")
+        conf = {"data_source": str(labelled_csv), "teacher": str(tiny_model), "epochs": 3.0, "learning_rate": 5e-3,
+                "max_length": 32, "student_layers": 1, "distill_epochs": 3.0}
+        api.trigger("optimize_model", conf, run_id=RUN_ID)
+        deadline = time.monotonic() + 900
+        while api.run_state("optimize_model", RUN_ID) not in ("success", "failed") and time.monotonic() < deadline:
+            time.sleep(3)
+        assert api.run_state("optimize_model", RUN_ID) == "success", api.task_states("optimize_model", RUN_ID)
+        yield local
+    finally:
+        local.down(progress=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    assert binary and driver, "headless Chromium is missing: `make browser-deps` installs chromium and chromium-driver"
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000",
+                 "--disable-gpu", "--no-first-run", "--disable-extensions"):
+        options.add_argument(flag)
+    chrome = webdriver.Chrome(service=Service(driver), options=options)
+    chrome.set_page_load_timeout(60)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    yield chrome
+    chrome.quit()
+
+
+def _wait_for_text(browser, *texts: str, timeout_s: float = 60.0) -> str:
+    """Wait until the rendered page shows every text (the UIs are single-page apps)."""
+    deadline = time.monotonic() + timeout_s
+    body = ""
+    while time.monotonic() < deadline:
+        body = browser.execute_script("return document.body ? document.body.innerText : ''") or ""
+        if all(text in body for text in texts):
+            return body
+        time.sleep(0.5)
+    raise AssertionError(f"page {browser.current_url} never showed {texts}; it showed:\n{body[:2000]}")
+
+
+def _shot(browser, name: str) -> Path:
+    path = SHOTS / f"{name}.png"
+    browser.save_screenshot(str(path))
+    assert path.stat().st_size > 10_000, f"{path} looks empty"
+    return path
+
+
+def _log_in_to_airflow(browser, url: str, password: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    browser.get(f"{url}/")
+    deadline = time.monotonic() + 60
+    while not browser.find_elements(By.CSS_SELECTOR, "input[type=password]"):
+        assert time.monotonic() < deadline, f"no login form at {browser.current_url}"
+        time.sleep(0.5)
+    _shot(browser, "airflow-login")
+    user = browser.find_element(By.CSS_SELECTOR, "input:not([type=password]):not([type=hidden])")
+    user.send_keys("admin")
+    secret = browser.find_element(By.CSS_SELECTOR, "input[type=password]")
+    secret.send_keys(password, Keys.ENTER)
+
+
+def test_airflow_shows_both_dags_and_the_successful_run(stack, browser):
+    settings = stack.settings
+    _log_in_to_airflow(browser, settings.airflow_url, stack.airflow_admin_password())
+    browser.get(f"{settings.airflow_url}/dags")
+    _wait_for_text(browser, "optimize_model", "monitor_serving")
+    _shot(browser, "airflow-dags")
+    browser.get(f"{settings.airflow_url}/dags/optimize_model/runs/{RUN_ID}")
+    page = _wait_for_text(browser, RUN_ID, "success")
+    assert "failed" not in page.lower().split(RUN_ID, 1)[-1][:500]
+    _shot(browser, "airflow-optimize-model-run")
+
+
+def test_mlflow_shows_the_registered_model_with_the_champion_alias(stack, browser):
+    settings = stack.settings
+    browser.get(f"{settings.mlflow_url}/#/models/text-classifier")
+    _wait_for_text(browser, "text-classifier", "champion")
+    _shot(browser, "mlflow-registered-model")
