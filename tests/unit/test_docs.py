@@ -17,3 +17,11 @@ def test_every_environment_variable_the_code_reads_is_in_the_configuration_refer
     documented = set(re.findall(r"`((?:PIPELINE|GATEWAY)_[A-Z_]+)`", (ROOT / "docs" / "configuration.md").read_text()))
     assert len(read) > 20
     assert read <= documented, f"not in docs/configuration.md: {sorted(read - documented)}"
+
+
+def test_every_dag_param_is_on_its_dag_page():
+    for dag_id in ("optimize_model", "monitor_serving"):
+        params = set(re.findall(r'^\s+"(\w+)": Param\(', (ROOT / "dags" / f"{dag_id}.py").read_text(), re.M))
+        page = (ROOT / "docs" / "dags" / f"{dag_id}.md").read_text()
+        documented = set(re.findall(r"`(\w+)`", page))
+        assert len(params) >= 7 and params <= documented, f"{dag_id}: {sorted(params - documented)}"
