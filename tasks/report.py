@@ -141,12 +141,12 @@ def pareto_plot(summary: dict, target: Path) -> Path:
     points = {row["name"]: (row["p50"], row["accuracy"]) for row in rows}
     front = pareto_front(points)
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    for name, (latency, accuracy) in points.items():
+    for index, (name, (latency, accuracy)) in enumerate(sorted(points.items(), key=lambda item: item[1])):
         winner = name == summary.get("winner")
         axes.scatter(latency, accuracy, s=80 if winner else 40, color="tab:green" if winner else "tab:blue",
                      zorder=3)
         axes.annotate(name + (" (promoted)" if winner else ""), (latency, accuracy), textcoords="offset points",
-                      xytext=(5, 4), fontsize=8)
+                      xytext=(5, 4 if index % 2 == 0 else -11), fontsize=8)  # neighbours alternate above/below
     axes.plot([points[name][0] for name in front], [points[name][1] for name in front], "--", color="tab:orange",
               label="Pareto front", zorder=2)
     axes.set_xscale("log")
