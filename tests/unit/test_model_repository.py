@@ -113,12 +113,17 @@ def test_components_are_written_before_the_ensemble_that_routes_to_them(tmp_path
     assert not list((repository / "clf").glob(".incoming-*"))
 
 
-def test_an_older_version_is_served_again_as_a_new_version(tmp_path):
+def _long_then_short(tmp_path):
+    """A repository with version 1 (max_length 128) and version 2 (max_length 64) of ensemble clf."""
     repository = tmp_path / "repo"
-    long = repo.ClassifierEnsemble("clf", ("negative", "positive"), max_length=128)
-    short = repo.ClassifierEnsemble("clf", ("negative", "positive"), max_length=64)
-    repo.write_ensemble_version(repository, long, _exported(tmp_path / "a"))
-    repo.write_ensemble_version(repository, short, _exported(tmp_path / "b"))
+    for folder, max_length in (("a", 128), ("b", 64)):
+        ensemble = repo.ClassifierEnsemble("clf", ("negative", "positive"), max_length=max_length)
+        repo.write_ensemble_version(repository, ensemble, _exported(tmp_path / folder))
+    return repository
+
+
+def test_an_older_version_is_served_again_as_a_new_version(tmp_path):
+    repository = _long_then_short(tmp_path)
     (repository / "clf_onnx" / "1" / "model.onnx").write_bytes(b"version one")
     version = repo.copy_ensemble_components(repository, "clf", 1)
     assert version == 3
@@ -145,11 +150,7 @@ def test_a_config_is_rewritten_only_when_its_text_changes(tmp_path):
 
 
 def test_each_version_keeps_its_own_config_for_rollback(tmp_path):
-    repository = tmp_path / "repo"
-    long = repo.ClassifierEnsemble("clf", ("negative", "positive"), max_length=128)
-    short = repo.ClassifierEnsemble("clf", ("negative", "positive"), max_length=64)
-    repo.write_ensemble_version(repository, long, _exported(tmp_path / "a"))
-    repo.write_ensemble_version(repository, short, _exported(tmp_path / "b"))
+    repository = _long_then_short(tmp_path)
     config = repository / "clf_tokenizer" / "config.pbtxt"
     assert '"64"' in config.read_text()
     repo.restore_config(repository, "clf_tokenizer", 1)
