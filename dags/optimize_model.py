@@ -72,7 +72,6 @@ PARAMS = {
 
 def _inputs():
     """Settings from the environment, config from the run's params, and the run id."""
-
     from airflow.sdk import get_current_context
 
     from tasks.pipeline import config_from_params

@@ -29,9 +29,7 @@ SAMPLE_TEXTS = (
 
 def run_demo(settings: StackSettings, profile: str = "demo", timeout_s: float = 1800.0, force: bool = False) -> int:
     stack = LocalStack(settings)
-    not_running = [name for name, state in stack.status().items() if not state["running"]]
-    if not_running:
-        print(f"error: services not running: {', '.join(not_running)}. Start them with `make up`.")
+    if not stack_is_running(stack):
         return 1
     from tasks.assets import fetch_demo_assets
 
@@ -60,6 +58,14 @@ def run_demo(settings: StackSettings, profile: str = "demo", timeout_s: float = 
     summary = json.loads(summary_path.read_text())
     print_summary(settings, DAG_ID, run_id, summary)
     return 0
+
+
+def stack_is_running(stack: LocalStack) -> bool:
+    """True when every service runs; otherwise says which do not and how to start them."""
+    not_running = [name for name, state in stack.status().items() if not state["running"]]
+    if not_running:
+        print(f"error: services not running: {', '.join(not_running)}. Start them with `make up`.")
+    return not not_running
 
 
 def follow_run(api: AirflowApi, dag_id: str, run_id: str, timeout_s: float) -> str:

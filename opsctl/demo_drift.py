@@ -73,22 +73,20 @@ def prepare_data(imdb_csv: Path, tweets_csv: Path, folder: Path, sizes: DriftDem
 
 def score(client, model: str, held_out: pd.DataFrame) -> float:
     """Accuracy of the serving champion on labelled texts, one text per request."""
-    served = [str(client.classify(model, [text])["LABEL"][0]) for text in held_out["text"]]
+    served = client.labels(model, held_out["text"].tolist())
     return float(np.mean([guess == truth for guess, truth in zip(served, held_out["label"])]))
 
 
 def run_drift_demo(settings: StackSettings, profile: str = "demo", timeout_s: float = 2400.0, rate: float = 16.0,
                    force: bool = False) -> int:
     from bench.load_test import run_load
-    from opsctl.demo import PROFILES, follow_run, print_summary
+    from opsctl.demo import PROFILES, follow_run, print_summary, stack_is_running
     from serving.triton_client import TritonClient
     from tasks.assets import fetch_demo_assets
     from tasks.settings import safe_name
 
     stack = LocalStack(settings)
-    not_running = [name for name, state in stack.status().items() if not state["running"]]
-    if not_running:
-        print(f"error: services not running: {', '.join(not_running)}. Start them with `make up`.")
+    if not stack_is_running(stack):
         return 1
     model = settings.serving_model
     triton = TritonClient(settings.triton_http_url)

@@ -360,7 +360,7 @@ def write_component_versions(repository: Path, ensemble: ClassifierEnsemble, mod
             [PYTHON_MODELS_DIR / "postprocess" / "model.py"],
         ),
     }
-    _write_versions(repository, version, {model: (text, files) for model, (text, files) in layout.items()})
+    _write_versions(repository, version, layout)
     return version
 
 

@@ -66,5 +66,9 @@ class TritonClient:
         return {"LABEL": np.array(labels), "PROBABILITIES": result.as_numpy("PROBABILITIES"),
                 "LOGITS": result.as_numpy("LOGITS")}
 
+    def labels(self, model: str, texts: list[str]) -> list[str]:
+        """The label served for each text, one text per request (as candidates are evaluated)."""
+        return [str(self.classify(model, [text])["LABEL"][0]) for text in texts]
+
     def close(self) -> None:
         self._client.close()

@@ -162,7 +162,7 @@ def champion_score(target: PromotionTarget, config: PromoteConfig, data_dir: Pat
     version = client.ready_versions(config.triton_model)[-1]
     labels = data_step.read_meta(data_dir)["labels"]
     test = data_step.read_split(data_dir, "test")
-    served = [str(client.classify(config.triton_model, [text])["LABEL"][0]) for text in test["text"]]
+    served = client.labels(config.triton_model, test["text"].tolist())
     unknown = sorted(set(served) - set(labels))
     if unknown:
         return ChampionScore(None, f"Triton {config.triton_model} v{version} predicts labels {unknown} that this "
