@@ -3,6 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 VENV_TRITON := .venv-triton
 VENV_KFP := .venv-kfp
+VENV_OPTIMUM := .venv-optimum
 BIN := $(VENV)/bin
 # Telemetry off for everything started from here (the Python code sets it too).
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -11,13 +12,16 @@ export AIRFLOW__USAGE_DATA_COLLECTION__ENABLED := False
 export SCARF_ANALYTICS := false
 PYTEST_ARGS ?=
 
-.PHONY: help venv venv-triton venv-kfp browser-deps kubeflow demo demo-drift test test-slow bench-compress bench-monitor load-test up down status assets clean-stack
+.PHONY: help venv venv-triton venv-kfp venv-optimum perf-analyzer bench bench-triton bench-pipeline browser-deps kubeflow demo demo-drift test test-slow bench-compress bench-monitor load-test up down status assets clean-stack
 
 help:
 	@echo "make demo       create environments, start the local stack, run optimize_model end to end"
 	@echo "make demo-drift after make demo: normal then shifted traffic, the monitor triggers a retrain (~20 min)"
 	@echo "make test       create environments and run the test suite"
 	@echo "make test-slow  the long checks (real demo assets, the browser test in headless Chromium)"
+	@echo "make bench       every benchmark (~1 h): compression + Optimum peer, Triton vs in-process, pipeline cost -> bench/results/bench.md"
+	@echo "make bench-triton    the promoted model through Triton (perf_analyzer) vs in-process ONNX Runtime -> bench/results/triton-e2e.{json,md}"
+	@echo "make bench-pipeline  one optimize_model run on the demo profile: wall time, peak memory per task -> bench/results/pipeline-cost.{json,md}"
 	@echo "make bench-compress  every compression technique on the demo assets -> bench/results/compress-demo.{json,md}"
 	@echo "make bench-monitor   one monitoring window over 10,000 logged predictions -> bench/results/monitor.json"
 	@echo "make load-test       60 s of steady single-text requests to the local gateway -> bench/results/load-local.{json,md}"
@@ -27,6 +31,7 @@ help:
 venv: $(VENV)/.installed
 venv-triton: $(VENV_TRITON)/.installed
 venv-kfp: $(VENV_KFP)/.installed
+venv-optimum: $(VENV_OPTIMUM)/.installed
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,6 +53,27 @@ $(VENV_KFP)/.installed: requirements-kfp.lock
 	@test -x $(VENV_KFP)/bin/python || $(PYTHON) -m venv $(VENV_KFP)
 	$(VENV_KFP)/bin/pip install --quiet --disable-pip-version-check -r requirements-kfp.lock
 	@touch $@
+
+# The peer baseline of the benchmarks: Hugging Face Optimum (optimum-onnx pins transformers<4.58).
+$(VENV_OPTIMUM)/.installed: requirements-optimum.lock
+	@test -x $(VENV_OPTIMUM)/bin/python || $(PYTHON) -m venv $(VENV_OPTIMUM)
+	$(VENV_OPTIMUM)/bin/pip install --quiet --disable-pip-version-check -r requirements-optimum.lock
+	@touch $@
+
+# NVIDIA perf_analyzer from the tritonclient 2.51.0 wheel (matching the server), with the CUDA
+# runtime library it links (no GPU needed) from NVIDIA's wheel, and libb64 from Debian.
+PERF_ANALYZER := .tools/perf_analyzer/perf_analyzer
+perf-analyzer: $(PERF_ANALYZER)
+$(PERF_ANALYZER): | venv
+	@dpkg -s libb64-0d >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq libb64-0d; }
+	@rm -rf .tools/perf_analyzer.tmp && mkdir -p .tools/perf_analyzer.tmp
+	$(BIN)/pip download --quiet --disable-pip-version-check --no-deps -d .tools/perf_analyzer.tmp \
+		tritonclient==2.51.0 nvidia-cuda-runtime-cu12==12.9.79
+	cd .tools/perf_analyzer.tmp && unzip -q -j -o tritonclient-2.51.0-*.whl 'tritonclient-2.51.0.data/data/bin/perf_analyzer' \
+		&& unzip -q -j -o nvidia_cuda_runtime_cu12-*.whl 'nvidia/cuda_runtime/lib/libcudart.so.12' \
+		&& chmod +x perf_analyzer && rm -f *.whl
+	@rm -rf .tools/perf_analyzer && mv .tools/perf_analyzer.tmp .tools/perf_analyzer
+	@LD_LIBRARY_PATH=.tools/perf_analyzer $(PERF_ANALYZER) --version
 
 # optimize_model as a Kubeflow Pipelines YAML (upload it in the Kubeflow UI or with the kfp client).
 kubeflow: venv-kfp
@@ -74,7 +100,7 @@ demo-drift: venv venv-triton
 	$(BIN)/opsctl up
 	$(BIN)/opsctl demo-drift
 
-test: venv venv-triton venv-kfp
+test: venv venv-triton venv-kfp venv-optimum
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Headless Chromium and its driver for the browser test (Debian packages; root or sudo).
@@ -83,15 +109,34 @@ browser-deps:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends chromium chromium-driver; }
 
-test-slow: venv venv-triton venv-kfp browser-deps
+test-slow: venv venv-triton venv-kfp venv-optimum browser-deps perf-analyzer
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 # ~25 minutes on 2 cores; exits 2 when a target of the compression issue is not met.
-bench-compress: venv
+bench-compress: venv venv-optimum
 	$(BIN)/python -m bench.compress --profile demo
+
+# Every benchmark in one go (~1 hour on 2 cores), then every target on one page: bench/results/bench.md.
+# BENCH_COMPRESS_ARGS=--measure-only reuses the models built by an earlier run. Exit 2: a target missed.
+BENCH_COMPRESS_ARGS ?=
+bench: venv venv-triton venv-optimum perf-analyzer
+	$(BIN)/python -m bench.compress --profile demo $(BENCH_COMPRESS_ARGS) || [ $$? -eq 2 ]
+	$(BIN)/python -m bench.triton_e2e || [ $$? -eq 2 ]
+	$(BIN)/opsctl up
+	$(BIN)/python -m bench.pipeline_cost || [ $$? -eq 2 ]
+	$(BIN)/python -m bench.summary
+
+# Needs the models of make bench-compress; starts its own Triton on free ports.
+bench-triton: venv venv-triton perf-analyzer
+	$(BIN)/python -m bench.triton_e2e
 
 bench-monitor: venv
 	$(BIN)/python -m bench.monitor
+
+# optimize_model on the demo profile through the local stack's scheduler: time and memory per task.
+bench-pipeline: venv venv-triton
+	$(BIN)/opsctl up
+	$(BIN)/python -m bench.pipeline_cost
 
 # Needs the local stack with a promoted champion (make demo).
 load-test: venv

@@ -18,13 +18,14 @@ import json
 import logging
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from bench import latency_workers
+from bench import compute, latency_workers
 from bench.latency_workers import InterleavedLatency
 from tasks.results import ModelFormat, StepResult, StepStatus
 
@@ -34,9 +35,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 REFERENCE_ROW = "teacher_pytorch"
 PROMOTED_ROW = "student_pruned_int8"
+OPTIMUM_ROW = "optimum_int8"
+OPTIMUM_PYTHON = REPO_ROOT / ".venv-optimum" / "bin" / "python"
 # The compression issue's targets for the promoted combination vs the FP32 PyTorch teacher.
 # p50 speed-up of record: the interleaved one (median over rounds), see ``table``.
 TARGETS = {"interleaved_speedup": 8.0, "size_reduction": 6.0, "accuracy_retention": 0.97}
+# The benchmark issue's targets against the peer baseline (Optimum dynamic INT8 teacher): speed-up
+# (interleaved median, at least) and accuracy points below it (at most).
+PEER_TARGETS = {"speedup_vs_optimum": 2.0, "accuracy_points_below_optimum": 1.0}
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,8 @@ class Row:
     model_dir: Path | None
     model_format: ModelFormat | None
     skipped_reason: str = ""
+    source: str = "teacher"  # the PyTorch model (folder in the work dir) whose arithmetic it does
+    precision: str = "fp32"  # the ceiling it is read against: fp32 or int8
 
 
 def tiny_inputs(work: Path) -> tuple[str, str]:
@@ -166,38 +174,68 @@ def build_rows(profile: Profile, work: Path, teacher_source: str, data_source: s
 
     trt = record("compile_tensorrt_fp16", compile_step.run(CompileConfig(max_sequence=length, opt_sequence=length),
                                                            fp16, work / "tensorrt_fp16", precision="fp16"))
-    return row_list(profile, work, trt.reason if trt.status is not StepStatus.SUCCESS else "")
+    record("optimum_int8", optimum_baseline(teacher, work / "optimum_int8"))
+    return row_list(profile, work, trt.reason if trt.status is not StepStatus.SUCCESS else "",
+                    steps["optimum_int8"].get("reason", ""))
 
 
-def row_list(profile: Profile, work: Path, tensorrt_skipped: str) -> list[Row]:
+def optimum_baseline(teacher: Path, out_dir: Path) -> StepResult:
+    """Hugging Face Optimum's export + dynamic INT8 of the teacher, built in ``.venv-optimum``."""
+    python = OPTIMUM_PYTHON
+    if not python.exists():
+        return StepResult(step="optimum_int8", status=StepStatus.SKIPPED,
+                          reason=f"{python.relative_to(REPO_ROOT)} not found: run `make venv-optimum`")
+    completed = subprocess.run([str(python), str(REPO_ROOT / "bench" / "optimum_baseline.py"), str(teacher),
+                                str(out_dir)], capture_output=True, text=True, cwd=REPO_ROOT)
+    if completed.returncode != 0:
+        return StepResult(step="optimum_int8", status=StepStatus.FAILED,
+                          reason=f"Optimum baseline failed: {completed.stderr.strip().splitlines()[-1:]}")
+    return StepResult(step="optimum_int8", status=StepStatus.SUCCESS, uris={"model": str(out_dir)},
+                      info=json.loads(completed.stdout.strip().splitlines()[-1]))
+
+
+def row_list(profile: Profile, work: Path, tensorrt_skipped: str, optimum_skipped: str = "") -> list[Row]:
     """Every measured model of a benchmark whose artifacts are in ``work``."""
     onnx, torch_fmt = ModelFormat.ONNX, ModelFormat.PYTORCH
     sparsity = f"{profile.sparsity:.0%} sparse"
+
+    def skippable(reason: str, name: str, fmt: ModelFormat | None) -> dict:
+        return {"model_dir": None, "model_format": None, "skipped_reason": reason} if reason else \
+            {"model_dir": work / name, "model_format": fmt}
+
     return [
         Row(REFERENCE_ROW, "fine-tuned teacher, PyTorch FP32 eager", work / "teacher", torch_fmt),
         Row("teacher_torch_int8", "PyTorch dynamic INT8 (torch.ao baseline)", work / "teacher_torch_int8",
-            ModelFormat.PYTORCH_DYNAMIC_INT8),
+            ModelFormat.PYTORCH_DYNAMIC_INT8, precision="int8"),
+        Row(OPTIMUM_ROW, "Hugging Face Optimum: ONNX export + dynamic INT8 (peer baseline)",
+            **skippable(optimum_skipped, OPTIMUM_ROW, onnx), precision="int8"),
         Row("onnx_fp32", "ONNX Runtime FP32", work / "onnx_fp32", onnx),
         Row("onnx_fp32_fused", "ONNX Runtime FP32, attention/LayerNorm/GELU fused", work / "onnx_fp32_fused", onnx),
-        Row("onnx_int8", "ONNX dynamic INT8 (per tensor)", work / "onnx_int8", onnx),
-        Row("onnx_int8_per_channel", "ONNX dynamic INT8 (per channel)", work / "onnx_int8_per_channel", onnx),
-        Row("onnx_fused_int8", "ONNX fused + dynamic INT8", work / "onnx_fused_int8", onnx),
+        Row("onnx_int8", "ONNX dynamic INT8 (per tensor)", work / "onnx_int8", onnx, precision="int8"),
+        Row("onnx_int8_per_channel", "ONNX dynamic INT8 (per channel)", work / "onnx_int8_per_channel", onnx,
+            precision="int8"),
+        Row("onnx_fused_int8", "ONNX fused + dynamic INT8", work / "onnx_fused_int8", onnx, precision="int8"),
         Row("onnx_static_int8", "ONNX static INT8 (calibrated, activation MatMuls FP32)", work / "onnx_static_int8",
-            onnx),
+            onnx, precision="int8"),
         Row("onnx_fp16", "ONNX FP16 (a GPU format; CPU timing for reference)", work / "onnx_fp16", onnx),
         Row("teacher_pruned_onnx", "structured pruning (33% heads, 60% FFN) > ONNX FP32", work / "teacher_pruned_onnx",
-            onnx),
-        Row("teacher_pruned_int8", "structured pruning > ONNX dynamic INT8", work / "teacher_pruned_int8", onnx),
-        Row("student_onnx", "distilled student (half the layers) > ONNX FP32", work / "student_onnx", onnx),
-        Row("student_int8", "distilled > ONNX dynamic INT8", work / "student_int8", onnx),
-        Row("student_pruned_onnx", "distilled > structured pruning > ONNX FP32", work / "student_pruned_onnx", onnx),
-        Row(PROMOTED_ROW, "distilled > structured pruning > ONNX dynamic INT8", work / "student_pruned_int8", onnx),
+            onnx, source="teacher_pruned"),
+        Row("teacher_pruned_int8", "structured pruning > ONNX dynamic INT8", work / "teacher_pruned_int8", onnx,
+            source="teacher_pruned", precision="int8"),
+        Row("student_onnx", "distilled student (half the layers) > ONNX FP32", work / "student_onnx", onnx,
+            source="student"),
+        Row("student_int8", "distilled > ONNX dynamic INT8", work / "student_int8", onnx, source="student",
+            precision="int8"),
+        Row("student_pruned_onnx", "distilled > structured pruning > ONNX FP32", work / "student_pruned_onnx", onnx,
+            source="student_pruned"),
+        Row(PROMOTED_ROW, "distilled > structured pruning > ONNX dynamic INT8", work / "student_pruned_int8", onnx,
+            source="student_pruned", precision="int8"),
         Row("student_sparse_onnx", f"distilled > unstructured {sparsity} > ONNX FP32", work / "student_sparse_onnx",
-            onnx),
+            onnx, source="student_sparse"),
         Row("student_sparse_int8", f"distilled > unstructured {sparsity} > ONNX dynamic INT8",
-            work / "student_sparse_int8", onnx),
-        Row("tensorrt_fp16", "ONNX FP16 > TensorRT engine (NVIDIA GPU)",
-            None if tensorrt_skipped else work / "tensorrt_fp16", None, skipped_reason=tensorrt_skipped),
+            work / "student_sparse_int8", onnx, source="student_sparse", precision="int8"),
+        Row("tensorrt_fp16", "ONNX FP16 > TensorRT engine (NVIDIA GPU)", **skippable(tensorrt_skipped, "tensorrt_fp16", None),
+            precision="fp16"),
     ]
 
 
@@ -234,7 +272,29 @@ def measure(rows: list[Row], profile: Profile, work: Path, data_dir: Path, isola
     return measured
 
 
-def table(rows: list[Row], measured: dict[str, dict], latency: InterleavedLatency | None = None) -> list[dict]:
+def compute_work(rows: list[Row], profile: Profile, work: Path) -> dict:
+    """The machine's matrix-multiply ceilings and each source model's operations per text, on the
+    batches the throughput measurement times (``bench.compute``)."""
+    from tasks import data as data_step
+    from tasks.config import EvaluateConfig
+    from tasks.evaluate import throughput_inputs
+    from tasks.modeling import load_tokenizer
+
+    config = EvaluateConfig(warmup=profile.warmup, max_length=profile.max_length)
+    texts = data_step.read_split(work / "data", "test")["text"].tolist()
+    batches = throughput_inputs(load_tokenizer(work / "teacher"), texts, config)
+    sources = sorted({row.source for row in rows if row.model_format is not None})
+    operations = {source: compute.operations_per_text(work / source, batches) for source in sources}
+    log.info("operations per text: %s", {source: f"{value / 1e9:.2f} G" for source, value in operations.items()})
+    teacher = json.loads((work / "teacher" / "config.json").read_text())
+    tokens = sum(batch["input_ids"].size for batch in batches) // len(batches)
+    ceilings = compute.ceilings(compute.model_shapes(teacher["hidden_size"], teacher["intermediate_size"], tokens))
+    log.info("ceilings: FP32 %.0f GFLOP/s, INT8 %.0f GOP/s", ceilings["fp32_gops"], ceilings["int8_gops"])
+    return {"ceilings": ceilings, "operations_per_text": operations}
+
+
+def table(rows: list[Row], measured: dict[str, dict], latency: InterleavedLatency | None = None,
+          compute_figures: dict | None = None) -> list[dict]:
     """One dict per row with its metrics and its ratios against the FP32 PyTorch teacher.
 
     Two batch-1 latencies: each model's evaluation, alone in its own process, one model after the
@@ -271,6 +331,16 @@ def table(rows: list[Row], measured: dict[str, dict], latency: InterleavedLatenc
             "peak_memory_mb": m.get("peak_memory_mb", float("nan")),
             "model_memory_mb": m.get("model_memory_mb", float("nan")),
         })
+        line = lines[-1]
+        # The reference text's "-75% latency / -85% cost" row: time saved per text at batch 1, and
+        # cores (so cost) saved per text at full load, both against the teacher.
+        line["latency_reduction"] = 1.0 - 1.0 / line["interleaved_speedup"]
+        line["cost_reduction"] = 1.0 - 1.0 / line["throughput_gain"]
+        if compute_figures:
+            ceiling = compute_figures["ceilings"][f"{row.precision}_gops" if row.precision == "int8" else "fp32_gops"]
+            operations = compute_figures["operations_per_text"][row.source]
+            line |= {"gops_per_text": operations / 1e9, "ceiling": row.precision if row.precision == "int8" else "fp32",
+                     **compute.achieved(operations, line["throughput_per_s"], ceiling)}
     return lines
 
 
@@ -288,10 +358,23 @@ def _interleaved(latency: InterleavedLatency | None, name: str, sequential_speed
             "interleaved_round_p50_ms": [round(value, 3) for value in latency.per_round_p50[name]]}
 
 
-def target_checks(lines: list[dict]) -> dict[str, dict]:
+def target_checks(lines: list[dict], latency: InterleavedLatency | None = None) -> dict[str, dict]:
+    """The promoted combination against the teacher (TARGETS) and against the Optimum baseline."""
     promoted = next(line for line in lines if line["name"] == PROMOTED_ROW)
-    return {key: {"target": target, "measured": promoted[key], "met": bool(promoted[key] >= target)}
-            for key, target in TARGETS.items()}
+    checks = {key: {"target": target, "measured": promoted[key], "met": bool(promoted[key] >= target)}
+              for key, target in TARGETS.items()}
+    peer = next((line for line in lines if line["name"] == OPTIMUM_ROW and line["status"] == "measured"), None)
+    if peer is None:
+        return checks
+    speedup = (latency.speedup(OPTIMUM_ROW, PROMOTED_ROW)["median"] if latency
+               else promoted["latency_p50_ms"] and peer["latency_p50_ms"] / promoted["latency_p50_ms"])
+    # Accuracy in points; rounded to the test split's resolution so 0.79 - 0.78 is one point, not 1.0000001.
+    drop = round((peer["accuracy"] - promoted["accuracy"]) * 100, 6)
+    target_speedup, max_drop = PEER_TARGETS["speedup_vs_optimum"], PEER_TARGETS["accuracy_points_below_optimum"]
+    checks["speedup_vs_optimum"] = {"target": target_speedup, "measured": speedup, "met": bool(speedup >= target_speedup)}
+    checks["accuracy_points_below_optimum"] = {"target": max_drop, "measured": drop, "met": bool(drop <= max_drop),
+                                               "at_most": True}
+    return checks
 
 
 def markdown(report: dict) -> str:
@@ -320,10 +403,14 @@ def markdown(report: dict) -> str:
             f"{line['p50_speedup']:.1f}x | {line['throughput_per_s']:.0f} | {line['peak_memory_mb']:.0f} | "
             f"{line['interleaved_p50_ms']:.2f} | {line['interleaved_speedup']:.1f}x "
             f"[{line['interleaved_speedup_min']:.1f}-{line['interleaved_speedup_max']:.1f}] |")
-    out += ["", f"## Targets for `{PROMOTED_ROW}` (distilled + pruned + INT8) vs the FP32 PyTorch teacher", ""]
+    out += compute_markdown(report)
+    out += ["", f"## Targets for `{PROMOTED_ROW}` (distilled + pruned + INT8)", "",
+            f"Against the FP32 PyTorch teacher, and against the peer baseline `{OPTIMUM_ROW}` (Optimum's dynamic "
+            "INT8 of the same teacher; its speed-up is the median of the per-round ratios of the two).", ""]
     for key, check in report["targets"].items():
         verdict = "met" if check["met"] else "NOT met"
-        out.append(f"- {key}: {check['measured']:.3f} (target >= {check['target']}): **{verdict}**")
+        bound = "<=" if check.get("at_most") else ">="
+        out.append(f"- {key}: {check['measured']:.3f} (target {bound} {check['target']}): **{verdict}**")
     steps = report["steps"]
     out += ["", "## Pruning", ""]
     for name in ("prune_teacher_pruned", "prune_student_pruned", "prune_student_sparse"):
@@ -336,6 +423,30 @@ def markdown(report: dict) -> str:
                        f" -> {m['val_accuracy_pruned']:.4f} (pruned) -> {m['val_accuracy']:.4f} (recovered)")
     out += ["", f"Total wall time: {report['seconds']:.0f} s.", ""]
     return "\n".join(out)
+
+
+def compute_markdown(report: dict) -> list[str]:
+    """The cost row of the reference text, measured, and each runtime's share of the machine's ceiling."""
+    ceilings = report.get("ceilings")
+    if not ceilings:
+        return []
+    out = ["", "## Cost and compute", "",
+           "Latency reduction: batch-1 time saved per text (interleaved median). Cost reduction: cores, so "
+           "machines, saved per text at full load (1 - teacher throughput / throughput at batch 32, same cores). "
+           "GOP/text: operations of the source PyTorch model on the throughput batches (a multiply-add is two; "
+           "sparse models counted dense). Achieved: GOP/text x texts/s. Ceiling: the best matrix multiply "
+           f"measured here in this run, FP32 {ceilings['fp32_gops']:.0f} GFLOP/s and INT8 "
+           f"{ceilings['int8_gops']:.0f} GOP/s (every figure in the JSON). INT8 rows still do attention's "
+           "activation products in FP32.", "",
+           "| candidate | latency reduction | cost reduction | GOP/text | achieved GOP/s | ceiling | share of ceiling |",
+           "|---|---|---|---|---|---|---|"]
+    for line in report["table"]:
+        if line["status"] != "measured" or "achieved_gops" not in line:
+            continue
+        out.append(f"| {line['name']} | {-line['latency_reduction']:+.0%} | {-line['cost_reduction']:+.0%} | "
+                   f"{line['gops_per_text']:.2f} | {line['achieved_gops']:.0f} | {line['ceiling'].upper()} | "
+                   f"{line['ceiling_share']:.0%} |")
+    return out
 
 
 def machine() -> dict:
@@ -354,7 +465,10 @@ def run(profile: Profile, work: Path, results: Path, isolate: bool = True, measu
         previous = json.loads((results / f"{stem}.json").read_text())
         steps = previous["steps"]
         built = previous.get("models_built", previous["finished"])
-        rows = row_list(profile, work, steps["compile_tensorrt_fp16"].get("reason", ""))
+        if not (work / OPTIMUM_ROW / "model.onnx").exists() or OPTIMUM_ROW not in steps:
+            steps[OPTIMUM_ROW] = optimum_baseline(work / "teacher", work / OPTIMUM_ROW).to_dict()
+        rows = row_list(profile, work, steps["compile_tensorrt_fp16"].get("reason", ""),
+                        steps[OPTIMUM_ROW].get("reason", ""))
     else:
         teacher_source, data_source = tiny_inputs(work) if profile.name == "tiny" else demo_inputs()
         steps = {}
@@ -362,13 +476,15 @@ def run(profile: Profile, work: Path, results: Path, isolate: bool = True, measu
         built = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     measured = measure(rows, profile, work, work / "data", isolate)
     latency = interleaved_latency(rows, profile, work / "data", rounds=rounds) if rounds else None
-    lines = table(rows, measured, latency)
+    compute_figures = compute_work(rows, profile, work)
+    lines = table(rows, measured, latency, compute_figures)
     report = {
         "profile": asdict(profile), "machine": machine(), "models_built": built,
         "latency_rounds": rounds,
         "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "rows_test": int(StepResult.from_dict(measured[REFERENCE_ROW]).metrics["test_rows"]),
-        "table": lines, "targets": target_checks(lines), "steps": steps,
+        "table": lines, "targets": target_checks(lines, latency), "steps": steps,
+        "ceilings": compute_figures["ceilings"], "operations_per_text": compute_figures["operations_per_text"],
         "seconds": time.monotonic() - started,
     }
     results.mkdir(parents=True, exist_ok=True)

@@ -56,11 +56,18 @@ class AirflowApi:
         return self._call("POST", f"/dags/{dag_id}/dagRuns", json=body)["dag_run_id"]
 
     def run_state(self, dag_id: str, run_id: str) -> str:
-        return self._call("GET", f"/dags/{dag_id}/dagRuns/{_quote(run_id)}")["state"]
+        return self.run(dag_id, run_id)["state"]
 
     def task_states(self, dag_id: str, run_id: str) -> dict[str, str | None]:
-        instances = self._call("GET", f"/dags/{dag_id}/dagRuns/{_quote(run_id)}/taskInstances")["task_instances"]
-        return {item["task_id"]: item["state"] for item in instances}
+        return {item["task_id"]: item["state"] for item in self.task_instances(dag_id, run_id)}
+
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
+        """Every task instance of a run (task_id, state, start_date, end_date, duration, try_number...)."""
+        return self._call("GET", f"/dags/{dag_id}/dagRuns/{_quote(run_id)}/taskInstances")["task_instances"]
+
+    def run(self, dag_id: str, run_id: str) -> dict:
+        """One DAG run (state, start_date, end_date, conf...)."""
+        return self._call("GET", f"/dags/{dag_id}/dagRuns/{_quote(run_id)}")
 
     def xcom(self, dag_id: str, run_id: str, task_id: str) -> Any:
         path = f"/dags/{dag_id}/dagRuns/{_quote(run_id)}/taskInstances/{task_id}/xcomEntries/return_value"

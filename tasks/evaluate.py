@@ -42,8 +42,15 @@ def onnx_predictor(model_dir: Path, threads: int) -> Predictor:
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(model_dir / MODEL_FILENAME), options, providers=["CPUExecutionProvider"])
 
+    # Graphs exported by other tools (Hugging Face Optimum) also take token_type_ids: all zeros for
+    # one text, which is what the tokenizer would give.
+    with_token_types = "token_type_ids" in {tensor.name for tensor in session.get_inputs()}
+
     def predict(batch: dict[str, np.ndarray]) -> np.ndarray:
-        return session.run([OUTPUT_NAME], {name: batch[name] for name in INPUT_NAMES})[0]
+        feeds = {name: batch[name] for name in INPUT_NAMES}
+        if with_token_types:
+            feeds["token_type_ids"] = np.zeros_like(batch["input_ids"])
+        return session.run([OUTPUT_NAME], feeds)[0]
 
     return predict
 
@@ -104,11 +111,9 @@ def timed_logits(predict: Predictor, tokenizer, texts: list[str], config: Evalua
 def batch_throughput(predict: Predictor, tokenizer, texts: list[str], config: EvaluateConfig) -> dict[str, float]:
     """Latency of batches of ``config.batch_size`` texts (padded to the longest in each) and the texts
     per second they give, after one untimed batch."""
-    size = config.batch_size
-    if not size or not texts:
+    if not config.batch_size or not texts:
         return {}
-    groups = [texts[start:start + size] for start in range(0, min(len(texts), size * config.throughput_batches), size)]
-    inputs = [tokenize(tokenizer, group, config.max_length) for group in groups]
+    inputs = throughput_inputs(tokenizer, texts, config)
     predict(inputs[0])
     timings = np.empty(len(inputs))
     for index, batch in enumerate(inputs):
@@ -116,10 +121,18 @@ def batch_throughput(predict: Predictor, tokenizer, texts: list[str], config: Ev
         predict(batch)
         timings[index] = time.perf_counter() - start
     return {
-        "batch_size": float(size),
+        "batch_size": float(config.batch_size),
         "latency_batch_p50_ms": float(np.percentile(timings, 50) * 1000.0),
-        "throughput_per_s": float(sum(len(group) for group in groups) / timings.sum()),
+        "throughput_per_s": float(sum(len(batch["input_ids"]) for batch in inputs) / timings.sum()),
     }
+
+
+def throughput_inputs(tokenizer, texts: list[str], config: EvaluateConfig) -> list[dict[str, np.ndarray]]:
+    """The batches ``batch_throughput`` times: the first ``throughput_batches`` groups of
+    ``batch_size`` texts, each padded to its longest text."""
+    size = config.batch_size
+    groups = [texts[start:start + size] for start in range(0, min(len(texts), size * config.throughput_batches), size)]
+    return [tokenize(tokenizer, group, config.max_length) for group in groups]
 
 
 def adversarial_texts(tokenizer, max_length: int) -> list[str]:

@@ -19,7 +19,7 @@ def test_every_technique_has_a_row_with_ratios_against_the_teacher(report):
     rows = {line["name"]: line for line in data["table"]}
     assert {"teacher_pytorch", "teacher_torch_int8", "onnx_fp32", "onnx_fp32_fused", "onnx_int8",
             "onnx_int8_per_channel", "onnx_static_int8", "onnx_fp16", "teacher_pruned_int8", "student_int8",
-            compress.PROMOTED_ROW, "student_sparse_onnx", "tensorrt_fp16"} <= set(rows)
+            compress.PROMOTED_ROW, "student_sparse_onnx", "tensorrt_fp16", compress.OPTIMUM_ROW} <= set(rows)
     teacher = rows["teacher_pytorch"]
     assert teacher["p50_speedup"] == 1.0 and teacher["size_reduction"] == 1.0 and teacher["accuracy_retention"] == 1.0
     for line in rows.values():
@@ -55,10 +55,36 @@ def test_report_files_are_written_and_targets_are_judged(report):
     data, results = report
     written = json.loads((results / "compress-tiny.json").read_text())
     assert written["targets"] == data["targets"]
-    assert set(data["targets"]) == set(compress.TARGETS)
+    assert set(data["targets"]) == set(compress.TARGETS) | set(compress.PEER_TARGETS)
     page = (results / "compress-tiny.md").read_text()
     assert "| student_pruned_int8 |" in page and "| tensorrt_fp16 |" in page
-    assert "## Targets" in page
+    assert "## Targets" in page and "## Cost and compute" in page and "| optimum_int8 |" in page
+
+
+def test_optimum_peer_baseline_is_built_by_optimum_and_measured_like_every_row(report):
+    """Built in .venv-optimum by Optimum itself (make test creates it), evaluated by the same code."""
+    data, _ = report
+    step = data["steps"][compress.OPTIMUM_ROW]
+    assert step["status"] == "success", step.get("reason")
+    assert step["info"]["optimum-onnx"] and step["info"]["per_channel"] is False
+    peer = next(line for line in data["table"] if line["name"] == compress.OPTIMUM_ROW)
+    assert peer["status"] == "measured" and 0 <= peer["accuracy"] <= 1
+    assert data["targets"]["speedup_vs_optimum"]["measured"] > 0
+
+
+def test_compute_share_and_cost_rows(report):
+    data, _ = report
+    rows = {line["name"]: line for line in data["table"] if line["status"] == "measured"}
+    operations = data["operations_per_text"]
+    # Half the layers, then pruned heads and FFN neurons: less arithmetic per text at each step.
+    assert operations["student_pruned"] < operations["student"] < operations["teacher"]
+    for line in rows.values():
+        assert line["achieved_gops"] == pytest.approx(line["gops_per_text"] * line["throughput_per_s"])
+        ceiling = data["ceilings"]["int8_gops" if line["ceiling"] == "int8" else "fp32_gops"]
+        assert line["ceiling_share"] == pytest.approx(line["achieved_gops"] / ceiling)
+        assert line["cost_reduction"] == pytest.approx(1 - 1 / line["throughput_gain"])
+    assert rows["teacher_pytorch"]["cost_reduction"] == 0.0
+    assert rows[compress.PROMOTED_ROW]["ceiling"] == "int8" and rows["onnx_fp32"]["ceiling"] == "fp32"
 
 
 def test_interleaved_speedup_is_the_median_of_per_round_ratios():
