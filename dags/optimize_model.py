@@ -18,6 +18,11 @@ files are read in name order, a later file's label wins) or `hf:<dataset>` as `d
 model folder or hub id as `teacher` for your own data and model. `PIPELINE_DATA_SOURCE` sets the
 default, which nightly runs use.
 
+Params `distill`, `prune` and `quantize` switch those techniques off for a run: their tasks end
+SKIPPED with the reason in the log, and only the candidates that were built are evaluated,
+registered and gated (the report lists the switched-off ones). The teacher's PyTorch and ONNX FP32
+candidates are always built. `prune` works on the distilled student, so it needs `distill`.
+
 When the serving champion was trained on exactly this data (content hash) by exactly this code
 (commit), the run stops after `data_changed` and says so (param `force_retrain` overrides).
 
@@ -30,7 +35,9 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
-from airflow.sdk import CronTriggerTimetable, Param, dag, task
+from airflow.sdk import CronTriggerTimetable, Param, TriggerRule, dag, task
+
+from tasks.cost import record_task_cost  # stdlib only: cheap to import when the DAG file is parsed
 
 PARAMS = {
     "data_source": Param(os.environ.get("PIPELINE_DATA_SOURCE", "demo:imdb"), type="string",
@@ -53,6 +60,21 @@ PARAMS = {
                        description="share of the student's feed-forward neurons removed per layer"),
     "prune_epochs": Param(1.0, type="number", minimum=0, maximum=100,
                           description="recovery distillation epochs after pruning (0 = none)"),
+    "distill": Param(True, type="boolean",
+                     description="distill the teacher into a student with fewer layers (candidates student_onnx_fp32 "
+                                 "and student_int8: smaller, faster). Costs a second training run (distill_epochs "
+                                 "over the training data, the teacher giving soft targets) and two more "
+                                 "evaluations. Off: no student and nothing to prune (switch prune off too)"),
+    "prune": Param(True, type="boolean",
+                   description="prune the distilled student's least important heads and FFN neurons, then recover "
+                               "it by distillation (candidates pruned_onnx_fp32 and pruned_int8, usually the "
+                               "fastest). Costs importance scoring, prune_epochs of recovery training, two more "
+                               "evaluations, and some accuracy. Needs distill"),
+    "quantize": Param(True, type="boolean",
+                      description="dynamic INT8 quantization of every ONNX model (candidates onnx_int8, student_int8 "
+                                  "and pruned_int8: about a quarter of the size, faster on CPU). Costs seconds per "
+                                  "model plus one more evaluation each, and a little accuracy (gated by agreement "
+                                  "with the FP32 model)"),
     "max_relative_accuracy_drop": Param(0.03, type="number", minimum=0, maximum=0.99,
                                         description="gate: candidate accuracy >= teacher x (1 - this)"),
     "max_p95_latency_ms": Param(0.0, type="number", minimum=0, description="gate: p95 batch-1 latency budget (0 = none)"),
@@ -68,6 +90,21 @@ PARAMS = {
     "force_retrain": Param(False, type="boolean",
                            description="train even when the champion was trained on the same data with the same code"),
 }
+
+
+def _skip_if_switched_off(config, technique: str) -> None:
+    """End the running task SKIPPED, with the reason in its log, when the run's params switched ``technique``
+    off. Its downstream technique tasks are skipped with it; evaluate runs on what was built."""
+    import logging
+
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from tasks.pipeline import switched_off
+
+    reason = switched_off(config, (technique,))
+    if reason is not None:
+        logging.getLogger(__name__).info(reason)
+        raise AirflowSkipException(reason)
 
 
 def _inputs():
@@ -88,7 +125,9 @@ def _inputs():
     schedule=CronTriggerTimetable("0 2 * * *", timezone="UTC", run_immediately=timedelta(0)),
     catchup=False,
     max_active_runs=1,
-    default_args={"retries": 1, "retry_delay": timedelta(minutes=1)},
+    # Each task that succeeds records its wall time and peak memory beside the run's artifacts
+    # (tasks/cost.py; `make bench-pipeline` reads them).
+    default_args={"retries": 1, "retry_delay": timedelta(minutes=1), "on_success_callback": record_task_cost},
     params=PARAMS,
     tags=["optimization", "mlflow", "triton"],
     doc_md=__doc__,
@@ -133,14 +172,18 @@ def optimize_model():
         """Distill the teacher into a student that keeps evenly spaced teacher layers."""
         from tasks import pipeline
 
-        return pipeline.distill_student(*_inputs(), data, teacher)
+        settings, config, run_id = _inputs()
+        _skip_if_switched_off(config, "distill")
+        return pipeline.distill_student(settings, config, run_id, data, teacher)
 
     @task
     def prune_student(data: dict, teacher: dict, student: dict) -> dict:
         """Remove the least important heads and FFN neurons of the student; recover by distillation."""
         from tasks import pipeline
 
-        return pipeline.prune_student(*_inputs(), data, teacher, student)
+        settings, config, run_id = _inputs()
+        _skip_if_switched_off(config, "prune")
+        return pipeline.prune_student(settings, config, run_id, data, teacher, student)
 
     @task
     def export_pruned(data: dict, pruned: dict) -> dict:
@@ -154,7 +197,9 @@ def optimize_model():
         """Dynamic INT8 quantization of the pruned student with ONNX Runtime."""
         from tasks import pipeline
 
-        return pipeline.quantize_int8(*_inputs(), data, pruned_onnx, name="pruned_int8")
+        settings, config, run_id = _inputs()
+        _skip_if_switched_off(config, "quantize")
+        return pipeline.quantize_int8(settings, config, run_id, data, pruned_onnx, name="pruned_int8")
 
     @task
     def export_onnx(data: dict, teacher: dict) -> dict:
@@ -175,18 +220,24 @@ def optimize_model():
         """Dynamic INT8 quantization of the teacher with ONNX Runtime."""
         from tasks import pipeline
 
-        return pipeline.quantize_int8(*_inputs(), data, onnx, name="onnx_int8")
+        settings, config, run_id = _inputs()
+        _skip_if_switched_off(config, "quantize")
+        return pipeline.quantize_int8(settings, config, run_id, data, onnx, name="onnx_int8")
 
     @task
     def quantize_student(data: dict, student_onnx: dict) -> dict:
         """Dynamic INT8 quantization of the student with ONNX Runtime."""
         from tasks import pipeline
 
-        return pipeline.quantize_int8(*_inputs(), data, student_onnx, name="student_int8")
+        settings, config, run_id = _inputs()
+        _skip_if_switched_off(config, "quantize")
+        return pipeline.quantize_int8(settings, config, run_id, data, student_onnx, name="student_int8")
 
-    @task
+    # Runs when technique tasks were skipped (their results arrive as None); a failed upstream task still
+    # stops it, and with it register and promote. data_changed's short-circuit skips it directly.
+    @task(trigger_rule=TriggerRule.NONE_FAILED)
     def evaluate(data: dict, produced: dict) -> dict:
-        """Accuracy, F1, latency percentiles, throughput, size and peak memory of every candidate."""
+        """Accuracy, F1, latency percentiles, throughput, size and peak memory of every switched-on candidate."""
         from tasks import pipeline
 
         return pipeline.evaluate_candidates(*_inputs(), data, produced)

@@ -109,7 +109,11 @@ def print_summary(settings: StackSettings, dag_id: str, run_id: str, summary: di
           f"{'size MB':>8s} {'peak MB':>8s}  MLflow version")
     from tasks.pipeline import CANDIDATES
 
+    switched_off = summary.get("switched_off") or {}
     for name in CANDIDATES:
+        if name in switched_off:
+            print(f"{name:18s} switched off: {switched_off[name]}")
+            continue
         metrics = summary["candidates"][name]
         version = summary["versions"].get(name) or "-"
         print(f"{name:18s} {metrics['accuracy']:9.4f} {metrics['macro_f1']:9.4f} {metrics['latency_p50_ms']:8.2f} "
@@ -117,6 +121,8 @@ def print_summary(settings: StackSettings, dag_id: str, run_id: str, summary: di
               f"{metrics['size_bytes'] / 1e6:8.2f} {metrics.get('peak_memory_mb', 0):8.0f}  {version}")
     teacher = summary["candidates"]["teacher_pytorch"]
     for name in ("onnx_int8", "student_int8", "pruned_int8"):
+        if name not in summary["candidates"]:
+            continue
         other = summary["candidates"][name]
         print(f"{name} vs PyTorch teacher: p50 {teacher['latency_p50_ms'] / other['latency_p50_ms']:.1f}x faster, "
               f"{teacher['size_bytes'] / other['size_bytes']:.1f}x smaller, "

@@ -138,6 +138,8 @@ class DistillConfig:
             each student layer's output and the teacher layer it was copied from, padding
             excluded); 0 = off.
         epochs, batch_size, learning_rate, max_length, seed: training settings.
+        enabled: whether an optimize_model run distills at all (off: no student candidates, and no
+            pruning, which works on the student).
     """
 
     student_layers: int = 0
@@ -149,6 +151,7 @@ class DistillConfig:
     learning_rate: float = 1e-4
     max_length: int = 128
     seed: int = 13
+    enabled: bool = True
 
     def __post_init__(self) -> None:
         _require(self.student_layers >= 0, "distill.student_layers must be >= 0")
@@ -171,6 +174,8 @@ class PruneConfig:
         importance_batches: training batches used to score heads and neurons.
         recovery_epochs: distillation epochs after pruning (0 = none; needed for unstructured).
         temperature, alpha, batch_size, learning_rate, max_length, seed: recovery training settings.
+        enabled: whether an optimize_model run prunes the distilled student at all (needs
+            ``DistillConfig.enabled``).
     """
 
     head_fraction: float = 0.33
@@ -184,6 +189,7 @@ class PruneConfig:
     learning_rate: float = 1e-4
     max_length: int = 128
     seed: int = 13
+    enabled: bool = True
 
     def __post_init__(self) -> None:
         _require(0 <= self.head_fraction < 1, "prune.head_fraction must be in [0, 1)")
@@ -263,6 +269,8 @@ class QuantizeConfig:
         exclude_activation_matmuls: static INT8 leaves MatMuls of two activations (attention scores
             and their product with the values) in FP32: they are the most sensitive ones.
         exclude_nodes: further node names (or name fragments) kept in FP32.
+        enabled: whether an optimize_model run quantizes its ONNX models at all (off: no INT8
+            candidates).
     """
 
     mode: str = QuantizeMode.DYNAMIC_INT8.value
@@ -272,6 +280,7 @@ class QuantizeConfig:
     calibration_method: str = CalibrationMethod.PERCENTILE.value
     exclude_activation_matmuls: bool = True
     exclude_nodes: tuple[str, ...] = ()
+    enabled: bool = True
 
     def __post_init__(self) -> None:
         _require(self.mode in {m.value for m in QuantizeMode},
@@ -428,6 +437,11 @@ class PipelineConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     promote: PromoteConfig = field(default_factory=PromoteConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.distill.enabled or not self.prune.enabled,
+                 "prune needs distill: pruning works on the distilled student. Switch prune off as well "
+                 "(param prune: false) or switch distill on (param distill: true)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

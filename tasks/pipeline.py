@@ -24,7 +24,7 @@ from tasks import registry
 from tasks import report
 from tasks.assets import fetch_demo_assets
 from tasks.config import PipelineConfig
-from tasks.errors import ConfigError, PromotionFailed
+from tasks.errors import ConfigError, PipelineError, PromotionFailed
 from tasks.results import ModelFormat, StepResult, StepStatus, write_json_atomic
 from tasks.settings import PipelineSettings
 
@@ -51,6 +51,9 @@ PARAM_PATHS = {
     "prune_heads": ("prune", "head_fraction"),
     "prune_ffn": ("prune", "ffn_fraction"),
     "prune_epochs": ("prune", "recovery_epochs"),
+    "distill": ("distill", "enabled"),
+    "prune": ("prune", "enabled"),
+    "quantize": ("quantize", "enabled"),
     "max_relative_accuracy_drop": ("gate", "max_relative_accuracy_drop"),
     "max_p95_latency_ms": ("gate", "max_p95_latency_ms"),
     "max_champion_regression": ("gate", "max_champion_regression"),
@@ -74,6 +77,9 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "prune_heads": 0.33,
     "prune_ffn": 0.6,
     "prune_epochs": 1.0,
+    "distill": True,
+    "prune": True,
+    "quantize": True,
     "max_relative_accuracy_drop": 0.03,
     "max_p95_latency_ms": 0.0,
     "max_champion_regression": 0.01,
@@ -89,6 +95,18 @@ CANDIDATES = {
     "student_int8": ("quantize_student", ModelFormat.ONNX, "finetune > distill > ONNX export > dynamic INT8"),
     "pruned_onnx_fp32": ("export_pruned", ModelFormat.ONNX, "finetune > distill > prune > ONNX export (FP32)"),
     "pruned_int8": ("quantize_pruned", ModelFormat.ONNX, "finetune > distill > prune > ONNX export > dynamic INT8"),
+}
+# The compression techniques a run can switch off (params and config sections of the same names), and the
+# ones each candidate needs: the teacher's FP32 candidates need none, so every run has something to serve.
+TECHNIQUES = ("distill", "prune", "quantize")
+CANDIDATE_TECHNIQUES: dict[str, tuple[str, ...]] = {
+    "teacher_pytorch": (),
+    "onnx_fp32": (),
+    "onnx_int8": ("quantize",),
+    "student_onnx_fp32": ("distill",),
+    "student_int8": ("distill", "quantize"),
+    "pruned_onnx_fp32": ("distill", "prune"),
+    "pruned_int8": ("distill", "prune", "quantize"),
 }
 # The model each candidate was converted from (export or quantization), for the agreement gate.
 # Distilled and pruned models are new models: the accuracy gates judge them instead.
@@ -130,6 +148,24 @@ def config_from_params(params: dict[str, Any]) -> PipelineConfig:
             nested.setdefault("distill", {}).setdefault(key, finetune[key])
             nested.setdefault("prune", {}).setdefault(key, finetune[key])
     return PipelineConfig.from_dict(nested)
+
+
+def switched_off(config: PipelineConfig, techniques: tuple[str, ...]) -> str | None:
+    """Why work that needs ``techniques`` does not run under ``config`` (None: all of them are on)."""
+    off = [name for name in techniques if not getattr(config, name).enabled]
+    return f"{' and '.join(off)} switched off in the run's params" if off else None
+
+
+def switched_off_candidates(config: PipelineConfig) -> dict[str, str]:
+    """The candidates ``config`` does not build, each with the reason, in CANDIDATES order."""
+    reasons = {name: switched_off(config, CANDIDATE_TECHNIQUES[name]) for name in CANDIDATES}
+    return {name: reason for name, reason in reasons.items() if reason is not None}
+
+
+def enabled_candidates(config: PipelineConfig) -> list[str]:
+    """The candidates ``config`` builds, evaluates and registers, in CANDIDATES order (sources first)."""
+    off = switched_off_candidates(config)
+    return [name for name in CANDIDATES if name not in off]
 
 
 def resolve_source(source: str, settings: PipelineSettings) -> str:
@@ -226,11 +262,21 @@ def quantize_int8(settings: PipelineSettings, config: PipelineConfig, run_id: st
 
 
 def evaluate_candidates(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict,
-                        produced: dict[str, dict]) -> dict[str, dict]:
-    """Evaluate every candidate on the same test split. ``produced`` maps step name -> result."""
+                        produced: dict[str, dict | None]) -> dict[str, dict]:
+    """Evaluate every candidate the config switched on, on the same test split.
+
+    ``produced`` maps step name -> result; the steps of switched-off techniques were skipped (None,
+    or absent). The result holds the evaluated candidates only.
+    """
     data_dir = Path(StepResult.from_dict(data).uri("data"))
+    for candidate, reason in switched_off_candidates(config).items():
+        log.info("%s switched off, not evaluated: %s", candidate, reason)
     evaluations = {}
-    for candidate, (step, model_format, _) in CANDIDATES.items():
+    for candidate in enabled_candidates(config):
+        step, model_format, _ = CANDIDATES[candidate]
+        if produced.get(step) is None:
+            raise PipelineError(f"{candidate} is switched on but its step {step!r} produced no result (skipped or "
+                                f"cleared?); clear that step and its downstream tasks to build it again")
         model_dir = Path(StepResult.from_dict(produced[step]).uri("model"))
         log.info("evaluating %s (%s) from %s", candidate, model_format.value, model_dir)
         result = evaluate_step.run_isolated(config.evaluate, candidate, model_dir, model_format, data_dir,
@@ -258,13 +304,17 @@ def register_candidates(settings: PipelineSettings, config: PipelineConfig, run_
                         evaluations: dict[str, dict]) -> dict[str, Any]:
     """One MLflow parent run, a nested run per candidate, ONNX candidates registered as versions."""
     data_result = StepResult.from_dict(data)
+    off = switched_off_candidates(config)
     parent = registry.parent_run_id(settings.mlflow_tracking_uri, settings.experiment, run_id,
-                                    _flatten(config.to_dict()))
+                                    _flatten(config.to_dict()) | {"switched_off": ", ".join(off) or "none"})
     lineage = {"data_hash": data_result.info["data_hash"],
                "split_sizes": ",".join(f"{k}={int(v)}" for k, v in data_result.metrics.items()),
                "code_version": registry.code_version()}
+    for candidate, reason in off.items():
+        log.info("%s switched off, not registered: %s", candidate, reason)
     versions: dict[str, str | None] = {}
-    for candidate, (_, model_format, technique) in CANDIDATES.items():  # sources come before what they feed
+    for candidate in (name for name in CANDIDATES if name in evaluations):  # sources come before what they feed
+        _, model_format, technique = CANDIDATES[candidate]
         evaluation = StepResult.from_dict(evaluations[candidate])
         metrics = candidate_metrics(evaluations, candidate)
         source = SOURCE_OF.get(candidate)
@@ -332,7 +382,7 @@ def gate_and_promote(settings: PipelineSettings, config: PipelineConfig, run_id:
             # The run's record is written even so: reviewers see every gate and why serving failed.
             failed = StepResult(step="promote", status=StepStatus.FAILED, reason=str(error),
                                 info={"candidate": winner})
-            _write_summary(settings, run_id, model_name, registered, evaluations, champion, gates, winner, failed)
+            _write_summary(settings, config, run_id, registered, evaluations, champion, gates, winner, failed)
             raise
         result = replace(result, info=result.info | {"candidate": winner})
         registry.describe_decision(
@@ -340,21 +390,24 @@ def gate_and_promote(settings: PipelineSettings, config: PipelineConfig, run_id:
             f"promoted by run {run_id}: every gate passed and it was the fastest passing candidate; serving as "
             f"Triton {config.promote.triton_model} version {int(result.metrics['triton_version'])} with alias "
             f"{config.promote.alias!r}.")
-    summary_path = _write_summary(settings, run_id, model_name, registered, evaluations, champion, gates, winner, result)
+    summary_path = _write_summary(settings, config, run_id, registered, evaluations, champion, gates, winner,
+                                  result)
     return result.to_dict() | {"summary": str(summary_path)}
 
 
-def _write_summary(settings: PipelineSettings, run_id: str, model_name: str, registered: dict,
+def _write_summary(settings: PipelineSettings, config: PipelineConfig, run_id: str, registered: dict,
                    evaluations: dict[str, dict], champion: gate_step.ChampionScore | None,
                    gates: dict[str, list[gate_step.GateCheck]], winner: str | None, result: StepResult) -> Path:
-    """``summary.json`` of the run (candidates, gates, winner, promotion), also logged to the parent run."""
+    """``summary.json`` of the run (candidates, the switched-off ones with why, gates, winner, promotion),
+    also logged to the parent run."""
     uri = settings.mlflow_tracking_uri
     summary = {
         "run_id": run_id,
         "mlflow_parent_run_id": registered["parent_run_id"],
-        "registered_model": model_name,
+        "registered_model": config.promote.registered_model,
         "versions": registered["versions"],
         "candidates": {name: StepResult.from_dict(value).metrics for name, value in evaluations.items()},
+        "switched_off": switched_off_candidates(config),
         "champion_before": {"accuracy": champion.accuracy, "note": champion.note} if champion else None,
         "gates": {name: [{"name": c.name, "decision": c.decision.value, "detail": c.detail} for c in checks]
                   for name, checks in gates.items()},

@@ -65,6 +65,15 @@ def _outcome(summary: dict) -> str:
     return f"Nothing promoted: {promotion.get('reason') or promotion['status']}. The champion stays."
 
 
+def _switched_off_line(summary: dict) -> str:
+    """Which candidates the run's params switched off (not built, evaluated or registered), and why."""
+    off = summary.get("switched_off") or {}  # absent from summaries written before the switches existed
+    if not off:
+        return "Every candidate was built: no technique was switched off."
+    return "Switched off (not built, evaluated or registered): " + "; ".join(
+        f"{name} ({reason})" for name, reason in off.items()) + "."
+
+
 def _champion_line(champion: dict | None) -> str:
     if not champion:
         return "No champion was serving before this run."
@@ -80,6 +89,7 @@ def markdown(summary: dict) -> str:
         f"# optimize_model run `{summary['run_id']}`", "",
         _outcome(summary), "",
         _champion_line(summary.get("champion_before")), "",
+        _switched_off_line(summary), "",
         "| candidate | MLflow version | accuracy | retention | size MB | smaller | p50 ms | p95 ms | p99 ms | "
         "faster (p50) | texts/s @32 | cost per text | peak MB | gates |",
         "|" + "---|" * 14,
@@ -121,6 +131,7 @@ padding:4px 8px;text-align:right}}td:first-child,td:last-child{{text-align:left}
 </style></head><body>
 <h1>optimize_model run {html.escape(summary['run_id'])}</h1>
 <p>{outcome}</p>
+<p>{html.escape(_switched_off_line(summary))}</p>
 <table><thead><tr>{header}</tr></thead><tbody>
 {chr(10).join(cells)}
 </tbody></table>

@@ -46,6 +46,10 @@ def test_optimize_model_wires_the_skeleton_in_order(dagbag):
         assert downstream in dag.get_task(upstream).downstream_task_ids
     assert dag.max_active_runs == 1
     assert dag.doc_md and "optimize_model" in dag.doc_md
+    # evaluate runs on what was built when techniques were switched off (their tasks skipped), but not after
+    # a failure; the technique tasks skip along with the one that was switched off.
+    assert dag.get_task("evaluate").trigger_rule == "none_failed"
+    assert {task.trigger_rule for task in dag.tasks if task.task_id != "evaluate"} == {"all_success"}
     assert all(task.retries >= 1 for task in dag.tasks)
 
 

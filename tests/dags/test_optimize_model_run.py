@@ -18,6 +18,8 @@ bag = DagBag(dag_folder=sys.argv[1])
 assert not bag.import_errors, bag.import_errors
 run = bag.dags["optimize_model"].test(run_conf=json.loads(sys.argv[2]))
 print("DAG_RUN_STATE", run.state, run.run_id)
+for ti in run.get_task_instances():
+    print("TASK_STATE", ti.task_id, ti.state)
 """
 
 pytestmark = pytest.mark.integration
@@ -34,30 +36,57 @@ def _airflow_env(stack, home: Path) -> dict[str, str]:
     return env
 
 
-def test_dag_test_runs_every_task_and_promotes(local_services, tiny_model, labelled_csv, tmp_path):
-    settings = local_services.settings
-    env = _airflow_env(local_services, tmp_path / "airflow")
-    (tmp_path / "airflow").mkdir()
+@pytest.fixture(scope="module")
+def airflow_env(local_services, tmp_path_factory) -> dict[str, str]:
+    """An Airflow home with a migrated SQLite database, shared by the DAG runs of this module."""
+    home = tmp_path_factory.mktemp("airflow")
+    env = _airflow_env(local_services, home)
     migrate = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, capture_output=True,
                              text=True, timeout=300)
     assert migrate.returncode == 0, migrate.stdout[-2000:] + migrate.stderr[-2000:]
+    return env
+
+
+def _run_dag(env: dict[str, str], conf: dict) -> tuple[str, str, dict[str, str], str]:
+    """Run optimize_model once with ``dag.test()``: (run state, run id, task id -> state, output)."""
+    result = subprocess.run([sys.executable, "-c", RUNNER, str(REPO_ROOT / "dags"), json.dumps(conf)], env=env,
+                            capture_output=True, text=True, timeout=900)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    lines = [line.split() for line in result.stdout.splitlines()]
+    state_line = [line for line in lines if line[:1] == ["DAG_RUN_STATE"]]
+    assert state_line, output[-4000:]
+    tasks = {line[1]: line[2] for line in lines if line[:1] == ["TASK_STATE"] and len(line) == 3}
+    return state_line[0][1], state_line[0][2], tasks, output
+
+
+def test_dag_test_runs_every_task_and_promotes(local_services, airflow_env, tiny_model, labelled_csv):
+    from tasks.settings import safe_name
+
+    settings = local_services.settings
+    env = airflow_env
     conf = {
         "data_source": str(labelled_csv), "teacher": str(tiny_model), "epochs": 3.0, "learning_rate": 5e-3,
         "max_length": 32, "registered_model": "dagtest-model", "triton_model": "dagtest_model",
         "student_layers": 1, "distill_epochs": 3.0, "prune_heads": 0.5, "prune_ffn": 0.5, "prune_epochs": 2.0,
     }
-    result = subprocess.run([sys.executable, "-c", RUNNER, str(REPO_ROOT / "dags"), json.dumps(conf)], env=env,
-                            capture_output=True, text=True, timeout=900)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
-    state_line = [line for line in result.stdout.splitlines() if line.startswith("DAG_RUN_STATE")]
-    assert state_line and state_line[0].split()[1] == "success", output[-4000:]
+    state, run_id, tasks, output = _run_dag(env, conf)
+    assert state == "success", output[-4000:]
+    assert set(tasks.values()) == {"success"}, tasks
 
-    summaries = list(settings.runs_dir.glob("*/summary.json"))
-    assert len(summaries) == 1
-    summary = json.loads(summaries[0].read_text())
+    summary_path = settings.runs_dir / safe_name(run_id) / "summary.json"
+    # Every task recorded what it cost (on_success_callback, in the task's process).
+    from tasks.cost import read_costs
+
+    costs = read_costs(settings.runs_dir / safe_name(run_id))
+    assert set(costs) == set(tasks), sorted(costs)
+    assert all(cost["seconds"] >= 0 and cost["peak_memory_mb"] > 50 for cost in costs.values())
+    # Candidates are evaluated in processes of their own: their peak shows through the children's.
+    assert costs["evaluate"]["peak_memory_children_mb"] > 50
+    summary = json.loads(summary_path.read_text())
     assert set(summary["candidates"]) == {"teacher_pytorch", "onnx_fp32", "onnx_int8", "student_onnx_fp32",
                                           "student_int8", "pruned_onnx_fp32", "pruned_int8"}
+    assert summary["switched_off"] == {}
     assert all(metrics["peak_memory_mb"] > 0 and metrics["throughput_per_s"] > 0
                for metrics in summary["candidates"].values())
     assert summary["promotion"]["status"] == "success"
@@ -82,7 +111,7 @@ def test_dag_test_runs_every_task_and_promotes(local_services, tiny_model, label
     artifacts = {item.path for item in mlflow.MlflowClient(settings.mlflow_url).list_artifacts(
         summary["mlflow_parent_run_id"])}
     assert {"summary.json", "report.md", "report.html", "pareto.png"} <= artifacts
-    assert f"Promoted **{winner}**" in (summaries[0].parent / "report" / "report.md").read_text()
+    assert f"Promoted **{winner}**" in (summary_path.parent / "report" / "report.md").read_text()
     promoted_version = summary["versions"][winner]
     assert registry.alias_version(settings.mlflow_url, "dagtest-model", "champion") == promoted_version
     client = TritonClient(settings.triton_http_url)
@@ -92,9 +121,44 @@ def test_dag_test_runs_every_task_and_promotes(local_services, tiny_model, label
     assert served["LABEL"][0] in {"negative", "positive"}
 
     # The same data and code again: the run stops at data_changed and the champion stays.
-    again = subprocess.run([sys.executable, "-c", RUNNER, str(REPO_ROOT / "dags"), json.dumps(conf)], env=env,
-                           capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
-    assert "nothing changed: champion v" in again.stdout + again.stderr
-    assert len(list(settings.runs_dir.glob("*/summary.json"))) == 1
+    _, again_id, again_tasks, again_output = _run_dag(env, conf)
+    assert "nothing changed: champion v" in again_output
+    # Everything after the short-circuit is skipped, evaluate (trigger rule none_failed) included.
+    assert {task for task, task_state in again_tasks.items() if task_state != "skipped"} == {
+        "prepare_data", "data_changed"}, again_tasks
+    assert not (settings.runs_dir / safe_name(again_id) / "summary.json").exists()
     assert registry.alias_version(settings.mlflow_url, "dagtest-model", "champion") == promoted_version
+
+
+def test_dag_test_with_techniques_switched_off_still_evaluates_and_registers(local_services, airflow_env, tiny_model,
+                                                                              labelled_csv):
+    """distill and quantize off (so prune off too): their tasks are SKIPPED with the reason, and the
+    teacher's two FP32 candidates are evaluated, registered, gated and one of them promoted."""
+    from tasks import registry
+    from tasks.settings import safe_name
+
+    settings = local_services.settings
+    conf = {
+        "data_source": str(labelled_csv), "teacher": str(tiny_model), "epochs": 3.0, "learning_rate": 5e-3,
+        "max_length": 32, "registered_model": "dagtest-lite", "triton_model": "dagtest_lite",
+        "distill": False, "prune": False, "quantize": False,
+    }
+    state, run_id, tasks, output = _run_dag(airflow_env, conf)
+    assert state == "success", output[-4000:]
+    skipped = {"distill_student", "export_student", "quantize_student", "prune_student", "export_pruned",
+               "quantize_pruned", "quantize_int8"}
+    assert {task for task, task_state in tasks.items() if task_state == "skipped"} == skipped, tasks
+    assert {task for task, task_state in tasks.items() if task_state == "success"} == set(tasks) - skipped, tasks
+    assert "distill switched off in the run's params" in output
+    assert "quantize switched off in the run's params" in output
+
+    summary = json.loads((settings.runs_dir / safe_name(run_id) / "summary.json").read_text())
+    assert set(summary["candidates"]) == {"teacher_pytorch", "onnx_fp32"}
+    assert set(summary["versions"]) == {"teacher_pytorch", "onnx_fp32"} and summary["versions"]["onnx_fp32"]
+    assert summary["switched_off"]["student_int8"] == "distill and quantize switched off in the run's params"
+    assert set(summary["switched_off"]) == {"onnx_int8", "student_onnx_fp32", "student_int8", "pruned_onnx_fp32",
+                                            "pruned_int8"}
+    assert summary["promotion"]["status"] == "success" and summary["winner"] == "onnx_fp32"
+    assert registry.alias_version(settings.mlflow_url, "dagtest-lite", "champion") == summary["versions"]["onnx_fp32"]
+    page = (settings.runs_dir / safe_name(run_id) / "report" / "report.md").read_text()
+    assert "Switched off (not built, evaluated or registered): onnx_int8 (quantize switched off" in page

@@ -32,6 +32,9 @@ def test_round_trip_through_plain_data():
         ({"overrides": {"quantize": {"per_chanel": True}}}, "unknown keys in quantize"),
         ({"overrides": {"nonsense": {}}}, "unknown config sections"),
         ({"overrides": {"quantize": {"per_channel": "yes"}}}, "true or false"),
+        ({"quantize": "no"}, "quantize.enabled must be true or false"),
+        ({"distill": False}, "prune needs distill: pruning works on the distilled student"),
+        ({"distill": False, "overrides": {"prune": {"enabled": True}}}, "prune needs distill"),
     ],
 )
 def test_invalid_params_name_the_field(params, message):
@@ -78,3 +81,20 @@ def test_distillation_follows_the_fine_tuning_settings_unless_overridden():
     assert config.distill.batch_size == 4
     assert config.distill.student_layers == 2
     assert config.distill.epochs == 2.0
+
+
+def test_techniques_are_switched_on_by_default_and_each_can_be_switched_off():
+    config = config_from_params({})
+    assert config.distill.enabled and config.prune.enabled and config.quantize.enabled
+    config = config_from_params({"distill": False, "prune": False, "quantize": False})
+    assert not (config.distill.enabled or config.prune.enabled or config.quantize.enabled)
+    assert not config_from_params({"prune": False}).prune.enabled
+    assert PipelineConfig.from_dict(config.to_dict()) == config
+
+
+def test_pruning_without_distillation_is_rejected_when_the_config_is_built():
+    from tasks.config import DistillConfig, PruneConfig
+
+    with pytest.raises(ConfigError, match="Switch prune off as well"):
+        PipelineConfig(data=DataConfig(source="x.csv"), finetune=FinetuneConfig(model="m"),
+                       distill=DistillConfig(enabled=False), prune=PruneConfig(enabled=True))

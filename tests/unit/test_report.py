@@ -40,6 +40,7 @@ def test_markdown_and_html_say_what_was_promoted_and_why_others_were_not():
     assert "Promoted **pruned_int8**: MLflow m version 20 (alias `champion`), Triton t version 4." in page
     assert "| pruned_int8 | 3 | 0.7800 | 97.5% | 15.0 | 6.0x | 3.00 |" in page
     assert "FAIL: champion_regression" in page and "Pareto front" in page and "accuracy 0.7860" in page
+    assert "Every candidate was built: no technique was switched off." in page
     skipped = report.markdown(_summary(promoted=False))
     assert "Nothing promoted: no candidate passed every gate. The champion stays." in skipped
     page = report.html_page(_summary())
@@ -51,3 +52,13 @@ def test_reports_are_written_with_a_real_plot(tmp_path):
     files = report.write_reports(_summary(), tmp_path / "report")
     assert [path.name for path in files] == ["report.md", "report.html", "pareto.png"]
     assert files[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and files[2].stat().st_size > 10_000
+
+
+def test_switched_off_candidates_are_named_with_the_reason():
+    summary = _summary() | {"switched_off": {"student_onnx_fp32": "distill switched off in the run's params",
+                                             "student_int8": "distill switched off in the run's params"}}
+    line = ("Switched off (not built, evaluated or registered): student_onnx_fp32 (distill switched off in the "
+            "run's params); student_int8 (distill switched off in the run's params).")
+    assert line in report.markdown(summary)
+    assert line.replace("'", "&#x27;") in report.html_page(summary)
+    assert [row["name"] for row in report.candidate_rows(summary)] == list(summary["candidates"])
