@@ -10,7 +10,10 @@ postprocess ensemble, the served configuration). Two levels are measured at a fe
 - ``model``: token ids in, logits out: the ONNX model alone, same comparison.
 
 Both sides share this machine's cores with their client (perf_analyzer, or the calling threads):
-a real deployment pays that too. Figures: throughput (texts/s), latency p50/p95/p99 per
+a real deployment pays that too. On this machine Triton is the pip-bundled server, whose ONNX
+models run in the project's python-backend stand-in for the ``onnxruntime`` backend
+(``serving/triton_backends``): the same ONNX Runtime, reached through a python stub process. The
+official container's C++ backend skips that hop, so the share measured here is a lower bound. Figures: throughput (texts/s), latency p50/p95/p99 per
 concurrency, and Triton's throughput as a share of in-process (the figure of record is the best
 throughput of each side over the concurrencies, ensemble level).
 
@@ -257,7 +260,10 @@ def markdown(report: dict) -> str:
            f"{report['texts']} test texts sent one per request, {report['seconds_per_point']:.0f} s per point. "
            "Triton: perf_analyzer over gRPC to a server started for this benchmark with the promoted "
            "configuration. In-process: the same model.onnx in one ONNX Runtime session called from as many "
-           "threads as the concurrency. Both sides share the cores with their client.", ""]
+           "threads as the concurrency. Both sides share the cores with their client. Triton here is the "
+           "pip-bundled server: its ONNX models run in this project's python-backend stand-in for the "
+           "`onnxruntime` backend (the same ONNX Runtime behind a python stub process); the official "
+           "container's C++ backend skips that hop, so these shares are a lower bound.", ""]
     for level, figures in report["levels"].items():
         what = "text in, label out (tokenizer included on both sides)" if level == "ensemble" else \
             "token ids in, logits out (the ONNX model alone)"

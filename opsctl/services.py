@@ -8,6 +8,7 @@ import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
+from pathlib import Path
 
 from opsctl.process import ProcessManager, ServiceError, ServiceSpec
 from opsctl.settings import TELEMETRY_OFF, StackSettings, load_or_create_secrets
@@ -50,17 +51,20 @@ def mlflow_spec(settings: StackSettings, env: dict[str, str]) -> ServiceSpec:
     )
 
 
-def triton_spec(settings: StackSettings, env: dict[str, str], prepare: bool = True) -> ServiceSpec:
-    """Triton's spec; ``prepare`` (re)builds its backends folder, which must not happen under a running server."""
+def triton_spec(settings: StackSettings, env: dict[str, str], prepare: bool = True,
+                model_repository: Path | None = None) -> ServiceSpec:
+    """Triton's spec; ``prepare`` (re)builds its backends folder, which must not happen under a running server.
+    ``model_repository`` serves another stack's repository (a second replica of the same models)."""
     runtime = discover_runtime(settings.triton_venv / "bin" / "python")
-    settings.triton_model_repository.mkdir(parents=True, exist_ok=True)
+    repository = model_repository or settings.triton_model_repository
+    repository.mkdir(parents=True, exist_ok=True)
     backends = settings.triton_dir / "backends"
     if prepare:
         prepare_backends(runtime, backends)
     ports = TritonPorts(settings.triton_http_port, settings.triton_grpc_port, settings.triton_metrics_port)
     return ServiceSpec(
         name="triton",
-        argv=server_command(runtime, settings.triton_model_repository, backends, ports, host=settings.host),
+        argv=server_command(runtime, repository, backends, ports, host=settings.host),
         env=server_environment(runtime, env),
         ports=(ports.http, ports.grpc, ports.metrics),
         health_url=f"http://{settings.triton_http_url}/v2/health/ready",

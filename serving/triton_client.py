@@ -1,8 +1,11 @@
-"""Small helpers over tritonclient's HTTP client: readiness, load/unload, inference."""
+"""Small helpers over tritonclient's HTTP client: readiness, load/unload, inference; and the set of
+Triton replicas that serve one shared model repository."""
 
 from __future__ import annotations
 
+import socket
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -72,3 +75,91 @@ class TritonClient:
 
     def close(self) -> None:
         self._client.close()
+
+
+DNS_PREFIX = "dns:"
+
+
+def replica_urls(spec: str, resolve: Callable = socket.getaddrinfo) -> list[str]:
+    """The Triton servers ``PIPELINE_TRITON_URL`` names, as ``host:port`` URLs.
+
+    ``host:port`` is one server; several are joined by commas. ``dns:host:port`` is every IPv4
+    address ``host`` resolves to when asked, e.g. a Kubernetes headless Service, which lists one
+    address per ready Triton pod, so a promotion reaches the pods an autoscaler added.
+    """
+    urls: list[str] = []
+    for entry in (part.strip() for part in spec.split(",")):
+        if not entry:
+            continue
+        if not entry.startswith(DNS_PREFIX):
+            urls.append(entry)
+            continue
+        host, _, port = entry[len(DNS_PREFIX):].rpartition(":")
+        if not host or not port.isdigit():
+            raise TritonUnavailable(f"{entry!r}: expected dns:<host>:<port>")
+        try:
+            records = resolve(host, int(port), socket.AF_INET, socket.SOCK_STREAM)
+        except OSError as error:
+            raise TritonUnavailable(f"cannot resolve the Triton replicas of {entry!r}: {error}") from error
+        urls.extend(f"{address}:{port}" for address in sorted({record[4][0] for record in records}))
+    if not urls:
+        raise TritonUnavailable(f"no Triton server in {spec!r}")
+    return list(dict.fromkeys(urls))
+
+
+class TritonReplicas:
+    """Every Triton server serving one shared model repository, driven together.
+
+    ``load`` and ``unload`` go to each replica in turn; ``is_ready`` holds only when every replica
+    reports the model (version) ready. Inference goes to one replica at a time (``clients``), so
+    each can be checked on its own.
+    """
+
+    def __init__(self, urls: list[str], timeout_s: float = 30.0) -> None:
+        self.clients = [TritonClient(url, timeout_s) for url in urls]
+
+    @classmethod
+    def from_spec(cls, spec: str) -> TritonReplicas:
+        return cls(replica_urls(spec))
+
+    @property
+    def urls(self) -> list[str]:
+        return [client.url for client in self.clients]
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        for client in self.clients:
+            client.wait_ready(timeout_s)
+
+    def load(self, model: str) -> None:
+        for client in self.clients:
+            try:
+                client.load(model)
+            except TritonUnavailable as error:
+                raise TritonUnavailable(f"{error} (replica {client.url})") from error
+
+    def unload(self, model: str) -> None:
+        for client in self.clients:
+            client.unload(model)
+
+    def is_ready(self, model: str, version: int | None = None) -> bool:
+        return all(client.is_ready(model, version) for client in self.clients)
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+
+
+def load_and_wait(client: TritonReplicas | TritonClient, models: tuple[str, ...], version: int,
+                  timeout_s: float = 120.0) -> None:
+    """Load (or reload) ``models`` and wait until version N of each is ready (on every replica)."""
+    for model in models:
+        client.load(model)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if all(client.is_ready(model, version) for model in models):
+            return
+        time.sleep(0.25)
+    clients = client.clients if isinstance(client, TritonReplicas) else [client]
+    late = [each.url for each in clients if not all(each.is_ready(model, version) for model in models)]
+    raise TritonUnavailable(f"Triton did not report {', '.join(models)} version {version} ready within "
+                            f"{timeout_s:.0f}s (on {', '.join(late)})")

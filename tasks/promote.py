@@ -9,13 +9,17 @@ evaluation outputs, and only then does the alias move (the old champion becomes
 ``rollback`` serves the previous champion again by the same forward path: its files become a new
 version. Going forward only matters: Triton reloads an ensemble whenever one of its models is
 loaded, so an ensemble version on disk must never name components that are not loaded yet.
+
+Several Triton replicas may serve the one shared repository (``PromotionTarget.triton_url`` lists
+them, or names a DNS record with one address per replica): every step then acts on all of them.
+The components are loaded on every replica before the ensemble version is written, each replica
+switches in turn, and the smoke test runs through each; a failure on any replica restores all.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +27,7 @@ import numpy as np
 
 from monitoring.features import REFERENCE_FILE
 from serving import model_repository as repo
-from serving.triton_client import TritonClient, TritonUnavailable
+from serving.triton_client import TritonClient, TritonReplicas, TritonUnavailable, load_and_wait, replica_urls
 from tasks import data as data_step
 from tasks import registry
 from tasks.config import PromoteConfig
@@ -39,7 +43,7 @@ PREVIOUS_ALIAS = "previous_champion"
 
 @dataclass(frozen=True)
 class PromotionTarget:
-    triton_url: str
+    triton_url: str  # one or more Triton replicas: serving.triton_client.replica_urls
     model_repository: Path
     tracking_uri: str
 
@@ -50,8 +54,8 @@ def run(config: PromoteConfig, target: PromotionTarget, model_dir: Path, predict
     labels = tuple(data_step.read_meta(data_dir)["labels"])
     ensemble = repo.ClassifierEnsemble(config.triton_model, labels, max_length, intra_op_threads=intra_op_threads)
     repository = target.model_repository
-    client = TritonClient(target.triton_url)
-    client.wait_ready(timeout_s=30)
+    replicas = TritonReplicas.from_spec(target.triton_url)
+    replicas.wait_ready(timeout_s=30)
     previous = repo.ensemble_versions(repository, ensemble.name)
     with tempfile.TemporaryDirectory(prefix="promote-") as scratch:
         # Drift monitoring's reference: the evaluation outputs and their features, beside the served version.
@@ -64,13 +68,14 @@ def run(config: PromoteConfig, target: PromotionTarget, model_dir: Path, predict
                 f"Nothing was changed; the alias {config.alias!r} is unchanged."
             ) from error
         version = repo.write_component_versions(repository, ensemble, model_dir)
-        log.info("wrote %s version %d; loading it", ensemble.name, version)
+        log.info("wrote %s version %d; loading it on %s", ensemble.name, version, ", ".join(replicas.urls))
         try:
-            _switch_to(client, repository, ensemble.name, version, repo.render_ensemble_config(ensemble, version),
+            _switch_to(replicas, repository, ensemble.name, version, repo.render_ensemble_config(ensemble, version),
                        (reference,))
-            diff = _smoke_test(client, config, ensemble.name, predictions, data_dir, version)
+            diff = max(_smoke_test(client, config, ensemble.name, predictions, data_dir, version)
+                       for client in replicas.clients)
         except Exception as error:  # noqa: BLE001 - whatever failed, the previous version must serve again
-            _restore(client, repository, ensemble.name, version, previous)
+            _restore(replicas, repository, ensemble.name, version, previous)
             raise PromotionFailed(
                 f"{ensemble.name} version {version} was not promoted: {error}. "
                 f"Version {previous[-1] if previous else '(none)'} keeps serving; "
@@ -90,7 +95,7 @@ def run(config: PromoteConfig, target: PromotionTarget, model_dir: Path, predict
         uris={"triton_version_dir": str(repository / ensemble.name / str(version))},
         metrics={"triton_version": float(version), "smoke_max_abs_diff": diff},
         info={"registered_model": config.registered_model, "mlflow_version": mlflow_version,
-              "alias": config.alias, "triton_model": ensemble.name},
+              "alias": config.alias, "triton_model": ensemble.name, "triton_replicas": ",".join(replicas.urls)},
     )
 
 
@@ -116,20 +121,21 @@ def rollback(config: PromoteConfig, target: PromotionTarget) -> StepResult:
     present = repo.ensemble_versions(repository, config.triton_model)
     if source not in present:
         raise PromotionFailed(f"Triton version {source} of {config.triton_model} is no longer in the repository")
-    client = TritonClient(target.triton_url)
-    client.wait_ready(timeout_s=30)
+    replicas = TritonReplicas.from_spec(target.triton_url)
+    replicas.wait_ready(timeout_s=30)
     try:
         version = repo.copy_ensemble_components(repository, config.triton_model, source)
     except repo.RepositoryError as error:
         raise PromotionFailed(f"cannot roll back {config.triton_model} to version {source}: {error}") from error
     reference = repository / config.triton_model / str(source) / REFERENCE_FILE
     try:
-        _switch_to(client, repository, config.triton_model, version,
+        _switch_to(replicas, repository, config.triton_model, version,
                    repo.repinned_ensemble_config(repository, config.triton_model, source, version),
                    tuple(path for path in (reference,) if path.exists()))
-        _check_serving(client, config.triton_model, version)
+        for client in replicas.clients:
+            _check_serving(client, config.triton_model, version)
     except Exception as error:  # noqa: BLE001 - whatever failed, the current version must serve again
-        _restore(client, repository, config.triton_model, version, present)
+        _restore(replicas, repository, config.triton_model, version, present)
         raise PromotionFailed(
             f"rollback of {config.triton_model} to the files of version {source} failed: {error}; version "
             f"{present[-1]} serves again and the aliases are unchanged"
@@ -155,8 +161,9 @@ def rollback(config: PromoteConfig, target: PromotionTarget) -> StepResult:
 
 def champion_score(target: PromotionTarget, config: PromoteConfig, data_dir: Path) -> ChampionScore | None:
     """The serving champion's accuracy on this run's test split, measured through Triton with raw texts
-    one per request (as every candidate was evaluated). None when nothing is serving yet."""
-    client = TritonClient(target.triton_url)
+    one per request (as every candidate was evaluated), on the first replica (all serve the same
+    version). None when nothing is serving yet."""
+    client = TritonClient(replica_urls(target.triton_url)[0])
     if not client.is_ready(config.triton_model):
         return None
     version = client.ready_versions(config.triton_model)[-1]
@@ -172,24 +179,13 @@ def champion_score(target: PromotionTarget, config: PromoteConfig, data_dir: Pat
     return ChampionScore(accuracy, f"Triton {config.triton_model} v{version}")
 
 
-def _switch_to(client: TritonClient, repository: Path, name: str, version: int, ensemble_config: str,
+def _switch_to(replicas: TritonReplicas, repository: Path, name: str, version: int, ensemble_config: str,
               ensemble_files: tuple[Path, ...]) -> None:
-    """Load component version N beside the serving one, then add and load ensemble version N (the switch)."""
-    _load_and_wait(client, repo.ensemble_models(name)[:-1], version)
+    """Load component version N beside the serving one on every replica, then add ensemble version N
+    and load it on each replica in turn (the switch)."""
+    load_and_wait(replicas, repo.ensemble_models(name)[:-1], version)
     repo.write_ensemble_step(repository, name, version, ensemble_config, ensemble_files)
-    _load_and_wait(client, (name,), version)
-
-
-def _load_and_wait(client: TritonClient, models: tuple[str, ...], version: int, timeout_s: float = 120.0) -> None:
-    """Load (or reload) ``models`` and wait until version N of each is ready."""
-    for model in models:
-        client.load(model)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if all(client.is_ready(model, version) for model in models):
-            return
-        time.sleep(0.25)
-    raise PromotionFailed(f"Triton did not report {', '.join(models)} version {version} ready within {timeout_s:.0f}s")
+    load_and_wait(replicas, (name,), version)
 
 
 CHECK_TEXTS = ("a short check that the model serves", "another one, a little longer, with punctuation!")
@@ -236,7 +232,7 @@ def _smoke_test(client: TritonClient, config: PromoteConfig, name: str, predicti
     return diff
 
 
-def _restore(client: TritonClient, repository: Path, name: str, failed: int, previous: list[int]) -> None:
+def _restore(client: TritonReplicas, repository: Path, name: str, failed: int, previous: list[int]) -> None:
     """Take the failed version N out and serve ``previous[-1]`` again.
 
     The ensemble goes back first (its older version's components are still loaded beside N), the
@@ -257,12 +253,12 @@ def _restore(client: TritonClient, repository: Path, name: str, failed: int, pre
         if failed in repo.ensemble_versions(repository, name):
             repo.remove_ensemble_version(repository, name, failed, models=(name,))
             repo.restore_config(repository, name, serving)
-            _load_and_wait(client, (name,), serving)
+            load_and_wait(client, (name,), serving)
         components = models[:-1]
         repo.remove_ensemble_version(repository, name, failed, models=components)
         for model in components:
             repo.restore_config(repository, model, serving)
-        _load_and_wait(client, components, serving)
+        load_and_wait(client, components, serving)
     except (TritonUnavailable, PromotionFailed) as error:
         log.error("serving %s version %d again after a failed switch to %d failed: %s", name, serving, failed,
                   error)

@@ -30,7 +30,7 @@ STEP_ENV = {
     "DO_NOT_TRACK": "true",
 }
 # Where the steps find MLflow and Triton in the cluster (compile-time: --mlflow-url, --triton-url).
-SERVICES = {"PIPELINE_MLFLOW_TRACKING_URI": "http://mlflow:5000", "PIPELINE_TRITON_URL": "triton:8000"}
+SERVICES = {"PIPELINE_MLFLOW_TRACKING_URI": "http://mlflow:5000", "PIPELINE_TRITON_URL": "dns:triton-replicas:8000"}
 
 
 @dsl.component(base_image=PROJECT_IMAGE, install_kfp_package=False)
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=Path("optimize_model.yaml"), help="pipeline YAML to write")
     parser.add_argument("--mlflow-url", default=SERVICES["PIPELINE_MLFLOW_TRACKING_URI"], help="MLflow in the cluster")
-    parser.add_argument("--triton-url", default=SERVICES["PIPELINE_TRITON_URL"], help="Triton HTTP host:port")
+    parser.add_argument("--triton-url", default=SERVICES["PIPELINE_TRITON_URL"], help="Triton HTTP host:port, several joined by commas, or dns:<name>:<port> for every replica")
     args = parser.parse_args(argv)
     compile_pipeline(args.output, mlflow_url=args.mlflow_url, triton_url=args.triton_url)
     print(f"wrote {args.output}")

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from serving import model_repository as repo
-from serving.triton_client import TritonClient
+from serving.triton_client import TritonClient, TritonUnavailable
 from tasks import registry
 from tasks.config import EvaluateConfig, PromoteConfig
 from tasks.errors import PromotionFailed
@@ -193,3 +193,75 @@ def test_smoke_test_mismatch_is_not_promoted(local_services, exported_onnx, eval
     assert registry.alias_version(settings.mlflow_url, "smoke-model", "champion") is None
     assert not TritonClient(settings.triton_http_url).is_ready("smoke_model")
     assert champion_score(_target(settings), config, prepared_data) is None
+
+
+@pytest.fixture(scope="module")
+def second_replica(local_services, tmp_path_factory):
+    """A second Triton serving the stack's model repository (as replicas share a volume in production).
+    It loads what the repository holds when it starts, as a pod added by an autoscaler does."""
+    import os
+
+    from opsctl.process import ProcessManager, free_port
+    from opsctl.services import base_environment, triton_spec
+    from opsctl.settings import StackSettings
+
+    shared = local_services.settings.triton_model_repository
+    settings = StackSettings(home=tmp_path_factory.mktemp("replica"), triton_http_port=free_port(),
+                             triton_grpc_port=free_port(), triton_metrics_port=free_port())
+    spec = triton_spec(settings, base_environment(settings, os.environ), model_repository=shared)
+    manager = ProcessManager(settings.pids_dir, settings.logs_dir)
+    manager.start(spec)
+    try:
+        manager.wait_healthy(spec, timeout_s=180)
+        yield settings.triton_http_url
+    finally:
+        manager.stop("triton")
+
+
+def test_promotion_switches_every_replica_and_never_half_promotes(local_services, second_replica, exported_onnx,
+                                                                 evaluated, prepared_data):
+    settings = local_services.settings
+    replicas = f"{settings.triton_http_url},{second_replica}"
+    target = PromotionTarget(replicas, settings.triton_model_repository, settings.mlflow_url)
+    config = PromoteConfig(registered_model="replica-model", triton_model="replica_model", smoke_samples=4)
+    predictions = Path(evaluated.uri("predictions"))
+    first = promote(config, target, exported_onnx, predictions, prepared_data,
+                    _register(settings, "replica-model", "run-r1", exported_onnx, evaluated.metrics), max_length=32)
+    assert first.info["triton_replicas"] == replicas
+    clients = [TritonClient(url) for url in (settings.triton_http_url, second_replica)]
+    assert [client.ready_versions("replica_model") for client in clients] == [[1], [1]]
+
+    v2 = _register(settings, "replica-model", "run-r2", exported_onnx, evaluated.metrics)
+    with RequestStream(settings.triton_http_url, "replica_model") as on_first, \
+            RequestStream(second_replica, "replica_model") as on_second:
+        promote(config, target, exported_onnx, predictions, prepared_data, v2, max_length=32)
+    assert on_first.failures == [] and on_second.failures == [] and min(on_first.sent, on_second.sent) > 10
+    assert [client.ready_versions("replica_model") for client in clients] == [[2], [2]]
+
+    # One replica down: nothing is written or loaded anywhere, the champion stays.
+    from opsctl.process import free_port
+
+    down = PromotionTarget(f"{replicas},127.0.0.1:{free_port()}", settings.triton_model_repository,
+                           settings.mlflow_url)
+    v3 = _register(settings, "replica-model", "run-r3", exported_onnx, evaluated.metrics)
+    with pytest.raises(TritonUnavailable, match="not ready"):
+        promote(config, down, exported_onnx, predictions, prepared_data, v3, max_length=32)
+    assert repo.ensemble_versions(settings.triton_model_repository, "replica_model") == [1, 2]
+    assert [client.ready_versions("replica_model") for client in clients] == [[2], [2]]
+    assert registry.alias_version(settings.mlflow_url, "replica-model", "champion") == v2
+
+    # A replica the promotion did not reach (started mid-switch) converges through the sync loop.
+    from serving.replica_sync import sync_once
+
+    only_first = PromotionTarget(settings.triton_http_url, settings.triton_model_repository, settings.mlflow_url)
+    promote(config, only_first, exported_onnx, predictions, prepared_data, v3, max_length=32)
+    assert [client.ready_versions("replica_model") for client in clients] == [[3], [2]]
+    with RequestStream(second_replica, "replica_model") as during_sync:
+        assert sync_once(clients[1], settings.triton_model_repository, "replica_model") == \
+            "replica_model: now serving version 3 (was [2])"
+    assert during_sync.failures == [] and during_sync.sent > 10
+    assert clients[1].ready_versions("replica_model") == [3]
+    assert sync_once(clients[1], settings.triton_model_repository, "replica_model") == \
+        "replica_model: serving version 3"
+    assert sync_once(clients[1], settings.triton_model_repository, "never_promoted") == \
+        "never_promoted: nothing promoted yet"

@@ -76,15 +76,16 @@ def _serving() -> list[dict]:
 def test_serving_manifest_wires_deployments_services_and_the_autoscaler():
     docs = _serving()
     kinds = {(doc["kind"], doc["metadata"]["name"]) for doc in docs}
-    assert {("Deployment", "triton"), ("Service", "triton"), ("Deployment", "gateway"), ("Service", "gateway"),
-            ("HorizontalPodAutoscaler", "gateway")} <= kinds
+    assert {("Deployment", "triton"), ("Service", "triton"), ("Service", "triton-replicas"), ("Deployment", "gateway"),
+            ("Service", "gateway"), ("HorizontalPodAutoscaler", "gateway"), ("HorizontalPodAutoscaler", "triton")} <= kinds
     deployments = {doc["metadata"]["name"]: doc for doc in docs if doc["kind"] == "Deployment"}
     for doc in docs:
         if doc["kind"] == "Service":
-            pod_labels = deployments[doc["metadata"]["name"]]["spec"]["template"]["metadata"]["labels"]
-            assert doc["spec"]["selector"].items() <= pod_labels.items()
-            ports = {port["name"] for c in deployments[doc["metadata"]["name"]]["spec"]["template"]["spec"]["containers"]
-                     for port in c["ports"]}
+            selected = [d for d in deployments.values()
+                        if doc["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+            assert len(selected) == 1, doc["metadata"]["name"]
+            ports = {port["name"] for c in selected[0]["spec"]["template"]["spec"]["containers"]
+                     for port in c.get("ports", [])}
             assert {port["targetPort"] for port in doc["spec"]["ports"]} <= ports
         if doc["kind"] == "HorizontalPodAutoscaler":
             target = doc["spec"]["scaleTargetRef"]
@@ -102,3 +103,27 @@ def test_serving_manifest_wires_deployments_services_and_the_autoscaler():
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     assert triton["image"] == compose["x-triton"]["image"]
     assert "--model-control-mode=explicit" in triton["args"] and "--load-model=*" in triton["args"]
+
+
+def test_triton_scales_out_and_promotions_reach_every_replica():
+    """Promotions resolve the headless Service (one address per ready pod); a sidecar keeps each replica
+    on the newest version written, with the flags the module really takes."""
+    from serving import replica_sync
+    from serving.triton_client import replica_urls
+
+    docs = {(doc["kind"], doc["metadata"]["name"]): doc for doc in _serving()}
+    assert docs[("Service", "triton-replicas")]["spec"]["clusterIP"] == "None"
+    assert docs[("HorizontalPodAutoscaler", "triton")]["spec"]["minReplicas"] >= 2
+    assert docs[("Deployment", "triton")]["spec"].get("strategy", {}).get("type") != "Recreate"
+    values = yaml.safe_load((ROOT / "infra" / "helm" / "airflow-values.yaml").read_text())
+    url = {item["name"]: item["value"] for item in values["env"]}["PIPELINE_TRITON_URL"]
+    assert url == "dns:triton-replicas:8000"
+    resolved = replica_urls(url, lambda host, port, family, kind: [(family, kind, 6, "", ("10.1.0.9", port))])
+    assert resolved == ["10.1.0.9:8000"]
+    containers = {c["name"]: c for c in docs[("Deployment", "triton")]["spec"]["template"]["spec"]["containers"]}
+    sidecar = containers["model-sync"]
+    assert sidecar["command"][:3] == ["python", "-m", "serving.replica_sync"]
+    parser_calls = [replica_sync.parse_args(command[3:])
+                    for command in (sidecar["command"], sidecar["readinessProbe"]["exec"]["command"])]
+    assert [str(call.repository) for call in parser_calls] == ["/models", "/models"]
+    assert parser_calls[1].once and {m["mountPath"] for m in sidecar["volumeMounts"]} == {"/models"}
