@@ -141,7 +141,7 @@ class TritonUnderTest:
 
     @classmethod
     def start(cls, home: Path, model_dir: Path, labels: tuple[str, ...], max_length: int,
-              intra_op_threads: int) -> TritonUnderTest:
+              intra_op_threads: int, instances: int = 1) -> TritonUnderTest:
         from opsctl.process import ProcessManager, free_port
         from opsctl.services import base_environment, triton_spec
         from opsctl.settings import StackSettings
@@ -150,7 +150,8 @@ class TritonUnderTest:
 
         settings = StackSettings(home=home, triton_http_port=free_port(), triton_grpc_port=free_port(),
                                  triton_metrics_port=free_port())
-        ensemble = repo.ClassifierEnsemble(MODEL_NAME, labels, max_length, intra_op_threads=intra_op_threads)
+        ensemble = repo.ClassifierEnsemble(MODEL_NAME, labels, max_length, intra_op_threads=intra_op_threads,
+                                           instances=instances)
         repo.write_ensemble_version(settings.triton_model_repository, ensemble, model_dir)
         spec = triton_spec(settings, base_environment(settings, os.environ))
         manager = ProcessManager(settings.pids_dir, settings.logs_dir)
@@ -209,7 +210,10 @@ def compare(triton: list[Load], in_process: list[Load]) -> dict:
 
 
 def run(model_dir: Path, data_dir: Path, results: Path, texts: int = 200, seconds: float = 5.0,
-        concurrencies: tuple[int, ...] = CONCURRENCIES) -> dict:
+        concurrencies: tuple[int, ...] = CONCURRENCIES, instances: int | None = None,
+        threads: int | None = None) -> dict:
+    """Measure both sides. ``instances`` / ``threads``: the served configuration (default: what
+    promotion writes, ``tasks.config.PromoteConfig``); the in-process session uses the same threads."""
     from tasks import data as data_step
     from tasks import evaluate
     from tasks.config import EvaluateConfig
@@ -218,7 +222,8 @@ def run(model_dir: Path, data_dir: Path, results: Path, texts: int = 200, second
     binary = perf_analyzer_binary()
     config = json.loads((model_dir / "config.json").read_text())
     labels = tuple(config["id2label"][str(index)] for index in range(len(config["id2label"])))
-    threads = EvaluateConfig().threads  # what promotion configures (tasks.pipeline passes evaluate.threads)
+    threads = EvaluateConfig().threads if threads is None else threads  # what promotion configures
+    instances = 1 if instances is None else instances
     max_length = EvaluateConfig().max_length
     sample = data_step.read_split(data_dir, "test")["text"].head(texts).tolist()
     tokenizer = evaluate.load_tokenizer(model_dir)
@@ -226,10 +231,10 @@ def run(model_dir: Path, data_dir: Path, results: Path, texts: int = 200, second
     classify, predict = in_process_callers(model_dir, max_length, threads)
     levels = {"ensemble": (MODEL_NAME, ensemble_input_data(sample), classify, sample),
               "model": (f"{MODEL_NAME}_onnx", model_input_data(batches), predict, batches)}
-    report = {"model_dir": str(model_dir), "texts": len(sample), "seconds_per_point": seconds,
-              "concurrencies": list(concurrencies), "intra_op_threads": threads, "levels": {}}
+    report = {"model_dir": str(model_dir).replace(f"{REPO_ROOT}/", ""), "texts": len(sample), "seconds_per_point": seconds,
+              "concurrencies": list(concurrencies), "intra_op_threads": threads, "instances": instances, "levels": {}}
     with tempfile.TemporaryDirectory(prefix="triton-bench-") as scratch:
-        server = TritonUnderTest.start(Path(scratch) / "stack", model_dir, labels, max_length, threads)
+        server = TritonUnderTest.start(Path(scratch) / "stack", model_dir, labels, max_length, threads, instances)
         try:
             for level, (model, data, call, requests) in levels.items():
                 triton, local = [], []
@@ -258,7 +263,9 @@ def markdown(report: dict) -> str:
     out = ["# Triton end to end vs in-process ONNX Runtime", "",
            f"Measured {report['finished']} on this machine ({os.cpu_count()} CPUs), model `{report['model_dir']}`, "
            f"{report['texts']} test texts sent one per request, {report['seconds_per_point']:.0f} s per point. "
-           "Triton: perf_analyzer over gRPC to a server started for this benchmark with the promoted "
+           f"Served configuration: {report.get('instances', 1)} instance(s) of the classifier and the tokenizer, "
+           f"ONNX Runtime intra-op threads {report['intra_op_threads'] or 'default (one per core)'} on both "
+           "sides. Triton: perf_analyzer over gRPC to a server started for this benchmark with that "
            "configuration. In-process: the same model.onnx in one ONNX Runtime session called from as many "
            "threads as the concurrency. Both sides share the cores with their client. Triton here is the "
            "pip-bundled server: its ONNX models run in this project's python-backend stand-in for the "
@@ -293,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=work / "data", help="a prepared data folder (test split)")
     parser.add_argument("--results", type=Path, default=RESULTS_DIR)
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds per measured point")
+    parser.add_argument("--instances", type=int, help="served model instances (default: as promotion writes)")
+    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: as promotion writes)")
     args = parser.parse_args(argv)
     for name, value in (("MLFLOW_DISABLE_TELEMETRY", "true"), ("DO_NOT_TRACK", "true")):
         os.environ.setdefault(name, value)
@@ -301,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no model.onnx in {args.model_dir}: run `make bench-compress` first, or pass --model-dir",
               file=sys.stderr)
         return 1
-    report = run(args.model_dir, args.data_dir, args.results, seconds=args.seconds)
+    report = run(args.model_dir, args.data_dir, args.results, seconds=args.seconds, instances=args.instances,
+                 threads=args.threads)
     print(markdown(report))
     print(f"written: {args.results}/triton-e2e.json and .md")
     return 0 if report["target"]["met"] else 2

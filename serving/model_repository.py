@@ -86,7 +86,8 @@ class OnnxModelConfig:
             raise RepositoryError("max_batch_size >= 0, instances >= 1, intra_op_threads >= 0, versions_kept >= 1")
 
 
-def classifier_config(name: str, num_labels: int, intra_op_threads: int = 0, max_batch_size: int = 32) -> OnnxModelConfig:
+def classifier_config(name: str, num_labels: int, intra_op_threads: int = 0, max_batch_size: int = 32,
+                      instances: int = 1) -> OnnxModelConfig:
     """The config of a classifier exported by tasks.export (input_ids, attention_mask -> logits)."""
     return OnnxModelConfig(
         name=name,
@@ -94,6 +95,7 @@ def classifier_config(name: str, num_labels: int, intra_op_threads: int = 0, max
         outputs=(TensorSpec("logits", "fp32", (num_labels,)),),
         intra_op_threads=intra_op_threads,
         max_batch_size=max_batch_size,
+        instances=instances,
     )
 
 
@@ -214,8 +216,11 @@ class ClassifierEnsemble:
     max_length: int
     max_batch_size: int = 32
     intra_op_threads: int = 0
+    instances: int = 1  # model instances of the classifier and the tokenizer (requests served at once)
 
     def __post_init__(self) -> None:
+        if self.instances < 1:
+            raise RepositoryError("instances must be >= 1")
         if len(self.labels) < 2 or any("," in label or '"' in label for label in self.labels):
             raise RepositoryError(f"labels {self.labels} must be two or more names without ',' or '\"'")
         if self.max_length < 1:
@@ -252,7 +257,7 @@ COMPONENT_VERSIONS_KEPT = 2
 
 
 def render_python_config(name: str, max_batch_size: int, inputs: tuple[TensorSpec, ...],
-                         outputs: tuple[TensorSpec, ...], parameters: dict[str, str]) -> str:
+                         outputs: tuple[TensorSpec, ...], parameters: dict[str, str], instances: int = 1) -> str:
     lines = [
         f'name: "{name}"',
         'backend: "python"',
@@ -260,7 +265,7 @@ def render_python_config(name: str, max_batch_size: int, inputs: tuple[TensorSpe
         f"version_policy: {{ latest {{ num_versions: {COMPONENT_VERSIONS_KEPT} }} }}",
         f"input [\n{_tensors(inputs)}\n]",
         f"output [\n{_tensors(outputs)}\n]",
-        "instance_group [ { count: 1 kind: KIND_CPU } ]",
+        f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]",
         *_parameters(parameters),
     ]
     return "\n".join(lines) + "\n"
@@ -341,13 +346,15 @@ def write_component_versions(repository: Path, ensemble: ClassifierEnsemble, mod
     layout = {
         ensemble.onnx_model: (
             render_config(replace(classifier_config(ensemble.onnx_model, num_labels, ensemble.intra_op_threads,
-                                                    ensemble.max_batch_size), versions_kept=COMPONENT_VERSIONS_KEPT)),
+                                                    ensemble.max_batch_size, ensemble.instances),
+                                  versions_kept=COMPONENT_VERSIONS_KEPT)),
             onnx_files,
         ),
         ensemble.tokenizer_model: (
             render_python_config(
                 ensemble.tokenizer_model, ensemble.max_batch_size, TEXT_INPUT, TOKENIZER_OUTPUTS,
                 {"max_length": str(ensemble.max_length), "pad_token": pad_token(model_dir)},
+                instances=ensemble.instances,
             ),
             [PYTHON_MODELS_DIR / "tokenizer" / "model.py", model_dir / "tokenizer.json"],
         ),

@@ -162,6 +162,16 @@ def switched_off_candidates(config: PipelineConfig) -> dict[str, str]:
     return {name: reason for name, reason in reasons.items() if reason is not None}
 
 
+# Steps that make no candidate of their own name, and the techniques they need.
+STEP_TECHNIQUES: dict[str, tuple[str, ...]] = {"distill_student": ("distill",), "prune_student": ("distill", "prune")}
+
+
+def step_switched_off(config: PipelineConfig, step: str, name: str = "") -> str | None:
+    """Why the pipeline step ``step`` (writing candidate ``name``, for export and quantize) does not run
+    under ``config``; None when it runs. For orchestrators without the DAG's per-task checks (Kubeflow)."""
+    return switched_off(config, CANDIDATE_TECHNIQUES.get(name) or STEP_TECHNIQUES.get(step, ()))
+
+
 def enabled_candidates(config: PipelineConfig) -> list[str]:
     """The candidates ``config`` builds, evaluates and registers, in CANDIDATES order (sources first)."""
     off = switched_off_candidates(config)

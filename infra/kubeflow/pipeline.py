@@ -5,7 +5,8 @@
 The steps are the same ``tasks.pipeline`` functions the Airflow DAG calls, run in the project
 image (``infra/project/Dockerfile``): fine-tune, distill, prune, export, quantize (teacher, student
 and pruned student), evaluate every candidate in one place, register in MLflow, gate and promote
-to Triton. The data-unchanged short-circuit is a ``dsl.If``. Step results (small JSON documents
+to Triton. The data-unchanged short-circuit is a ``dsl.If``; a step whose technique the params
+switch off (``distill``, ``prune``, ``quantize``) returns at once with an empty result. Step results (small JSON documents
 with URIs and metrics) travel as KFP string outputs; the models themselves live on two shared
 volumes, as in the docker-compose stack: ``pipeline-data`` (runs, assets) and ``triton-models``
 (the Triton model repository promotions write to).
@@ -45,6 +46,10 @@ def run_step(step: str, params_json: str, run_id: str, data: str = "", first: st
 
     settings = PipelineSettings.from_env(os.environ)
     config = pipeline.config_from_params(json.loads(params_json))
+    reason = pipeline.step_switched_off(config, step, name)
+    if reason is not None:  # the DAG's tasks end SKIPPED here; KFP has no skip, so an empty result
+        print(f"{name or step} not run: {reason}")
+        return ""
     upstream = [json.loads(value) for value in (data, first, second) if value]
     options = {"name": name} if name else {}
     return json.dumps(getattr(pipeline, step)(settings, config, run_id, *upstream, **options))
@@ -76,7 +81,7 @@ def evaluate(params_json: str, run_id: str, data: str, finetune: str, export: st
     from tasks import pipeline
     from tasks.settings import PipelineSettings
 
-    produced = {key: json.loads(value) for key, value in {
+    produced = {key: json.loads(value) if value else None for key, value in {  # "": switched off
         "finetune": finetune, "export": export, "quantize": quantize, "export_student": export_student,
         "quantize_student": quantize_student, "export_pruned": export_pruned, "quantize_pruned": quantize_pruned,
     }.items()}

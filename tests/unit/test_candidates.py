@@ -75,3 +75,18 @@ def test_evaluation_measures_only_the_candidates_that_were_built(monkeypatch, tm
     with pytest.raises(PipelineError, match="onnx_int8 is switched on but its step 'quantize' produced no result"):
         pipeline.evaluate_candidates(settings, config_from_params({"distill": False, "prune": False}), "run",
                                      _result("data", tmp_path), produced)
+
+
+def test_steps_know_when_their_technique_is_switched_off():
+    """What the Kubeflow steps ask before running (the DAG's tasks check their own technique)."""
+    from tasks.pipeline import step_switched_off
+
+    no_quantize = config_from_params({"quantize": False})
+    assert step_switched_off(no_quantize, "quantize_int8", "pruned_int8") == "quantize switched off in the run's params"
+    assert step_switched_off(no_quantize, "export_onnx", "pruned_onnx_fp32") is None
+    assert step_switched_off(no_quantize, "prune_student") is None
+    nothing = config_from_params({"distill": False, "prune": False, "quantize": False})
+    assert step_switched_off(nothing, "prune_student") == "distill and prune switched off in the run's params"
+    assert step_switched_off(nothing, "export_onnx", "student_onnx_fp32") == "distill switched off in the run's params"
+    assert step_switched_off(nothing, "finetune_teacher") is None
+    assert step_switched_off(nothing, "export_onnx", "onnx_fp32") is None

@@ -40,8 +40,44 @@ def test_profile_shapes_are_validated():
 @pytest.mark.gpu
 def test_engine_builds_on_the_gpu(exported_onnx, tmp_path):
     if compile_step.tensorrt_version() is None:
-        pytest.skip("tensorrt is not installed on this GPU machine")
+        pytest.skip(compile_step.unavailable_reason(compile_step.gpu_names(), None))
     result = compile_step.run(CompileConfig(max_sequence=32, opt_sequence=32), exported_onnx, tmp_path / "trt",
                               precision="fp32")
     assert result.status is StepStatus.SUCCESS
     assert result.info["gpu"] and result.metrics["size_bytes"] > 0
+
+
+@pytest.mark.gpu
+def test_tritons_tensorrt_accelerator_settings_give_the_cpu_logits(exported_onnx, prepared_data):
+    """What the GPU config asks of Triton's onnxruntime backend (TensorRT provider, FP16, workspace),
+    run through ONNX Runtime's TensorRT execution provider: the logits match the CPU ones within
+    FP16 tolerance and the labels agree."""
+    ort = pytest.importorskip("onnxruntime")
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        pytest.skip(f"onnxruntime here has no TensorRT provider (has {ort.get_available_providers()}); "
+                    "install onnxruntime-gpu with TensorRT")
+    from dataclasses import replace
+
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from serving import model_repository as repo
+    from tasks import data as data_step
+    from tasks.evaluate import load_tokenizer, tokenize
+
+    config = replace(repo.classifier_config("clf", 2), gpu=True, tensorrt_precision="FP16",
+                          tensorrt_workspace_mb=512)
+    parsed = text_format.Parse(repo.render_config(config), model_config_pb2.ModelConfig())
+    (accelerator,) = parsed.optimization.execution_accelerators.gpu_execution_accelerator
+    options = {"trt_fp16_enable": accelerator.parameters["precision_mode"] == "FP16",
+               "trt_max_workspace_size": int(accelerator.parameters["max_workspace_size_bytes"])}
+    model = str(exported_onnx / "model.onnx")
+    gpu = ort.InferenceSession(model, providers=[("TensorrtExecutionProvider", options), "CUDAExecutionProvider"])
+    assert gpu.get_providers()[0] == "TensorrtExecutionProvider"
+    cpu = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    texts = data_step.read_split(prepared_data, "test")["text"].head(16).tolist()
+    tokenizer = load_tokenizer(exported_onnx)
+    for text in texts:
+        feeds = tokenize(tokenizer, [text], 32)
+        expected, served = cpu.run(["logits"], feeds)[0], gpu.run(["logits"], feeds)[0]
+        assert abs(served - expected).max() < 5e-2 and served.argmax() == expected.argmax()

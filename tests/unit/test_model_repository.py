@@ -237,3 +237,14 @@ def test_classifier_config_batches_dynamically_and_warms_up():
     assert "dynamic_batching" not in plain and "model_warmup" not in plain
     with pytest.raises(repo.RepositoryError, match="preferred_batch_sizes"):
         repo.OnnxModelConfig("m", (), (), max_batch_size=8, preferred_batch_sizes=(16,))
+
+
+def test_instances_apply_to_the_classifier_and_the_tokenizer(tmp_path):
+    ensemble = repo.ClassifierEnsemble("clf", ("negative", "positive"), max_length=64, instances=2)
+    repository = tmp_path / "repo"
+    repo.write_ensemble_version(repository, ensemble, _exported(tmp_path))
+    for model in (ensemble.onnx_model, ensemble.tokenizer_model):
+        assert _parsed((repository / model / "config.pbtxt").read_text()).instance_group[0].count == 2
+    assert _parsed((repository / ensemble.postprocess_model / "config.pbtxt").read_text()).instance_group[0].count == 1
+    with pytest.raises(repo.RepositoryError, match="instances"):
+        repo.ClassifierEnsemble("clf", ("negative", "positive"), max_length=64, instances=0)
