@@ -337,10 +337,10 @@ def table(rows: list[Row], measured: dict[str, dict], latency: InterleavedLatenc
         line["latency_reduction"] = 1.0 - 1.0 / line["interleaved_speedup"]
         line["cost_reduction"] = 1.0 - 1.0 / line["throughput_gain"]
         if compute_figures:
-            ceiling = compute_figures["ceilings"][f"{row.precision}_gops" if row.precision == "int8" else "fp32_gops"]
+            kind = "int8" if row.precision == "int8" else "fp32"  # FP16 on the CPU computes in FP32
             operations = compute_figures["operations_per_text"][row.source]
-            line |= {"gops_per_text": operations / 1e9, "ceiling": row.precision if row.precision == "int8" else "fp32",
-                     **compute.achieved(operations, line["throughput_per_s"], ceiling)}
+            line |= {"gops_per_text": operations / 1e9, "ceiling": kind,
+                     **compute.achieved(operations, line["throughput_per_s"], compute_figures["ceilings"][f"{kind}_gops"])}
     return lines
 
 

@@ -32,10 +32,14 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from opsctl.settings import StackSettings
 
 log = logging.getLogger("bench.triton_e2e")
 
@@ -130,49 +134,26 @@ def in_process_callers(model_dir: Path, max_length: int, threads: int):
     return classify, predict
 
 
-@dataclass
-class TritonUnderTest:
-    """A Triton server of its own for the benchmark, stopped by ``close``."""
+@contextmanager
+def triton_serving(home: Path, model_dir: Path, labels: tuple[str, ...], max_length: int, intra_op_threads: int,
+                   instances: int = 1) -> Iterator[StackSettings]:
+    """A Triton of its own, serving ``model_dir`` as the ensemble the promotion code writes; stopped on exit."""
+    from opsctl.services import standalone_triton
+    from serving import model_repository as repo
+    from serving.triton_client import TritonClient
 
-    home: Path
-    grpc_url: str
-    http_url: str
-    _manager: object
-
-    @classmethod
-    def start(cls, home: Path, model_dir: Path, labels: tuple[str, ...], max_length: int,
-              intra_op_threads: int, instances: int = 1) -> TritonUnderTest:
-        from opsctl.process import ProcessManager, free_port
-        from opsctl.services import base_environment, triton_spec
-        from opsctl.settings import StackSettings
-        from serving import model_repository as repo
-        from serving.triton_client import TritonClient
-
-        settings = StackSettings(home=home, triton_http_port=free_port(), triton_grpc_port=free_port(),
-                                 triton_metrics_port=free_port())
-        ensemble = repo.ClassifierEnsemble(MODEL_NAME, labels, max_length, intra_op_threads=intra_op_threads,
-                                           instances=instances)
-        repo.write_ensemble_version(settings.triton_model_repository, ensemble, model_dir)
-        spec = triton_spec(settings, base_environment(settings, os.environ))
-        manager = ProcessManager(settings.pids_dir, settings.logs_dir)
-        manager.start(spec)
-        server = cls(home, settings.triton_grpc_url, settings.triton_http_url, manager)
-        try:
-            manager.wait_healthy(spec, timeout_s=180)
-            client = TritonClient(settings.triton_http_url)
-            deadline = time.monotonic() + 180
-            while not client.is_ready(MODEL_NAME):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{MODEL_NAME} not ready in Triton:\n{manager.log_tail('triton')}")
-                time.sleep(1)
-            client.close()
-        except BaseException:
-            server.close()
-            raise
-        return server
-
-    def close(self) -> None:
-        self._manager.stop("triton")
+    ensemble = repo.ClassifierEnsemble(MODEL_NAME, labels, max_length, intra_op_threads=intra_op_threads,
+                                       instances=instances)
+    repo.write_ensemble_version(StackSettings(home=home).triton_model_repository, ensemble, model_dir)
+    with standalone_triton(home) as settings:
+        client = TritonClient(settings.triton_http_url)
+        deadline = time.monotonic() + 180
+        while not client.is_ready(MODEL_NAME):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{MODEL_NAME} not ready in Triton (log: {settings.logs_dir / 'triton.log'})")
+            time.sleep(1)
+        client.close()
+        yield settings
 
 
 def perf_analyzer_binary() -> Path:
@@ -234,21 +215,18 @@ def run(model_dir: Path, data_dir: Path, results: Path, texts: int = 200, second
     report = {"model_dir": str(model_dir).replace(f"{REPO_ROOT}/", ""), "texts": len(sample), "seconds_per_point": seconds,
               "concurrencies": list(concurrencies), "intra_op_threads": threads, "instances": instances, "levels": {}}
     with tempfile.TemporaryDirectory(prefix="triton-bench-") as scratch:
-        server = TritonUnderTest.start(Path(scratch) / "stack", model_dir, labels, max_length, threads, instances)
-        try:
+        with triton_serving(Path(scratch) / "stack", model_dir, labels, max_length, threads, instances) as server:
             for level, (model, data, call, requests) in levels.items():
                 triton, local = [], []
                 for concurrency in concurrencies:
                     # Alternate the two sides at each concurrency, so a noisy spell hits both.
-                    triton.append(triton_load(binary, model, server.grpc_url, data, concurrency, Path(scratch),
-                                              int(seconds * 1000)))
+                    triton.append(triton_load(binary, model, server.triton_grpc_url, data, concurrency,
+                                              Path(scratch), int(seconds * 1000)))
                     local.append(in_process_load(call, requests, concurrency, seconds))
                     log.info("%s c=%d: Triton %.0f/s p50 %.2f ms | in-process %.0f/s p50 %.2f ms", level,
                              concurrency, triton[-1].throughput_per_s, triton[-1].p50_ms,
                              local[-1].throughput_per_s, local[-1].p50_ms)
                 report["levels"][level] = compare(triton, local)
-        finally:
-            server.close()
     share = report["levels"]["ensemble"]["best_share"]
     report["target"] = {"target": TARGET_SHARE, "measured": share, "met": bool(share >= TARGET_SHARE)}
     report["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

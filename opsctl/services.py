@@ -7,10 +7,11 @@ import os
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
-from opsctl.process import ProcessManager, ServiceError, ServiceSpec
+from opsctl.process import ProcessManager, ServiceError, ServiceSpec, free_port
 from opsctl.settings import TELEMETRY_OFF, StackSettings, load_or_create_secrets
 from serving.triton_server import TritonPorts, discover_runtime, prepare_backends, server_command, server_environment
 
@@ -70,6 +71,24 @@ def triton_spec(settings: StackSettings, env: dict[str, str], prepare: bool = Tr
         health_url=f"http://{settings.triton_http_url}/v2/health/ready",
         cwd=settings.triton_dir,
     )
+
+
+@contextmanager
+def standalone_triton(home: Path, model_repository: Path | None = None,
+                      timeout_s: float = 180.0) -> Iterator[StackSettings]:
+    """A Triton of its own on free loopback ports under ``home`` (serving ``model_repository``, by
+    default its own), healthy on entry and stopped on exit: a benchmark's server, or a second
+    replica of another stack's repository."""
+    settings = StackSettings(home=home, triton_http_port=free_port(), triton_grpc_port=free_port(),
+                             triton_metrics_port=free_port())
+    spec = triton_spec(settings, base_environment(settings, os.environ), model_repository=model_repository)
+    manager = ProcessManager(settings.pids_dir, settings.logs_dir)
+    manager.start(spec)
+    try:
+        manager.wait_healthy(spec, timeout_s=timeout_s)
+        yield settings
+    finally:
+        manager.stop("triton")
 
 
 def gateway_spec(settings: StackSettings, env: dict[str, str]) -> ServiceSpec:

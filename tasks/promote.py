@@ -232,7 +232,7 @@ def _smoke_test(client: TritonClient, config: PromoteConfig, name: str, predicti
     return diff
 
 
-def _restore(client: TritonReplicas, repository: Path, name: str, failed: int, previous: list[int]) -> None:
+def _restore(replicas: TritonReplicas, repository: Path, name: str, failed: int, previous: list[int]) -> None:
     """Take the failed version N out and serve ``previous[-1]`` again.
 
     The ensemble goes back first (its older version's components are still loaded beside N), the
@@ -243,7 +243,7 @@ def _restore(client: TritonReplicas, repository: Path, name: str, failed: int, p
     if not previous:
         for model in reversed(models):
             try:
-                client.unload(model)
+                replicas.unload(model)
             except Exception:  # noqa: BLE001 - nothing served before; unloading is best effort
                 log.warning("could not unload %s after a failed first promotion", model)
         repo.remove_ensemble_version(repository, name, failed)
@@ -253,12 +253,12 @@ def _restore(client: TritonReplicas, repository: Path, name: str, failed: int, p
         if failed in repo.ensemble_versions(repository, name):
             repo.remove_ensemble_version(repository, name, failed, models=(name,))
             repo.restore_config(repository, name, serving)
-            load_and_wait(client, (name,), serving)
+            load_and_wait(replicas, (name,), serving)
         components = models[:-1]
         repo.remove_ensemble_version(repository, name, failed, models=components)
         for model in components:
             repo.restore_config(repository, model, serving)
-        load_and_wait(client, components, serving)
+        load_and_wait(replicas, components, serving)
     except (TritonUnavailable, PromotionFailed) as error:
         log.error("serving %s version %d again after a failed switch to %d failed: %s", name, serving, failed,
                   error)

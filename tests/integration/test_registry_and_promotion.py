@@ -199,23 +199,10 @@ def test_smoke_test_mismatch_is_not_promoted(local_services, exported_onnx, eval
 def second_replica(local_services, tmp_path_factory):
     """A second Triton serving the stack's model repository (as replicas share a volume in production).
     It loads what the repository holds when it starts, as a pod added by an autoscaler does."""
-    import os
+    from opsctl.services import standalone_triton
 
-    from opsctl.process import ProcessManager, free_port
-    from opsctl.services import base_environment, triton_spec
-    from opsctl.settings import StackSettings
-
-    shared = local_services.settings.triton_model_repository
-    settings = StackSettings(home=tmp_path_factory.mktemp("replica"), triton_http_port=free_port(),
-                             triton_grpc_port=free_port(), triton_metrics_port=free_port())
-    spec = triton_spec(settings, base_environment(settings, os.environ), model_repository=shared)
-    manager = ProcessManager(settings.pids_dir, settings.logs_dir)
-    manager.start(spec)
-    try:
-        manager.wait_healthy(spec, timeout_s=180)
-        yield settings.triton_http_url
-    finally:
-        manager.stop("triton")
+    with standalone_triton(tmp_path_factory.mktemp("replica"), local_services.settings.triton_model_repository) as replica:
+        yield replica.triton_http_url
 
 
 def test_promotion_switches_every_replica_and_never_half_promotes(local_services, second_replica, exported_onnx,
