@@ -40,9 +40,12 @@ def target_lines(results: Path) -> list[dict]:
     else:
         for key, check in compress["targets"].items():
             label, target, measured = COMPRESS_LABELS.get(key, (key, "{t}", "{m:.3f}"))
-            lines.append({"what": label, "target": target.format(t=check["target"]),
-                          "measured": measured.format(m=check["measured"]), "met": check["met"],
-                          "source": "compress-demo"})
+            value = measured.format(m=check["measured"])
+            if "interval_95" in check:
+                low, high = check["interval_95"]
+                value += f" (95% interval {low:.1f} to {high:.1f})"
+            lines.append({"what": label, "target": target.format(t=check["target"]), "measured": value,
+                          "met": check["met"], "source": "compress-demo"})
     triton = load(results, "triton-e2e")
     if triton is None:
         lines.append({"what": "Triton end to end", "source": "triton-e2e", "missing": True})

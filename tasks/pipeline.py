@@ -134,7 +134,7 @@ def config_from_params(params: dict[str, Any]) -> PipelineConfig:
         nested.setdefault(section, {})[key] = value
     overrides = params.get("overrides") or {}
     if not isinstance(overrides, dict):
-        raise ConfigError("overrides must be an object like {\"quantize\": {\"per_channel\": true}}")
+        raise ConfigError("overrides must be an object like {\"quantize\": {\"per_channel\": false}}")
     for section, values in overrides.items():
         if not isinstance(values, dict):
             raise ConfigError(f"overrides.{section} must be an object")

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from bench import compress
@@ -18,7 +19,7 @@ def test_every_technique_has_a_row_with_ratios_against_the_teacher(report):
     data, _ = report
     rows = {line["name"]: line for line in data["table"]}
     assert {"teacher_pytorch", "teacher_torch_int8", "onnx_fp32", "onnx_fp32_fused", "onnx_int8",
-            "onnx_int8_per_channel", "onnx_static_int8", "onnx_fp16", "teacher_pruned_int8", "student_int8",
+            "onnx_int8_per_tensor", "onnx_static_int8", "onnx_fp16", "teacher_pruned_int8", "student_int8",
             compress.PROMOTED_ROW, "student_sparse_onnx", "tensorrt_fp16", compress.OPTIMUM_ROW} <= set(rows)
     teacher = rows["teacher_pytorch"]
     assert teacher["p50_speedup"] == 1.0 and teacher["size_reduction"] == 1.0 and teacher["accuracy_retention"] == 1.0
@@ -70,6 +71,28 @@ def test_optimum_peer_baseline_is_built_by_optimum_and_measured_like_every_row(r
     peer = next(line for line in data["table"] if line["name"] == compress.OPTIMUM_ROW)
     assert peer["status"] == "measured" and 0 <= peer["accuracy"] <= 1
     assert data["targets"]["speedup_vs_optimum"]["measured"] > 0
+    gap = data["targets"]["accuracy_points_below_optimum"]
+    low, high = gap["interval_95"]
+    assert low <= gap["measured"] <= high
+
+
+def test_accuracy_gap_interval_is_paired_and_shrinks_with_more_texts():
+    rng = np.random.default_rng(1)
+    reference = rng.random(500) < 0.8
+    assert compress.paired_gap_interval(reference, reference) == (0.0, 0.0)  # same answers: no gap at all
+    assert compress.paired_gap_interval(np.ones(50, bool), np.zeros(50, bool)) == (100.0, 100.0)
+    # The candidate answers differently on 10% of texts: the interval spans about 2 x 1.96 standard
+    # errors of the mean per-text difference.
+    flips = rng.random(500) < 0.1
+    candidate = np.where(flips, ~reference, reference)
+    low, high = compress.paired_gap_interval(reference, candidate)
+    differences = reference.astype(float) - candidate.astype(float)
+    assert low < differences.mean() * 100 < high
+    expected_width = 2 * 1.96 * differences.std() / np.sqrt(len(differences)) * 100
+    assert expected_width * 0.85 < high - low < expected_width * 1.15
+    many = np.tile(reference, 4), np.tile(candidate, 4)
+    wide, narrow = high - low, np.subtract(*compress.paired_gap_interval(*many)[::-1])
+    assert narrow < wide * 0.6
 
 
 def test_compute_share_and_cost_rows(report):

@@ -222,6 +222,9 @@ def test_every_config_of_an_ensemble_version_follows_tritons_schema(tmp_path):
     for component in ("clf_onnx", "clf_tokenizer", "clf_postprocess"):
         assert configs[component].version_policy.latest.num_versions == repo.COMPONENT_VERSIONS_KEPT
     assert configs["clf_tokenizer"].backend == "python" and configs["clf_onnx"].platform == "onnxruntime_onnx"
+    for component in ("clf_tokenizer", "clf_postprocess"):  # waiting requests reach the stub together
+        assert configs[component].HasField("dynamic_batching")
+        assert configs[component].dynamic_batching.max_queue_delay_microseconds == 0
 
 
 def test_classifier_config_batches_dynamically_and_warms_up():

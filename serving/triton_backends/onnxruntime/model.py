@@ -8,8 +8,10 @@ Runtime backend for the same repository; nothing in the repository refers to thi
 
 It honours the model configuration fields a repository written by this project uses:
 inputs/outputs (names, data types), ``default_model_filename`` and the ``intra_op_thread_count`` /
-``inter_op_thread_count`` parameters of the real backend. Batches arrive whole in each request
-(Triton enforces ``max_batch_size`` before ``execute``).
+``inter_op_thread_count`` parameters of the real backend. Like the real backend, it runs the
+requests Triton's dynamic batcher hands over in one call as one batch: requests whose inputs have
+the same shapes are concatenated along the batch dimension, run once, and the outputs split back
+(Triton enforces ``max_batch_size``; the batcher groups only requests of equal shapes).
 """
 
 import json
@@ -18,6 +20,32 @@ import os
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
+
+
+def batch_groups(shapes: list[tuple[tuple[int, ...], ...]], max_batch_size: int) -> list[list[int]]:
+    """Indexes of the requests to run together: equal input shapes (batch dimension aside), in
+    arrival order, at most ``max_batch_size`` rows per group; ``max_batch_size`` 0 (the model has no
+    batch dimension): every request alone."""
+    groups: dict[tuple, list[list[int]]] = {}
+    ordered: list[list[int]] = []
+    for index, request_shapes in enumerate(shapes):
+        if max_batch_size <= 0:
+            ordered.append([index])
+            continue
+        key = tuple(shape[1:] for shape in request_shapes)
+        rows = request_shapes[0][0] if request_shapes and request_shapes[0] else 1
+        open_groups = groups.setdefault(key, [])
+        if open_groups and sum(shapes[i][0][0] for i in open_groups[-1]) + rows <= max_batch_size:
+            open_groups[-1].append(index)
+        else:
+            open_groups.append([index])
+            ordered.append(open_groups[-1])
+    return ordered
+
+
+def split_rows(array: np.ndarray, rows: list[int]) -> list[np.ndarray]:
+    """``array`` cut along its first dimension into consecutive pieces of ``rows`` rows."""
+    return np.split(array, np.cumsum(rows)[:-1], axis=0)
 
 
 def _thread_setting(config: dict, key: str) -> int:
@@ -45,6 +73,7 @@ class TritonPythonModel:
         # 138-152 without; in-process ONNX Runtime keeps the default).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self._max_batch_size = int(config.get("max_batch_size", 0))
         self._input_names = [item["name"] for item in config["input"]]
         self._output_names = [item["name"] for item in config["output"]]
         self._output_dtypes = {
@@ -59,22 +88,42 @@ class TritonPythonModel:
             )
 
     def execute(self, requests: list) -> list:
-        responses = []
-        for request in requests:
-            feeds = {
-                name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self._input_names
-            }
-            try:
-                outputs = self._session.run(self._output_names, feeds)
-            except Exception as error:  # noqa: BLE001 - every runtime error becomes a per-request error
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))))
+        feeds = [
+            {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self._input_names}
+            for request in requests
+        ]
+        shapes = [tuple(feed[name].shape for name in self._input_names) for feed in feeds]
+        responses: list = [None] * len(requests)
+        for group in batch_groups(shapes, self._max_batch_size):
+            if len(group) == 1:
+                responses[group[0]] = self._run_one(feeds[group[0]])
                 continue
-            tensors = [
-                pb_utils.Tensor(name, np.ascontiguousarray(value, dtype=self._output_dtypes[name]))
-                for name, value in zip(self._output_names, outputs)
-            ]
-            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+            merged = {name: np.concatenate([feeds[index][name] for index in group]) for name in self._input_names}
+            try:
+                outputs = self._session.run(self._output_names, merged)
+            except Exception:  # noqa: BLE001 - run them one by one, so only the bad request fails
+                for index in group:
+                    responses[index] = self._run_one(feeds[index])
+                continue
+            rows = [int(feeds[index][self._input_names[0]].shape[0]) for index in group]
+            pieces = [split_rows(value, rows) for value in outputs]
+            for position, index in enumerate(group):
+                responses[index] = self._response([piece[position] for piece in pieces])
         return responses
+
+    def _run_one(self, feed: dict):
+        try:
+            outputs = self._session.run(self._output_names, feed)
+        except Exception as error:  # noqa: BLE001 - every runtime error becomes a per-request error
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error)))
+        return self._response(outputs)
+
+    def _response(self, outputs: list):
+        tensors = [
+            pb_utils.Tensor(name, np.ascontiguousarray(value, dtype=self._output_dtypes[name]))
+            for name, value in zip(self._output_names, outputs)
+        ]
+        return pb_utils.InferenceResponse(output_tensors=tensors)
 
     def finalize(self) -> None:
         self._session = None
