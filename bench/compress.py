@@ -489,9 +489,11 @@ def machine() -> dict:
 
 
 def run(profile: Profile, work: Path, results: Path, isolate: bool = True, measure_only: bool = False,
-        rounds: int = 7) -> dict:
+        rounds: int | None = None) -> dict:
     """Build every model (unless ``measure_only``: reuse those in ``work`` and the steps of the last
-    report), evaluate each, then time all of them round-robin."""
+    report), evaluate each, then time all of them round-robin: ``rounds`` rounds, by default one per
+    measured model, so that the rotating order puts every model once in every place of a round (a
+    model's place after another runtime's turn moved its p50 by a third in some rounds here)."""
     started = time.monotonic()
     work.mkdir(parents=True, exist_ok=True)
     stem = f"compress-{profile.name}"
@@ -509,6 +511,8 @@ def run(profile: Profile, work: Path, results: Path, isolate: bool = True, measu
         rows = build_rows(profile, work, teacher_source, data_source, steps)
         built = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     measured = measure(rows, profile, work, work / "data", isolate)
+    if rounds is None:
+        rounds = sum(1 for row in rows if row.model_format is not None)
     latency = interleaved_latency(rows, profile, work / "data", rounds=rounds) if rounds else None
     compute_figures = compute_work(rows, profile, work)
     lines = table(rows, measured, latency, compute_figures)
@@ -539,8 +543,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="where the JSON and Markdown go")
     parser.add_argument("--measure-only", action="store_true",
                         help="reuse the models in --work and the steps of the last report; only measure again")
-    parser.add_argument("--rounds", type=int, default=7,
-                        help="interleaved batch-1 latency rounds, each model in its own process (0 = none)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved batch-1 latency rounds, each model in its own process (default: one "
+                             "per model, every model once in every place of the order; 0 = none)")
     args = parser.parse_args(argv)
     for name, value in (("MLFLOW_DISABLE_TELEMETRY", "true"), ("DO_NOT_TRACK", "true")):
         os.environ.setdefault(name, value)
