@@ -15,8 +15,9 @@ models run in the project's python-backend stand-in for the ``onnxruntime`` back
 (``serving/triton_backends``): the same ONNX Runtime, reached through a python stub process, that
 like the real backend runs each group the dynamic batcher forms as one batch. The official
 container's C++ backend skips the stub hop, so the share measured here is a lower bound. Figures:
-throughput (texts/s), latency p50/p95/p99 per concurrency, and Triton's throughput as a share of in-process (the figure of record is the best
-throughput of each side over the concurrencies, ensemble level).
+throughput (texts/s), latency p50/p95/p99 per concurrency, and Triton's throughput as a share of
+in-process (the figure of record is the best throughput of each side over the concurrencies,
+ensemble level).
 
     python -m bench.triton_e2e [--model-dir .bench/compress/student_pruned_int8]
 """

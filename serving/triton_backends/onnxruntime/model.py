@@ -26,20 +26,20 @@ def batch_groups(shapes: list[tuple[tuple[int, ...], ...]], max_batch_size: int)
     """Indexes of the requests to run together: equal input shapes (batch dimension aside), in
     arrival order, at most ``max_batch_size`` rows per group; ``max_batch_size`` 0 (the model has no
     batch dimension): every request alone."""
-    groups: dict[tuple, list[list[int]]] = {}
+    if max_batch_size <= 0:
+        return [[index] for index in range(len(shapes))]
     ordered: list[list[int]] = []
+    open_groups: dict[tuple, tuple[list[int], int]] = {}  # input shapes -> (the group filling up, its rows)
     for index, request_shapes in enumerate(shapes):
-        if max_batch_size <= 0:
-            ordered.append([index])
-            continue
         key = tuple(shape[1:] for shape in request_shapes)
-        rows = request_shapes[0][0] if request_shapes and request_shapes[0] else 1
-        open_groups = groups.setdefault(key, [])
-        if open_groups and sum(shapes[i][0][0] for i in open_groups[-1]) + rows <= max_batch_size:
-            open_groups[-1].append(index)
+        rows = request_shapes[0][0]
+        group, group_rows = open_groups.get(key, (None, 0))
+        if group is not None and group_rows + rows <= max_batch_size:
+            group.append(index)
         else:
-            open_groups.append([index])
-            ordered.append(open_groups[-1])
+            group, group_rows = [index], 0
+            ordered.append(group)
+        open_groups[key] = (group, group_rows + rows)
     return ordered
 
 
@@ -105,7 +105,7 @@ class TritonPythonModel:
                 for index in group:
                     responses[index] = self._run_one(feeds[index])
                 continue
-            rows = [int(feeds[index][self._input_names[0]].shape[0]) for index in group]
+            rows = [shapes[index][0][0] for index in group]
             pieces = [split_rows(value, rows) for value in outputs]
             for position, index in enumerate(group):
                 responses[index] = self._response([piece[position] for piece in pieces])
