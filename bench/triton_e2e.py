@@ -143,19 +143,19 @@ def triton_serving(home: Path, model_dir: Path, labels: tuple[str, ...], max_len
     """A Triton of its own, serving ``model_dir`` as the ensemble the promotion code writes; stopped on exit."""
     from opsctl.services import standalone_triton
     from serving import model_repository as repo
-    from serving.triton_client import TritonClient
+    from serving.triton_client import TritonClient, TritonUnavailable, wait_until_ready
 
     ensemble = repo.ClassifierEnsemble(MODEL_NAME, labels, max_length, intra_op_threads=intra_op_threads,
                                        instances=instances)
     repo.write_ensemble_version(StackSettings(home=home).triton_model_repository, ensemble, model_dir)
     with standalone_triton(home) as settings:
         client = TritonClient(settings.triton_http_url)
-        deadline = time.monotonic() + 180
-        while not client.is_ready(MODEL_NAME):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{MODEL_NAME} not ready in Triton (log: {settings.logs_dir / 'triton.log'})")
-            time.sleep(1)
-        client.close()
+        try:
+            wait_until_ready(client, (MODEL_NAME,), timeout_s=180)
+        except TritonUnavailable as error:
+            raise RuntimeError(f"{error} (log: {settings.logs_dir / 'triton.log'})") from error
+        finally:
+            client.close()
         yield settings
 
 

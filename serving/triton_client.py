@@ -154,6 +154,13 @@ def load_and_wait(client: TritonReplicas | TritonClient, models: tuple[str, ...]
     """Load (or reload) ``models`` and wait until version N of each is ready (on every replica)."""
     for model in models:
         client.load(model)
+    wait_until_ready(client, models, version, timeout_s)
+
+
+def wait_until_ready(client: TritonReplicas | TritonClient, models: tuple[str, ...], version: int | None = None,
+                     timeout_s: float = 120.0) -> None:
+    """Wait until ``models`` (version ``version``, or any) are ready (on every replica); raise
+    TritonUnavailable naming the late servers otherwise."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if all(client.is_ready(model, version) for model in models):
@@ -161,5 +168,6 @@ def load_and_wait(client: TritonReplicas | TritonClient, models: tuple[str, ...]
         time.sleep(0.25)
     clients = client.clients if isinstance(client, TritonReplicas) else [client]
     late = [each.url for each in clients if not all(each.is_ready(model, version) for model in models)]
-    raise TritonUnavailable(f"Triton did not report {', '.join(models)} version {version} ready within "
+    which = "" if version is None else f" version {version}"
+    raise TritonUnavailable(f"Triton did not report {', '.join(models)}{which} ready within "
                             f"{timeout_s:.0f}s (on {', '.join(late)})")
