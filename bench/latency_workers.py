@@ -1,19 +1,25 @@
 """Batch-1 latency of several models, interleaved in time, each model in its own process.
 
 One worker process per model loads it, tokenizes the sample texts and warms up, then waits. The
-parent runs rounds: in each round every worker in turn (rotated order) times all sample texts while
-the others sit idle. So each model runs alone on the cores with its own runtime thread pools (as it
-is served), and a noisy spell of this shared machine lands on several models instead of one
-model's whole measurement. Ratios between two models are taken per round; their median over the
-rounds is the figure of record, with the lowest and highest round shown beside it.
+parent runs rounds: in each round every worker in turn (rotated order) times a short slice of the
+sample texts (``TURN_TEXTS``; the next slice in the next round) while the others sit idle. So each
+model runs alone on the cores with its own runtime thread pools (as it is served), and the turns
+of two models in one round are seconds apart at most. Ratios between two models are taken per
+round; their median over the rounds is the figure of record, with the middle half and the range
+of the rounds shown beside it.
 
-Between two turns the parent waits ``GAP_S``, and each turn starts with a few untimed calls:
-runtimes keep their threads spinning for a while after a call (OpenMP in PyTorch, ONNX Runtime's
-pool), and without the gap the model timed right after a PyTorch worker shared the cores with
-those spinning threads: in one run every model's ratio to the teacher moved by a third depending
-on where it stood in the round's order.
+Why short turns: on this shared 2-vCPU machine a two-thread ONNX Runtime session of the promoted
+model spends spells of seconds at 4.1 ms per text instead of 2.35 ms (slower than one thread,
+3.8 ms, which stays steady), and the PyTorch teacher at 27.8 ms instead of 21.7 ms. With turns of
+100 texts (up to 3 s each, rounds of 25 s) the two turns of a ratio often fell in different
+spells; with short turns both mostly fall in the same one. A worker may also time its model on
+one thread (``Candidate.threads``): one-thread latency does not have these spells.
 
-    python -m bench.latency_workers MODEL_DIR FORMAT MAX_LENGTH WARMUP TEXTS_FILE   # a worker (internal)
+Between two turns the parent waits ``GAP_S``: runtimes keep their threads spinning after a call
+(measured here: ONNX Runtime's pool about 50 ms, PyTorch's OpenMP threads about 10 ms), and the
+next model must not share the cores with them. Each turn starts with a few untimed calls.
+
+    python -m bench.latency_workers MODEL_DIR FORMAT MAX_LENGTH WARMUP THREADS TEXTS_FILE   # a worker (internal)
 """
 
 from __future__ import annotations
@@ -30,8 +36,9 @@ from pathlib import Path
 import numpy as np
 
 READY = "ready"
-GAP_S = 0.5  # idle time between two workers' turns (spinning threads of the last one go to sleep)
-WARM_CALLS = 5  # untimed calls at the start of each turn
+GAP_S = 0.1  # idle time between two workers' turns (spinning threads of the last one go to sleep)
+WARM_CALLS = 3  # untimed calls at the start of each turn
+TURN_TEXTS = 20  # texts timed in one turn
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,7 @@ class Candidate:
     name: str
     model_dir: Path
     model_format: str  # tasks.results.ModelFormat value
+    threads: int = 0  # runtime threads: 0 = the runtime's default (all cores, as served)
 
 
 @dataclass
@@ -54,9 +62,11 @@ class InterleavedLatency:
                 "p99": float(np.percentile(values, 99)), "calls": float(len(values))}
 
     def speedup(self, reference: str, name: str) -> dict[str, float]:
-        """Per-round ratio of p50 latencies (reference / name): median, lowest and highest round."""
+        """Per-round ratio of p50 latencies (reference / name): median, quartiles (q1, q3: the
+        middle half of the rounds), lowest and highest round."""
         ratios = self.round_ratios(reference, name)
-        return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+        q1, q3 = (float(value) for value in np.percentile(ratios, [25, 75]))
+        return {"median": statistics.median(ratios), "q1": q1, "q3": q3, "min": min(ratios), "max": max(ratios)}
 
     def round_ratios(self, reference: str, name: str) -> list[float]:
         return [ref / other for ref, other in zip(self.per_round_p50[reference], self.per_round_p50[name])]
@@ -69,7 +79,7 @@ class Worker:
         self.name = candidate.name
         self._process = subprocess.Popen(
             [sys.executable, "-m", "bench.latency_workers", str(candidate.model_dir), candidate.model_format,
-             str(max_length), str(warmup), str(texts_file)],
+             str(max_length), str(warmup), str(candidate.threads), str(texts_file)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
         )
 
@@ -79,8 +89,9 @@ class Worker:
         if line != READY:
             raise RuntimeError(f"latency worker for {self.name} did not start: {line!r}")
 
-    def time_all(self, timeout_s: float = 600.0) -> list[float]:
-        self._process.stdin.write("time\n")
+    def time_texts(self, start: int, count: int, timeout_s: float = 600.0) -> list[float]:
+        """Milliseconds per call for sample texts ``start`` .. ``start + count - 1`` (wrapping)."""
+        self._process.stdin.write(f"time {start} {count}\n")
         self._process.stdin.flush()
         return json.loads(self._read(time.monotonic() + timeout_s))
 
@@ -103,10 +114,11 @@ class Worker:
 
 
 def measure(candidates: list[Candidate], texts: list[str], max_length: int, warmup: int = 10,
-            rounds: int = 5, progress=lambda message: None) -> InterleavedLatency:
-    """Start one worker per candidate, then time ``rounds`` rounds of every candidate on ``texts``."""
-    if rounds < 1:
-        raise ValueError("rounds must be >= 1")
+            rounds: int = 5, turn_texts: int = TURN_TEXTS, progress=lambda message: None) -> InterleavedLatency:
+    """Start one worker per candidate, then time ``rounds`` rounds of every candidate, each turn on
+    the next ``turn_texts`` of ``texts`` (the same slice for every candidate in a round)."""
+    if rounds < 1 or turn_texts < 1:
+        raise ValueError("rounds and turn_texts must be >= 1")
     result = InterleavedLatency(rounds=rounds, texts=len(texts))
     workers: list[Worker] = []
     scratch = tempfile.TemporaryDirectory(prefix="latency-")
@@ -120,12 +132,14 @@ def measure(candidates: list[Candidate], texts: list[str], max_length: int, warm
             result.per_round_p50[worker.name], result.calls[worker.name] = [], []
         for round_index in range(rounds):
             shift = round_index % len(workers)
+            start = (round_index * turn_texts) % len(texts)
             for worker in workers[shift:] + workers[:shift]:
                 time.sleep(GAP_S)
-                timings = worker.time_all()
+                timings = worker.time_texts(start, turn_texts)
                 result.calls[worker.name].extend(timings)
                 result.per_round_p50[worker.name].append(float(np.percentile(timings, 50)))
-            progress(f"latency round {round_index + 1}/{rounds} done")
+            if (round_index + 1) % max(1, rounds // 10) == 0 or round_index + 1 == rounds:
+                progress(f"latency round {round_index + 1}/{rounds} done")
     finally:
         for worker in workers:
             worker.close()
@@ -133,26 +147,29 @@ def measure(candidates: list[Candidate], texts: list[str], max_length: int, warm
     return result
 
 
-def _serve(model_dir: Path, model_format: str, max_length: int, warmup: int, texts_file: Path) -> None:
+def _serve(model_dir: Path, model_format: str, max_length: int, warmup: int, threads: int, texts_file: Path) -> None:
     # The protocol owns stdout; anything a library prints goes to stderr.
     protocol, sys.stdout = sys.stdout, sys.stderr
     from tasks import evaluate
     from tasks.results import ModelFormat
 
     texts = json.loads(texts_file.read_text())
-    predict = evaluate.PREDICTORS[ModelFormat(model_format)](model_dir, 0)
+    predict = evaluate.PREDICTORS[ModelFormat(model_format)](model_dir, threads)
     tokenizer = evaluate.load_tokenizer(model_dir)
     batches = [evaluate.tokenize(tokenizer, [text], max_length) for text in texts]
     for batch in batches[:warmup]:
         predict(batch)
     print(READY, file=protocol, flush=True)
     for command in sys.stdin:
-        if command.strip() != "time":
+        words = command.split()
+        if not words or words[0] != "time":
             break
-        for batch in batches[:WARM_CALLS]:
+        start, count = int(words[1]), int(words[2])
+        turn = [batches[(start + offset) % len(batches)] for offset in range(count)]
+        for batch in turn[:WARM_CALLS]:
             predict(batch)
         timings = []
-        for batch in batches:
+        for batch in turn:
             started = time.perf_counter()
             predict(batch)
             timings.append((time.perf_counter() - started) * 1000.0)
@@ -160,4 +177,4 @@ def _serve(model_dir: Path, model_format: str, max_length: int, warmup: int, tex
 
 
 if __name__ == "__main__":
-    _serve(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5]))
+    _serve(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), Path(sys.argv[6]))

@@ -44,6 +44,9 @@ def target_lines(results: Path) -> list[dict]:
             if "interval_95" in check:
                 low, high = check["interval_95"]
                 value += f" (95% interval {low:.1f} to {high:.1f})"
+            if "middle_half" in check:
+                low, high = check["middle_half"]
+                value += f" (middle half of rounds {low:.1f} to {high:.1f})"
             lines.append({"what": label, "target": target.format(t=check["target"]), "measured": value,
                           "met": check["met"], "source": "compress-demo"})
     triton = load(results, "triton-e2e")

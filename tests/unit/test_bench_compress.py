@@ -32,6 +32,37 @@ def test_every_technique_has_a_row_with_ratios_against_the_teacher(report):
             assert line["interleaved_speedup_min"] <= line["interleaved_speedup"] <= line["interleaved_speedup_max"]
             assert line["interleaved_p50_ms"] > 0
     assert teacher["interleaved_speedup"] == teacher["interleaved_speedup_min"] == 1.0
+    promoted = rows[compress.PROMOTED_ROW]
+    assert promoted["interleaved_speedup_q1"] <= promoted["interleaved_speedup"] <= promoted["interleaved_speedup_q3"]
+    assert data["targets"]["interleaved_speedup"]["middle_half"] == [promoted["interleaved_speedup_q1"],
+                                                                     promoted["interleaved_speedup_q3"]]
+    assert len(promoted["interleaved_round_speedups"]) == data["latency_rounds"] == 2
+
+
+def test_one_thread_ratios_come_from_workers_of_their_own(report):
+    data, results = report
+    one_thread = data["one_thread"]
+    assert {f"{compress.REFERENCE_ROW}_vs_promoted", f"{compress.OPTIMUM_ROW}_vs_promoted"} <= set(one_thread)
+    figures = one_thread[f"{compress.REFERENCE_ROW}_vs_promoted"]
+    assert figures["q1"] <= figures["median"] <= figures["q3"] and figures["promoted_p50_ms"] > 0
+    # They are not rows of the table, and the page shows them apart from the targets.
+    assert not any(compress.ONE_THREAD in line["name"] for line in data["table"])
+    assert "on one thread each" in (results / "compress-tiny.md").read_text()
+
+
+def test_latency_workers_time_a_slice_of_texts_per_turn_on_the_threads_asked(exported_onnx):
+    from bench import latency_workers
+
+    candidates = [latency_workers.Candidate("default", exported_onnx, "onnx"),
+                  latency_workers.Candidate("one", exported_onnx, "onnx", threads=1)]
+    texts = [f"text number {index} is fine" for index in range(5)]
+    latency = latency_workers.measure(candidates, texts, 32, warmup=1, rounds=3, turn_texts=4)
+    # Three rounds of four texts each, slices wrapping around the five texts.
+    for name in ("default", "one"):
+        assert len(latency.calls[name]) == 12 and len(latency.per_round_p50[name]) == 3
+        assert all(value > 0 for value in latency.calls[name])
+    with pytest.raises(ValueError):
+        latency_workers.measure(candidates, texts, 32, rounds=1, turn_texts=0)
 
 
 def test_pruning_rows_show_what_pruning_did(report):
@@ -116,5 +147,5 @@ def test_interleaved_speedup_is_the_median_of_per_round_ratios():
     latency = InterleavedLatency(rounds=3, texts=2, per_round_p50={"ref": [10.0, 30.0, 12.0], "m": [1.0, 2.0, 2.0]},
                                  calls={"m": [1.0, 1.0, 2.0, 2.0, 2.0, 2.0]})
     # Rounds 10/1, 30/2, 12/2: a slow spell in round 2 moves the median, not the verdict.
-    assert latency.speedup("ref", "m") == {"median": 10.0, "min": 6.0, "max": 15.0}
+    assert latency.speedup("ref", "m") == {"median": 10.0, "q1": 8.0, "q3": 12.5, "min": 6.0, "max": 15.0}
     assert latency.percentiles("m")["p50"] == 2.0 and latency.percentiles("m")["calls"] == 6.0
