@@ -452,7 +452,7 @@ def markdown(report: dict) -> str:
            f"{report['rows_test']} test texts, each model evaluated alone in its own process, one after the "
            "other: batch-1 latency (texts sent one at a time), throughput at batch 32, peak memory. The last two "
            f"columns time every model again in {report['latency_rounds']} interleaved rounds of "
-           f"{report.get('latency_turn_texts', 100)} texts per model: each model in its own worker process, all "
+           f"{report['latency_turn_texts']} texts per model: each model in its own worker process, all "
            "models in turn in every round, so a noisy spell of this shared machine lands on several models; the "
            "speed-up is the median over rounds of the per-round ratio (the figure of record), with the middle "
            f"half of the rounds in brackets. Models built {report['models_built']}. Ratios are against the FP32 "
@@ -480,7 +480,7 @@ def markdown(report: dict) -> str:
         spread = (f" [95% interval over resampled test texts: {interval[0]:.1f} to {interval[1]:.1f}]"
                   if interval else f" [middle half of rounds: {middle[0]:.2f} to {middle[1]:.2f}]" if middle else "")
         out.append(f"- {key}: {check['measured']:.3f}{spread} (target {bound} {check['target']}): **{verdict}**")
-    one_thread = report.get("one_thread") or {}
+    one_thread = report["one_thread"]
     if one_thread:
         out += ["", "The same three models on one thread each, timed in the same rounds by workers of their own "
                 "(one-thread latency has none of the slow spells that two-thread runs have on this machine; "
