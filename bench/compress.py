@@ -433,12 +433,13 @@ def one_thread_speedups(latency: InterleavedLatency | None) -> dict[str, dict[st
     promoted = PROMOTED_ROW + ONE_THREAD
     if latency is None or promoted not in latency.per_round_p50:
         return {}
+    promoted_p50 = latency.percentiles(promoted)["p50"]
     figures = {}
     for reference in (REFERENCE_ROW, OPTIMUM_ROW):
         if reference + ONE_THREAD in latency.per_round_p50:
             figures[f"{reference}_vs_promoted"] = latency.speedup(reference + ONE_THREAD, promoted) | {
                 "reference_p50_ms": latency.percentiles(reference + ONE_THREAD)["p50"],
-                "promoted_p50_ms": latency.percentiles(promoted)["p50"]}
+                "promoted_p50_ms": promoted_p50}
     return figures
 
 
