@@ -77,7 +77,7 @@ $(PERF_ANALYZER): | venv
 
 # optimize_model as a Kubeflow Pipelines YAML (upload it in the Kubeflow UI or with the kfp client).
 kubeflow: venv-kfp
-	$(VENV_KFP)/bin/python infra/kubeflow/pipeline.py --output build/optimize_model.kfp.yaml
+	PYTHONPATH=. $(VENV_KFP)/bin/python infra/kubeflow/pipeline.py --output build/optimize_model.kfp.yaml
 
 up: venv venv-triton
 	$(BIN)/opsctl up

@@ -3,13 +3,15 @@
 
 Fine-tunes the teacher classifier, distills it into a smaller student (half the layers by default),
 prunes the student's attention heads and feed-forward neurons (recovering by distillation), exports
-the teacher, the student and the pruned student to ONNX and quantizes each to dynamic INT8,
-evaluates every candidate on the same held-out split (accuracy, F1, latency percentiles,
-throughput, size, peak memory), registers the candidates in the MLflow model registry
-and, when the gates pass (accuracy vs teacher and vs the serving champion on the same test split,
-finite outputs on edge-length inputs, agreement with the FP32 model, optional latency budget),
-promotes the fastest passing candidate to Triton and moves the MLflow alias
-`champion` to exactly that version.
+the teacher, the student and the pruned student to ONNX and quantizes each to dynamic INT8
+(optionally also an unstructured-sparse student: param `sparsify`), evaluates every candidate on
+the same held-out split (accuracy, F1, latency percentiles, throughput, size, peak memory),
+registers the candidates in the MLflow model registry, scores the serving champion on the same
+texts, gates every candidate (accuracy vs teacher and vs the champion, finite outputs on edge-length
+inputs, agreement with the FP32 model, optional latency budget), promotes the fastest passing
+candidate to Triton, moves the MLflow alias `champion` to exactly that version, and writes the
+report. The technique tasks come from one recipe (`tasks/recipe.py`); each decision (score, gate,
+promote, report) is a task of its own, so the grid shows which one failed and a retry repeats only it.
 
 Runs nightly (02:00 UTC) and on demand. **Trigger** it from the UI with the params form: the
 defaults use the demo assets (`demo:imdb` reviews, `demo:minilm` teacher), fetched once from
@@ -18,7 +20,7 @@ files are read in name order, a later file's label wins) or `hf:<dataset>` as `d
 model folder or hub id as `teacher` for your own data and model. `PIPELINE_DATA_SOURCE` sets the
 default, which nightly runs use.
 
-Params `distill`, `prune` and `quantize` switch those techniques off for a run: their tasks end
+Params `distill`, `prune`, `sparsify` and `quantize` switch those techniques on or off for a run: their tasks end
 SKIPPED with the reason in the log, and only the candidates that were built are evaluated,
 registered and gated (the report lists the switched-off ones). The teacher's PyTorch and ONNX FP32
 candidates are always built. `prune` works on the distilled student, so it needs `distill`.
@@ -37,71 +39,21 @@ from datetime import timedelta
 
 from airflow.sdk import CronTriggerTimetable, Param, TriggerRule, dag, task
 
-from tasks.cost import record_task_cost  # stdlib only: cheap to import when the DAG file is parsed
+from tasks import params as pipeline_params  # stdlib only, like the two below: cheap at parse time
+from tasks.cost import record_task_cost
+from tasks.recipe import OPTIMIZE_MODEL
 
-PARAMS = {
-    "data_source": Param(os.environ.get("PIPELINE_DATA_SOURCE", "demo:imdb"), type="string",
-                         description="CSV/Parquet/JSONL file or folder, hf:<dataset>[:split], or demo:imdb / demo:tweets"),
-    "text_column": Param("text", type="string", description="column holding the text"),
-    "label_column": Param("label", type="string", description="column holding the label"),
-    "max_train": Param(1000, type="integer", minimum=0, description="cap on training rows (0 = all)"),
-    "max_eval": Param(500, type="integer", minimum=0, description="cap on validation and test rows (0 = all)"),
-    "teacher": Param("demo:minilm", type="string", description="model folder, hub id, or demo:minilm"),
-    "epochs": Param(1.0, type="number", exclusiveMinimum=0, maximum=100, description="fine-tuning epochs"),
-    "max_steps": Param(0, type="integer", minimum=0, description="stop fine-tuning after this many steps (0 = no cap)"),
-    "batch_size": Param(16, type="integer", minimum=1, maximum=1024, description="fine-tuning batch size"),
-    "learning_rate": Param(5e-5, type="number", exclusiveMinimum=0, maximum=1, description="peak learning rate"),
-    "max_length": Param(128, type="integer", minimum=8, maximum=4096, description="tokens per text"),
-    "student_layers": Param(0, type="integer", minimum=0, description="student encoder layers (0 = half the teacher's)"),
-    "distill_epochs": Param(2.0, type="number", exclusiveMinimum=0, maximum=100, description="distillation epochs"),
-    "prune_heads": Param(0.33, type="number", minimum=0, exclusiveMaximum=1,
-                         description="share of the student's attention heads removed per layer (least important first)"),
-    "prune_ffn": Param(0.6, type="number", minimum=0, exclusiveMaximum=1,
-                       description="share of the student's feed-forward neurons removed per layer"),
-    "prune_epochs": Param(1.0, type="number", minimum=0, maximum=100,
-                          description="recovery distillation epochs after pruning (0 = none)"),
-    "distill": Param(True, type="boolean",
-                     description="distill the teacher into a student with fewer layers (candidates student_onnx_fp32 "
-                                 "and student_int8: smaller, faster). Costs a second training run (distill_epochs "
-                                 "over the training data, the teacher giving soft targets) and two more "
-                                 "evaluations. Off: no student and nothing to prune (switch prune off too)"),
-    "prune": Param(True, type="boolean",
-                   description="prune the distilled student's least important heads and FFN neurons, then recover "
-                               "it by distillation (candidates pruned_onnx_fp32 and pruned_int8, usually the "
-                               "fastest). Costs importance scoring, prune_epochs of recovery training, two more "
-                               "evaluations, and some accuracy. Needs distill"),
-    "quantize": Param(True, type="boolean",
-                      description="dynamic INT8 quantization of every ONNX model (candidates onnx_int8, student_int8 "
-                                  "and pruned_int8: about a quarter of the size, faster on CPU). Costs seconds per "
-                                  "model plus one more evaluation each, and a little accuracy (gated by agreement "
-                                  "with the FP32 model)"),
-    "max_relative_accuracy_drop": Param(0.03, type="number", minimum=0, maximum=0.99,
-                                        description="gate: candidate accuracy >= teacher x (1 - this)"),
-    "max_p95_latency_ms": Param(0.0, type="number", minimum=0, description="gate: p95 batch-1 latency budget (0 = none)"),
-    "max_champion_regression": Param(0.01, type="number", minimum=0, maximum=0.99,
-                                     description="gate: accuracy may be at most this far below the serving champion's "
-                                                 "accuracy on the same test split"),
-    "registered_model": Param("text-classifier", type="string", description="MLflow registered model name"),
-    "triton_model": Param("text_classifier", type="string", pattern="^[A-Za-z0-9_-]+$", description="Triton model name"),
-    "trigger_reason": Param("manual or nightly", type="string",
-                            description="why this run started (monitor_serving fills it in when drift or an SLO "
-                                        "breach persisted)"),
-    "trigger_evidence": Param("{}", type="string", description="the monitoring evidence behind the trigger (JSON)"),
-    "force_retrain": Param(False, type="boolean",
-                           description="train even when the champion was trained on the same data with the same code"),
-}
+# Generated from the config dataclasses' field metadata (tasks/params.py): one source of defaults.
+PARAMS = {name: Param(entry.pop("default"), **entry) for name, entry in pipeline_params.form(
+    {"data_source": os.environ.get("PIPELINE_DATA_SOURCE", "demo:imdb")}).items()}
 
 
-def _skip_if_switched_off(config, technique: str) -> None:
-    """End the running task SKIPPED, with the reason in its log, when the run's params switched ``technique``
-    off. Its downstream technique tasks are skipped with it; evaluate runs on what was built."""
+def _skip(reason: str | None) -> None:
+    """End the running task SKIPPED, with the reason in its log, when there is a reason."""
     import logging
 
     from airflow.sdk.exceptions import AirflowSkipException
 
-    from tasks.pipeline import switched_off
-
-    reason = switched_off(config, (technique,))
     if reason is not None:
         logging.getLogger(__name__).info(reason)
         raise AirflowSkipException(reason)
@@ -144,7 +96,8 @@ def optimize_model():
 
         params = get_current_context()["params"]
         logging.getLogger(__name__).info("run started because: %s", params.get("trigger_reason"))
-        return pipeline.prepare_data(*_inputs())
+        settings, config, run_id = _inputs()
+        return pipeline.prepare_data(settings, config, run_id)
 
     @task.short_circuit
     def data_changed(data: dict) -> bool:
@@ -161,80 +114,16 @@ def optimize_model():
         return verdict["changed"]
 
     @task
-    def finetune_teacher(data: dict) -> dict:
-        """Fine-tune the teacher with a fresh classification head."""
-        from tasks import pipeline
-
-        return pipeline.finetune_teacher(*_inputs(), data)
-
-    @task
-    def distill_student(data: dict, teacher: dict) -> dict:
-        """Distill the teacher into a student that keeps evenly spaced teacher layers."""
+    def run_stage(stage_id: str, data: dict, upstream: dict) -> dict:
+        """One stage of the recipe (tasks/recipe.py); SKIPPED when the params switch its technique off."""
         from tasks import pipeline
 
         settings, config, run_id = _inputs()
-        _skip_if_switched_off(config, "distill")
-        return pipeline.distill_student(settings, config, run_id, data, teacher)
-
-    @task
-    def prune_student(data: dict, teacher: dict, student: dict) -> dict:
-        """Remove the least important heads and FFN neurons of the student; recover by distillation."""
-        from tasks import pipeline
-
-        settings, config, run_id = _inputs()
-        _skip_if_switched_off(config, "prune")
-        return pipeline.prune_student(settings, config, run_id, data, teacher, student)
-
-    @task
-    def export_pruned(data: dict, pruned: dict) -> dict:
-        """Export the pruned student to ONNX and check it reproduces the PyTorch logits."""
-        from tasks import pipeline
-
-        return pipeline.export_onnx(*_inputs(), data, pruned, name="pruned_onnx_fp32")
-
-    @task
-    def quantize_pruned(data: dict, pruned_onnx: dict) -> dict:
-        """Dynamic INT8 quantization of the pruned student with ONNX Runtime."""
-        from tasks import pipeline
-
-        settings, config, run_id = _inputs()
-        _skip_if_switched_off(config, "quantize")
-        return pipeline.quantize_int8(settings, config, run_id, data, pruned_onnx, name="pruned_int8")
-
-    @task
-    def export_onnx(data: dict, teacher: dict) -> dict:
-        """Export the teacher to ONNX and check it reproduces the PyTorch logits."""
-        from tasks import pipeline
-
-        return pipeline.export_onnx(*_inputs(), data, teacher, name="onnx_fp32")
-
-    @task
-    def export_student(data: dict, student: dict) -> dict:
-        """Export the student to ONNX and check it reproduces the PyTorch logits."""
-        from tasks import pipeline
-
-        return pipeline.export_onnx(*_inputs(), data, student, name="student_onnx_fp32")
-
-    @task
-    def quantize_int8(data: dict, onnx: dict) -> dict:
-        """Dynamic INT8 quantization of the teacher with ONNX Runtime."""
-        from tasks import pipeline
-
-        settings, config, run_id = _inputs()
-        _skip_if_switched_off(config, "quantize")
-        return pipeline.quantize_int8(settings, config, run_id, data, onnx, name="onnx_int8")
-
-    @task
-    def quantize_student(data: dict, student_onnx: dict) -> dict:
-        """Dynamic INT8 quantization of the student with ONNX Runtime."""
-        from tasks import pipeline
-
-        settings, config, run_id = _inputs()
-        _skip_if_switched_off(config, "quantize")
-        return pipeline.quantize_int8(settings, config, run_id, data, student_onnx, name="student_int8")
+        _skip(pipeline.stage_switched_off(config, stage_id))
+        return pipeline.run_stage(settings, config, run_id, stage_id, data, upstream)
 
     # Runs when technique tasks were skipped (their results arrive as None); a failed upstream task still
-    # stops it, and with it register and promote. data_changed's short-circuit skips it directly.
+    # stops it, and everything after it. data_changed's short-circuit skips it directly.
     @task(trigger_rule=TriggerRule.NONE_FAILED)
     def evaluate(data: dict, produced: dict) -> dict:
         """Accuracy, F1, latency percentiles, throughput, size and peak memory of every switched-on candidate."""
@@ -250,28 +139,63 @@ def optimize_model():
         return pipeline.register_candidates(*_inputs(), data, evaluations)
 
     @task
-    def promote(data: dict, evaluations: dict, registered: dict) -> dict:
-        """Gate every candidate; serve the fastest passing one on Triton and move the `champion` alias."""
+    def score_champion(data: dict) -> dict | None:
+        """The serving champion's accuracy on this run's test texts, through Triton (None: nothing serves)."""
         from tasks import pipeline
 
-        return pipeline.gate_and_promote(*_inputs(), data, evaluations, registered)
+        return pipeline.score_champion(*_inputs(), data)
+
+    @task
+    def gate(evaluations: dict, registered: dict, champion: dict | None) -> dict:
+        """Every gate of every registered candidate, recorded on its model version; the winner."""
+        from tasks import pipeline
+
+        return pipeline.gate_candidates(*_inputs(), evaluations, registered, champion)
+
+    @task
+    def promote(data: dict, evaluations: dict, gated: dict) -> dict:
+        """Serve the winner on Triton and move the `champion` alias; SKIPPED when no candidate passed."""
+        from tasks import pipeline
+
+        result = pipeline.promote_winner(*_inputs(), data, evaluations, gated)
+        _skip(result.get("reason") if result["status"] == "skipped" else None)
+        return result
+
+    # Runs after a failed or skipped promotion too (the report says what happened), and fails the run
+    # when the promotion failed: it is the run's last task, whose state Airflow gives the run.
+    @task(trigger_rule=TriggerRule.ALL_DONE)
+    def report() -> dict:
+        """summary.json, report.md/.html and the Pareto plot, logged to the MLflow parent run."""
+        from airflow.sdk import get_current_context
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from tasks import pipeline
+        from tasks.errors import PipelineError
+        from tasks.settings import PipelineSettings
+
+        settings = PipelineSettings.from_env(os.environ)
+        try:
+            written = pipeline.write_report(settings, get_current_context()["run_id"])
+        except PipelineError as error:
+            raise AirflowFailException(str(error)) from None
+        if written["promotion"]["status"] == "failed":
+            raise AirflowFailException(f"the promotion failed (report written): {written['promotion']['reason']}")
+        return written
 
     data = prepare_data()
-    teacher = finetune_teacher(data)
-    data_changed(data) >> teacher
-    onnx = export_onnx(data, teacher)
-    int8 = quantize_int8(data, onnx)
-    student = distill_student(data, teacher)
-    student_onnx = export_student(data, student)
-    student_int8 = quantize_student(data, student_onnx)
-    pruned = prune_student(data, teacher, student)
-    pruned_onnx = export_pruned(data, pruned)
-    pruned_int8 = quantize_pruned(data, pruned_onnx)
-    evaluations = evaluate(data, {"finetune": teacher, "export": onnx, "quantize": int8,
-                                  "export_student": student_onnx, "quantize_student": student_int8,
-                                  "export_pruned": pruned_onnx, "quantize_pruned": pruned_int8})
+    changed = data_changed(data)
+    results = {}
+    for stage in OPTIMIZE_MODEL.stages:  # the recipe is the graph
+        upstream = {key: results[source] for key, source in stage.inputs.items()}
+        results[stage.id] = run_stage.override(task_id=stage.id, doc_md=stage.doc)(stage.id, data, upstream)
+        if not stage.inputs:
+            changed >> results[stage.id]
+    evaluations = evaluate(data, {stage.id: results[stage.id] for stage in OPTIMIZE_MODEL.stages if stage.candidate})
     registered = register(data, evaluations)
-    promote(data, evaluations, registered)
+    champion = score_champion(data)
+    registered >> champion  # scored after the evaluation: no Triton traffic while latencies are measured
+    promoted = promote(data, evaluations, gate(evaluations, registered, champion))
+    promoted >> report()
 
 
 optimize_model()

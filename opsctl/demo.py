@@ -107,10 +107,10 @@ def print_summary(settings: StackSettings, dag_id: str, run_id: str, summary: di
     print(f"== {dag_id} run {run_id}: success")
     print(f"{'candidate':18s} {'accuracy':>9s} {'macro F1':>9s} {'p50 ms':>8s} {'p95 ms':>8s} {'texts/s':>8s} "
           f"{'size MB':>8s} {'peak MB':>8s}  MLflow version")
-    from tasks.pipeline import CANDIDATES
+    from tasks.recipe import OPTIMIZE_MODEL
 
     switched_off = summary.get("switched_off") or {}
-    for name in CANDIDATES:
+    for name in OPTIMIZE_MODEL.candidates:
         if name in switched_off:
             print(f"{name:18s} switched off: {switched_off[name]}")
             continue

@@ -15,6 +15,20 @@ from tasks.errors import ConfigError
 
 
 ATTENTION_KERNELS = ("sdpa", "eager")
+# The registered and served model names of a run that names none (the serving side's default is
+# serving.model_repository.DEFAULT_MODEL, the same name: a test keeps them equal).
+REGISTERED_MODEL = "text-classifier"
+SERVED_MODEL = "text_classifier"
+
+
+def param(name: str, description: str, **schema: Any) -> dict[str, Any]:
+    """Field metadata that makes a config field a param of the optimize_model DAG.
+
+    ``name`` is the param's name in the Airflow form (flat, unique across sections); ``schema``
+    holds JSON-schema keywords (minimum, maximum, exclusiveMinimum, pattern, ...) and, for a field
+    the dataclass leaves without a default, the form's ``default``. ``tasks.params`` reads it.
+    """
+    return {"param": {"name": name, "description": description, "schema": schema}}
 
 
 def _require(condition: bool, message: str) -> None:
@@ -41,18 +55,22 @@ class DataConfig:
             ``hf:<dataset name>[:<split>]`` for a Hugging Face dataset.
         text_column / label_column: column names in the source.
         labels: label names in class-index order; empty means sorted unique labels found.
-        max_train / max_eval: caps on split sizes (stratified sample), 0 = no cap.
+        max_train / max_eval: caps on split sizes (stratified sample), 0 = no cap. The defaults
+            keep a run on two CPU cores to minutes; the ``full`` preset lifts them.
         validation_fraction / test_fraction: shares of the cleaned data.
         min_chars: texts shorter than this (after cleaning) are dropped.
         seed: sampling and split seed.
     """
 
-    source: str
-    text_column: str = "text"
-    label_column: str = "label"
+    source: str = field(metadata=param(
+        "data_source", "CSV/Parquet/JSONL file or folder, hf:<dataset>[:split], or demo:imdb / demo:tweets",
+        default="demo:imdb"))
+    text_column: str = field(default="text", metadata=param("text_column", "column holding the text"))
+    label_column: str = field(default="label", metadata=param("label_column", "column holding the label"))
     labels: tuple[str, ...] = ()
-    max_train: int = 0
-    max_eval: int = 0
+    max_train: int = field(default=1000, metadata=param("max_train", "cap on training rows (0 = all)", minimum=0))
+    max_eval: int = field(default=500, metadata=param("max_eval", "cap on validation and test rows (0 = all)",
+                                                      minimum=0))
     validation_fraction: float = 0.1
     test_fraction: float = 0.2
     min_chars: int = 1
@@ -91,11 +109,15 @@ class FinetuneConfig:
             algorithms are requested too.
     """
 
-    model: str
-    epochs: float = 1.0
-    max_steps: int = 0
-    batch_size: int = 16
-    learning_rate: float = 5e-5
+    model: str = field(metadata=param("teacher", "model folder, hub id, or demo:minilm", default="demo:minilm"))
+    epochs: float = field(default=1.0, metadata=param("epochs", "fine-tuning epochs", exclusiveMinimum=0,
+                                                      maximum=100))
+    max_steps: int = field(default=0, metadata=param("max_steps", "stop fine-tuning after this many steps (0 = no cap)",
+                                                     minimum=0))
+    batch_size: int = field(default=16, metadata=param("batch_size", "fine-tuning batch size", minimum=1,
+                                                       maximum=1024))
+    learning_rate: float = field(default=5e-5, metadata=param("learning_rate", "peak learning rate",
+                                                              exclusiveMinimum=0, maximum=1))
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     layer_lr_decay: float = 0.9
@@ -103,7 +125,7 @@ class FinetuneConfig:
     evaluations_per_epoch: int = 2
     early_stopping_patience: int = 2
     attention: str = "sdpa"
-    max_length: int = 128
+    max_length: int = field(default=128, metadata=param("max_length", "tokens per text", minimum=8, maximum=4096))
     seed: int = 13
     deterministic: bool = True
 
@@ -142,16 +164,22 @@ class DistillConfig:
             pruning, which works on the student).
     """
 
-    student_layers: int = 0
+    student_layers: int = field(default=0, metadata=param(
+        "student_layers", "student encoder layers (0 = half the teacher's)", minimum=0))
     temperature: float = 2.0
     alpha: float = 0.5
     hidden_weight: float = 0.0
-    epochs: float = 1.0
+    epochs: float = field(default=2.0, metadata=param("distill_epochs", "distillation epochs", exclusiveMinimum=0,
+                                                      maximum=100))
     batch_size: int = 16
     learning_rate: float = 1e-4
     max_length: int = 128
     seed: int = 13
-    enabled: bool = True
+    enabled: bool = field(default=True, metadata=param(
+        "distill", "distill the teacher into a student with fewer layers (candidates student_onnx_fp32 and "
+                   "student_int8: smaller, faster). Costs a second training run (distill_epochs over the training "
+                   "data, the teacher giving soft targets) and two more evaluations. Off: no student and nothing "
+                   "to prune or sparsify (switch prune off too)"))
 
     def __post_init__(self) -> None:
         _require(self.student_layers >= 0, "distill.student_layers must be >= 0")
@@ -178,18 +206,25 @@ class PruneConfig:
             ``DistillConfig.enabled``).
     """
 
-    head_fraction: float = 0.33
-    ffn_fraction: float = 0.6
+    head_fraction: float = field(default=0.33, metadata=param(
+        "prune_heads", "share of the student's attention heads removed per layer (least important first)",
+        minimum=0, exclusiveMaximum=1))
+    ffn_fraction: float = field(default=0.6, metadata=param(
+        "prune_ffn", "share of the student's feed-forward neurons removed per layer", minimum=0, exclusiveMaximum=1))
     unstructured_sparsity: float = 0.0
     importance_batches: int = 16
-    recovery_epochs: float = 1.0
+    recovery_epochs: float = field(default=1.0, metadata=param(
+        "prune_epochs", "recovery distillation epochs after pruning (0 = none)", minimum=0, maximum=100))
     temperature: float = 2.0
     alpha: float = 0.5
     batch_size: int = 16
     learning_rate: float = 1e-4
     max_length: int = 128
     seed: int = 13
-    enabled: bool = True
+    enabled: bool = field(default=True, metadata=param(
+        "prune", "prune the distilled student's least important heads and FFN neurons, then recover it by "
+                 "distillation (candidates pruned_onnx_fp32 and pruned_int8, usually the fastest). Costs importance "
+                 "scoring, prune_epochs of recovery training, two more evaluations, and some accuracy. Needs distill"))
 
     def __post_init__(self) -> None:
         _require(0 <= self.head_fraction < 1, "prune.head_fraction must be in [0, 1)")
@@ -215,6 +250,29 @@ class PruneConfig:
     def unstructured_only(cls, sparsity: float = 0.5) -> PruneConfig:
         """Zeroed weights in unchanged shapes (compression by storage, not speed, on CPU)."""
         return cls(head_fraction=0.0, ffn_fraction=0.0, unstructured_sparsity=sparsity)
+
+
+@dataclass(frozen=True)
+class SparsifyConfig(PruneConfig):
+    """Unstructured sparsity: the student's smallest encoder weights set to zero by gradual magnitude
+    pruning during recovery distillation, shapes unchanged (``PruneConfig.unstructured_only``).
+
+    Zeros make the model compress well on disk but do not make dense CPU kernels faster, so the
+    technique is off by default; the gates and the report show what it costs and gives.
+    """
+
+    head_fraction: float = 0.0
+    ffn_fraction: float = 0.0
+    unstructured_sparsity: float = field(default=0.5, metadata=param(
+        "sparsity", "share of the student's encoder weights set to zero (unstructured; with sparsify)",
+        exclusiveMinimum=0, exclusiveMaximum=1))
+    recovery_epochs: float = field(default=1.0, metadata=param(
+        "sparsify_epochs", "recovery distillation epochs over which the sparsity schedule runs (with sparsify)",
+        exclusiveMinimum=0, maximum=100))
+    enabled: bool = field(default=False, metadata=param(
+        "sparsify", "unstructured sparsity on the distilled student (candidate sparse_onnx_fp32): smaller when "
+                    "compressed, not faster on dense CPU kernels. Costs sparsify_epochs of recovery training and "
+                    "one more evaluation. Needs distill"))
 
 
 @dataclass(frozen=True)
@@ -282,7 +340,10 @@ class QuantizeConfig:
     calibration_method: str = CalibrationMethod.PERCENTILE.value
     exclude_activation_matmuls: bool = True
     exclude_nodes: tuple[str, ...] = ()
-    enabled: bool = True
+    enabled: bool = field(default=True, metadata=param(
+        "quantize", "dynamic INT8 quantization of every ONNX model (candidates onnx_int8, student_int8 and "
+                    "pruned_int8: about a quarter of the size, faster on CPU). Costs seconds per model plus one more "
+                    "evaluation each, and a little accuracy (gated by agreement with the FP32 model)"))
 
     def __post_init__(self) -> None:
         _require(self.mode in {m.value for m in QuantizeMode},
@@ -385,10 +446,14 @@ class GateConfig:
             champion's accuracy on the same test split.
     """
 
-    max_relative_accuracy_drop: float = 0.03
+    max_relative_accuracy_drop: float = field(default=0.03, metadata=param(
+        "max_relative_accuracy_drop", "gate: candidate accuracy >= teacher x (1 - this)", minimum=0, maximum=0.99))
     min_source_agreement: float = 0.95
-    max_p95_latency_ms: float = 0.0
-    max_champion_regression: float = 0.01
+    max_p95_latency_ms: float = field(default=0.0, metadata=param(
+        "max_p95_latency_ms", "gate: p95 batch-1 latency budget (0 = none)", minimum=0))
+    max_champion_regression: float = field(default=0.01, metadata=param(
+        "max_champion_regression", "gate: accuracy may be at most this far below the serving champion's accuracy "
+                                   "on the same test split", minimum=0, maximum=0.99))
 
     def __post_init__(self) -> None:
         _require(0 <= self.max_relative_accuracy_drop < 1, "gate.max_relative_accuracy_drop must be in [0, 1)")
@@ -409,8 +474,10 @@ class PromoteConfig:
         smoke_tolerance: largest allowed |logit difference| between Triton and the evaluation.
     """
 
-    registered_model: str = "text-classifier"
-    triton_model: str = "text_classifier"
+    registered_model: str = field(default=REGISTERED_MODEL, metadata=param(
+        "registered_model", "MLflow registered model name"))
+    triton_model: str = field(default=SERVED_MODEL, metadata=param(
+        "triton_model", "Triton model name", pattern="^[A-Za-z0-9_-]+$"))
     alias: str = "champion"
     smoke_samples: int = 16
     smoke_tolerance: float = 1e-3
@@ -433,6 +500,7 @@ class PipelineConfig:
     finetune: FinetuneConfig
     distill: DistillConfig = field(default_factory=DistillConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    sparsify: SparsifyConfig = field(default_factory=SparsifyConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     compile: CompileConfig = field(default_factory=CompileConfig)
@@ -444,6 +512,9 @@ class PipelineConfig:
         _require(self.distill.enabled or not self.prune.enabled,
                  "prune needs distill: pruning works on the distilled student. Switch prune off as well "
                  "(param prune: false) or switch distill on (param distill: true)")
+        _require(self.distill.enabled or not self.sparsify.enabled,
+                 "sparsify needs distill: sparsity is applied to the distilled student. Switch sparsify off as "
+                 "well (param sparsify: false) or switch distill on (param distill: true)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -456,6 +527,7 @@ class PipelineConfig:
             "finetune": FinetuneConfig,
             "distill": DistillConfig,
             "prune": PruneConfig,
+            "sparsify": SparsifyConfig,
             "export": ExportConfig,
             "quantize": QuantizeConfig,
             "compile": CompileConfig,
@@ -520,3 +592,30 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
     except (TypeError, ValueError):
         raise ConfigError(f"{name} has an invalid value {value!r}") from None
     return value
+
+
+def preset(name: str, source: str = "demo:imdb", model: str = "demo:minilm") -> PipelineConfig:
+    """A named starting point: ``tiny`` (tests: a tiny random model on generated texts, seconds),
+    ``quick`` (a first look at a new dataset, minutes), ``demo`` (the defaults of the DAG's params:
+    ~12 minutes on two cores), ``full`` (the whole training split, three epochs with the reference's
+    three layer-wise learning rates, 5,000 evaluation texts: hours on a CPU)."""
+    presets = {
+        "tiny": {"data": {"max_train": 0, "max_eval": 0},
+                 "finetune": {"epochs": 3.0, "learning_rate": 5e-3, "max_length": 32},
+                 "distill": {"student_layers": 1, "epochs": 3.0, "learning_rate": 5e-3, "max_length": 32},
+                 "prune": {"head_fraction": 0.5, "ffn_fraction": 0.5, "recovery_epochs": 2.0, "learning_rate": 5e-3,
+                           "max_length": 32},
+                 "sparsify": {"learning_rate": 5e-3, "max_length": 32},
+                 "evaluate": {"max_length": 32, "warmup": 1}},
+        "quick": {"data": {"max_train": 300, "max_eval": 200}, "distill": {"epochs": 1.0},
+                  "prune": {"recovery_epochs": 0.5}},
+        "demo": {},
+        "full": {"data": {"max_train": 0, "max_eval": 5000},
+                 "finetune": {"epochs": 3.0, "layer_learning_rates": (1e-5, 5e-5, 1e-4), "evaluations_per_epoch": 4},
+                 "distill": {"epochs": 3.0}, "prune": {"recovery_epochs": 2.0}},
+    }
+    _require(name in presets, f"unknown preset {name!r}; presets: {sorted(presets)}")
+    sections = {section: dict(values) for section, values in presets[name].items()}
+    sections.setdefault("data", {})["source"] = source
+    sections.setdefault("finetune", {})["model"] = model
+    return PipelineConfig.from_dict(sections)

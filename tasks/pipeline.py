@@ -1,4 +1,4 @@
-"""The optimize_model flow as one function per DAG task.
+"""The optimize_model flow: one function per kind of DAG task, driven by the recipe (tasks/recipe.py).
 
 Each function takes the settings, the run's config and the upstream results (plain dicts from
 XCom), calls one step, and returns the step's result as a plain dict. The DAG file only wires.
@@ -6,6 +6,7 @@ XCom), calls one step, and returns the step's result as a plain dict. The DAG fi
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -21,103 +22,29 @@ from tasks import promote as promote_step
 from tasks import prune as prune_step
 from tasks import quantize as quantize_step
 from tasks import registry
-from tasks import report
+from tasks import params, report
 from tasks.assets import fetch_demo_assets
 from tasks.config import PipelineConfig
+from tasks.recipe import MODEL_INPUT, OPTIMIZE_MODEL, Step
 from tasks.errors import ConfigError, PipelineError, PromotionFailed
 from tasks.results import ModelFormat, StepResult, StepStatus, write_json_atomic
 from tasks.settings import PipelineSettings
 
 log = logging.getLogger(__name__)
 
+RECIPE = OPTIMIZE_MODEL
 DEMO_PREFIX = "demo:"
 DEMO_SOURCES = {"demo:imdb": "imdb", "demo:tweets": "tweets", "demo:minilm": "teacher"}
 
-# Params shown in the Airflow UI (flat, with defaults) and where each goes in the nested config.
-PARAM_PATHS = {
-    "data_source": ("data", "source"),
-    "text_column": ("data", "text_column"),
-    "label_column": ("data", "label_column"),
-    "max_train": ("data", "max_train"),
-    "max_eval": ("data", "max_eval"),
-    "teacher": ("finetune", "model"),
-    "epochs": ("finetune", "epochs"),
-    "max_steps": ("finetune", "max_steps"),
-    "batch_size": ("finetune", "batch_size"),
-    "learning_rate": ("finetune", "learning_rate"),
-    "max_length": ("finetune", "max_length"),
-    "student_layers": ("distill", "student_layers"),
-    "distill_epochs": ("distill", "epochs"),
-    "prune_heads": ("prune", "head_fraction"),
-    "prune_ffn": ("prune", "ffn_fraction"),
-    "prune_epochs": ("prune", "recovery_epochs"),
-    "distill": ("distill", "enabled"),
-    "prune": ("prune", "enabled"),
-    "quantize": ("quantize", "enabled"),
-    "max_relative_accuracy_drop": ("gate", "max_relative_accuracy_drop"),
-    "max_p95_latency_ms": ("gate", "max_p95_latency_ms"),
-    "max_champion_regression": ("gate", "max_champion_regression"),
-    "registered_model": ("promote", "registered_model"),
-    "triton_model": ("promote", "triton_model"),
-}
-DEFAULT_PARAMS: dict[str, Any] = {
-    "data_source": "demo:imdb",
-    "text_column": "text",
-    "label_column": "label",
-    "max_train": 1000,
-    "max_eval": 500,
-    "teacher": "demo:minilm",
-    "epochs": 1.0,
-    "max_steps": 0,
-    "batch_size": 16,
-    "learning_rate": 5e-5,
-    "max_length": 128,
-    "student_layers": 0,
-    "distill_epochs": 2.0,
-    "prune_heads": 0.33,
-    "prune_ffn": 0.6,
-    "prune_epochs": 1.0,
-    "distill": True,
-    "prune": True,
-    "quantize": True,
-    "max_relative_accuracy_drop": 0.03,
-    "max_p95_latency_ms": 0.0,
-    "max_champion_regression": 0.01,
-    "registered_model": "text-classifier",
-    "triton_model": "text_classifier",
-}
-# candidate -> (the step whose output it is, format, technique chain)
-CANDIDATES = {
-    "teacher_pytorch": ("finetune", ModelFormat.PYTORCH, "finetune (PyTorch FP32)"),
-    "onnx_fp32": ("export", ModelFormat.ONNX, "finetune > ONNX export (FP32)"),
-    "onnx_int8": ("quantize", ModelFormat.ONNX, "finetune > ONNX export > dynamic INT8"),
-    "student_onnx_fp32": ("export_student", ModelFormat.ONNX, "finetune > distill > ONNX export (FP32)"),
-    "student_int8": ("quantize_student", ModelFormat.ONNX, "finetune > distill > ONNX export > dynamic INT8"),
-    "pruned_onnx_fp32": ("export_pruned", ModelFormat.ONNX, "finetune > distill > prune > ONNX export (FP32)"),
-    "pruned_int8": ("quantize_pruned", ModelFormat.ONNX, "finetune > distill > prune > ONNX export > dynamic INT8"),
-}
-# The compression techniques a run can switch off (params and config sections of the same names), and the
-# ones each candidate needs: the teacher's FP32 candidates need none, so every run has something to serve.
-TECHNIQUES = ("distill", "prune", "quantize")
-CANDIDATE_TECHNIQUES: dict[str, tuple[str, ...]] = {
-    "teacher_pytorch": (),
-    "onnx_fp32": (),
-    "onnx_int8": ("quantize",),
-    "student_onnx_fp32": ("distill",),
-    "student_int8": ("distill", "quantize"),
-    "pruned_onnx_fp32": ("distill", "prune"),
-    "pruned_int8": ("distill", "prune", "quantize"),
-}
+# The form's params (generated from the config fields' metadata) and where each goes in the config.
+PARAM_PATHS = {name: (spec.section, spec.key) for name, spec in params.pipeline_params().items()}
+DEFAULT_PARAMS: dict[str, Any] = params.default_params()
+TRIGGER_PARAMS = params.TRIGGER_PARAMS
+RUN_PARAMS = tuple(params.RUN_PARAMS)
 # The model each candidate was converted from (export or quantization), for the agreement gate.
-# Distilled and pruned models are new models: the accuracy gates judge them instead.
-SOURCE_OF = {"onnx_fp32": "teacher_pytorch", "onnx_int8": "onnx_fp32", "student_int8": "student_onnx_fp32",
-             "pruned_int8": "pruned_onnx_fp32"}
-
-
-# Params that describe why a run started (set by monitor_serving's trigger); not step settings.
-TRIGGER_PARAMS = ("trigger_reason", "trigger_evidence")
-# Params about the run itself rather than a step.
-RUN_PARAMS = (*TRIGGER_PARAMS, "force_retrain")
+SOURCE_OF = {stage.candidate: stage.compared_with for stage in RECIPE.stages if stage.candidate and stage.compared_with}
+# Sections whose settings follow fine-tuning's unless given: distillation and both recoveries.
+FOLLOWS_FINETUNE = ("distill", "prune", "sparsify")
 
 
 def config_from_params(params: dict[str, Any]) -> PipelineConfig:
@@ -139,14 +66,14 @@ def config_from_params(params: dict[str, Any]) -> PipelineConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"overrides.{section} must be an object")
         nested.setdefault(section, {}).update(values)
-    # Distillation, pruning recovery and evaluation use the fine-tuning sequence length, batch size
-    # and learning rate unless told otherwise.
+    # Distillation, recovery and evaluation use the fine-tuning sequence length, batch size and
+    # learning rate unless told otherwise.
     finetune = nested["finetune"]
     nested.setdefault("evaluate", {}).setdefault("max_length", finetune.get("max_length", 128))
     for key in ("max_length", "batch_size", "learning_rate"):
         if key in finetune:
-            nested.setdefault("distill", {}).setdefault(key, finetune[key])
-            nested.setdefault("prune", {}).setdefault(key, finetune[key])
+            for section in FOLLOWS_FINETUNE:
+                nested.setdefault(section, {}).setdefault(key, finetune[key])
     return PipelineConfig.from_dict(nested)
 
 
@@ -156,26 +83,22 @@ def switched_off(config: PipelineConfig, techniques: tuple[str, ...]) -> str | N
     return f"{' and '.join(off)} switched off in the run's params" if off else None
 
 
+def stage_switched_off(config: PipelineConfig, stage_id: str) -> str | None:
+    """Why the recipe's stage ``stage_id`` does not run under ``config`` (None: it runs): one of the
+    techniques it or anything upstream of it applies is switched off."""
+    return switched_off(config, RECIPE.techniques_needed(stage_id))
+
+
 def switched_off_candidates(config: PipelineConfig) -> dict[str, str]:
-    """The candidates ``config`` does not build, each with the reason, in CANDIDATES order."""
-    reasons = {name: switched_off(config, CANDIDATE_TECHNIQUES[name]) for name in CANDIDATES}
+    """The candidates ``config`` does not build, each with the reason, in recipe order."""
+    reasons = {stage.candidate: stage_switched_off(config, stage.id) for stage in RECIPE.stages if stage.candidate}
     return {name: reason for name, reason in reasons.items() if reason is not None}
 
 
-# Steps that make no candidate of their own name, and the techniques they need.
-STEP_TECHNIQUES: dict[str, tuple[str, ...]] = {"distill_student": ("distill",), "prune_student": ("distill", "prune")}
-
-
-def step_switched_off(config: PipelineConfig, step: str, name: str = "") -> str | None:
-    """Why the pipeline step ``step`` (writing candidate ``name``, for export and quantize) does not run
-    under ``config``; None when it runs. For orchestrators without the DAG's per-task checks (Kubeflow)."""
-    return switched_off(config, CANDIDATE_TECHNIQUES.get(name) or STEP_TECHNIQUES.get(step, ()))
-
-
 def enabled_candidates(config: PipelineConfig) -> list[str]:
-    """The candidates ``config`` builds, evaluates and registers, in CANDIDATES order (sources first)."""
+    """The candidates ``config`` builds, evaluates and registers, in recipe order (sources first)."""
     off = switched_off_candidates(config)
-    return [name for name in CANDIDATES if name not in off]
+    return [name for name in RECIPE.candidates if name not in off]
 
 
 def resolve_source(source: str, settings: PipelineSettings) -> str:
@@ -215,59 +138,35 @@ def data_changed(settings: PipelineSettings, config: PipelineConfig, data: dict,
                       f"code ({code}); the run stops here. Set force_retrain to train anyway."}
 
 
-def finetune_teacher(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict) -> dict:
-    finetune_config = replace(config.finetune, model=resolve_source(config.finetune.model, settings))
+def run_stage(settings: PipelineSettings, config: PipelineConfig, run_id: str, stage_id: str, data: dict,
+              upstream: dict[str, dict]) -> dict:
+    """Run the recipe's stage ``stage_id`` on the prepared data and its upstream results (keyword ->
+    result, as the stage's ``inputs`` name them); returns its result as a plain dict."""
+    stage = RECIPE.stage(stage_id)
+    missing = set(stage.inputs) - {key for key, value in upstream.items() if value}
+    if missing:
+        raise PipelineError(f"{stage.id} needs the results of {sorted(stage.inputs[key] for key in missing)}")
     data_dir = Path(StepResult.from_dict(data).uri("data"))
-    return finetune_step.run(finetune_config, data_dir, settings.run_dir(run_id) / "teacher").to_dict()
-
-
-def distill_student(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict,
-                    teacher: dict) -> dict:
-    result = distill_step.run(
-        config.distill,
-        teacher_dir=Path(StepResult.from_dict(teacher).uri("model")),
-        data_dir=Path(StepResult.from_dict(data).uri("data")),
-        out_dir=settings.run_dir(run_id) / "student",
-    )
-    return result.to_dict()
-
-
-def prune_student(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict, teacher: dict,
-                  student: dict) -> dict:
-    """Prune the distilled student's heads and FFN neurons, then recover it by distilling from the teacher."""
-    result = prune_step.run(
-        config.prune,
-        student_dir=Path(StepResult.from_dict(student).uri("model")),
-        teacher_dir=Path(StepResult.from_dict(teacher).uri("model")),
-        data_dir=Path(StepResult.from_dict(data).uri("data")),
-        out_dir=settings.run_dir(run_id) / "pruned",
-    )
-    return result.to_dict()
-
-
-def export_onnx(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict, model: dict,
-                name: str = "onnx_fp32") -> dict:
-    """Export the model of an upstream result (teacher or student) into ``<run>/<name>``."""
-    result = export_step.run(
-        config.export,
-        model_dir=Path(StepResult.from_dict(model).uri("model")),
-        data_dir=Path(StepResult.from_dict(data).uri("data")),
-        out_dir=settings.run_dir(run_id) / name,
-        max_length=config.finetune.max_length,
-    )
-    return result.to_dict()
-
-
-def quantize_int8(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict, onnx: dict,
-                  name: str = "onnx_int8") -> dict:
-    """Quantize an exported model into ``<run>/<name>``."""
-    result = quantize_step.run(
-        config.quantize,
-        onnx_dir=Path(StepResult.from_dict(onnx).uri("model")),
-        data_dir=Path(StepResult.from_dict(data).uri("data")),
-        out_dir=settings.run_dir(run_id) / name,
-        max_length=config.finetune.max_length,
-    )
+    models = {key: Path(StepResult.from_dict(value).uri("model")) for key, value in upstream.items() if value}
+    out_dir = settings.run_dir(run_id) / stage.output
+    section = getattr(config, stage.section)
+    length = config.finetune.max_length
+    if stage.step is Step.FINETUNE:
+        section = replace(section, model=resolve_source(section.model, settings))
+        result = finetune_step.run(section, data_dir, out_dir)
+    elif stage.step is Step.DISTILL:
+        result = distill_step.run(section, teacher_dir=models[MODEL_INPUT], data_dir=data_dir, out_dir=out_dir)
+    elif stage.step is Step.PRUNE:
+        result = prune_step.run(section, student_dir=models[MODEL_INPUT], teacher_dir=models["teacher"],
+                                data_dir=data_dir, out_dir=out_dir)
+    elif stage.step is Step.EXPORT:
+        result = export_step.run(section, model_dir=models[MODEL_INPUT], data_dir=data_dir, out_dir=out_dir,
+                                 max_length=length)
+    elif stage.step is Step.QUANTIZE:
+        result = quantize_step.run(section, onnx_dir=models[MODEL_INPUT], data_dir=data_dir, out_dir=out_dir,
+                                   max_length=length)
+    else:  # a new Step needs its branch here
+        raise PipelineError(f"stage {stage.id}: no runner for step {stage.step.value!r}")
     return result.to_dict()
 
 
@@ -275,7 +174,7 @@ def evaluate_candidates(settings: PipelineSettings, config: PipelineConfig, run_
                         produced: dict[str, dict | None]) -> dict[str, dict]:
     """Evaluate every candidate the config switched on, on the same test split.
 
-    ``produced`` maps step name -> result; the steps of switched-off techniques were skipped (None,
+    ``produced`` maps stage id -> result; the stages of switched-off techniques were skipped (None,
     or absent). The result holds the evaluated candidates only.
     """
     data_dir = Path(StepResult.from_dict(data).uri("data"))
@@ -283,11 +182,12 @@ def evaluate_candidates(settings: PipelineSettings, config: PipelineConfig, run_
         log.info("%s switched off, not evaluated: %s", candidate, reason)
     evaluations = {}
     for candidate in enabled_candidates(config):
-        step, model_format, _ = CANDIDATES[candidate]
-        if produced.get(step) is None:
-            raise PipelineError(f"{candidate} is switched on but its step {step!r} produced no result (skipped or "
-                                f"cleared?); clear that step and its downstream tasks to build it again")
-        model_dir = Path(StepResult.from_dict(produced[step]).uri("model"))
+        stage = RECIPE.producer(candidate)
+        if produced.get(stage.id) is None:
+            raise PipelineError(f"{candidate} is switched on but its stage {stage.id!r} produced no result (skipped "
+                                f"or cleared?); clear that task and its downstream tasks to build it again")
+        model_dir = Path(StepResult.from_dict(produced[stage.id]).uri("model"))
+        model_format = ModelFormat(stage.model_format.value)
         log.info("evaluating %s (%s) from %s", candidate, model_format.value, model_dir)
         result = evaluate_step.run_isolated(config.evaluate, candidate, model_dir, model_format, data_dir,
                                             settings.run_dir(run_id) / "evaluation" / candidate)
@@ -323,19 +223,35 @@ def register_candidates(settings: PipelineSettings, config: PipelineConfig, run_
     for candidate, reason in off.items():
         log.info("%s switched off, not registered: %s", candidate, reason)
     versions: dict[str, str | None] = {}
-    for candidate in (name for name in CANDIDATES if name in evaluations):  # sources come before what they feed
-        _, model_format, technique = CANDIDATES[candidate]
+    for candidate in (name for name in RECIPE.candidates if name in evaluations):  # sources come first
+        stage = RECIPE.producer(candidate)
         evaluation = StepResult.from_dict(evaluations[candidate])
-        metrics = candidate_metrics(evaluations, candidate)
         source = SOURCE_OF.get(candidate)
         versions[candidate] = registry.log_candidate(
             settings.mlflow_tracking_uri, settings.experiment, parent, run_id, config.promote.registered_model,
-            registry.Candidate(candidate, Path(evaluation.uri("model")), metrics, technique,
-                               registrable=model_format is ModelFormat.ONNX),
+            registry.Candidate(candidate, Path(evaluation.uri("model")), candidate_metrics(evaluations, candidate),
+                               RECIPE.technique_chain(stage.id),
+                               registrable=stage.model_format.value == ModelFormat.ONNX.value),
             lineage | {"source_candidate": source or "-",
                        "source_version": (versions.get(source) or "not registered") if source else "-"},
         )
     return {"parent_run_id": parent, "versions": versions}
+
+
+# The decisions: four tasks, each safe to retry. Each writes its record under the run's folder
+# (``decisions/``), and the report reads those records, so a retried report rewrites the same
+# report and a retried promotion does not score the champion again.
+DECISIONS = "decisions"
+
+
+def score_champion(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict) -> dict | None:
+    """The serving champion's accuracy on this run's test split, through Triton (None: nothing serves)."""
+    target = _promotion_target(settings)
+    score = promote_step.champion_score(target, config.promote, Path(StepResult.from_dict(data).uri("data")))
+    record = None if score is None else {"accuracy": score.accuracy, "note": score.note}
+    write_json_atomic(settings.run_dir(run_id) / DECISIONS / "champion.json", {"champion": record})
+    log.info("champion: %s", record or "nothing serves yet")
+    return record
 
 
 def choose_winner(gated: dict[str, tuple[bool, float]]) -> str | None:
@@ -344,94 +260,110 @@ def choose_winner(gated: dict[str, tuple[bool, float]]) -> str | None:
     return min(passing)[1] if passing else None
 
 
-def gate_and_promote(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict,
-                     evaluations: dict[str, dict], registered: dict) -> dict:
-    """Gate every registered candidate; promote the fastest one that passes every gate."""
+def gate_candidates(settings: PipelineSettings, config: PipelineConfig, run_id: str, evaluations: dict[str, dict],
+                    registered: dict, champion: dict | None) -> dict:
+    """Gate every registered candidate, record each gate on its model version, choose the winner and
+    say in every other version's description why it was not chosen. Writes ``decisions/gates.json``."""
     teacher = StepResult.from_dict(evaluations["teacher_pytorch"]).metrics
-    data_dir = Path(StepResult.from_dict(data).uri("data"))
-    target = promote_step.PromotionTarget(settings.triton_url, settings.triton_model_repository,
-                                          settings.mlflow_tracking_uri)
-    champion = promote_step.champion_score(target, config.promote, data_dir)
+    score = None if champion is None else gate_step.ChampionScore(champion["accuracy"], champion["note"])
     model_name, uri = config.promote.registered_model, settings.mlflow_tracking_uri
     gates: dict[str, list[gate_step.GateCheck]] = {}
     for name, version in registered["versions"].items():
         if version is None:
             continue
-        gates[name] = gate_step.evaluate_gates(config.gate, candidate_metrics(evaluations, name), teacher, champion)
+        gates[name] = gate_step.evaluate_gates(config.gate, candidate_metrics(evaluations, name), teacher, score)
         registry.tag_version(uri, model_name, version,
                              {f"gate.{c.name}": f"{c.decision.value}: {c.detail}" for c in gates[name]})
     winner = choose_winner({name: (gate_step.passed(checks), evaluations[name]["metrics"]["latency_p50_ms"])
                             for name, checks in gates.items()})
     for name, checks in gates.items():
-        if name == winner:
-            continue
-        reasons = gate_step.failure_reasons(checks)
-        why = "; ".join(reasons) if reasons else f"passed every gate but {winner} was faster"
-        registry.describe_decision(uri, model_name, registered["versions"][name], f"not promoted by run {run_id}: {why}.")
-    if winner is None:
-        log.warning("no candidate passed every gate; the champion stays")
-        result = StepResult(step="promote", status=StepStatus.SKIPPED,
-                            reason="no candidate passed every gate; the champion stays (see the gates of each)")
-    else:
-        version = registered["versions"][winner]
-        candidate = StepResult.from_dict(evaluations[winner])
-        try:
-            result = promote_step.run(
-                config.promote,
-                target,
-                model_dir=Path(candidate.uri("model")),
-                predictions=Path(candidate.uri("predictions")),
-                data_dir=data_dir,
-                mlflow_version=version,
-                max_length=config.evaluate.max_length,
-                intra_op_threads=config.evaluate.threads,
-            )
-        except PromotionFailed as error:
-            registry.describe_decision(uri, model_name, version,
-                                       f"gates passed but run {run_id} could not serve it: {error}")
-            # The run's record is written even so: reviewers see every gate and why serving failed.
-            failed = StepResult(step="promote", status=StepStatus.FAILED, reason=str(error),
-                                info={"candidate": winner})
-            _write_summary(settings, config, run_id, registered, evaluations, champion, gates, winner, failed)
-            raise
-        result = replace(result, info=result.info | {"candidate": winner})
-        registry.describe_decision(
-            uri, model_name, version,
-            f"promoted by run {run_id}: every gate passed and it was the fastest passing candidate; serving as "
-            f"Triton {config.promote.triton_model} version {int(result.metrics['triton_version'])} with alias "
-            f"{config.promote.alias!r}.")
-    summary_path = _write_summary(settings, config, run_id, registered, evaluations, champion, gates, winner,
-                                  result)
-    return result.to_dict() | {"summary": str(summary_path)}
-
-
-def _write_summary(settings: PipelineSettings, config: PipelineConfig, run_id: str, registered: dict,
-                   evaluations: dict[str, dict], champion: gate_step.ChampionScore | None,
-                   gates: dict[str, list[gate_step.GateCheck]], winner: str | None, result: StepResult) -> Path:
-    """``summary.json`` of the run (candidates, the switched-off ones with why, gates, winner, promotion),
-    also logged to the parent run."""
-    uri = settings.mlflow_tracking_uri
-    summary = {
+        if name != winner:
+            reasons = gate_step.failure_reasons(checks)
+            why = "; ".join(reasons) if reasons else f"passed every gate but {winner} was faster"
+            registry.describe_decision(uri, model_name, registered["versions"][name],
+                                       f"not promoted by run {run_id}: {why}.")
+    decisions = {
         "run_id": run_id,
         "mlflow_parent_run_id": registered["parent_run_id"],
-        "registered_model": config.promote.registered_model,
+        "registered_model": model_name,
         "versions": registered["versions"],
         "candidates": {name: StepResult.from_dict(value).metrics for name, value in evaluations.items()},
         "switched_off": switched_off_candidates(config),
-        "champion_before": {"accuracy": champion.accuracy, "note": champion.note} if champion else None,
+        "champion_before": champion,
         "gates": {name: [{"name": c.name, "decision": c.decision.value, "detail": c.detail} for c in checks]
                   for name, checks in gates.items()},
         "winner": winner,
-        "promotion": result.to_dict(),
     }
+    write_json_atomic(settings.run_dir(run_id) / DECISIONS / "gates.json", decisions)
+    log.info("winner: %s", winner or "none: no candidate passed every gate; the champion stays")
+    return {"winner": winner}
+
+
+def promote_winner(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict,
+                   evaluations: dict[str, dict], gated: dict) -> dict:
+    """Serve the gated winner on Triton and move the alias; SKIPPED (with the reason) when there is none.
+
+    The outcome, failure included, is written to ``decisions/promotion.json`` for the report;
+    a failure is raised after that, so the task fails and the run with it.
+    """
+    decisions = read_decisions(settings, run_id)
+    winner, record_path = gated["winner"], settings.run_dir(run_id) / DECISIONS / "promotion.json"
+    if winner is None:
+        result = StepResult(step="promote", status=StepStatus.SKIPPED,
+                            reason="no candidate passed every gate; the champion stays (see the gates of each)")
+        write_json_atomic(record_path, result.to_dict())
+        return result.to_dict()
+    uri, model_name, version = settings.mlflow_tracking_uri, config.promote.registered_model, decisions["versions"][winner]
+    candidate = StepResult.from_dict(evaluations[winner])
+    try:
+        result = promote_step.run(config.promote, _promotion_target(settings), model_dir=Path(candidate.uri("model")),
+                                  predictions=Path(candidate.uri("predictions")),
+                                  data_dir=Path(StepResult.from_dict(data).uri("data")), mlflow_version=version,
+                                  max_length=config.evaluate.max_length, intra_op_threads=config.evaluate.threads)
+    except PromotionFailed as error:
+        registry.describe_decision(uri, model_name, version, f"gates passed but run {run_id} could not serve it: {error}")
+        failed = StepResult(step="promote", status=StepStatus.FAILED, reason=str(error), info={"candidate": winner})
+        write_json_atomic(record_path, failed.to_dict())
+        raise
+    result = replace(result, info=result.info | {"candidate": winner})
+    registry.describe_decision(
+        uri, model_name, version,
+        f"promoted by run {run_id}: every gate passed and it was the fastest passing candidate; serving as Triton "
+        f"{config.promote.triton_model} version {int(result.metrics['triton_version'])} with alias "
+        f"{config.promote.alias!r}.")
+    write_json_atomic(record_path, result.to_dict())
+    return result.to_dict()
+
+
+def read_decisions(settings: PipelineSettings, run_id: str) -> dict:
+    """The gate task's record of run ``run_id``; PipelineError when the gate did not finish."""
+    path = settings.run_dir(run_id) / DECISIONS / "gates.json"
+    if not path.exists():
+        raise PipelineError(f"nothing to report: the gate did not finish for run {run_id} ({path} is missing); "
+                            "see the gate task and the tasks before it")
+    return json.loads(path.read_text())
+
+
+def write_report(settings: PipelineSettings, run_id: str) -> dict:
+    """``summary.json`` and the readable report (Markdown, HTML, Pareto plot) of the run from the
+    decision records, all logged to the MLflow parent run. Runs after a failed promotion too."""
+    summary = read_decisions(settings, run_id)
+    promotion_path = settings.run_dir(run_id) / DECISIONS / "promotion.json"
+    summary["promotion"] = (json.loads(promotion_path.read_text()) if promotion_path.exists() else
+                            StepResult(step="promote", status=StepStatus.FAILED,
+                                       reason="the promote task did not run to a decision (see its log)").to_dict())
     summary_path = settings.run_dir(run_id) / "summary.json"
     write_json_atomic(summary_path, summary)
-    # The readable report (Markdown, HTML, Pareto plot) beside summary.json, all on the parent run.
     reports = report.write_reports(summary, settings.run_dir(run_id) / "report")
-    registry.log_run_summary(uri, registered["parent_run_id"], [summary_path, *reports],
+    registry.log_run_summary(settings.mlflow_tracking_uri, summary["mlflow_parent_run_id"], [summary_path, *reports],
                              {f"{name}.{key}": value for name, value in summary["candidates"].items()
                               for key, value in value.items() if key in ("accuracy", "latency_p95_ms")})
-    return summary_path
+    return {"summary": str(summary_path), "winner": summary["winner"], "promotion": summary["promotion"]}
+
+
+def _promotion_target(settings: PipelineSettings) -> promote_step.PromotionTarget:
+    return promote_step.PromotionTarget(settings.triton_url, settings.triton_model_repository,
+                                        settings.mlflow_tracking_uri)
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:

@@ -2,14 +2,17 @@
 
     .venv-kfp/bin/python infra/kubeflow/pipeline.py --output optimize_model.yaml   # make kubeflow
 
-The steps are the same ``tasks.pipeline`` functions the Airflow DAG calls, run in the project
-image (``infra/project/Dockerfile``): fine-tune, distill, prune, export, quantize (teacher, student
-and pruned student), evaluate every candidate in one place, register in MLflow, gate and promote
-to Triton. The data-unchanged short-circuit is a ``dsl.If``; a step whose technique the params
-switch off (``distill``, ``prune``, ``quantize``) returns at once with an empty result. Step results (small JSON documents
-with URIs and metrics) travel as KFP string outputs; the models themselves live on two shared
-volumes, as in the docker-compose stack: ``pipeline-data`` (runs, assets) and ``triton-models``
-(the Triton model repository promotions write to).
+The graph is the recipe's (``tasks/recipe.py``, standard library only, so the compiler imports it
+from the repository: ``PYTHONPATH=.``): one ``run_stage`` component per stage, then evaluate every
+candidate in one place, register in MLflow, score the champion, gate, promote to Triton, report:
+the same ``tasks.pipeline`` functions the Airflow DAG calls, run in the project image
+(``infra/project/Dockerfile``). The data-unchanged short-circuit is a ``dsl.If``; a stage whose
+technique the params switch off returns at once with an empty result. KFP has no "all done"
+trigger, so the report runs after a promotion that succeeded or had no winner; a failed promotion
+leaves its record in ``decisions/promotion.json``. Step results (small JSON documents with URIs and
+metrics) travel as KFP string outputs; the models themselves live on two shared volumes, as in the
+docker-compose stack: ``pipeline-data`` (runs, assets) and ``triton-models`` (the Triton model
+repository promotions write to).
 
 Compiling needs only ``kfp`` and ``kfp-kubernetes`` (``requirements-kfp.lock``), not the project's
 dependencies: the component bodies import ``tasks`` inside the container.
@@ -17,11 +20,17 @@ dependencies: the component bodies import ``tasks`` inside the container.
 
 # No `from __future__ import annotations`: KFP reads the component signatures' real types.
 import argparse
+import json
 from pathlib import Path
 
 from kfp import compiler, dsl, kubernetes
 
+from tasks.recipe import OPTIMIZE_MODEL  # standard library only; run with the repository on PYTHONPATH
+
 PROJECT_IMAGE = "transformer-optimization/project:0.1.0"
+TRAINING_STEPS = ("finetune", "distill", "prune")
+TRAINING_MEMORY = "8G"
+EVALUATE_SLOTS = 12  # evaluate's s0..s11 inputs: one per candidate the recipe makes
 VOLUMES = {"pipeline-data": "/data", "triton-models": "/models"}
 STEP_ENV = {
     "PIPELINE_RUNS_DIR": "/data/runs",
@@ -36,8 +45,8 @@ SERVICES = {"PIPELINE_MLFLOW_TRACKING_URI": "http://mlflow:5000", "PIPELINE_TRIT
 
 @dsl.component(base_image=PROJECT_IMAGE, install_kfp_package=False)
 def run_step(step: str, params_json: str, run_id: str, data: str = "", first: str = "", second: str = "",
-             name: str = "") -> str:
-    """Call ``tasks.pipeline.<step>(settings, config, run_id, [data, first, second], [name=])``."""
+             third: str = "") -> str:
+    """Call ``tasks.pipeline.<step>(settings, config, run_id, [data, first, second, third])``."""
     import json
     import os
 
@@ -46,13 +55,29 @@ def run_step(step: str, params_json: str, run_id: str, data: str = "", first: st
 
     settings = PipelineSettings.from_env(os.environ)
     config = pipeline.config_from_params(json.loads(params_json))
-    reason = pipeline.step_switched_off(config, step, name)
+    upstream = [json.loads(value) if value not in ("", "null") else None for value in (data, first, second, third)
+                if value]
+    result = getattr(pipeline, step)(settings, config, run_id, *upstream)
+    return json.dumps(result)
+
+
+@dsl.component(base_image=PROJECT_IMAGE, install_kfp_package=False)
+def run_stage(stage_id: str, params_json: str, run_id: str, data: str, model: str = "", teacher: str = "") -> str:
+    """``tasks.pipeline.run_stage`` for one stage of the recipe (its inputs by keyword: model, teacher)."""
+    import json
+    import os
+
+    from tasks import pipeline
+    from tasks.settings import PipelineSettings
+
+    config = pipeline.config_from_params(json.loads(params_json))
+    reason = pipeline.stage_switched_off(config, stage_id)
     if reason is not None:  # the DAG's tasks end SKIPPED here; KFP has no skip, so an empty result
-        print(f"{name or step} not run: {reason}")
+        print(f"{stage_id} not run: {reason}")
         return ""
-    upstream = [json.loads(value) for value in (data, first, second) if value]
-    options = {"name": name} if name else {}
-    return json.dumps(getattr(pipeline, step)(settings, config, run_id, *upstream, **options))
+    upstream = {key: json.loads(value) for key, value in (("model", model), ("teacher", teacher)) if value}
+    return json.dumps(pipeline.run_stage(PipelineSettings.from_env(os.environ), config, run_id, stage_id,
+                                         json.loads(data), upstream))
 
 
 @dsl.component(base_image=PROJECT_IMAGE, install_kfp_package=False)
@@ -72,22 +97,33 @@ def data_changed(params_json: str, data: str, force_retrain: bool) -> bool:
 
 
 @dsl.component(base_image=PROJECT_IMAGE, install_kfp_package=False)
-def evaluate(params_json: str, run_id: str, data: str, finetune: str, export: str, quantize: str,
-             export_student: str, quantize_student: str, export_pruned: str, quantize_pruned: str) -> str:
-    """Every candidate on the same test split, each in its own process (as in the DAG)."""
+def evaluate(params_json: str, run_id: str, data: str, slot_stages: str, s0: str = "", s1: str = "", s2: str = "", s3: str = "", s4: str = "", s5: str = "", s6: str = "", s7: str = "", s8: str = "", s9: str = "", s10: str = "", s11: str = "") -> str:
+    """Every candidate on the same test split, each in its own process (as in the DAG). ``slot_stages``
+    (JSON list) names the stage whose result each slot ``s<i>`` holds ("": switched off)."""
     import json
     import os
 
     from tasks import pipeline
     from tasks.settings import PipelineSettings
 
-    produced = {key: json.loads(value) if value else None for key, value in {  # "": switched off
-        "finetune": finetune, "export": export, "quantize": quantize, "export_student": export_student,
-        "quantize_student": quantize_student, "export_pruned": export_pruned, "quantize_pruned": quantize_pruned,
-    }.items()}
+    values = locals()
+    produced = {stage: json.loads(values[f"s{index}"]) if values[f"s{index}"] else None
+                for index, stage in enumerate(json.loads(slot_stages))}
     return json.dumps(pipeline.evaluate_candidates(PipelineSettings.from_env(os.environ),
                                                    pipeline.config_from_params(json.loads(params_json)), run_id,
                                                    json.loads(data), produced))
+
+
+@dsl.component(base_image=PROJECT_IMAGE, install_kfp_package=False)
+def report(run_id: str) -> str:
+    """summary.json and the report from the decision records (after a failed promotion too)."""
+    import json
+    import os
+
+    from tasks import pipeline
+    from tasks.settings import PipelineSettings
+
+    return json.dumps(pipeline.write_report(PipelineSettings.from_env(os.environ), run_id))
 
 
 def _on_cluster(task: dsl.PipelineTask, memory: str = "4G", cpu: str = "2") -> dsl.PipelineTask:
@@ -102,33 +138,38 @@ def _on_cluster(task: dsl.PipelineTask, memory: str = "4G", cpu: str = "2") -> d
 
 
 def optimize_model(params_json: str = "{}", force_retrain: bool = False) -> None:
-    """The pipeline's graph (KFP traces it when ``compile_pipeline`` decorates it)."""
+    """The pipeline's graph (KFP traces it when ``compile_pipeline`` decorates it): the recipe's stages,
+    then the evaluation and the decisions, as in the Airflow DAG."""
     run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 
-    def step(function: str, memory: str = "4G", **inputs) -> dsl.PipelineTask:
-        task = run_step(step=function, params_json=params_json, run_id=run_id, **inputs)
-        return _on_cluster(task, memory).set_display_name(inputs.get("name") or function)
+    def step(function: str, *upstream: dsl.PipelineTask, memory: str = "4G") -> dsl.PipelineTask:
+        names = ("data", "first", "second", "third")
+        task = run_step(step=function, params_json=params_json, run_id=run_id,
+                        **{name: item.output for name, item in zip(names, upstream)})
+        return _on_cluster(task, memory).set_display_name(function)
 
     data = step("prepare_data")
     changed = _on_cluster(data_changed(params_json=params_json, data=data.output, force_retrain=force_retrain),
                           memory="2G").set_display_name("data_changed")
     with dsl.If(changed.output == True, name="data-changed"):  # noqa: E712 - a KFP condition, not a Python test
-        teacher = step("finetune_teacher", memory="8G", data=data.output)
-        onnx = step("export_onnx", data=data.output, first=teacher.output, name="onnx_fp32")
-        int8 = step("quantize_int8", data=data.output, first=onnx.output, name="onnx_int8")
-        student = step("distill_student", memory="8G", data=data.output, first=teacher.output)
-        student_onnx = step("export_onnx", data=data.output, first=student.output, name="student_onnx_fp32")
-        student_int8 = step("quantize_int8", data=data.output, first=student_onnx.output, name="student_int8")
-        pruned = step("prune_student", memory="8G", data=data.output, first=teacher.output, second=student.output)
-        pruned_onnx = step("export_onnx", data=data.output, first=pruned.output, name="pruned_onnx_fp32")
-        pruned_int8 = step("quantize_int8", data=data.output, first=pruned_onnx.output, name="pruned_int8")
+        results: dict[str, dsl.PipelineTask] = {}
+        for stage in OPTIMIZE_MODEL.stages:
+            inputs = {key: results[source].output for key, source in stage.inputs.items()}
+            task = run_stage(stage_id=stage.id, params_json=params_json, run_id=run_id, data=data.output, **inputs)
+            results[stage.id] = _on_cluster(task, TRAINING_MEMORY if stage.step.value in TRAINING_STEPS else "4G")
+            results[stage.id].set_display_name(stage.id)
+        producers = [stage.id for stage in OPTIMIZE_MODEL.stages if stage.candidate]
+        assert len(producers) <= EVALUATE_SLOTS, f"the recipe makes {len(producers)} candidates: add evaluate slots"
         evaluations = _on_cluster(evaluate(
-            params_json=params_json, run_id=run_id, data=data.output, finetune=teacher.output, export=onnx.output,
-            quantize=int8.output, export_student=student_onnx.output, quantize_student=student_int8.output,
-            export_pruned=pruned_onnx.output, quantize_pruned=pruned_int8.output,
-        ), memory="8G").set_display_name("evaluate")
-        registered = step("register_candidates", data=data.output, first=evaluations.output)
-        step("gate_and_promote", data=data.output, first=evaluations.output, second=registered.output)
+            params_json=params_json, run_id=run_id, data=data.output, slot_stages=json.dumps(producers),
+            **{f"s{index}": results[stage_id].output for index, stage_id in enumerate(producers)},
+        ), memory=TRAINING_MEMORY).set_display_name("evaluate")
+        registered = step("register_candidates", data, evaluations)
+        champion = step("score_champion", data)
+        champion.after(registered)  # no Triton traffic while latencies are measured
+        gated = step("gate_candidates", evaluations, registered, champion)
+        promoted = step("promote_winner", data, evaluations, gated)
+        _on_cluster(report(run_id=run_id), memory="2G").set_display_name("report").after(promoted)
 
 
 def main(argv: list[str] | None = None) -> int:

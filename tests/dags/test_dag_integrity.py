@@ -31,35 +31,54 @@ def test_every_dag_imports_without_errors(dagbag):
     assert {"optimize_model", "monitor_serving"} <= set(dagbag.dag_ids)
 
 
-def test_optimize_model_wires_the_skeleton_in_order(dagbag):
+def _edges(dag) -> set[tuple[str, str]]:
+    return {(task.task_id, downstream) for task in dag.tasks for downstream in task.downstream_task_ids}
+
+
+def test_optimize_model_edges_equal_the_recipe(dagbag):
+    from tasks.recipe import OPTIMIZE_MODEL
+
     dag = dagbag.dags["optimize_model"]
-    edges = [("prepare_data", "finetune_teacher"), ("prepare_data", "data_changed"), ("data_changed", "finetune_teacher"), ("finetune_teacher", "export_onnx"),
-             ("export_onnx", "quantize_int8"), ("finetune_teacher", "distill_student"),
-             ("distill_student", "export_student"), ("export_student", "quantize_student"),
-             ("distill_student", "prune_student"), ("finetune_teacher", "prune_student"),
-             ("prune_student", "export_pruned"), ("export_pruned", "quantize_pruned"),
-             ("quantize_int8", "evaluate"), ("quantize_student", "evaluate"), ("quantize_pruned", "evaluate"),
-             ("evaluate", "register"),
-             ("register", "promote")]
-    assert {task for edge in edges for task in edge} == set(dag.task_ids)
-    for upstream, downstream in edges:
-        assert downstream in dag.get_task(upstream).downstream_task_ids
+    stages = [stage.id for stage in OPTIMIZE_MODEL.stages]
+    producers = {stage.id for stage in OPTIMIZE_MODEL.stages if stage.candidate}
+    first = {stage.id for stage in OPTIMIZE_MODEL.stages if not stage.inputs}
+    decisions = {("evaluate", "register"), ("register", "score_champion"), ("register", "gate"),
+                 ("evaluate", "gate"), ("score_champion", "gate"), ("gate", "promote"), ("evaluate", "promote"),
+                 ("promote", "report")}
+    data = {("prepare_data", task) for task in ("data_changed", *stages, "evaluate", "register", "score_champion",
+                                                "promote")}
+    expected = (OPTIMIZE_MODEL.edges() | {("data_changed", stage) for stage in first}
+                | {(stage, "evaluate") for stage in producers} | decisions | data)
+    assert _edges(dag) == expected
+    assert set(dag.task_ids) == {task for edge in expected for task in edge}
     assert dag.max_active_runs == 1
     assert dag.doc_md and "optimize_model" in dag.doc_md
+    assert all(dag.get_task(stage.id).doc_md == stage.doc for stage in OPTIMIZE_MODEL.stages)
+
+
+def test_optimize_model_trigger_rules_and_retries(dagbag):
+    dag = dagbag.dags["optimize_model"]
     # evaluate runs on what was built when techniques were switched off (their tasks skipped), but not after
-    # a failure; the technique tasks skip along with the one that was switched off.
+    # a failure; the report runs after a failed or skipped promotion too; every other task needs all upstream.
     assert dag.get_task("evaluate").trigger_rule == "none_failed"
-    assert {task.trigger_rule for task in dag.tasks if task.task_id != "evaluate"} == {"all_success"}
+    assert dag.get_task("report").trigger_rule == "all_done"
+    assert {task.trigger_rule for task in dag.tasks if task.task_id not in ("evaluate", "report")} == {"all_success"}
     assert all(task.retries >= 1 for task in dag.tasks)
+    # The report is the only leaf: its state is the run's.
+    assert [task.task_id for task in dag.tasks if not task.downstream_task_ids] == ["report"]
 
 
-def test_params_defaults_build_a_valid_pipeline_config(dagbag):
+def test_params_are_generated_from_the_config_fields(dagbag):
+    from tasks.params import pipeline_params
     from tasks.pipeline import DEFAULT_PARAMS, RUN_PARAMS, config_from_params
 
     dag = dagbag.dags["optimize_model"]
     defaults = {name: param.value for name, param in dag.params.items()}
     assert {k: v for k, v in defaults.items() if k not in RUN_PARAMS} == DEFAULT_PARAMS
     assert set(RUN_PARAMS) <= set(defaults)
+    for name, spec in pipeline_params().items():
+        param = dag.params.get_param(name)
+        assert param.schema["type"] == spec.type and param.description == spec.description, name
     config_from_params(defaults)
 
 

@@ -1,4 +1,5 @@
-"""Injected faults through the real gate-and-promote step (real MLflow and Triton): a candidate
+"""Injected faults through the real decision tasks (score the champion, gate, promote, report; real
+MLflow and Triton): a candidate
 whose quantization destroyed its accuracy, one that outputs NaN, and one with its label order
 swapped are each registered, gated, and not promoted; the champion keeps serving."""
 
@@ -67,9 +68,16 @@ def _register(settings: PipelineSettings, config: PipelineConfig, run_id: str,
 
 def _promote(settings: PipelineSettings, config: PipelineConfig, run_id: str, data_dir: Path,
              evaluations: dict[str, StepResult], registered: dict) -> dict:
+    """The decision tasks in the DAG's order; the report is written after a failed promotion too."""
     data = StepResult("prepare_data", StepStatus.SUCCESS, uris={"data": str(data_dir)}).to_dict()
-    return pipeline.gate_and_promote(settings, config, run_id, data,
-                                     {name: result.to_dict() for name, result in evaluations.items()}, registered)
+    evaluated = {name: result.to_dict() for name, result in evaluations.items()}
+    champion = pipeline.score_champion(settings, config, run_id, data)
+    gated = pipeline.gate_candidates(settings, config, run_id, evaluated, registered, champion)
+    try:
+        promoted = pipeline.promote_winner(settings, config, run_id, data, evaluated, gated)
+    finally:
+        written = pipeline.write_report(settings, run_id)
+    return promoted | {"summary": written["summary"]}
 
 
 def _gate_and_promote(settings: PipelineSettings, config: PipelineConfig, run_id: str, data_dir: Path,

@@ -5,10 +5,12 @@ import pytest
 
 from tasks import pipeline
 from tasks.errors import PipelineError
-from tasks.pipeline import CANDIDATES, config_from_params, enabled_candidates, switched_off, switched_off_candidates
+from tasks.pipeline import config_from_params, enabled_candidates, switched_off, switched_off_candidates
+from tasks.recipe import OPTIMIZE_MODEL
 from tasks.results import StepResult, StepStatus
 
-ALL = list(CANDIDATES)
+# sparse_onnx_fp32 is built only when the run switches sparsify on.
+ALL = [name for name in OPTIMIZE_MODEL.candidates if name != "sparse_onnx_fp32"]
 
 
 @pytest.mark.parametrize(
@@ -24,16 +26,33 @@ ALL = list(CANDIDATES)
 def test_enabled_candidates_follow_the_switches_and_keep_the_teacher(params, enabled):
     config = config_from_params(params)
     assert enabled_candidates(config) == enabled
-    assert list(switched_off_candidates(config)) == [name for name in ALL if name not in enabled]
+    assert list(switched_off_candidates(config)) == [name for name in ALL if name not in enabled] + [
+        "sparse_onnx_fp32"]
 
 
-def test_every_candidate_names_the_techniques_it_needs():
-    assert set(pipeline.CANDIDATE_TECHNIQUES) == set(CANDIDATES)
-    assert {technique for needed in pipeline.CANDIDATE_TECHNIQUES.values() for technique in needed} == set(
-        pipeline.TECHNIQUES)
+def test_sparsify_adds_its_candidate_and_needs_distill():
+    config = config_from_params({"sparsify": True, "sparsity": 0.7})
+    assert enabled_candidates(config) == list(OPTIMIZE_MODEL.candidates)
+    assert config.sparsify.unstructured_sparsity == 0.7 and not config.sparsify.structured
+    assert config.sparsify.max_length == config.finetune.max_length  # follows fine-tuning, like distillation
+    assert switched_off_candidates(config_from_params({}))["sparse_onnx_fp32"] == (
+        "sparsify switched off in the run's params")
+    from tasks.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="sparsify needs distill"):
+        config_from_params({"sparsify": True, "distill": False, "prune": False})
+
+
+def test_every_candidate_needs_what_its_upstream_stages_need():
+    needed = {stage.candidate: OPTIMIZE_MODEL.techniques_needed(stage.id) for stage in OPTIMIZE_MODEL.stages
+              if stage.candidate}
+    assert needed["teacher_pytorch"] == needed["onnx_fp32"] == ()
+    assert needed["pruned_int8"] == ("distill", "prune", "quantize")
+    assert {technique for techniques in needed.values() for technique in techniques} == set(
+        OPTIMIZE_MODEL.techniques) == {"distill", "prune", "sparsify", "quantize"}
     # A candidate's source (for the agreement gate) is built whenever the candidate is.
     for candidate, source in pipeline.SOURCE_OF.items():
-        assert set(pipeline.CANDIDATE_TECHNIQUES[source]) <= set(pipeline.CANDIDATE_TECHNIQUES[candidate])
+        assert set(needed[source]) <= set(needed[candidate])
 
 
 def test_the_reason_names_every_switched_off_technique():
@@ -63,8 +82,9 @@ def test_evaluation_measures_only_the_candidates_that_were_built(monkeypatch, tm
     settings = type("Settings", (), {"run_dir": lambda self, run_id: tmp_path / run_id})()
     config = config_from_params({"distill": False, "prune": False, "quantize": False})
     # What XCom hands over for skipped tasks: None.
-    produced = {"finetune": _result("finetune", tmp_path), "export": _result("export", tmp_path), "quantize": None,
-                "export_student": None, "quantize_student": None, "export_pruned": None, "quantize_pruned": None}
+    produced = {"finetune_teacher": _result("finetune", tmp_path), "export_onnx": _result("export", tmp_path),
+                "quantize_int8": None, "export_student": None, "quantize_student": None, "export_pruned": None,
+                "quantize_pruned": None}
     with caplog.at_level("INFO", logger="tasks.pipeline"):
         evaluations = pipeline.evaluate_candidates(settings, config, "run", _result("data", tmp_path), produced)
     assert measured == list(evaluations) == ["teacher_pytorch", "onnx_fp32"]
@@ -72,21 +92,38 @@ def test_evaluation_measures_only_the_candidates_that_were_built(monkeypatch, tm
         caplog.text)
 
     # A switched-on candidate whose step produced nothing is an error that says so, not a KeyError.
-    with pytest.raises(PipelineError, match="onnx_int8 is switched on but its step 'quantize' produced no result"):
+    with pytest.raises(PipelineError, match="onnx_int8 is switched on but its stage 'quantize_int8' produced no result"):
         pipeline.evaluate_candidates(settings, config_from_params({"distill": False, "prune": False}), "run",
                                      _result("data", tmp_path), produced)
 
 
-def test_steps_know_when_their_technique_is_switched_off():
-    """What the Kubeflow steps ask before running (the DAG's tasks check their own technique)."""
-    from tasks.pipeline import step_switched_off
+def test_stages_know_when_their_technique_is_switched_off():
+    from tasks.pipeline import stage_switched_off
 
     no_quantize = config_from_params({"quantize": False})
-    assert step_switched_off(no_quantize, "quantize_int8", "pruned_int8") == "quantize switched off in the run's params"
-    assert step_switched_off(no_quantize, "export_onnx", "pruned_onnx_fp32") is None
-    assert step_switched_off(no_quantize, "prune_student") is None
+    assert stage_switched_off(no_quantize, "quantize_pruned") == "quantize switched off in the run's params"
+    assert stage_switched_off(no_quantize, "export_pruned") is None
+    assert stage_switched_off(no_quantize, "prune_student") is None
     nothing = config_from_params({"distill": False, "prune": False, "quantize": False})
-    assert step_switched_off(nothing, "prune_student") == "distill and prune switched off in the run's params"
-    assert step_switched_off(nothing, "export_onnx", "student_onnx_fp32") == "distill switched off in the run's params"
-    assert step_switched_off(nothing, "finetune_teacher") is None
-    assert step_switched_off(nothing, "export_onnx", "onnx_fp32") is None
+    assert stage_switched_off(nothing, "prune_student") == "distill and prune switched off in the run's params"
+    assert stage_switched_off(nothing, "export_student") == "distill switched off in the run's params"
+    assert stage_switched_off(nothing, "finetune_teacher") is None
+    assert stage_switched_off(nothing, "export_onnx") is None
+
+
+def test_the_recipe_rejects_a_stage_before_its_inputs():
+    from tasks.recipe import Recipe, Stage, Step
+
+    export = Stage("export", Step.EXPORT, "ONNX export", {"model": "train"}, candidate="onnx")
+    with pytest.raises(ValueError, match="which no earlier stage makes"):
+        Recipe((export, Stage("train", Step.FINETUNE, "finetune", candidate="torch")), techniques=())
+    with pytest.raises(ValueError, match="a candidate is made twice"):
+        Recipe((Stage("train", Step.FINETUNE, "finetune", candidate="torch"),
+                Stage("again", Step.EXPORT, "ONNX export", {"model": "train"}, candidate="torch")), techniques=())
+
+
+def test_technique_chains_follow_the_model_inputs():
+    assert OPTIMIZE_MODEL.technique_chain("quantize_pruned") == (
+        "finetune > distill > prune > ONNX export (FP32) > dynamic INT8")
+    assert OPTIMIZE_MODEL.technique_chain("export_sparse") == (
+        "finetune > distill > unstructured sparsity > ONNX export (FP32)")

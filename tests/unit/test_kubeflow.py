@@ -1,5 +1,5 @@
-"""The Kubeflow pipeline compiles (in .venv-kfp, `make venv-kfp`) and calls the same tasks.pipeline
-functions as the Airflow DAG, with the arguments those functions take."""
+"""The Kubeflow pipeline compiles (in .venv-kfp, `make venv-kfp`), is the recipe's graph, and calls the
+same tasks.pipeline functions as the Airflow DAG, with the arguments those functions take."""
 
 import inspect
 import subprocess
@@ -9,10 +9,11 @@ import pytest
 import yaml
 
 from tasks import pipeline
+from tasks.recipe import OPTIMIZE_MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
 KFP_PYTHON = ROOT / ".venv-kfp" / "bin" / "python"
-UPSTREAM = ("data", "first", "second")  # run_step's positional upstream results, in order
+UPSTREAM = ("data", "first", "second", "third")  # run_step's positional upstream results, in order
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,8 @@ def compiled(tmp_path_factory) -> dict:
     assert KFP_PYTHON.exists(), "the Kubeflow compiler environment is missing: run `make venv-kfp`"
     target = tmp_path_factory.mktemp("kfp") / "optimize_model.yaml"
     done = subprocess.run([str(KFP_PYTHON), str(ROOT / "infra" / "kubeflow" / "pipeline.py"), "--output", str(target),
-                           "--mlflow-url", "http://mlflow.ml:5000"], capture_output=True, text=True, timeout=300)
+                           "--mlflow-url", "http://mlflow.ml:5000"], capture_output=True, text=True, timeout=300,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-3000:]
     documents = list(yaml.safe_load_all(target.read_text()))
     return {"spec": documents[0], "platform": documents[0].get("platforms") or documents[-1].get("platforms")}
@@ -48,20 +50,31 @@ def test_each_step_calls_a_pipeline_function_with_the_arguments_it_takes(compile
         function = getattr(pipeline, step)  # AttributeError: the pipeline names a function that does not exist
         upstream = [key for key in UPSTREAM if key in task["inputs"]["parameters"]]
         parameters = list(inspect.signature(function).parameters)
-        # settings, config, run_id, then one parameter per upstream result; ``name`` only where it exists.
-        assert len(parameters) >= 3 + len(upstream) and parameters[:3] == ["settings", "config", "run_id"], step
-        if _constant(task, "name"):
-            assert "name" in parameters, step
-        called.append((step, _constant(task, "name") or ""))
-    assert sorted(called) == sorted([
-        ("prepare_data", ""), ("finetune_teacher", ""), ("distill_student", ""), ("prune_student", ""),
-        ("export_onnx", "onnx_fp32"), ("export_onnx", "student_onnx_fp32"), ("export_onnx", "pruned_onnx_fp32"),
-        ("quantize_int8", "onnx_int8"), ("quantize_int8", "student_int8"), ("quantize_int8", "pruned_int8"),
-        ("register_candidates", ""), ("gate_and_promote", ""),
-    ])
-    # Every candidate the evaluation expects comes in as one input of the evaluate step.
-    evaluate_inputs = set(compiled["spec"]["components"]["comp-evaluate"]["inputDefinitions"]["parameters"])
-    assert {step for step, _, _ in pipeline.CANDIDATES.values()} <= evaluate_inputs
+        # settings, config, run_id, then one parameter per upstream result.
+        assert parameters[:3] == ["settings", "config", "run_id"], step
+        assert len(parameters) == 3 + len(upstream), (step, parameters, upstream)
+        called.append(step)
+    assert sorted(called) == sorted(["prepare_data", "register_candidates", "score_champion", "gate_candidates",
+                                     "promote_winner"])
+
+
+def test_the_stages_are_the_recipe_with_its_edges(compiled):
+    tasks = _tasks(compiled["spec"])
+    stages = {_constant(task, "stage_id"): task for task in tasks.values() if _constant(task, "stage_id")}
+    assert list(stages) == [stage.id for stage in OPTIMIZE_MODEL.stages]
+    task_of_stage = {name: stage for name, task in tasks.items() for stage in [_constant(task, "stage_id")] if stage}
+    for stage in OPTIMIZE_MODEL.stages:
+        parameters = stages[stage.id]["inputs"]["parameters"]
+        for key, source in stage.inputs.items():
+            producer = parameters[key]["taskOutputParameter"]["producerTask"]
+            assert task_of_stage[producer] == source, (stage.id, key)
+    # Every candidate's stage comes in as one slot of the evaluate step.
+    evaluate_task = next(task for task in tasks.values() if task["componentRef"]["name"] == "comp-evaluate")
+    slots = evaluate_task["inputs"]["parameters"]
+    producers = [stage.id for stage in OPTIMIZE_MODEL.stages if stage.candidate]
+    assert _constant(evaluate_task, "slot_stages") == __import__("json").dumps(producers)
+    for index, stage_id in enumerate(producers):
+        assert task_of_stage[slots[f"s{index}"]["taskOutputParameter"]["producerTask"]] == stage_id
 
 
 def test_training_runs_only_when_the_data_changed(compiled):

@@ -1,0 +1,218 @@
+"""The optimize_model recipe: one typed list of stages, from which everything else derives.
+
+The Airflow DAG (``dags/optimize_model.py``), the Kubeflow pipeline (``infra/kubeflow/pipeline.py``),
+the compression benchmark (``bench/compress.py``), the evaluation, registration and gating
+(``tasks/pipeline.py``) and the tests all read the stages below; none of them lists candidates or
+edges of its own. A candidate has one name everywhere: the ``candidate`` of the stage that makes it.
+
+Adding a technique means: its step (``tasks/<step>.py``), its config section (``tasks/config.py``,
+with a ``enabled`` switch whose field metadata makes the DAG param), and its stages here.
+
+Standard library only: the DAG file imports this module when the scheduler parses it, and the
+Kubeflow compiler imports it in an environment without the project's dependencies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from types import MappingProxyType
+
+
+class Target(str, Enum):
+    """The hardware a stage's output is built for."""
+
+    CPU = "cpu"
+    GPU = "gpu"
+
+
+class Step(str, Enum):
+    """The kinds of work a stage does; ``tasks.pipeline.run_stage`` dispatches on them."""
+
+    FINETUNE = "finetune"
+    DISTILL = "distill"
+    PRUNE = "prune"
+    EXPORT = "export"
+    QUANTIZE = "quantize"
+
+
+class Format(str, Enum):
+    """The format of a stage's output model (the values of ``tasks.results.ModelFormat``)."""
+
+    PYTORCH = "pytorch"
+    ONNX = "onnx"
+
+
+# The keyword under which a stage receives the model it works on; other keywords are helpers
+# (the teacher that gives soft targets, say).
+MODEL_INPUT = "model"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One task of the pipeline.
+
+    Attributes:
+        id: the task's id in Airflow, its display name in Kubeflow.
+        step: what it does (see ``Step``).
+        label: the technique as a reader names it, for the candidate's technique chain.
+        inputs: keyword -> id of the upstream stage whose result it takes (the prepared data is
+            always passed as well). ``model`` is the model the stage transforms.
+        section: the config section the step reads (``PipelineConfig.<section>``).
+        technique: the switchable technique it applies (a config section with ``enabled``), or
+            "" when it always runs once its inputs exist.
+        output: the folder under the run directory it writes.
+        candidate: the candidate it produces, or None when its output is only an intermediate.
+        model_format: the format of that output.
+        compared_with: the candidate it was converted from, for the agreement gate (export and
+            quantization); None for new models (distilled, pruned), which the accuracy gates judge.
+        target: the hardware its output is built for.
+        doc: one line for the task's documentation.
+    """
+
+    id: str
+    step: Step
+    label: str
+    inputs: Mapping[str, str] = field(default_factory=dict)
+    section: str = ""
+    technique: str = ""
+    output: str = ""
+    candidate: str | None = None
+    model_format: Format = Format.ONNX
+    compared_with: str | None = None
+    target: Target = Target.CPU
+    doc: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inputs", MappingProxyType(dict(self.inputs)))
+        object.__setattr__(self, "section", self.section or self.step.value)
+        object.__setattr__(self, "output", self.output or self.candidate or self.id)
+
+
+def _teacher_stages() -> list[Stage]:
+    return [
+        Stage("finetune_teacher", Step.FINETUNE, "finetune", output="teacher", candidate="teacher_pytorch",
+              model_format=Format.PYTORCH, doc="Fine-tune the teacher with a fresh classification head."),
+        Stage("export_onnx", Step.EXPORT, "ONNX export (FP32)", {MODEL_INPUT: "finetune_teacher"},
+              candidate="onnx_fp32", compared_with="teacher_pytorch",
+              doc="Export the teacher to ONNX and check it reproduces the PyTorch logits."),
+        Stage("quantize_int8", Step.QUANTIZE, "dynamic INT8", {MODEL_INPUT: "export_onnx"}, technique="quantize",
+              candidate="onnx_int8", compared_with="onnx_fp32",
+              doc="Dynamic INT8 quantization of the teacher with ONNX Runtime."),
+    ]
+
+
+def _student_stages() -> list[Stage]:
+    return [
+        Stage("distill_student", Step.DISTILL, "distill", {MODEL_INPUT: "finetune_teacher"}, technique="distill",
+              output="student", doc="Distill the teacher into a student that keeps evenly spaced teacher layers."),
+        Stage("export_student", Step.EXPORT, "ONNX export (FP32)", {MODEL_INPUT: "distill_student"},
+              candidate="student_onnx_fp32", doc="Export the student to ONNX and check it reproduces its logits."),
+        Stage("quantize_student", Step.QUANTIZE, "dynamic INT8", {MODEL_INPUT: "export_student"},
+              technique="quantize", candidate="student_int8", compared_with="student_onnx_fp32",
+              doc="Dynamic INT8 quantization of the student with ONNX Runtime."),
+    ]
+
+
+def _pruned_stages() -> list[Stage]:
+    return [
+        Stage("prune_student", Step.PRUNE, "prune", {MODEL_INPUT: "distill_student", "teacher": "finetune_teacher"},
+              technique="prune", output="pruned",
+              doc="Remove the least important heads and FFN neurons of the student; recover by distillation."),
+        Stage("export_pruned", Step.EXPORT, "ONNX export (FP32)", {MODEL_INPUT: "prune_student"},
+              candidate="pruned_onnx_fp32", doc="Export the pruned student to ONNX and check its logits."),
+        Stage("quantize_pruned", Step.QUANTIZE, "dynamic INT8", {MODEL_INPUT: "export_pruned"},
+              technique="quantize", candidate="pruned_int8", compared_with="pruned_onnx_fp32",
+              doc="Dynamic INT8 quantization of the pruned student with ONNX Runtime."),
+    ]
+
+
+def _sparse_stages() -> list[Stage]:
+    return [
+        Stage("sparsify_student", Step.PRUNE, "unstructured sparsity",
+              {MODEL_INPUT: "distill_student", "teacher": "finetune_teacher"}, section="sparsify",
+              technique="sparsify", output="sparse",
+              doc="Zero the student's smallest weights by gradual magnitude pruning during recovery distillation."),
+        Stage("export_sparse", Step.EXPORT, "ONNX export (FP32)", {MODEL_INPUT: "sparsify_student"},
+              candidate="sparse_onnx_fp32", doc="Export the sparse student to ONNX and check its logits."),
+    ]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The stages in an order where every stage comes after its inputs, and the switchable
+    techniques (config sections with ``enabled``) in the order reasons name them."""
+
+    stages: tuple[Stage, ...]
+    techniques: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        seen: set[str] = set()
+        for stage in self.stages:
+            if stage.technique and stage.technique not in self.techniques:
+                raise ValueError(f"stage {stage.id} applies {stage.technique!r}, not one of {self.techniques}")
+            missing = set(stage.inputs.values()) - seen
+            if missing:
+                raise ValueError(f"stage {stage.id} takes {sorted(missing)}, which no earlier stage makes")
+            if stage.id in seen:
+                raise ValueError(f"stage {stage.id} appears twice")
+            seen.add(stage.id)
+        candidates = [stage.candidate for stage in self.stages if stage.candidate]
+        if len(set(candidates)) != len(candidates):
+            raise ValueError(f"a candidate is made twice: {candidates}")
+        for stage in self.stages:
+            if stage.compared_with and stage.compared_with not in candidates:
+                raise ValueError(f"stage {stage.id} is compared with unknown candidate {stage.compared_with}")
+
+    def stage(self, stage_id: str) -> Stage:
+        for stage in self.stages:
+            if stage.id == stage_id:
+                return stage
+        raise KeyError(f"no stage {stage_id!r}; stages: {[stage.id for stage in self.stages]}")
+
+    def producer(self, candidate: str) -> Stage:
+        """The stage that makes ``candidate``."""
+        for stage in self.stages:
+            if stage.candidate == candidate:
+                return stage
+        raise KeyError(f"no candidate {candidate!r}; candidates: {self.candidates}")
+
+    @property
+    def candidates(self) -> tuple[str, ...]:
+        """Every candidate, sources before what is converted from them."""
+        return tuple(stage.candidate for stage in self.stages if stage.candidate)
+
+    def edges(self) -> set[tuple[str, str]]:
+        """(upstream, downstream) stage ids."""
+        return {(upstream, stage.id) for stage in self.stages for upstream in stage.inputs.values()}
+
+    def lineage(self, stage_id: str) -> Iterator[Stage]:
+        """The stage and every stage upstream of it, each once (inputs of inputs included)."""
+        seen: set[str] = set()
+        pending = [stage_id]
+        while pending:
+            current = self.stage(pending.pop())
+            if current.id not in seen:
+                seen.add(current.id)
+                yield current
+                pending.extend(current.inputs.values())
+
+    def techniques_needed(self, stage_id: str) -> tuple[str, ...]:
+        """The switchable techniques a stage needs: its own and those of everything upstream."""
+        needed = {stage.technique for stage in self.lineage(stage_id) if stage.technique}
+        return tuple(technique for technique in self.techniques if technique in needed)
+
+    def technique_chain(self, stage_id: str) -> str:
+        """``finetune > distill > ONNX export (FP32)``: the labels along the model inputs."""
+        labels = []
+        current: Stage | None = self.stage(stage_id)
+        while current is not None:
+            labels.append(current.label)
+            upstream = current.inputs.get(MODEL_INPUT)
+            current = self.stage(upstream) if upstream else None
+        return " > ".join(reversed(labels))
+
+
+OPTIMIZE_MODEL = Recipe(tuple(_teacher_stages() + _student_stages() + _pruned_stages() + _sparse_stages()),
+                        techniques=("distill", "prune", "sparsify", "quantize"))
