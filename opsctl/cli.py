@@ -12,6 +12,7 @@ import os
 import sys
 
 from opsctl.process import ServiceError
+from serving.model_repository import DEFAULT_MODEL
 from opsctl.settings import SettingsError, StackSettings
 
 
@@ -153,14 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     ).set_defaults(handler=_cmd_fetch_assets)
     champion = commands.add_parser("champion", help="the MLflow champion version, what it is and what Triton serves")
     champion.add_argument("--registered-model", default="text-classifier", help="MLflow registered model name")
-    champion.add_argument("--triton-model", default="text_classifier", help="Triton ensemble name")
+    champion.add_argument("--triton-model", default=DEFAULT_MODEL, help="Triton ensemble name")
     champion.set_defaults(handler=_cmd_champion)
     classify = commands.add_parser("classify", help="send texts through the gateway and print the predictions")
     classify.add_argument("texts", nargs="+", help="one or more texts (quote each)")
     classify.set_defaults(handler=_cmd_classify)
     back = commands.add_parser("rollback", help="serve the previous champion again (Triton and MLflow alias)")
     back.add_argument("--registered-model", default="text-classifier", help="MLflow registered model name")
-    back.add_argument("--triton-model", default="text_classifier", help="Triton ensemble name")
+    back.add_argument("--triton-model", default=DEFAULT_MODEL, help="Triton ensemble name")
     back.set_defaults(handler=_cmd_rollback)
     demo = commands.add_parser("demo", help="trigger optimize_model through Airflow and print what it did")
     demo.add_argument("--profile", choices=["demo", "quick"], default="demo", help="size of the demo run")

@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from serving.model_repository import DEFAULT_MODEL
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Usage data off for every process the stack starts (MLflow 3, Evidently, Airflow).
@@ -54,7 +56,7 @@ class StackSettings:
     triton_metrics_port: int = 8002
     airflow_port: int = 8080
     gateway_port: int = 8090
-    serving_model: str = "text_classifier"
+    serving_model: str = DEFAULT_MODEL
     airflow_parallelism: int = 2
     assets_cache: Path = Path.home() / ".cache" / "transformer-optimization-pipeline"
     venv: Path = REPO_ROOT / ".venv"
@@ -73,7 +75,7 @@ class StackSettings:
             triton_metrics_port=_int(env, "PIPELINE_TRITON_METRICS_PORT", 8002),
             airflow_port=_int(env, "PIPELINE_AIRFLOW_PORT", 8080),
             gateway_port=_int(env, "PIPELINE_GATEWAY_PORT", 8090),
-            serving_model=env.get("PIPELINE_SERVING_MODEL") or "text_classifier",
+            serving_model=env.get("PIPELINE_SERVING_MODEL") or DEFAULT_MODEL,
             assets_cache=Path(cache).resolve() if cache else cls.assets_cache,
         )
 

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from monitoring.prediction_log import Prediction, PredictionLog
+from serving.model_repository import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class GatewaySettings:
     """Settings of one gateway process (environment variables ``GATEWAY_<FIELD>`` in upper case)."""
 
     triton_grpc_url: str = "127.0.0.1:8001"
-    model: str = "text_classifier"
+    model: str = DEFAULT_MODEL
     prediction_log_url: str = "sqlite:///predictions.db"
     max_texts: int = 32  # the ensemble's max_batch_size: one request is one Triton batch
     max_chars: int = 10_000

@@ -13,6 +13,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 PYTHON_MODELS_DIR = Path(__file__).parent / "triton_models"
+# The served ensemble's name wherever none is given: the one place it is written (the pipeline's
+# config, the gateway, the monitor, the CLI and the replica sync all read it from here).
+DEFAULT_MODEL = "text_classifier"
 
 _DATA_TYPES = {"int64": "TYPE_INT64", "int32": "TYPE_INT32", "fp32": "TYPE_FP32", "fp16": "TYPE_FP16",
                "string": "TYPE_STRING"}

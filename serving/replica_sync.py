@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m serving.replica_sync", description=__doc__.split("\n\n")[0])
     parser.add_argument("--triton", default="127.0.0.1:8000", help="this replica's Triton HTTP host:port")
     parser.add_argument("--repository", type=Path, required=True, help="the shared model repository")
-    parser.add_argument("--model", default="text_classifier", help="the served ensemble")
+    parser.add_argument("--model", default=repo.DEFAULT_MODEL, help="the served ensemble")
     parser.add_argument("--interval", type=float, default=30.0, help="seconds between checks")
     parser.add_argument("--once", action="store_true", help="check once and exit (status 1 on failure)")
     return parser.parse_args(argv)

@@ -11,14 +11,14 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from typing import Any
 
+from serving.model_repository import DEFAULT_MODEL  # standard library only, like this module
 from tasks.errors import ConfigError
 
 
 ATTENTION_KERNELS = ("sdpa", "eager")
-# The registered and served model names of a run that names none (the serving side's default is
-# serving.model_repository.DEFAULT_MODEL, the same name: a test keeps them equal).
+# The registered and served model names of a run that names none.
 REGISTERED_MODEL = "text-classifier"
-SERVED_MODEL = "text_classifier"
+SERVED_MODEL = DEFAULT_MODEL
 
 
 def param(name: str, description: str, **schema: Any) -> dict[str, Any]:
@@ -38,7 +38,8 @@ def _require(condition: bool, message: str) -> None:
 
 def _require_distillation(section: str, temperature: float, alpha: float, batch_size: int, learning_rate: float,
                           max_length: int) -> None:
-    """The settings distillation and pruning recovery share."""
+    """The settings distillation and pruning recovery share (in a PipelineConfig they follow
+    fine-tuning's unless given: ``_follow_finetune``)."""
     _require(0 < temperature <= 20, f"{section}.temperature must be in (0, 20]")
     _require(0 <= alpha <= 1, f"{section}.alpha must be in [0, 1]")
     _require(1 <= batch_size <= 1024, f"{section}.batch_size must be in 1..1024")
@@ -538,8 +539,31 @@ class PipelineConfig:
         unknown = set(data) - set(sections)
         _require(not unknown, f"unknown config sections {sorted(unknown)}; expected {sorted(sections)}")
         _require("data" in data and "finetune" in data, "config needs at least 'data' and 'finetune' sections")
+        data = _follow_finetune(data)
         built = {name: _build_section(kind, data.get(name, {}), name) for name, kind in sections.items()}
         return cls(**built)
+
+
+# Sections whose sequence length, batch size and learning rate follow fine-tuning's unless given:
+# distillation and both recoveries (and the evaluation's sequence length).
+FOLLOWS_FINETUNE = ("distill", "prune", "sparsify")
+
+
+def _follow_finetune(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the fine-tuning settings filled into the sections that follow them, where unset."""
+    finetune = data.get("finetune") or {}
+    if not isinstance(finetune, dict):
+        return data
+    data = {name: dict(values) if isinstance(values, dict) else values for name, values in data.items()}
+    evaluate = data.setdefault("evaluate", {})
+    if isinstance(evaluate, dict):
+        evaluate.setdefault("max_length", finetune.get("max_length", FinetuneConfig.max_length))
+    for key in ("max_length", "batch_size", "learning_rate"):
+        value = finetune.get(key, getattr(FinetuneConfig, key))
+        for section in FOLLOWS_FINETUNE:
+            if isinstance(data.setdefault(section, {}), dict):
+                data[section].setdefault(key, value)
+    return data
 
 
 def _build_section(kind: type, values: dict[str, Any], section: str) -> Any:

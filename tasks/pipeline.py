@@ -43,8 +43,6 @@ TRIGGER_PARAMS = params.TRIGGER_PARAMS
 RUN_PARAMS = tuple(params.RUN_PARAMS)
 # The model each candidate was converted from (export or quantization), for the agreement gate.
 SOURCE_OF = {stage.candidate: stage.compared_with for stage in RECIPE.stages if stage.candidate and stage.compared_with}
-# Sections whose settings follow fine-tuning's unless given: distillation and both recoveries.
-FOLLOWS_FINETUNE = ("distill", "prune", "sparsify")
 
 
 def config_from_params(params: dict[str, Any]) -> PipelineConfig:
@@ -66,14 +64,6 @@ def config_from_params(params: dict[str, Any]) -> PipelineConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"overrides.{section} must be an object")
         nested.setdefault(section, {}).update(values)
-    # Distillation, recovery and evaluation use the fine-tuning sequence length, batch size and
-    # learning rate unless told otherwise.
-    finetune = nested["finetune"]
-    nested.setdefault("evaluate", {}).setdefault("max_length", finetune.get("max_length", 128))
-    for key in ("max_length", "batch_size", "learning_rate"):
-        if key in finetune:
-            for section in FOLLOWS_FINETUNE:
-                nested.setdefault(section, {}).setdefault(key, finetune[key])
     return PipelineConfig.from_dict(nested)
 
 

@@ -1,6 +1,6 @@
 """Writes ``dashboards/serving.json``, the Grafana dashboard of the serving path (run after editing).
 
-    python infra/grafana/build_dashboard.py
+    PYTHONPATH=. python infra/grafana/build_dashboard.py
 
 The panels follow the reference text's monitoring list: latency p50/p95/p99, throughput, CPU/GPU
 utilization, memory, error rate. ``tests/integration/test_gateway.py`` checks every metric named
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from serving.model_repository import DEFAULT_MODEL
 
 DASHBOARD = Path(__file__).parent / "dashboards" / "serving.json"
 MODEL = 'model="$model"'
@@ -68,8 +70,8 @@ def dashboard() -> dict:
         "templating": {"list": [{
             "name": "model", "type": "query", "label": "Triton model",
             "datasource": {"type": "prometheus", "uid": "prometheus"},
-            "query": "label_values(nv_inference_count, model)", "current": {"text": "text_classifier",
-                                                                            "value": "text_classifier"},
+            "query": "label_values(nv_inference_count, model)", "current": {"text": DEFAULT_MODEL,
+                                                                            "value": DEFAULT_MODEL},
         }]},
         "panels": [panel(index, *spec) for index, spec in enumerate(PANELS)],
     }

@@ -156,7 +156,7 @@ def test_grafana_is_provisioned_with_the_dashboard_the_builder_writes():
     builder = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(builder)
     committed = json.loads((ROOT / "infra" / "grafana" / "dashboards" / "serving.json").read_text())
-    assert committed == builder.dashboard(), "run python infra/grafana/build_dashboard.py"
+    assert committed == builder.dashboard(), "run PYTHONPATH=. python infra/grafana/build_dashboard.py"
     titles = " ".join(panel["title"] for panel in committed["panels"]).lower()
     for wanted in ("latency", "throughput", "error rate", "utilization", "memory"):
         assert wanted in titles

@@ -98,3 +98,29 @@ def test_pruning_without_distillation_is_rejected_when_the_config_is_built():
     with pytest.raises(ConfigError, match="Switch prune off as well"):
         PipelineConfig(data=DataConfig(source="x.csv"), finetune=FinetuneConfig(model="m"),
                        distill=DistillConfig(enabled=False), prune=PruneConfig(enabled=True))
+
+
+def test_presets_are_named_starting_points_and_demo_is_the_forms_defaults():
+    from tasks.config import preset
+
+    assert preset("demo") == config_from_params({})
+    tiny, full = preset("tiny", "x.csv", "m"), preset("full")
+    assert tiny.data.source == "x.csv" and tiny.finetune.max_length == 32 and tiny.distill.student_layers == 1
+    assert full.data.max_train == 0 and full.finetune.layer_learning_rates == (1e-5, 5e-5, 1e-4)
+    assert preset("quick").data.max_train < config_from_params({}).data.max_train
+    with pytest.raises(ConfigError, match="unknown preset"):
+        preset("huge")
+
+
+def test_the_dataclass_defaults_are_the_forms_defaults():
+    from tasks.config import DistillConfig
+
+    assert DataConfig(source="x").max_train == DEFAULT_PARAMS["max_train"] == 1000
+    assert DistillConfig().epochs == DEFAULT_PARAMS["distill_epochs"] == 2.0
+
+
+def test_the_serving_default_name_is_defined_once():
+    from serving.model_repository import DEFAULT_MODEL
+    from tasks.config import SERVED_MODEL
+
+    assert PromoteConfig().triton_model == SERVED_MODEL == DEFAULT_MODEL
