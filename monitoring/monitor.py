@@ -9,7 +9,6 @@ import logging
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,6 +28,9 @@ HISTORY_KEPT = 200
 
 @dataclass(frozen=True)
 class MonitorSettings:
+    """Where the monitor finds the prediction log, the models, MLflow and the servers' counters, and
+    where it keeps its state; built by ``tasks.settings.PipelineSettings.monitor_settings``."""
+
     prediction_log_url: str
     model_repository: Path
     serving_model: str
@@ -36,22 +38,7 @@ class MonitorSettings:
     state_dir: Path
     gateway_url: str | None = None
     triton_metrics_url: str | None = None
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> MonitorSettings:
-        missing = [name for name in ("PIPELINE_PREDICTION_LOG_URL", "PIPELINE_TRITON_MODEL_REPOSITORY",
-                                     "PIPELINE_MLFLOW_TRACKING_URI", "PIPELINE_HOME") if not env.get(name)]
-        if missing:
-            raise ValueError(f"environment variables {missing} are not set: start the stack with `make up`")
-        return cls(
-            prediction_log_url=env["PIPELINE_PREDICTION_LOG_URL"],
-            model_repository=Path(env["PIPELINE_TRITON_MODEL_REPOSITORY"]),
-            serving_model=env.get("PIPELINE_SERVING_MODEL") or "text_classifier",
-            mlflow_tracking_uri=env["PIPELINE_MLFLOW_TRACKING_URI"],
-            state_dir=Path(env["PIPELINE_HOME"]) / "monitoring",
-            gateway_url=env.get("PIPELINE_GATEWAY_URL") or None,
-            triton_metrics_url=env.get("PIPELINE_TRITON_METRICS_URL") or None,
-        )
+    retrain_conf: str = ""  # optimize_model params (JSON object) for triggered runs when the param is empty
 
 
 @dataclass(frozen=True)
