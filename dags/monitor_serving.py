@@ -58,12 +58,17 @@ def monitor_serving():
         from airflow.sdk import get_current_context
 
         from monitoring import pipeline
+        from tasks.pipeline import PARAM_PATHS, RUN_PARAMS, TRIGGER_PARAMS
+        from tasks.settings import PipelineSettings
 
         context = get_current_context()
         active = context["ti"].get_dr_count(dag_id="optimize_model", states=["queued", "running"]) > 0
-        # Scheduled runs end their window at the tick; manual runs have no interval: now.
-        window_end = context.get("data_interval_end") or context.get("logical_date")
-        return pipeline.check_window(os.environ, dict(context["params"]), window_end, active, context["run_id"])
+        # Scheduled runs end their window at the tick; manual runs without a logical date when they were
+        # triggered. Never "now": a retry judges the same window.
+        window_end = context.get("data_interval_end") or context.get("logical_date") or context["dag_run"].run_after
+        return pipeline.check_window(PipelineSettings.from_env(os.environ).monitor_settings(), dict(context["params"]),
+                                     window_end, active, known_params=(*PARAM_PATHS, *RUN_PARAMS),
+                                     reserved=TRIGGER_PARAMS)
 
     @task.short_circuit
     def should_trigger(result: dict) -> bool:

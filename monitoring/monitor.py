@@ -9,7 +9,6 @@ import logging
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,6 +28,9 @@ HISTORY_KEPT = 200
 
 @dataclass(frozen=True)
 class MonitorSettings:
+    """Where the monitor finds the prediction log, the models, MLflow and the servers' counters, and
+    where it keeps its state; built by ``tasks.settings.PipelineSettings.monitor_settings``."""
+
     prediction_log_url: str
     model_repository: Path
     serving_model: str
@@ -36,22 +38,7 @@ class MonitorSettings:
     state_dir: Path
     gateway_url: str | None = None
     triton_metrics_url: str | None = None
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> MonitorSettings:
-        missing = [name for name in ("PIPELINE_PREDICTION_LOG_URL", "PIPELINE_TRITON_MODEL_REPOSITORY",
-                                     "PIPELINE_MLFLOW_TRACKING_URI", "PIPELINE_HOME") if not env.get(name)]
-        if missing:
-            raise ValueError(f"environment variables {missing} are not set: start the stack with `make up`")
-        return cls(
-            prediction_log_url=env["PIPELINE_PREDICTION_LOG_URL"],
-            model_repository=Path(env["PIPELINE_TRITON_MODEL_REPOSITORY"]),
-            serving_model=env.get("PIPELINE_SERVING_MODEL") or "text_classifier",
-            mlflow_tracking_uri=env["PIPELINE_MLFLOW_TRACKING_URI"],
-            state_dir=Path(env["PIPELINE_HOME"]) / "monitoring",
-            gateway_url=env.get("PIPELINE_GATEWAY_URL") or None,
-            triton_metrics_url=env.get("PIPELINE_TRITON_METRICS_URL") or None,
-        )
+    retrain_conf: str = ""  # optimize_model params (JSON object) for triggered runs when the param is empty
 
 
 @dataclass(frozen=True)
@@ -61,31 +48,90 @@ class MonitorConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
 
 
+@dataclass(frozen=True)
+class WindowRecord:
+    """What the state keeps of one window: its verdict, the counters read at its end (by source:
+    ``gateway``, ``triton``; a source that could not be read is absent) and whether it triggered."""
+
+    verdict: WindowVerdict
+    counters: dict[str, dict[str, float]] = field(default_factory=dict)
+    triggered: bool = False
+
+    @property
+    def window_end(self) -> float:
+        return self.verdict.window_end
+
+    def to_dict(self) -> dict:
+        return {"verdict": self.verdict.to_dict(), "counters": self.counters, "triggered": self.triggered}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> WindowRecord:
+        return cls(WindowVerdict.from_dict(data["verdict"]), data.get("counters", {}), bool(data.get("triggered")))
+
+
 @dataclass
 class MonitorState:
-    """What persists between windows: recent verdicts, the last trigger, the gateway's counters."""
+    """What persists between windows: one record per window end, in window-end order.
 
-    history: list[WindowVerdict] = field(default_factory=list)
-    last_trigger_at: float | None = None
-    gateway_counts: dict[str, float] = field(default_factory=dict)
-    triton_counts: dict[str, float] = field(default_factory=dict)
+    Keyed by the window's end so that a retried window replaces its own record: its verdict counts
+    once, its counter deltas are taken against the window before it, and a trigger it decided
+    itself is no cooldown against it.
+    """
+
+    windows: list[WindowRecord] = field(default_factory=list)
 
     @classmethod
     def load(cls, path: Path) -> MonitorState:
         if not path.exists():
             return cls()
         data = json.loads(path.read_text())
-        return cls([WindowVerdict.from_dict(item) for item in data.get("history", [])], data.get("last_trigger_at"),
-                   data.get("gateway_counts", {}), data.get("triton_counts", {}))
+        if "windows" not in data and "history" in data:
+            return cls._from_history_file(data)
+        return cls([WindowRecord.from_dict(item) for item in data.get("windows", [])])
+
+    @classmethod
+    def _from_history_file(cls, data: dict) -> MonitorState:
+        """A state file of the earlier layout (a verdict list, the last trigger, the latest counters)."""
+        state = cls()
+        for item in data["history"]:
+            verdict = WindowVerdict.from_dict(item)
+            state.record(WindowRecord(verdict, triggered=verdict.window_end == data.get("last_trigger_at")))
+        if state.windows:
+            counters = {source: data[key] for source, key in (("gateway", "gateway_counts"),
+                                                              ("triton", "triton_counts")) if data.get(key)}
+            last = state.windows[-1]
+            state.windows[-1] = WindowRecord(last.verdict, counters, last.triggered)
+        return state
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         temp = path.with_name(f".{path.name}.tmp")
-        temp.write_text(json.dumps({"history": [v.to_dict() for v in self.history[-HISTORY_KEPT:]],
-                                    "last_trigger_at": self.last_trigger_at,
-                                    "gateway_counts": self.gateway_counts,
-                                    "triton_counts": self.triton_counts}, indent=2, default=str))
+        temp.write_text(json.dumps({"windows": [record.to_dict() for record in self.windows]}, indent=2, default=str))
         temp.replace(path)
+
+    def before(self, window_end: float) -> list[WindowRecord]:
+        """The records of the windows that ended before ``window_end`` (a retry's own record excluded)."""
+        return [record for record in self.windows if record.window_end < window_end]
+
+    def baseline(self, window_end: float, source: str) -> dict[str, float]:
+        """The ``source`` counters read at the end of the latest earlier window that could read them
+        (empty when none did: the counters count from the server's start)."""
+        return next((record.counters[source] for record in reversed(self.before(window_end))
+                     if source in record.counters), {})
+
+    def last_trigger_before(self, window_end: float) -> float | None:
+        return next((record.window_end for record in reversed(self.before(window_end)) if record.triggered), None)
+
+    def record(self, window: WindowRecord) -> None:
+        """Add ``window``, replacing the record of the same window end, and keep the newest
+        ``HISTORY_KEPT`` records plus the newest one that triggered (the cooldown counts from it)."""
+        records = sorted([r for r in self.windows if r.window_end != window.window_end] + [window],
+                         key=lambda r: r.window_end)
+        kept = records[-HISTORY_KEPT:]
+        last_trigger = next((r for r in reversed(records) if r.triggered), None)
+        if last_trigger is not None and last_trigger.window_end < kept[0].window_end:
+            kept.insert(0, last_trigger)
+        self.windows = kept
 
 
 def champion_version(repository: Path, model: str, served: pd.Series) -> str | None:
@@ -189,17 +235,17 @@ def run_window(settings: MonitorSettings, config: MonitorConfig, window_end: flo
     latencies = rows["latency_ms"].to_numpy(dtype=float)
     p95 = float(np.percentile(latencies, 95)) if len(latencies) else 0.0
     p99 = float(np.percentile(latencies, 99)) if len(latencies) else 0.0
+    # Deltas against the counters read at the end of the window before this one, not against what an
+    # earlier attempt of this same window saved: a retry sees the same baseline.
     counts = gateway_counts(settings.gateway_url)
-    errors, requests = error_rate(state.gateway_counts, counts) if counts is not None else (0.0, 0)
-    if counts is not None:
-        state.gateway_counts = counts
+    errors, requests = (error_rate(state.baseline(window_end, "gateway"), counts) if counts is not None
+                        else (0.0, 0))
     triton = triton_counts(settings.triton_metrics_url, settings.serving_model)
     triton_errors = 0.0
     if triton is not None:
-        triton_errors, _ = error_rate({"200": state.triton_counts.get("success", 0.0),
-                                       "500": state.triton_counts.get("failure", 0.0)},
+        before = state.baseline(window_end, "triton")
+        triton_errors, _ = error_rate({"200": before.get("success", 0.0), "500": before.get("failure", 0.0)},
                                       {"200": triton["success"], "500": triton["failure"]})
-        state.triton_counts = triton
     evidence = {
         "window": [window_start, window_end], "predictions": len(rows), "champion_version": version,
         "latency_p95_ms": p95, "latency_p99_ms": p99, "error_rate": max(errors, triton_errors), "requests": requests,
@@ -212,10 +258,11 @@ def run_window(settings: MonitorSettings, config: MonitorConfig, window_end: flo
                     drift.drifted_features if drift else [], bool(drift and drift.drifted),
                     slo_reasons(p95, p99, evidence["error_rate"], config.policy) if len(rows) or triton_errors else [],
                     evidence)
-    state.history.append(verdict)
-    decision: Decision = decide(state.history, window_end, state.last_trigger_at, optimization_active, config.policy)
-    if decision.trigger:
-        state.last_trigger_at = window_end
+    history = [record.verdict for record in state.before(window_end)] + [verdict]
+    decision: Decision = decide(history, window_end, state.last_trigger_before(window_end), optimization_active,
+                                config.policy)
+    counters = {source: values for source, values in (("gateway", counts), ("triton", triton)) if values is not None}
+    state.record(WindowRecord(verdict, counters, decision.trigger))
     state.save(state_path)
     summary = {
         "verdict": verdict.to_dict(), "decision": asdict(decision),

@@ -7,8 +7,12 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tasks.errors import ConfigError
+
+if TYPE_CHECKING:
+    from monitoring.monitor import MonitorSettings
 
 
 @dataclass(frozen=True)
@@ -19,6 +23,13 @@ class PipelineSettings:
     triton_model_repository: Path
     assets_cache: Path
     experiment: str = "optimize_model"
+    # What the monitor_serving task reads (see monitor_settings); optimize_model's tasks do not need it.
+    prediction_log_url: str | None = None
+    serving_model: str = "text_classifier"
+    monitor_state_dir: Path | None = None
+    gateway_url: str | None = None
+    triton_metrics_url: str | None = None
+    retrain_conf: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> PipelineSettings:
@@ -41,6 +52,32 @@ class PipelineSettings:
             triton_model_repository=Path(env["PIPELINE_TRITON_MODEL_REPOSITORY"]),
             assets_cache=Path(env.get("PIPELINE_ASSETS_CACHE") or home / "assets"),
             experiment=env.get("PIPELINE_EXPERIMENT", "optimize_model"),
+            prediction_log_url=env.get("PIPELINE_PREDICTION_LOG_URL") or None,
+            serving_model=env.get("PIPELINE_SERVING_MODEL") or "text_classifier",
+            monitor_state_dir=home / "monitoring" if env.get("PIPELINE_HOME") else None,
+            gateway_url=env.get("PIPELINE_GATEWAY_URL") or None,
+            triton_metrics_url=env.get("PIPELINE_TRITON_METRICS_URL") or None,
+            retrain_conf=env.get("PIPELINE_RETRAIN_CONF") or "",
+        )
+
+    def monitor_settings(self) -> MonitorSettings:
+        """The settings of the monitor_serving task, from the same environment as the pipeline's."""
+        from monitoring.monitor import MonitorSettings
+
+        missing = [name for name, value in (("PIPELINE_PREDICTION_LOG_URL", self.prediction_log_url),
+                                            ("PIPELINE_HOME", self.monitor_state_dir)) if value is None]
+        if missing:
+            raise ConfigError(f"environment variables {missing} are not set: the monitor needs them; start the "
+                              "stack with `make up` (it sets them for Airflow) or export them")
+        return MonitorSettings(
+            prediction_log_url=self.prediction_log_url,
+            model_repository=self.triton_model_repository,
+            serving_model=self.serving_model,
+            mlflow_tracking_uri=self.mlflow_tracking_uri,
+            state_dir=self.monitor_state_dir,
+            gateway_url=self.gateway_url,
+            triton_metrics_url=self.triton_metrics_url,
+            retrain_conf=self.retrain_conf,
         )
 
     def run_dir(self, run_id: str) -> Path:

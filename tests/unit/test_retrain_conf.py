@@ -1,22 +1,35 @@
 import pytest
 
+from monitoring.errors import MonitoringConfigError
 from monitoring.pipeline import retrain_conf
-from tasks.errors import ConfigError
+
+# optimize_model's params as the DAG passes them (tasks.pipeline's PARAM_PATHS and RUN_PARAMS, TRIGGER_PARAMS).
+KNOWN = ("data_source", "max_train", "force_retrain", "trigger_reason", "trigger_evidence")
+RESERVED = ("trigger_reason", "trigger_evidence")
 
 
 def test_retrain_conf_accepts_optimize_params_as_json_or_mapping():
-    assert retrain_conf("") == {} and retrain_conf(None) == {}
-    assert retrain_conf('{"data_source": "/data/labelled", "max_train": 300}') == {
+    assert retrain_conf("", KNOWN, RESERVED) == {} and retrain_conf(None, KNOWN, RESERVED) == {}
+    assert retrain_conf('{"data_source": "/data/labelled", "max_train": 300}', KNOWN, RESERVED) == {
         "data_source": "/data/labelled", "max_train": 300}
-    assert retrain_conf({"force_retrain": True}) == {"force_retrain": True}
+    assert retrain_conf({"force_retrain": True}, KNOWN, RESERVED) == {"force_retrain": True}
 
 
 @pytest.mark.parametrize(("value", "message"), [
     ("{not json", "not valid JSON"),
     ('["data_source"]', "JSON object"),
-    ('{"data_sorce": "/x"}', "unknown optimize_model params \\['data_sorce'\\]"),
+    ('{"data_sorce": "/x"}', "unknown optimize_model params \\['data_sorce'\\]; known: \\['data_source', "),
     ('{"trigger_reason": "mine"}', "the monitor fills them in"),
 ])
 def test_retrain_conf_rejects_what_optimize_model_would_reject(value, message):
-    with pytest.raises(ConfigError, match=message):
-        retrain_conf(value)
+    with pytest.raises(MonitoringConfigError, match=message):
+        retrain_conf(value, KNOWN, RESERVED)
+
+
+def test_retrain_conf_checks_against_the_real_optimize_model_params():
+    from tasks.pipeline import PARAM_PATHS, RUN_PARAMS, TRIGGER_PARAMS
+
+    known = (*PARAM_PATHS, *RUN_PARAMS)
+    assert retrain_conf('{"data_source": "/d", "force_retrain": true}', known, TRIGGER_PARAMS)["force_retrain"]
+    with pytest.raises(MonitoringConfigError, match="fills them in"):
+        retrain_conf({"trigger_evidence": "{}"}, known, TRIGGER_PARAMS)

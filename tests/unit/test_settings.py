@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from opsctl import cli
@@ -42,3 +44,20 @@ def test_run_ids_become_safe_folder_names():
     assert safe_name("manual__2026-11-27T03:08:11+00:00") == "manual__2026-11-27T03_08_11_00_00"
     with pytest.raises(ConfigError):
         safe_name("///")
+
+
+def test_a_worker_builds_one_settings_object_that_also_carries_the_monitors(tmp_path):
+    env = StackSettings.from_env({"PIPELINE_HOME": str(tmp_path)}).pipeline_environment()
+    monitor = PipelineSettings.from_env(env | {"PIPELINE_RETRAIN_CONF": '{"max_train": 300}'}).monitor_settings()
+    assert monitor.state_dir == tmp_path / "monitoring"
+    assert monitor.prediction_log_url == env["PIPELINE_PREDICTION_LOG_URL"]
+    assert monitor.model_repository == Path(env["PIPELINE_TRITON_MODEL_REPOSITORY"])
+    assert (monitor.gateway_url, monitor.triton_metrics_url) == (env["PIPELINE_GATEWAY_URL"],
+                                                                 env["PIPELINE_TRITON_METRICS_URL"])
+    assert monitor.serving_model == env["PIPELINE_SERVING_MODEL"] and monitor.retrain_conf == '{"max_train": 300}'
+    # optimize_model's tasks run without the monitor's variables; the monitor names what it lacks.
+    pipeline_only = {name: value for name, value in env.items()
+                     if name not in ("PIPELINE_PREDICTION_LOG_URL", "PIPELINE_HOME")}
+    settings = PipelineSettings.from_env(pipeline_only)
+    with pytest.raises(ConfigError, match="PIPELINE_PREDICTION_LOG_URL', 'PIPELINE_HOME"):
+        settings.monitor_settings()
