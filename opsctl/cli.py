@@ -195,9 +195,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _describe(error: Exception) -> str:
     """Our own errors already say what to do; others get their type and a pointer to the logs."""
+    from serving.errors import ServingError
     from tasks.errors import PipelineError
 
-    expected = (ServiceError, SettingsError, PipelineError, FileNotFoundError, PermissionError)
+    expected = (ServiceError, SettingsError, PipelineError, ServingError, FileNotFoundError, PermissionError)
     if isinstance(error, expected):
         return str(error)
     import requests

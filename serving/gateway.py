@@ -29,7 +29,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from monitoring.prediction_log import Prediction, PredictionLog
+from serving.errors import ServingError
+from serving.prediction_log import Prediction, PredictionLog
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class ErrorResponse(BaseModel):
     details: list | None = None
 
 
-class TritonProblem(Exception):
+class TritonProblem(ServingError):
     """Triton could not answer: ``status`` is the HTTP status to return (503 or 502)."""
 
     def __init__(self, status: int, message: str) -> None:

@@ -12,13 +12,15 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from serving.errors import ServingError
+
 PYTHON_MODELS_DIR = Path(__file__).parent / "triton_models"
 
 _DATA_TYPES = {"int64": "TYPE_INT64", "int32": "TYPE_INT32", "fp32": "TYPE_FP32", "fp16": "TYPE_FP16",
                "string": "TYPE_STRING"}
 
 
-class RepositoryError(RuntimeError):
+class RepositoryError(ServingError):
     """The model repository is missing something or a config value is invalid."""
 
 
