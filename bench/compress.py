@@ -255,7 +255,7 @@ def interleaved_latency(rows: list[Row], profile: Profile, data_dir: Path, round
     process (``bench.latency_workers``): ratios per round, so a noisy spell cannot favour one row.
     The ONE_THREAD_ROWS are timed on one thread too (named ``row + ONE_THREAD``). ``rounds``
     defaults to ROUNDS_PER_WORKER per worker."""
-    from tasks import data as data_step
+    from tasks import splits as data_step
 
     sample = data_step.read_split(data_dir, "test")["text"].head(texts).tolist()
     measurable = [row for row in rows if row.model_format is not None]
@@ -290,7 +290,7 @@ def measure(rows: list[Row], profile: Profile, work: Path, data_dir: Path, isola
 def compute_work(rows: list[Row], profile: Profile, work: Path) -> dict:
     """The machine's matrix-multiply ceilings and each source model's operations per text, on the
     batches the throughput measurement times (``bench.compute``)."""
-    from tasks import data as data_step
+    from tasks import splits as data_step
     from tasks.config import EvaluateConfig
     from tasks.evaluate import throughput_inputs
     from tasks.modeling import load_tokenizer
@@ -317,8 +317,8 @@ def table(rows: list[Row], measured: dict[str, dict], latency: InterleavedLatenc
     turn, many short rounds). The speed-up of record is the interleaved one, the median over rounds
     of the per-round ratio: four sequential runs of this benchmark gave 10.3x, 6.3x, 11.4x and 8.4x
     for the same two models, because a noisy spell of this shared machine fell on one of them."""
-    from tasks.evaluate import read_logits
-    from tasks.export import compare_logits
+    from tasks.onnx_model import compare_logits
+    from tasks.predictions import read_logits
 
     reference = StepResult.from_dict(measured[REFERENCE_ROW])
     reference_logits = read_logits(Path(reference.uri("predictions")))

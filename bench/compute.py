@@ -126,8 +126,8 @@ def operations_per_text(model_dir: Path, batches: list[dict[str, np.ndarray]]) -
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from tasks.export import INPUT_NAMES
     from tasks.modeling import load_classifier
+    from tasks.onnx_model import INPUT_NAMES
 
     model = load_classifier(model_dir).eval()
     counter = FlopCounterMode(display=False)

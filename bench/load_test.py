@@ -124,7 +124,7 @@ def markdown(name: str, summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from monitoring import prediction_log as plog
+    from serving import prediction_log as plog
     from opsctl.settings import StackSettings
 
     stack = StackSettings.from_env(os.environ)

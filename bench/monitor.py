@@ -36,7 +36,7 @@ def synthetic_features(rows: int, seed: int) -> pd.DataFrame:
 
 
 def run(rows: int = 10_000) -> dict:
-    from monitoring import prediction_log as plog
+    from serving import prediction_log as plog
     from monitoring.features import REFERENCE_FILE
     from monitoring.monitor import MonitorConfig, MonitorSettings, run_window
 

@@ -198,9 +198,9 @@ def run(model_dir: Path, data_dir: Path, results: Path, texts: int = 200, second
         threads: int | None = None) -> dict:
     """Measure both sides. ``instances`` / ``threads``: the served configuration (default: what
     promotion writes, ``tasks.config.PromoteConfig``); the in-process session uses the same threads."""
-    from tasks import data as data_step
     from tasks import evaluate
     from tasks.config import EvaluateConfig
+    from tasks.splits import read_split
 
     started = time.monotonic()
     binary = perf_analyzer_binary()
@@ -209,7 +209,7 @@ def run(model_dir: Path, data_dir: Path, results: Path, texts: int = 200, second
     threads = EvaluateConfig().threads if threads is None else threads  # what promotion configures
     instances = 1 if instances is None else instances
     max_length = EvaluateConfig().max_length
-    sample = data_step.read_split(data_dir, "test")["text"].head(texts).tolist()
+    sample = read_split(data_dir, "test")["text"].head(texts).tolist()
     tokenizer = evaluate.load_tokenizer(model_dir)
     batches = [evaluate.tokenize(tokenizer, [text], max_length) for text in sample]
     classify, predict = in_process_callers(model_dir, max_length, threads)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from monitoring import prediction_log as plog
+from serving import prediction_log as plog
 from monitoring.drift import DriftConfig, detect
 from monitoring.features import FEATURES, REFERENCE_FILE, window_features
 from monitoring.policy import Decision, PolicyConfig, WindowVerdict, decide, judge, slo_reasons

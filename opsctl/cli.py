@@ -71,11 +71,11 @@ def _cmd_demo_drift(settings: StackSettings, args: argparse.Namespace) -> int:
 def _cmd_champion(settings: StackSettings, args: argparse.Namespace) -> int:
     """Which MLflow version is the champion, what it is, and what Triton serves."""
     from serving.triton_client import TritonClient
-    from tasks import registry
+    from tasks import model_aliases
     from tasks.promote import PREVIOUS_ALIAS
 
     lines = champion_lines(settings.mlflow_url, TritonClient(settings.triton_http_url), args.registered_model,
-                           args.triton_model, PREVIOUS_ALIAS, registry)
+                           args.triton_model, PREVIOUS_ALIAS, model_aliases)
     print("\n".join(lines))
     return 0 if lines and not lines[0].startswith("no champion") else 1
 
@@ -196,9 +196,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _describe(error: Exception) -> str:
     """Our own errors already say what to do; others get their type and a pointer to the logs."""
+    from serving.errors import ServingError
     from tasks.errors import PipelineError
 
-    expected = (ServiceError, SettingsError, PipelineError, FileNotFoundError, PermissionError)
+    expected = (ServiceError, SettingsError, PipelineError, ServingError, FileNotFoundError, PermissionError)
     if isinstance(error, expected):
         return str(error)
     import requests

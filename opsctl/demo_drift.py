@@ -79,10 +79,8 @@ def score(client, model: str, held_out: pd.DataFrame) -> float:
 
 def run_drift_demo(settings: StackSettings, profile: str = "demo", timeout_s: float = 2400.0, rate: float = 16.0,
                    force: bool = False) -> int:
-    from bench.load_test import run_load
     from opsctl.demo import PROFILES, follow_run, print_summary, stack_is_running
     from serving.triton_client import TritonClient
-    from tasks.assets import fetch_demo_assets
     from tasks.settings import safe_name
 
     stack = LocalStack(settings)
@@ -93,10 +91,7 @@ def run_drift_demo(settings: StackSettings, profile: str = "demo", timeout_s: fl
     if not triton.is_ready(model):
         print(f"error: no champion serves as {model!r} yet. Run `make demo` first.")
         return 1
-    assets = fetch_demo_assets(settings.assets_cache, progress=lambda message: print("  ", message))
-    data = prepare_data(assets.imdb_csv, assets.tweets_csv, settings.home / "data" / "labelled")
-    print(f"== labelled data location {data.folder}: {BASE_FILE} (IMDB reviews), {LABELLED_FILE} "
-          f"({DriftDemoSizes().tweets_labelled} labelled tweets; a later file's label wins)")
+    data = _prepare_labelled_data(settings)
     before = score(triton, model, data.held_out)
     print(f"   champion {model} v{triton.ready_versions(model)[-1]}: accuracy {before:.3f} on "
           f"{len(data.held_out)} held-out labelled tweets")
@@ -106,30 +101,9 @@ def run_drift_demo(settings: StackSettings, profile: str = "demo", timeout_s: fl
         api.wait_for_dag(dag_id)
         api.unpause(dag_id)
     retrain = PROFILES[profile] | {"data_source": str(data.folder)} | ({"force_retrain": True} if force else {})
-    duration = len(data.normal_texts) / rate
-    # Each window covers one phase only: it reaches back just past that phase's traffic.
-    monitor_conf = {"window_minutes": round((duration + 10) / 60, 3), "min_rows": 100, "persist_windows": 1,
-                    "cooldown_minutes": 0, "retrain_conf": json.dumps(retrain)}
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-    results = {}
-    for phase, texts, what in (("normal", data.normal_texts, "IMDB reviews"),
-                               ("shifted", data.shifted_texts, "tweets about self-driving cars")):
-        print(f"== {phase} traffic: {len(texts)} {what} through the gateway at {rate:.0f}/s")
-        load = asyncio.run(run_load(settings.gateway_url, rate, duration, 8, texts)).summary()
-        print(f"   {load['ok']} ok, {load['sent'] - load['ok']} errors, p95 {load['latency_p95_ms']:.1f} ms")
-        time.sleep(3)  # the prediction log writes in batches, off the request path
-        run_id = f"demo_drift__{phase}__{stamp}"
-        api.trigger(MONITOR_DAG, monitor_conf, run_id=run_id)
-        state = follow_run(api, MONITOR_DAG, run_id, timeout_s=600)
-        if state != "success":
-            print(f"error: {MONITOR_DAG} run {run_id} ended as {state!r}: "
-                  f"{settings.airflow_url}/dags/{MONITOR_DAG}/runs/{run_id}")
-            return 1
-        result = api.xcom(MONITOR_DAG, run_id, "check_window")
-        verdict, decision = result["verdict"], result["decision"]
-        print(f"   window: {verdict['status']} ({'; '.join(verdict['reasons']) or 'no drift, within the SLOs'})")
-        print(f"   decision: {'TRIGGER' if decision['trigger'] else 'no trigger'}: {decision['reason']}")
-        results[phase] = (run_id, result)
+    results = _traffic_phases(settings, api, data, rate, retrain)
+    if results is None:
+        return 1
     shifted_run, shifted = results["shifted"]
     if not shifted["decision"]["trigger"]:
         print("the shifted window did not trigger a re-optimization; see the window's report above")
@@ -150,9 +124,59 @@ def run_drift_demo(settings: StackSettings, profile: str = "demo", timeout_s: fl
     print(f"== champion {model} v{triton.ready_versions(model)[-1]} on the {len(data.held_out)} held-out labelled "
           f"tweets: accuracy {before:.3f} before, {after:.3f} after")
     print()
+    _print_links(settings, results)
+    return 0
+
+
+def _prepare_labelled_data(settings: StackSettings) -> DriftDemoData:
+    """The demo assets, written as the labelled data location the retraining reads."""
+    from tasks.assets import fetch_demo_assets
+
+    assets = fetch_demo_assets(settings.assets_cache, progress=lambda message: print("  ", message))
+    data = prepare_data(assets.imdb_csv, assets.tweets_csv, settings.home / "data" / "labelled")
+    print(f"== labelled data location {data.folder}: {BASE_FILE} (IMDB reviews), {LABELLED_FILE} "
+          f"({DriftDemoSizes().tweets_labelled} labelled tweets; a later file's label wins)")
+    return data
+
+
+def _traffic_phases(settings: StackSettings, api: AirflowApi, data: DriftDemoData, rate: float,
+                    retrain: dict) -> dict[str, tuple[str, dict]] | None:
+    """Normal, then shifted traffic through the gateway, each followed by a monitoring window run.
+
+    Returns each phase's monitor run id and result, or None when a monitoring run failed."""
+    from bench.load_test import run_load
+    from opsctl.demo import follow_run
+
+    duration = len(data.normal_texts) / rate
+    # Each window covers one phase only: it reaches back just past that phase's traffic.
+    monitor_conf = {"window_minutes": round((duration + 10) / 60, 3), "min_rows": 100, "persist_windows": 1,
+                    "cooldown_minutes": 0, "retrain_conf": json.dumps(retrain)}
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    results = {}
+    for phase, texts, what in (("normal", data.normal_texts, "IMDB reviews"),
+                               ("shifted", data.shifted_texts, "tweets about self-driving cars")):
+        print(f"== {phase} traffic: {len(texts)} {what} through the gateway at {rate:.0f}/s")
+        load = asyncio.run(run_load(settings.gateway_url, rate, duration, 8, texts)).summary()
+        print(f"   {load['ok']} ok, {load['sent'] - load['ok']} errors, p95 {load['latency_p95_ms']:.1f} ms")
+        time.sleep(3)  # the prediction log writes in batches, off the request path
+        run_id = f"demo_drift__{phase}__{stamp}"
+        api.trigger(MONITOR_DAG, monitor_conf, run_id=run_id)
+        state = follow_run(api, MONITOR_DAG, run_id, timeout_s=600)
+        if state != "success":
+            print(f"error: {MONITOR_DAG} run {run_id} ended as {state!r}: "
+                  f"{settings.airflow_url}/dags/{MONITOR_DAG}/runs/{run_id}")
+            return None
+        result = api.xcom(MONITOR_DAG, run_id, "check_window")
+        verdict, decision = result["verdict"], result["decision"]
+        print(f"   window: {verdict['status']} ({'; '.join(verdict['reasons']) or 'no drift, within the SLOs'})")
+        print(f"   decision: {'TRIGGER' if decision['trigger'] else 'no trigger'}: {decision['reason']}")
+        results[phase] = (run_id, result)
+    return results
+
+
+def _print_links(settings: StackSettings, results: dict[str, tuple[str, dict]]) -> None:
     for phase, (run_id, result) in results.items():
         print(f"{phase} window: {settings.airflow_url}/dags/{MONITOR_DAG}/runs/{run_id}"
               + (f"  (MLflow run {result['mlflow_run_id']}, Evidently report drift_report.html)"
                  if result.get("mlflow_run_id") else ""))
     print(f"monitoring experiment: {settings.mlflow_url}/#/experiments (experiment 'monitoring')")
-    return 0

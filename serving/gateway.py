@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 import numpy as np
@@ -29,8 +29,9 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from monitoring.prediction_log import Prediction, PredictionLog
+from serving.errors import ServingError
 from serving.model_repository import DEFAULT_MODEL
+from serving.prediction_log import Prediction, PredictionLog
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class ErrorResponse(BaseModel):
     details: list | None = None
 
 
-class TritonProblem(Exception):
+class TritonProblem(ServingError):
     """Triton could not answer: ``status`` is the HTTP status to return (503 or 502)."""
 
     def __init__(self, status: int, message: str) -> None:
@@ -233,6 +234,14 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.state.settings = settings
     app.state.prediction_log = prediction_log
     app.state.metrics = metrics
+    _add_error_handling(app, settings, metrics)
+    _add_classify_route(app, settings, prediction_log, metrics, state)
+    _add_probe_routes(app, settings, metrics, state)
+    return app
+
+
+def _add_error_handling(app: FastAPI, settings: GatewaySettings, metrics: Metrics) -> None:
+    """The body size limit, and every error answered as ``{"error": ...}`` with a 4xx or 5xx status."""
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
@@ -264,19 +273,17 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def triton_problem(_request: Request, error: TritonProblem):
         return _error(error.status, error.message, metrics)
 
+
+def _add_classify_route(app: FastAPI, settings: GatewaySettings, prediction_log: PredictionLog, metrics: Metrics,
+                        state: dict) -> None:
     @app.post("/v1/classify", response_model=ClassifyResponse,
               responses={400: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
                          502: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
     async def classify(body: ClassifyRequest) -> ClassifyResponse | JSONResponse:
         """Classify one or more texts with the serving champion."""
-        if len(body.texts) > settings.max_texts:
-            return _error(422, f"{len(body.texts)} texts in one request; the limit is {settings.max_texts}", metrics)
-        too_long = [i for i, text in enumerate(body.texts) if len(text) > settings.max_chars]
-        if too_long:
-            return _error(422, f"texts {too_long[:10]} are longer than {settings.max_chars} characters", metrics)
-        not_unicode = [i for i, text in enumerate(body.texts) if not _encodable(text)]
-        if not_unicode:
-            return _error(422, f"texts {not_unicode[:10]} are not valid Unicode (lone surrogate escapes)", metrics)
+        problem = _unacceptable_texts(body.texts, settings)
+        if problem:
+            return _error(422, problem, metrics)
         started = time.perf_counter()
         metrics.in_flight.inc()
         try:
@@ -290,15 +297,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                            tokens=result["tokens"][i] if result["tokens"] else None)
             for i, (label, probabilities) in enumerate(zip(result["label"], result["probabilities"], strict=True))
         ]
-        served_at = time.time()
-        await prediction_log.record(
-            Prediction(served_at=served_at, model=settings.model, model_version=result["version"],
-                       text_chars=len(text), token_count=result["tokens"][i] if result["tokens"] else None,
-                       unknown_tokens=result["unknown"][i] if result["unknown"] else None, label=label,
-                       probabilities=tuple(probabilities), latency_ms=latency_ms,
-                       text=text if settings.log_texts else None)
-            for i, (text, label, probabilities) in enumerate(zip(body.texts, result["label"],
-                                                                 result["probabilities"], strict=True)))
+        await prediction_log.record(_logged_predictions(body.texts, result, latency_ms, settings))
         metrics.requests.labels("200").inc()
         metrics.latency.observe(latency_ms / 1000.0)
         metrics.batch.observe(len(body.texts))
@@ -306,6 +305,35 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return ClassifyResponse(model=settings.model, model_version=result["version"], predictions=predictions,
                                 latency_ms=latency_ms)
 
+
+def _unacceptable_texts(texts: list[str], settings: GatewaySettings) -> str | None:
+    """Why the texts of one request cannot be classified (too many, too long, not Unicode), or None."""
+    if len(texts) > settings.max_texts:
+        return f"{len(texts)} texts in one request; the limit is {settings.max_texts}"
+    too_long = [i for i, text in enumerate(texts) if len(text) > settings.max_chars]
+    if too_long:
+        return f"texts {too_long[:10]} are longer than {settings.max_chars} characters"
+    not_unicode = [i for i, text in enumerate(texts) if not _encodable(text)]
+    if not_unicode:
+        return f"texts {not_unicode[:10]} are not valid Unicode (lone surrogate escapes)"
+    return None
+
+
+def _logged_predictions(texts: list[str], result: dict, latency_ms: float,
+                        settings: GatewaySettings) -> Iterator[Prediction]:
+    """The prediction log's rows for one answered request (texts only when ``settings.log_texts``)."""
+    served_at = time.time()
+    return (
+        Prediction(served_at=served_at, model=settings.model, model_version=result["version"],
+                   text_chars=len(text), token_count=result["tokens"][i] if result["tokens"] else None,
+                   unknown_tokens=result["unknown"][i] if result["unknown"] else None, label=label,
+                   probabilities=tuple(probabilities), latency_ms=latency_ms,
+                   text=text if settings.log_texts else None)
+        for i, (text, label, probabilities) in enumerate(zip(texts, result["label"], result["probabilities"],
+                                                             strict=True)))
+
+
+def _add_probe_routes(app: FastAPI, settings: GatewaySettings, metrics: Metrics, state: dict) -> None:
     @app.get("/healthz")
     async def healthz() -> dict:
         """The gateway process is up."""
@@ -324,8 +352,6 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    return app
 
 
 def _encodable(text: str) -> bool:

@@ -12,6 +12,8 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from serving.errors import ServingError
+
 PYTHON_MODELS_DIR = Path(__file__).parent / "triton_models"
 # The served ensemble's name wherever none is given: the one place it is written (the pipeline's
 # config, the gateway, the monitor, the CLI and the replica sync all read it from here).
@@ -21,7 +23,7 @@ _DATA_TYPES = {"int64": "TYPE_INT64", "int32": "TYPE_INT32", "fp32": "TYPE_FP32"
                "string": "TYPE_STRING"}
 
 
-class RepositoryError(RuntimeError):
+class RepositoryError(ServingError):
     """The model repository is missing something or a config value is invalid."""
 
 

@@ -9,10 +9,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from tasks.errors import PipelineError
+from serving.errors import ServingError
 
 
-class TritonUnavailable(PipelineError):
+class TritonUnavailable(ServingError):
     """Triton did not answer, or the model is not ready."""
 
 

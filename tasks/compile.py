@@ -14,8 +14,7 @@ from pathlib import Path
 
 from tasks.config import CompileConfig
 from tasks.errors import CompileError
-from tasks.export import INPUT_NAMES, MODEL_FILENAME
-from tasks.quantize import copy_tokenizer_files
+from tasks.onnx_model import INPUT_NAMES, MODEL_FILENAME, copy_tokenizer_files
 from tasks.results import StepResult, StepStatus, staged_dir, write_json_atomic
 
 log = logging.getLogger(__name__)

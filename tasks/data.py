@@ -14,8 +14,8 @@ import pandas as pd
 from tasks.config import DataConfig
 from tasks.errors import DataError
 from tasks.results import StepResult, StepStatus, staged_dir, write_json_atomic
+from tasks.splits import META_FILENAME, SPLITS, split_path
 
-SPLITS = ("train", "validation", "test")
 _READERS = {
     ".csv": pd.read_csv,
     ".parquet": pd.read_parquet,
@@ -157,9 +157,9 @@ def run(config: DataConfig, out_dir: Path) -> StepResult:
     data_hash = content_hash(splits, labels)
     with staged_dir(out_dir) as staging:
         for name, part in splits.items():
-            part.to_parquet(staging / f"{name}.parquet", index=False)
+            part.to_parquet(split_path(staging, name), index=False)
         meta = {"labels": labels, "data_hash": data_hash, "sizes": {name: len(part) for name, part in splits.items()}}
-        write_json_atomic(staging / "meta.json", meta)
+        write_json_atomic(staging / META_FILENAME, meta)
         write_json_atomic(staging / "config.json", asdict(config))
     return StepResult(
         step="prepare_data",
@@ -168,14 +168,3 @@ def run(config: DataConfig, out_dir: Path) -> StepResult:
         metrics={f"{name}_rows": float(len(part)) for name, part in splits.items()},
         info={"data_hash": data_hash, "labels": ",".join(labels)},
     )
-
-
-def read_split(data_dir: Path, name: str) -> pd.DataFrame:
-    path = Path(data_dir) / f"{name}.parquet"
-    if not path.exists():
-        raise DataError(f"{path} is missing: run prepare_data first")
-    return pd.read_parquet(path)
-
-
-def read_meta(data_dir: Path) -> dict:
-    return json.loads((Path(data_dir) / "meta.json").read_text())

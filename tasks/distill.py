@@ -3,69 +3,20 @@ teacher's soft targets (temperature-scaled) and the hard labels."""
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from tasks import data as data_step
 from tasks.config import DistillConfig
-from tasks.errors import ConfigError
-from tasks.finetune import accuracy
-from tasks.modeling import load_classifier, load_tokenizer
+from tasks.modeling import build_student, encoder_layers, load_classifier, load_tokenizer, parameter_count
 from tasks.results import StepResult, StepStatus, staged_dir, write_json_atomic
-from tasks.training import steps_for
+from tasks.splits import read_split
+from tasks.training import accuracy, distillation_loss, steps_for
 from tasks.training import train as train_loop
 
 log = logging.getLogger(__name__)
-
-
-def encoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The transformer blocks of a BERT-style encoder (``<base>.encoder.layer``)."""
-    layers = getattr(getattr(model.base_model, "encoder", None), "layer", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise ConfigError(
-            f"{type(model).__name__} has no <base>.encoder.layer list: layer-copy initialisation supports "
-            "BERT-style encoders (BERT, MiniLM, RoBERTa, MPNet)"
-        )
-    return layers
-
-
-def student_layer_map(teacher_layers: int, student_layers: int) -> list[int]:
-    """Which teacher layers the student copies: evenly spaced, always including the last one.
-
-    6 -> 3 gives [1, 3, 5] ("every other layer"); 12 -> 4 gives [2, 5, 8, 11].
-    """
-    if not 1 <= student_layers <= teacher_layers:
-        raise ConfigError(f"student_layers must be in 1..{teacher_layers}, got {student_layers}")
-    step = teacher_layers / student_layers
-    return [round((index + 1) * step) - 1 for index in range(student_layers)]
-
-
-def build_student(teacher: torch.nn.Module, student_layers: int) -> tuple[torch.nn.Module, list[int]]:
-    """A copy of ``teacher`` keeping only the mapped encoder layers (embeddings, pooler and head kept)."""
-    chosen = student_layer_map(len(encoder_layers(teacher)), student_layers)
-    student = copy.deepcopy(teacher)
-    layers = encoder_layers(student)
-    kept = torch.nn.ModuleList([layers[index] for index in chosen])
-    student.base_model.encoder.layer = kept
-    student.config.num_hidden_layers = student_layers
-    return student, chosen
-
-
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                      temperature: float, alpha: float) -> torch.Tensor:
-    """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy(student, labels)."""
-    soft = F.kl_div(
-        F.log_softmax(student_logits / temperature, dim=-1),
-        F.softmax(teacher_logits / temperature, dim=-1),
-        reduction="batchmean",
-    ) * temperature**2
-    hard = F.cross_entropy(student_logits, labels)
-    return alpha * soft + (1.0 - alpha) * hard
 
 
 def hidden_state_loss(student_hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[torch.Tensor, ...],
@@ -79,15 +30,11 @@ def hidden_state_loss(student_hidden: tuple[torch.Tensor, ...], teacher_hidden: 
     return torch.stack(losses).mean()
 
 
-def parameter_count(model: torch.nn.Module) -> int:
-    return sum(parameter.numel() for parameter in model.parameters())
-
-
 def run(config: DistillConfig, teacher_dir: Path, data_dir: Path, out_dir: Path, progress_every: int = 10) -> StepResult:
     """Distill the fine-tuned teacher in ``teacher_dir`` into a smaller student saved to ``out_dir``."""
     torch.manual_seed(config.seed)
-    train = data_step.read_split(data_dir, "train")
-    validation = data_step.read_split(data_dir, "validation")
+    train = read_split(data_dir, "train")
+    validation = read_split(data_dir, "validation")
     tokenizer = load_tokenizer(teacher_dir)
     teacher = load_classifier(teacher_dir).eval()
     teacher_layers = len(encoder_layers(teacher))

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks import data as data_step
 from tasks.config import EvaluateConfig
-from tasks.export import INPUT_NAMES, MODEL_FILENAME, OUTPUT_NAME, model_size_bytes
 from tasks.modeling import load_classifier, load_tokenizer
+from tasks.onnx_model import INPUT_NAMES, MODEL_FILENAME, OUTPUT_NAME, TORCH_INT8_FILENAME, model_size_bytes
 from tasks.results import ModelFormat, StepResult, StepStatus, staged_dir, write_json_atomic
+from tasks.splits import read_split
 
 Predictor = Callable[[dict[str, np.ndarray]], np.ndarray]
 
@@ -57,8 +57,6 @@ def onnx_predictor(model_dir: Path, threads: int) -> Predictor:
 
 def torch_dynamic_int8_predictor(model_dir: Path, threads: int) -> Predictor:
     import torch
-
-    from tasks.quantize import TORCH_INT8_FILENAME
 
     if threads:
         torch.set_num_threads(threads)
@@ -159,7 +157,7 @@ def run(config: EvaluateConfig, candidate: str, model_dir: Path, model_format: M
     Writes ``predictions.parquet`` (label, prediction, per-class logits) for gates, promotion
     smoke tests and drift references.
     """
-    test = data_step.read_split(data_dir, "test")
+    test = read_split(data_dir, "test")
     labels = test["label"].to_numpy()
     texts = test["text"].tolist()
     tokenizer = load_tokenizer(model_dir)
@@ -263,12 +261,6 @@ def _main(request_path: str, result_path: str) -> None:
                                    Path(request["model_dir"]), ModelFormat(request["format"]),
                                    Path(request["data_dir"]), Path(request["out_dir"]))
     write_json_atomic(Path(result_path), result)
-
-
-def read_logits(predictions_path: Path) -> np.ndarray:
-    frame = pd.read_parquet(predictions_path)
-    columns = sorted((c for c in frame.columns if c.startswith("logit_")), key=lambda c: int(c.split("_")[1]))
-    return frame[columns].to_numpy(dtype=np.float32)
 
 
 if __name__ == "__main__":

@@ -5,19 +5,15 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from tasks import data as data_step
 from tasks.config import ExportConfig
 from tasks.errors import ConfigError, ExportError
-from tasks.finetune import predict_logits
-from tasks.modeling import load_classifier, load_tokenizer
+from tasks.modeling import encoder_layers, load_classifier, load_tokenizer
+from tasks.onnx_model import INPUT_NAMES, MODEL_FILENAME, OUTPUT_NAME, compare_logits, model_size_bytes, onnx_logits
 from tasks.results import StepResult, StepStatus, staged_dir, write_json_atomic
-
-INPUT_NAMES = ("input_ids", "attention_mask")
-OUTPUT_NAME = "logits"
-MODEL_FILENAME = "model.onnx"
+from tasks.splits import read_split
+from tasks.training import predict_logits
 
 
 class _LogitsOnly(torch.nn.Module):
@@ -60,8 +56,6 @@ def export_onnx(model: torch.nn.Module, tokenizer, path: Path, opset: int, max_l
 def attention_shape(model: torch.nn.Module) -> tuple[int, int] | None:
     """(heads, hidden size) when every layer's attention has the standard shape (heads x head size =
     hidden size), else None: ONNX Runtime's attention fusion takes one head count for the graph."""
-    from tasks.distill import encoder_layers
-
     hidden, heads = model.config.hidden_size, model.config.num_attention_heads
     try:
         layers = encoder_layers(model)
@@ -92,36 +86,11 @@ def optimize_graph(path: Path, shape: tuple[int, int] | None, model_type: str = 
     return {name: int(count) for name, count in optimized.get_fused_operator_statistics().items() if count}
 
 
-def onnx_logits(model_path: Path, tokenizer, texts: list[str], max_length: int, batch_size: int = 32,
-                threads: int = 0) -> np.ndarray:
-    """Logits of an ONNX classifier via ONNX Runtime on CPU."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    outputs = []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_length, padding=True,
-                          return_tensors="np", return_token_type_ids=False)
-        feeds = {name: batch[name].astype(np.int64) for name in INPUT_NAMES}
-        outputs.append(session.run([OUTPUT_NAME], feeds)[0])
-    return np.concatenate(outputs)
-
-
-def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
-    """Max |difference| and argmax agreement of two logit arrays."""
-    return {
-        "max_abs_diff": float(np.abs(reference - candidate).max()) if reference.size else 0.0,
-        "label_agreement": float((reference.argmax(axis=1) == candidate.argmax(axis=1)).mean()),
-    }
-
-
 def run(config: ExportConfig, model_dir: Path, data_dir: Path, out_dir: Path, max_length: int) -> StepResult:
     """Export ``model_dir`` to ``out_dir/model.onnx`` (+ tokenizer files) and verify it on test texts."""
     tokenizer = load_tokenizer(model_dir)
     model = load_classifier(model_dir)
-    texts = data_step.read_split(data_dir, "test")["text"].head(config.check_samples).tolist()
+    texts = read_split(data_dir, "test")["text"].head(config.check_samples).tolist()
     with staged_dir(out_dir) as staging:
         export_onnx(model, tokenizer, staging / MODEL_FILENAME, config.opset, max_length)
         fused = optimize_graph(staging / MODEL_FILENAME, attention_shape(model)) if config.optimize_graph else {}
@@ -143,9 +112,3 @@ def run(config: ExportConfig, model_dir: Path, data_dir: Path, out_dir: Path, ma
         metrics=check | {"size_bytes": float(model_size_bytes(out_dir))}
         | {f"fused_{name}": float(count) for name, count in fused.items()},
     )
-
-
-def model_size_bytes(model_dir: Path) -> int:
-    """Bytes of the model's weights: ONNX files plus external-data side files, or safetensors/bin files."""
-    patterns = ("*.onnx", "*.onnx.data", "*.safetensors", "pytorch_model*.bin", "*.pt", "*.plan")
-    return sum(path.stat().st_size for pattern in patterns for path in Path(model_dir).glob(pattern))

@@ -6,46 +6,24 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import torch
 
-from tasks import data as data_step
 from tasks.config import FinetuneConfig
 from tasks.modeling import load_classifier, load_tokenizer
 from tasks.results import StepResult, StepStatus, staged_dir, write_json_atomic
-from tasks.training import EarlyStopping, steps_for
+from tasks.splits import read_meta, read_split
+from tasks.training import EarlyStopping, accuracy, seed_everything, steps_for
 from tasks.training import train as train_loop
 
 log = logging.getLogger(__name__)
 
 
-def predict_logits(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 32) -> np.ndarray:
-    """Logits of a PyTorch classifier for ``texts`` (eval mode, no grad)."""
-    model.eval()
-    outputs = []
-    with torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(
-                texts[start:start + batch_size], truncation=True, max_length=max_length, padding=True,
-                return_tensors="pt", return_token_type_ids=False,
-            )
-            outputs.append(model(**batch).logits.float().numpy())
-    return np.concatenate(outputs) if outputs else np.zeros((0, model.config.num_labels), dtype=np.float32)
-
-
-def accuracy(model, tokenizer, split: pd.DataFrame, max_length: int) -> float:
-    """Share of ``split``'s texts whose predicted class equals the label."""
-    logits = predict_logits(model, tokenizer, split["text"].tolist(), max_length)
-    return float((logits.argmax(axis=1) == split["label"].to_numpy()).mean())
-
-
 def run(config: FinetuneConfig, data_dir: Path, out_dir: Path, progress_every: int = 10) -> StepResult:
     """Train ``config.model`` with a fresh head on ``data_dir``'s train split; save to ``out_dir``."""
     seed_everything(config.seed, config.deterministic)
-    labels = data_step.read_meta(data_dir)["labels"]
-    train = data_step.read_split(data_dir, "train")
-    validation = data_step.read_split(data_dir, "validation")
+    labels = read_meta(data_dir)["labels"]
+    train = read_split(data_dir, "train")
+    validation = read_split(data_dir, "validation")
     tokenizer = load_tokenizer(config.model)
     model = load_classifier(config.model, labels, attention=config.attention)
 
@@ -93,14 +71,3 @@ def run(config: FinetuneConfig, data_dir: Path, out_dir: Path, progress_every: i
         },
         info={"validation_scores": ",".join(f"{score:.4f}" for score in trained.validation_scores)},
     )
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    """Seed Python, NumPy and torch; ask torch for deterministic kernels (warn where none exists)."""
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)

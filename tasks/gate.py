@@ -6,20 +6,13 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 
+from tasks.champion import ChampionScore
 from tasks.config import GateConfig
 
 
 class GateDecision(str, Enum):
     PASS = "pass"
     FAIL = "fail"
-
-
-@dataclass(frozen=True)
-class ChampionScore:
-    """The serving champion's accuracy on this run's test split, or why it could not be measured."""
-
-    accuracy: float | None
-    note: str
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,27 @@
-"""Load classifiers and tokenizers from local folders or hub ids, and build tiny random ones for tests."""
+"""Model architecture: load classifiers and tokenizers from local folders or hub ids, select encoder
+layers (students keep some of their teacher's), resize layers to a pruning plan and rebuild pruned
+models from their ``pruning_plan.json``, and build tiny random classifiers for tests.
+
+A structurally pruned model no longer fits its Hugging Face config (every layer keeps its own number
+of heads and neurons), so its folder holds ``pruning_plan.json`` with the kept indices;
+``load_classifier`` rebuilds the smaller layers from it before loading the weights.
+"""
 
 from __future__ import annotations
 
+import copy
+import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from tasks.errors import ConfigError
+
+PLAN_FILENAME = "pruning_plan.json"
 
 TINY_WORDS = (
     "good great excellent wonderful superb loved enjoyable brilliant fun delightful "
@@ -27,10 +41,7 @@ def load_classifier(source: str | Path, labels: list[str] | None = None, attenti
     ``attention="eager"`` (the default) keeps the exported ONNX graph in the shape ONNX Runtime's
     transformer optimizer recognises for attention fusion; "sdpa" trains faster.
     """
-    plan_path = Path(str(source)) / "pruning_plan.json"
-    if plan_path.is_file():
-        from tasks.prune import load_pruned
-
+    if (Path(str(source)) / PLAN_FILENAME).is_file():
         return load_pruned(Path(str(source)), attention)
     kwargs: dict = {"attn_implementation": attention}
     if labels is not None:
@@ -41,6 +52,140 @@ def load_classifier(source: str | Path, labels: list[str] | None = None, attenti
             ignore_mismatched_sizes=True,
         )
     return AutoModelForSequenceClassification.from_pretrained(str(source), **kwargs)
+
+
+def encoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The transformer blocks of a BERT-style encoder (``<base>.encoder.layer``)."""
+    layers = getattr(getattr(model.base_model, "encoder", None), "layer", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ConfigError(
+            f"{type(model).__name__} has no <base>.encoder.layer list: layer-copy initialisation supports "
+            "BERT-style encoders (BERT, MiniLM, RoBERTa, MPNet)"
+        )
+    return layers
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def student_layer_map(teacher_layers: int, student_layers: int) -> list[int]:
+    """Which teacher layers the student copies: evenly spaced, always including the last one.
+
+    6 -> 3 gives [1, 3, 5] ("every other layer"); 12 -> 4 gives [2, 5, 8, 11].
+    """
+    if not 1 <= student_layers <= teacher_layers:
+        raise ConfigError(f"student_layers must be in 1..{teacher_layers}, got {student_layers}")
+    step = teacher_layers / student_layers
+    return [round((index + 1) * step) - 1 for index in range(student_layers)]
+
+
+def build_student(teacher: torch.nn.Module, student_layers: int) -> tuple[torch.nn.Module, list[int]]:
+    """A copy of ``teacher`` keeping only the mapped encoder layers (embeddings, pooler and head kept)."""
+    chosen = student_layer_map(len(encoder_layers(teacher)), student_layers)
+    student = copy.deepcopy(teacher)
+    layers = encoder_layers(student)
+    kept = torch.nn.ModuleList([layers[index] for index in chosen])
+    student.base_model.encoder.layer = kept
+    student.config.num_hidden_layers = student_layers
+    return student, chosen
+
+
+@dataclass(frozen=True)
+class LayerParts:
+    """The linear layers of one BERT-style encoder block that pruning resizes."""
+
+    attention: torch.nn.Module
+    query: torch.nn.Linear
+    key: torch.nn.Linear
+    value: torch.nn.Linear
+    attention_output: torch.nn.Linear
+    intermediate: torch.nn.Linear
+    output: torch.nn.Linear
+
+
+@dataclass(frozen=True)
+class PruningPlan:
+    """Kept head and neuron indices per encoder layer (indices into the unpruned layer)."""
+
+    head_size: int
+    heads: tuple[tuple[int, ...], ...]
+    neurons: tuple[tuple[int, ...], ...]
+
+    def to_dict(self) -> dict:
+        return {"head_size": self.head_size, "heads": [list(h) for h in self.heads],
+                "neurons": [list(n) for n in self.neurons]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PruningPlan:
+        return cls(int(data["head_size"]), tuple(tuple(h) for h in data["heads"]),
+                   tuple(tuple(n) for n in data["neurons"]))
+
+
+def layer_parts(layer: torch.nn.Module) -> LayerParts:
+    try:
+        attention = layer.attention.self
+        return LayerParts(attention, attention.query, attention.key, attention.value, layer.attention.output.dense,
+                          layer.intermediate.dense, layer.output.dense)
+    except AttributeError:
+        raise ConfigError(
+            f"{type(layer).__name__} is not a BERT-style block (attention.self.query/key/value, "
+            "attention.output.dense, intermediate.dense, output.dense): structured pruning supports BERT, "
+            "MiniLM and RoBERTa encoders"
+        ) from None
+
+
+def head_size_of(model: torch.nn.Module) -> int:
+    return model.config.hidden_size // model.config.num_attention_heads
+
+
+def _select(linear: torch.nn.Linear, index: torch.Tensor, dim: int) -> torch.nn.Linear:
+    """A new Linear with only the rows (dim 0, outputs) or columns (dim 1, inputs) in ``index``."""
+    weight = linear.weight.detach().index_select(dim, index).clone()
+    bias = linear.bias.detach().clone() if linear.bias is not None else None
+    if dim == 0 and bias is not None:
+        bias = bias.index_select(0, index).clone()
+    resized = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    resized.weight = torch.nn.Parameter(weight)
+    if bias is not None:
+        resized.bias = torch.nn.Parameter(bias)
+    return resized
+
+
+def apply_plan(model: torch.nn.Module, plan: PruningPlan) -> None:
+    """Resize every encoder block of ``model`` in place to the heads and neurons the plan keeps."""
+    layers = encoder_layers(model)
+    if len(layers) != len(plan.heads) or len(layers) != len(plan.neurons):
+        raise ConfigError(f"pruning plan has {len(plan.heads)} layers, the model {len(layers)}")
+    for layer, heads, neurons in zip(layers, plan.heads, plan.neurons):
+        parts = layer_parts(layer)
+        rows = torch.tensor([head * plan.head_size + offset for head in heads for offset in range(plan.head_size)])
+        parts.attention.query = _select(parts.query, rows, 0)
+        parts.attention.key = _select(parts.key, rows, 0)
+        parts.attention.value = _select(parts.value, rows, 0)
+        layer.attention.output.dense = _select(parts.attention_output, rows, 1)
+        parts.attention.num_attention_heads = len(heads)
+        parts.attention.all_head_size = len(heads) * plan.head_size
+        kept = torch.tensor(neurons)
+        layer.intermediate.dense = _select(parts.intermediate, kept, 0)
+        layer.output.dense = _select(parts.output, kept, 1)
+
+
+def load_pruned(model_dir: Path, attention: str = "eager") -> torch.nn.Module:
+    """Rebuild a structurally pruned classifier saved by the pruning step and load its weights."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    plan = PruningPlan.from_dict(json.loads((model_dir / PLAN_FILENAME).read_text()))
+    config = AutoConfig.from_pretrained(str(model_dir))
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation=attention)
+    apply_plan(model, plan)
+    missing, unexpected = model.load_state_dict(load_file(str(model_dir / "model.safetensors")), strict=False)
+    real_missing = [name for name in missing if not name.endswith("position_ids")]
+    if real_missing or unexpected:
+        raise ConfigError(f"pruned model in {model_dir} does not match its plan: missing {real_missing[:5]}, "
+                          f"unexpected {unexpected[:5]}")
+    return model.eval()
 
 
 def build_tiny_model(target: Path, labels: tuple[str, ...] = ("negative", "positive"), seed: int = 0) -> Path:

@@ -21,12 +21,14 @@ from tasks import gate as gate_step
 from tasks import promote as promote_step
 from tasks import prune as prune_step
 from tasks import quantize as quantize_step
-from tasks import registry
-from tasks import params, report
+from tasks import model_aliases, params, registry, report
 from tasks.assets import fetch_demo_assets
+from tasks.champion import ChampionScore
 from tasks.config import PipelineConfig
-from tasks.recipe import MODEL_INPUT, OPTIMIZE_MODEL, Step
 from tasks.errors import ConfigError, PipelineError, PromotionFailed
+from tasks.onnx_model import compare_logits
+from tasks.predictions import read_logits
+from tasks.recipe import MODEL_INPUT, OPTIMIZE_MODEL, Step
 from tasks.results import ModelFormat, StepResult, StepStatus, write_json_atomic
 from tasks.settings import PipelineSettings
 
@@ -113,10 +115,10 @@ def data_changed(settings: PipelineSettings, config: PipelineConfig, data: dict,
     if force:
         return {"changed": True, "reason": "force_retrain is set"}
     uri, model = settings.mlflow_tracking_uri, config.promote.registered_model
-    champion = registry.alias_version(uri, model, config.promote.alias)
+    champion = model_aliases.alias_version(uri, model, config.promote.alias)
     if champion is None:
         return {"changed": True, "reason": f"{model} has no {config.promote.alias!r} yet"}
-    tags = registry.version_tags(uri, model, champion)
+    tags = model_aliases.version_tags(uri, model, champion)
     data_hash, code = StepResult.from_dict(data).info["data_hash"], registry.code_version()
     differences = [f"{name} {tags.get(key, '?')[:12]} -> {value[:12]}"
                    for name, key, value in (("data", "data_hash", data_hash), ("code", "code_version", code))
@@ -192,9 +194,9 @@ def candidate_metrics(evaluations: dict[str, dict], candidate: str) -> dict[str,
     metrics = dict(StepResult.from_dict(evaluations[candidate]).metrics)
     source = SOURCE_OF.get(candidate)
     if source is not None:
-        agreement = export_step.compare_logits(
-            evaluate_step.read_logits(Path(StepResult.from_dict(evaluations[source]).uri("predictions"))),
-            evaluate_step.read_logits(Path(StepResult.from_dict(evaluations[candidate]).uri("predictions"))),
+        agreement = compare_logits(
+            read_logits(Path(StepResult.from_dict(evaluations[source]).uri("predictions"))),
+            read_logits(Path(StepResult.from_dict(evaluations[candidate]).uri("predictions"))),
         )
         metrics.update({f"source_{key}": value for key, value in agreement.items()})
     return metrics
@@ -255,14 +257,14 @@ def gate_candidates(settings: PipelineSettings, config: PipelineConfig, run_id: 
     """Gate every registered candidate, record each gate on its model version, choose the winner and
     say in every other version's description why it was not chosen. Writes ``decisions/gates.json``."""
     teacher = StepResult.from_dict(evaluations["teacher_pytorch"]).metrics
-    score = None if champion is None else gate_step.ChampionScore(champion["accuracy"], champion["note"])
+    score = None if champion is None else ChampionScore(champion["accuracy"], champion["note"])
     model_name, uri = config.promote.registered_model, settings.mlflow_tracking_uri
     gates: dict[str, list[gate_step.GateCheck]] = {}
     for name, version in registered["versions"].items():
         if version is None:
             continue
         gates[name] = gate_step.evaluate_gates(config.gate, candidate_metrics(evaluations, name), teacher, score)
-        registry.tag_version(uri, model_name, version,
+        model_aliases.tag_version(uri, model_name, version,
                              {f"gate.{c.name}": f"{c.decision.value}: {c.detail}" for c in gates[name]})
     winner = choose_winner({name: (gate_step.passed(checks), evaluations[name]["metrics"]["latency_p50_ms"])
                             for name, checks in gates.items()})

@@ -28,13 +28,13 @@ import numpy as np
 from monitoring.features import REFERENCE_FILE
 from serving import model_repository as repo
 from serving.triton_client import TritonClient, TritonReplicas, TritonUnavailable, load_and_wait, replica_urls
-from tasks import data as data_step
-from tasks import registry
+from tasks import model_aliases
+from tasks.champion import ChampionScore
 from tasks.config import PromoteConfig
 from tasks.errors import PromotionFailed
-from tasks.gate import ChampionScore
-from tasks.evaluate import read_logits
+from tasks.predictions import read_logits
 from tasks.results import StepResult, StepStatus
+from tasks.splits import read_meta, read_split
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class PromotionTarget:
 def run(config: PromoteConfig, target: PromotionTarget, model_dir: Path, predictions: Path, data_dir: Path,
         mlflow_version: str, max_length: int, intra_op_threads: int = 0) -> StepResult:
     """Serve ``model_dir`` as a new version of the ``config.triton_model`` ensemble and move the alias."""
-    labels = tuple(data_step.read_meta(data_dir)["labels"])
+    labels = tuple(read_meta(data_dir)["labels"])
     ensemble = repo.ClassifierEnsemble(config.triton_model, labels, max_length, intra_op_threads=intra_op_threads)
     repository = target.model_repository
     replicas = TritonReplicas.from_spec(target.triton_url)
@@ -81,12 +81,12 @@ def run(config: PromoteConfig, target: PromotionTarget, model_dir: Path, predict
                 f"Version {previous[-1] if previous else '(none)'} keeps serving; "
                 f"the alias {config.alias!r} is unchanged."
             ) from error
-    current = registry.alias_version(target.tracking_uri, config.registered_model, config.alias)
+    current = model_aliases.alias_version(target.tracking_uri, config.registered_model, config.alias)
     if current is not None and current != mlflow_version:
-        registry.set_alias(target.tracking_uri, config.registered_model, PREVIOUS_ALIAS, current)
-    registry.set_alias(target.tracking_uri, config.registered_model, config.alias, mlflow_version)
-    registry.tag_version(target.tracking_uri, config.registered_model, mlflow_version,
-                         {"triton_model": ensemble.name, "triton_version": str(version), "promoted": "true"})
+        model_aliases.set_alias(target.tracking_uri, config.registered_model, PREVIOUS_ALIAS, current)
+    model_aliases.set_alias(target.tracking_uri, config.registered_model, config.alias, mlflow_version)
+    model_aliases.tag_version(target.tracking_uri, config.registered_model, mlflow_version,
+                              {"triton_model": ensemble.name, "triton_version": str(version), "promoted": "true"})
     log.info("promoted MLflow %s v%s as %r -> Triton %s v%d", config.registered_model, mlflow_version,
              config.alias, ensemble.name, version)
     return StepResult(
@@ -104,13 +104,13 @@ def rollback(config: PromoteConfig, target: PromotionTarget) -> StepResult:
 
     Its Triton version's files are copied to a new version and switched to like any promotion, so
     requests never see a gap; the MLflow version is re-tagged with the new Triton version."""
-    previous = registry.alias_version(target.tracking_uri, config.registered_model, PREVIOUS_ALIAS)
+    previous = model_aliases.alias_version(target.tracking_uri, config.registered_model, PREVIOUS_ALIAS)
     if previous is None:
         raise PromotionFailed(
             f"{config.registered_model} has no {PREVIOUS_ALIAS!r} alias: nothing to roll back to"
         )
-    current = registry.alias_version(target.tracking_uri, config.registered_model, config.alias)
-    tags = registry.version_tags(target.tracking_uri, config.registered_model, previous)
+    current = model_aliases.alias_version(target.tracking_uri, config.registered_model, config.alias)
+    tags = model_aliases.version_tags(target.tracking_uri, config.registered_model, previous)
     if "triton_version" not in tags or tags.get("triton_model") != config.triton_model:
         raise PromotionFailed(
             f"{config.registered_model} version {previous} was never served as {config.triton_model}; "
@@ -140,13 +140,13 @@ def rollback(config: PromoteConfig, target: PromotionTarget) -> StepResult:
             f"rollback of {config.triton_model} to the files of version {source} failed: {error}; version "
             f"{present[-1]} serves again and the aliases are unchanged"
         ) from error
-    registry.set_alias(target.tracking_uri, config.registered_model, config.alias, previous)
-    registry.delete_alias(target.tracking_uri, config.registered_model, PREVIOUS_ALIAS)
-    registry.tag_version(target.tracking_uri, config.registered_model, previous,
-                         {"triton_version": str(version), "rolled_back_from": current or ""})
+    model_aliases.set_alias(target.tracking_uri, config.registered_model, config.alias, previous)
+    model_aliases.delete_alias(target.tracking_uri, config.registered_model, PREVIOUS_ALIAS)
+    model_aliases.tag_version(target.tracking_uri, config.registered_model, previous,
+                              {"triton_version": str(version), "rolled_back_from": current or ""})
     if current is not None:
-        registry.tag_version(target.tracking_uri, config.registered_model, current,
-                             {"rolled_back": f"replaced by version {previous}"})
+        model_aliases.tag_version(target.tracking_uri, config.registered_model, current,
+                                  {"rolled_back": f"replaced by version {previous}"})
     log.info("rolled back %s to MLflow v%s (Triton v%d, the files of v%d)", config.registered_model, previous,
              version, source)
     return StepResult(
@@ -167,8 +167,8 @@ def champion_score(target: PromotionTarget, config: PromoteConfig, data_dir: Pat
     if not client.is_ready(config.triton_model):
         return None
     version = client.ready_versions(config.triton_model)[-1]
-    labels = data_step.read_meta(data_dir)["labels"]
-    test = data_step.read_split(data_dir, "test")
+    labels = read_meta(data_dir)["labels"]
+    test = read_split(data_dir, "test")
     served = client.labels(config.triton_model, test["text"].tolist())
     unknown = sorted(set(served) - set(labels))
     if unknown:
@@ -209,7 +209,7 @@ def write_reference(predictions: Path, data_dir: Path, model_dir: Path, labels: 
     from monitoring.features import reference_features
 
     frame = pd.read_parquet(predictions)
-    texts = data_step.read_split(data_dir, "test")["text"].tolist()
+    texts = read_split(data_dir, "test")["text"].tolist()
     features = reference_features(read_logits(predictions), texts, labels, model_dir / "tokenizer.json", max_length)
     pd.concat([frame.reset_index(drop=True), features], axis=1).to_parquet(target, index=False)
     return target
@@ -218,7 +218,7 @@ def write_reference(predictions: Path, data_dir: Path, model_dir: Path, labels: 
 def _smoke_test(client: TritonClient, config: PromoteConfig, name: str, predictions: Path, data_dir: Path,
                 version: int) -> float:
     """Send raw test texts through the ensemble; outputs must match the candidate's evaluation outputs."""
-    texts = data_step.read_split(data_dir, "test")["text"].head(config.smoke_samples).tolist()
+    texts = read_split(data_dir, "test")["text"].head(config.smoke_samples).tolist()
     expected = read_logits(predictions)[: len(texts)]
     # One text per request, as the evaluation ran them.
     served = np.concatenate([client.classify(name, [text], version=version)["LOGITS"] for text in texts])

@@ -4,29 +4,20 @@ or FP16 for GPU targets. Each output is checked against its FP32 source on test 
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from tasks import data as data_step
 from tasks.config import QuantizeConfig, QuantizeMode
-from tasks.export import INPUT_NAMES, MODEL_FILENAME, compare_logits, model_size_bytes, onnx_logits
-from tasks.modeling import load_tokenizer
+from tasks.modeling import load_classifier, load_tokenizer
+from tasks.onnx_model import (INPUT_NAMES, MODEL_FILENAME, TORCH_INT8_FILENAME, compare_logits, copy_tokenizer_files,
+                              model_size_bytes, onnx_logits)
 from tasks.results import StepResult, StepStatus, staged_dir, write_json_atomic
+from tasks.splits import read_split
 
 log = logging.getLogger(__name__)
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "config.json")
-
-
-def copy_tokenizer_files(source: Path, target: Path) -> None:
-    """Copy the tokenizer and model config files that sit next to a model, so the folder stays servable."""
-    for name in TOKENIZER_FILES:
-        if (source / name).exists():
-            shutil.copy2(source / name, target / name)
 
 
 def quantize_dynamic_int8(source: Path, target: Path, config: QuantizeConfig) -> Path:
@@ -122,17 +113,12 @@ def convert_fp16(source: Path, target: Path) -> Path:
     return target
 
 
-TORCH_INT8_FILENAME = "model_dynamic_int8.pt"
-
-
 def quantize_torch_dynamic(model_dir: Path, out_dir: Path) -> StepResult:
     """PyTorch dynamic INT8 (``torch.ao.quantization.quantize_dynamic`` on Linear layers), the
     baseline users reach for first. Saved as a pickled module (load with ``weights_only=False``)."""
     import warnings
 
     import torch
-
-    from tasks.modeling import load_classifier
 
     model = load_classifier(model_dir).eval()
     with warnings.catch_warnings():
@@ -149,7 +135,7 @@ def run(config: QuantizeConfig, onnx_dir: Path, data_dir: Path, out_dir: Path, m
         check_samples: int = 64) -> StepResult:
     """Quantize ``onnx_dir/model.onnx`` into ``out_dir`` and report its agreement with the FP32 model."""
     mode = QuantizeMode(config.mode)
-    texts = data_step.read_split(data_dir, "test")["text"].head(check_samples).tolist()
+    texts = read_split(data_dir, "test")["text"].head(check_samples).tolist()
     tokenizer = load_tokenizer(onnx_dir)
     info: dict[str, str] = {"mode": mode.value}
     with staged_dir(out_dir) as staging:
@@ -157,7 +143,7 @@ def run(config: QuantizeConfig, onnx_dir: Path, data_dir: Path, out_dir: Path, m
         if mode is QuantizeMode.DYNAMIC_INT8:
             quantize_dynamic_int8(source, target, config)
         elif mode is QuantizeMode.STATIC_INT8:
-            calibration = data_step.read_split(data_dir, "train")["text"].head(config.calibration_samples).tolist()
+            calibration = read_split(data_dir, "train")["text"].head(config.calibration_samples).tolist()
             log.info("calibrating static INT8 on %d training texts (%s)", len(calibration), config.calibration_method)
             kept = quantize_static_int8(source, target, config, tokenizer, calibration, max_length)
             info["fp32_nodes"] = ",".join(kept)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.export import INPUT_NAMES, MODEL_FILENAME
-from tasks.quantize import TOKENIZER_FILES
+from tasks.model_aliases import mlflow_client
+from tasks.onnx_model import INPUT_NAMES, MODEL_FILENAME, TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +33,11 @@ class Candidate:
     registrable: bool = True  # only ONNX candidates become model versions
 
 
-def _client(tracking_uri: str):
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri)
-    return mlflow.MlflowClient(tracking_uri)
-
-
 def parent_run_id(tracking_uri: str, experiment: str, pipeline_run_id: str, params: dict[str, str]) -> str:
     """The MLflow run of this pipeline run, created once."""
     import mlflow
 
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(experiment)
     existing = client.search_runs([experiment_id], filter_string=f"tags.{RUN_TAG} = '{pipeline_run_id}' and tags.{ROLE_TAG} = 'parent'",
@@ -88,7 +81,7 @@ def log_candidate(tracking_uri: str, experiment: str, parent_id: str, pipeline_r
     import mlflow
     import onnx
 
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     experiment_id = mlflow.set_experiment(experiment).experiment_id
     tags = {RUN_TAG: pipeline_run_id, CANDIDATE_TAG: candidate.name, ROLE_TAG: "candidate",
             "technique": candidate.technique} | lineage
@@ -150,7 +143,7 @@ def code_version() -> str:
 
 def describe_decision(tracking_uri: str, registered_model: str, version: str, decision: str) -> None:
     """Append the promotion decision (and why) to the version's description shown in the MLflow UI."""
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     current = client.get_model_version(registered_model, version).description or ""
     base = current.split("\n\nDecision:")[0]
     client.update_model_version(registered_model, version, description=f"{base}\n\nDecision: {decision}")
@@ -167,36 +160,10 @@ def _signature(model_dir: Path):
     return infer_signature(example, output), example
 
 
-def set_alias(tracking_uri: str, registered_model: str, alias: str, version: str) -> None:
-    _client(tracking_uri).set_registered_model_alias(registered_model, alias, version)
-
-
-def alias_version(tracking_uri: str, registered_model: str, alias: str) -> str | None:
-    client = _client(tracking_uri)
-    try:
-        return client.get_model_version_by_alias(registered_model, alias).version
-    except Exception:  # noqa: BLE001 - MLflow raises RestException for "no such alias/model"
-        return None
-
-
-def tag_version(tracking_uri: str, registered_model: str, version: str, tags: dict[str, str]) -> None:
-    client = _client(tracking_uri)
-    for key, value in tags.items():
-        client.set_model_version_tag(registered_model, version, key, value)
-
-
 def log_run_summary(tracking_uri: str, parent_id: str, files: list[Path], metrics: dict[str, float]) -> None:
     """The run's summary and reports as artifacts of its parent run, its headline metrics as metrics."""
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     for path in files:
         client.log_artifact(parent_id, str(path))
     for key, value in metrics.items():
         client.log_metric(parent_id, key, value)
-
-
-def delete_alias(tracking_uri: str, registered_model: str, alias: str) -> None:
-    _client(tracking_uri).delete_registered_model_alias(registered_model, alias)
-
-
-def version_tags(tracking_uri: str, registered_model: str, version: str) -> dict[str, str]:
-    return dict(_client(tracking_uri).get_model_version(registered_model, version).tags)

@@ -1,6 +1,8 @@
 """The training loop shared by fine-tuning, distillation and pruning recovery: shuffled batches,
 AdamW with linear warm-up and decay, optional layer-wise learning rates, gradient clipping,
-optional early stopping on a validation score, and progress with loss and ETA in the task log."""
+optional early stopping on a validation score, and progress with loss and ETA in the task log.
+Also what those steps share around it: seeding, the distillation loss, and logits and accuracy of
+a PyTorch classifier."""
 
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import torch
+import torch.nn.functional as F
 from transformers import get_linear_schedule_with_warmup
 
 log = logging.getLogger(__name__)
@@ -49,6 +53,49 @@ class _Best:
     step: int = 0
     state: dict = field(default_factory=dict)
     misses: int = 0
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed Python, NumPy and torch; ask torch for deterministic kernels (warn where none exists)."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def predict_logits(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 32) -> np.ndarray:
+    """Logits of a PyTorch classifier for ``texts`` (eval mode, no grad)."""
+    model.eval()
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(
+                texts[start:start + batch_size], truncation=True, max_length=max_length, padding=True,
+                return_tensors="pt", return_token_type_ids=False,
+            )
+            outputs.append(model(**batch).logits.float().numpy())
+    return np.concatenate(outputs) if outputs else np.zeros((0, model.config.num_labels), dtype=np.float32)
+
+
+def accuracy(model, tokenizer, split: pd.DataFrame, max_length: int) -> float:
+    """Share of ``split``'s texts whose predicted class equals the label."""
+    logits = predict_logits(model, tokenizer, split["text"].tolist(), max_length)
+    return float((logits.argmax(axis=1) == split["label"].to_numpy()).mean())
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                      temperature: float, alpha: float) -> torch.Tensor:
+    """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy(student, labels)."""
+    soft = F.kl_div(
+        F.log_softmax(student_logits / temperature, dim=-1),
+        F.softmax(teacher_logits / temperature, dim=-1),
+        reduction="batchmean",
+    ) * temperature**2
+    hard = F.cross_entropy(student_logits, labels)
+    return alpha * soft + (1.0 - alpha) * hard
 
 
 def steps_for(rows: int, batch_size: int, epochs: float) -> int:

@@ -97,9 +97,9 @@ def test_dag_test_runs_every_task_and_promotes(local_services, airflow_env, tiny
         summary["candidates"][name]["latency_p50_ms"] for name in passing)
 
     from serving.triton_client import TritonClient
-    from tasks import registry
+    from tasks import model_aliases
 
-    int8_tags = registry.version_tags(settings.mlflow_url, "dagtest-model", summary["versions"]["onnx_int8"])
+    int8_tags = model_aliases.version_tags(settings.mlflow_url, "dagtest-model", summary["versions"]["onnx_int8"])
     assert int8_tags["source_candidate"] == "onnx_fp32"
     assert int8_tags["source_version"] == summary["versions"]["onnx_fp32"]
     assert int8_tags["code_version"] and int8_tags["data_hash"] and int8_tags["technique"]
@@ -113,7 +113,7 @@ def test_dag_test_runs_every_task_and_promotes(local_services, airflow_env, tiny
     assert {"summary.json", "report.md", "report.html", "pareto.png"} <= artifacts
     assert f"Promoted **{winner}**" in (summary_path.parent / "report" / "report.md").read_text()
     promoted_version = summary["versions"][winner]
-    assert registry.alias_version(settings.mlflow_url, "dagtest-model", "champion") == promoted_version
+    assert model_aliases.alias_version(settings.mlflow_url, "dagtest-model", "champion") == promoted_version
     client = TritonClient(settings.triton_http_url)
     assert client.ready_versions("dagtest_model") == [1]
     served = client.classify("dagtest_model", ["great wonderful film"])
@@ -127,14 +127,14 @@ def test_dag_test_runs_every_task_and_promotes(local_services, airflow_env, tiny
     assert {task for task, task_state in again_tasks.items() if task_state != "skipped"} == {
         "prepare_data", "data_changed"}, again_tasks
     assert not (settings.runs_dir / safe_name(again_id) / "summary.json").exists()
-    assert registry.alias_version(settings.mlflow_url, "dagtest-model", "champion") == promoted_version
+    assert model_aliases.alias_version(settings.mlflow_url, "dagtest-model", "champion") == promoted_version
 
 
 def test_dag_test_with_techniques_switched_off_still_evaluates_and_registers(local_services, airflow_env, tiny_model,
                                                                               labelled_csv):
     """distill and quantize off (so prune off too): their tasks are SKIPPED with the reason, and the
     teacher's two FP32 candidates are evaluated, registered, gated and one of them promoted."""
-    from tasks import registry
+    from tasks import model_aliases
     from tasks.settings import safe_name
 
     settings = local_services.settings
@@ -159,6 +159,6 @@ def test_dag_test_with_techniques_switched_off_still_evaluates_and_registers(loc
     assert set(summary["switched_off"]) == {"onnx_int8", "student_onnx_fp32", "student_int8", "pruned_onnx_fp32",
                                             "pruned_int8"}
     assert summary["promotion"]["status"] == "success" and summary["winner"] == "onnx_fp32"
-    assert registry.alias_version(settings.mlflow_url, "dagtest-lite", "champion") == summary["versions"]["onnx_fp32"]
+    assert model_aliases.alias_version(settings.mlflow_url, "dagtest-lite", "champion") == summary["versions"]["onnx_fp32"]
     page = (settings.runs_dir / safe_name(run_id) / "report" / "report.md").read_text()
     assert "Switched off (not built, evaluated or registered): onnx_int8 (quantize switched off" in page

@@ -16,7 +16,7 @@ import pytest
 from onnx import numpy_helper
 
 from serving.triton_client import TritonClient
-from tasks import pipeline, registry
+from tasks import model_aliases, pipeline, registry
 from tasks.config import GateConfig, PipelineConfig, PromoteConfig
 from tasks.evaluate import run as evaluate
 from tasks.results import ModelFormat, StepResult, StepStatus
@@ -107,7 +107,7 @@ def test_each_injected_fault_is_gated_out_and_the_champion_keeps_serving(
     good = evaluated("good", exported_onnx)
     first = _gate_and_promote(settings, config, "run-good", prepared_data, {"teacher_pytorch": teacher, "good": good})
     assert first["status"] == "success"
-    champion = registry.alias_version(settings.mlflow_tracking_uri, "injected", "champion")
+    champion = model_aliases.alias_version(settings.mlflow_tracking_uri, "injected", "champion")
     assert champion is not None
 
     faulty = {
@@ -127,7 +127,7 @@ def test_each_injected_fault_is_gated_out_and_the_champion_keeps_serving(
     assert "accuracy" in failed["swapped"] and "champion_regression" in failed["swapped"]
     assert summary["winner"] is None
 
-    assert registry.alias_version(settings.mlflow_tracking_uri, "injected", "champion") == champion
+    assert model_aliases.alias_version(settings.mlflow_tracking_uri, "injected", "champion") == champion
     client = TritonClient(settings.triton_url)
     assert client.ready_versions("injected") == [1]
     served = client.classify("injected", ["good great film"])

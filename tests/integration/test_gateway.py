@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from monitoring import prediction_log as plog
+from serving import prediction_log as plog
 from serving import model_repository as repo
 
 pytestmark = pytest.mark.integration

@@ -93,9 +93,9 @@ def test_scheduler_runs_optimize_model_and_restart_keeps_state(tmp_path, tiny_mo
         api = AirflowApi(settings.airflow_url, "admin", restarted.airflow_admin_password())
         assert api.run_state("optimize_model", "stack_test_run") == "success"
         from serving.triton_client import TritonClient
-        from tasks import registry
+        from tasks import model_aliases
 
-        assert registry.alias_version(settings.mlflow_url, "text-classifier", "champion") == mlflow_version
+        assert model_aliases.alias_version(settings.mlflow_url, "text-classifier", "champion") == mlflow_version
         client = TritonClient(settings.triton_http_url)
         assert client.ready_versions("text_classifier") == [1]
         summary = json.loads((settings.runs_dir / "stack_test_run" / "summary.json").read_text())

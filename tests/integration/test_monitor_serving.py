@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from monitoring import prediction_log as plog
+from serving import prediction_log as plog
 from monitoring.features import reference_features
 from serving import model_repository as repo
-from tasks.export import onnx_logits
+from tasks.onnx_model import onnx_logits
 from tasks.modeling import generate_texts, load_tokenizer
 from monitoring.features import REFERENCE_FILE
 from tasks.promote import write_reference
@@ -68,9 +68,9 @@ def test_monitor_dag_reports_no_drift_then_triggers_on_shifted_traffic(local_ser
     predictions = tmp_path / "eval.parquet"
     import pandas as pd
 
-    from tasks import data as data_step
+    from tasks.splits import read_split
 
-    test_texts = data_step.read_split(prepared_data, "test")["text"].tolist()
+    test_texts = read_split(prepared_data, "test")["text"].tolist()
     logits = onnx_logits(exported_onnx / "model.onnx", load_tokenizer(exported_onnx), test_texts, 32, batch_size=1)
     frame = pd.DataFrame({"label": 0, "prediction": logits.argmax(1), "logit_0": logits[:, 0], "logit_1": logits[:, 1]})
     frame.to_parquet(predictions)

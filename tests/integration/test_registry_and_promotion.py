@@ -15,7 +15,7 @@ import pytest
 
 from serving import model_repository as repo
 from serving.triton_client import TritonClient, TritonUnavailable
-from tasks import registry
+from tasks import model_aliases, registry
 from tasks.config import EvaluateConfig, PromoteConfig
 from tasks.errors import PromotionFailed
 from tasks.evaluate import run as evaluate
@@ -120,7 +120,7 @@ def test_promote_switch_fail_and_roll_back_without_dropping_requests(local_servi
     mlflow_v1 = _register(settings, "promo-model", "run-1", exported_onnx, evaluated.metrics)
     first = promote(config, target, exported_onnx, predictions, prepared_data, mlflow_v1, max_length=32)
     assert first.metrics["triton_version"] == 1.0
-    assert registry.alias_version(settings.mlflow_url, "promo-model", "champion") == mlflow_v1
+    assert model_aliases.alias_version(settings.mlflow_url, "promo-model", "champion") == mlflow_v1
     assert (settings.triton_model_repository / "promo_model" / "1" / "reference_predictions.parquet").exists()
     client = TritonClient(settings.triton_http_url)
     # The champion measured through Triton on the same split gives the evaluation's accuracy exactly.
@@ -137,8 +137,8 @@ def test_promote_switch_fail_and_roll_back_without_dropping_requests(local_servi
     assert during_switch.sent > 10 and during_switch.failures == []
     assert second.metrics["triton_version"] == 2.0
     assert client.ready_versions("promo_model") == [2]
-    assert registry.alias_version(settings.mlflow_url, "promo-model", "champion") == mlflow_v2
-    assert registry.alias_version(settings.mlflow_url, "promo-model", PREVIOUS_ALIAS) == mlflow_v1
+    assert model_aliases.alias_version(settings.mlflow_url, "promo-model", "champion") == mlflow_v2
+    assert model_aliases.alias_version(settings.mlflow_url, "promo-model", PREVIOUS_ALIAS) == mlflow_v1
 
     # A corrupted model file: the load fails, version 2 keeps serving, the aliases stay.
     broken = tmp_path / "broken"
@@ -151,7 +151,7 @@ def test_promote_switch_fail_and_roll_back_without_dropping_requests(local_servi
     assert during_failure.sent > 10 and during_failure.failures == []
     assert repo.ensemble_versions(settings.triton_model_repository, "promo_model") == [1, 2]
     assert client.ready_versions("promo_model") == [2]
-    assert registry.alias_version(settings.mlflow_url, "promo-model", "champion") == mlflow_v2
+    assert model_aliases.alias_version(settings.mlflow_url, "promo-model", "champion") == mlflow_v2
 
     # Roll back: the files of version 1 serve again, as version 3, and MLflow version 1 is the champion.
     with RequestStream(settings.triton_http_url, "promo_model") as during_rollback:
@@ -160,22 +160,22 @@ def test_promote_switch_fail_and_roll_back_without_dropping_requests(local_servi
     assert result.info["mlflow_version"] == mlflow_v1
     assert result.info["files_of_triton_version"] == "1"
     assert client.ready_versions("promo_model") == [3]
-    assert registry.version_tags(settings.mlflow_url, "promo-model", mlflow_v1)["triton_version"] == "3"
+    assert model_aliases.version_tags(settings.mlflow_url, "promo-model", mlflow_v1)["triton_version"] == "3"
     assert (settings.triton_model_repository / "promo_model" / "3" / "reference_predictions.parquet").exists()
-    assert registry.alias_version(settings.mlflow_url, "promo-model", "champion") == mlflow_v1
-    assert registry.alias_version(settings.mlflow_url, "promo-model", PREVIOUS_ALIAS) is None
+    assert model_aliases.alias_version(settings.mlflow_url, "promo-model", "champion") == mlflow_v1
+    assert model_aliases.alias_version(settings.mlflow_url, "promo-model", PREVIOUS_ALIAS) is None
     with pytest.raises(PromotionFailed, match="nothing to roll back to"):
         rollback(config, target)
 
     # What `opsctl champion` prints for this state.
     from opsctl.cli import champion_lines
 
-    lines = champion_lines(settings.mlflow_url, client, "promo-model", "promo_model", PREVIOUS_ALIAS, registry)
+    lines = champion_lines(settings.mlflow_url, client, "promo-model", "promo_model", PREVIOUS_ALIAS, model_aliases)
     assert lines[0].startswith(f"champion: promo-model version {mlflow_v1} (onnx_fp32, accuracy ")
     assert lines[0].endswith("served as Triton promo_model version 3")
     assert lines[1:3] == ["Triton promo_model: version 3 ready", "previous champion: none"]
     assert champion_lines(settings.mlflow_url, client, "never-registered", "nothing", PREVIOUS_ALIAS,
-                          registry)[0].startswith("no champion")
+                          model_aliases)[0].startswith("no champion")
 
 
 def test_smoke_test_mismatch_is_not_promoted(local_services, exported_onnx, evaluated, prepared_data, tmp_path):
@@ -190,7 +190,7 @@ def test_smoke_test_mismatch_is_not_promoted(local_services, exported_onnx, eval
     with pytest.raises(PromotionFailed, match="differ from the evaluation outputs"):
         promote(config, _target(settings), exported_onnx, wrong, prepared_data, version, max_length=32)
     assert repo.ensemble_versions(settings.triton_model_repository, "smoke_model") == []
-    assert registry.alias_version(settings.mlflow_url, "smoke-model", "champion") is None
+    assert model_aliases.alias_version(settings.mlflow_url, "smoke-model", "champion") is None
     assert not TritonClient(settings.triton_http_url).is_ready("smoke_model")
     assert champion_score(_target(settings), config, prepared_data) is None
 
@@ -235,7 +235,7 @@ def test_promotion_switches_every_replica_and_never_half_promotes(local_services
         promote(config, down, exported_onnx, predictions, prepared_data, v3, max_length=32)
     assert repo.ensemble_versions(settings.triton_model_repository, "replica_model") == [1, 2]
     assert [client.ready_versions("replica_model") for client in clients] == [[2], [2]]
-    assert registry.alias_version(settings.mlflow_url, "replica-model", "champion") == v2
+    assert model_aliases.alias_version(settings.mlflow_url, "replica-model", "champion") == v2
 
     # A replica the promotion did not reach (started mid-switch) converges through the sync loop.
     from serving.replica_sync import sync_once

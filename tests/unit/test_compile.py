@@ -62,8 +62,9 @@ def test_tritons_tensorrt_accelerator_settings_give_the_cpu_logits(exported_onnx
     from tritonclient.grpc import model_config_pb2
 
     from serving import model_repository as repo
-    from tasks import data as data_step
-    from tasks.evaluate import load_tokenizer, tokenize
+    from tasks.evaluate import tokenize
+    from tasks.modeling import load_tokenizer
+    from tasks.splits import read_split
 
     config = replace(repo.classifier_config("clf", 2), gpu=True, tensorrt_precision="FP16",
                           tensorrt_workspace_mb=512)
@@ -75,7 +76,7 @@ def test_tritons_tensorrt_accelerator_settings_give_the_cpu_logits(exported_onnx
     gpu = ort.InferenceSession(model, providers=[("TensorrtExecutionProvider", options), "CUDAExecutionProvider"])
     assert gpu.get_providers()[0] == "TensorrtExecutionProvider"
     cpu = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-    texts = data_step.read_split(prepared_data, "test")["text"].head(16).tolist()
+    texts = read_split(prepared_data, "test")["text"].head(16).tolist()
     tokenizer = load_tokenizer(exported_onnx)
     for text in texts:
         feeds = tokenize(tokenizer, [text], 32)

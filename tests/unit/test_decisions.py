@@ -37,7 +37,7 @@ def _evaluation(accuracy: float, p50: float) -> dict:
 def recorded(monkeypatch, tmp_path):
     """MLflow calls recorded instead of sent; scoring the champion is an error after the score task."""
     calls: dict[str, list] = {"tags": [], "descriptions": [], "logged": []}
-    monkeypatch.setattr(pipeline.registry, "tag_version", lambda uri, model, version, tags: calls["tags"].append(
+    monkeypatch.setattr(pipeline.model_aliases, "tag_version", lambda uri, model, version, tags: calls["tags"].append(
         (version, tags)))
     monkeypatch.setattr(pipeline.registry, "describe_decision", lambda uri, model, version, text: calls[
         "descriptions"].append((version, text)))

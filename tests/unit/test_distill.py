@@ -6,34 +6,35 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tasks import distill
+from tasks import distill, modeling
 from tasks.config import DistillConfig
 from tasks.errors import ConfigError
 from tasks.modeling import load_classifier
+from tasks.training import distillation_loss
 
 
 @pytest.mark.parametrize("teacher, student, expected", [(6, 3, [1, 3, 5]), (12, 4, [2, 5, 8, 11]), (2, 1, [1]),
                                                          (4, 4, [0, 1, 2, 3])])
 def test_student_layers_are_evenly_spaced_and_keep_the_last(teacher, student, expected):
-    assert distill.student_layer_map(teacher, student) == expected
+    assert modeling.student_layer_map(teacher, student) == expected
 
 
 def test_student_layer_count_is_validated():
     with pytest.raises(ConfigError):
-        distill.student_layer_map(6, 7)
+        modeling.student_layer_map(6, 7)
     with pytest.raises(ConfigError):
         DistillConfig(alpha=1.5)
 
 
 def test_build_student_copies_the_chosen_layers(trained_teacher):
     teacher = load_classifier(trained_teacher).eval()
-    student, chosen = distill.build_student(teacher, 1)
+    student, chosen = modeling.build_student(teacher, 1)
     assert chosen == [1]
-    assert len(distill.encoder_layers(student)) == 1 and student.config.num_hidden_layers == 1
-    assert len(distill.encoder_layers(teacher)) == 2  # the teacher is untouched
-    assert distill.parameter_count(student) < distill.parameter_count(teacher)
-    copied = distill.encoder_layers(student)[0].state_dict()
-    original = distill.encoder_layers(teacher)[1].state_dict()
+    assert len(modeling.encoder_layers(student)) == 1 and student.config.num_hidden_layers == 1
+    assert len(modeling.encoder_layers(teacher)) == 2  # the teacher is untouched
+    assert modeling.parameter_count(student) < modeling.parameter_count(teacher)
+    copied = modeling.encoder_layers(student)[0].state_dict()
+    original = modeling.encoder_layers(teacher)[1].state_dict()
     assert all(torch.equal(copied[key], original[key]) for key in original)
     assert torch.equal(student.classifier.weight, teacher.classifier.weight)
 
@@ -42,11 +43,11 @@ def test_distillation_loss_mixes_soft_and_hard_terms():
     student = torch.tensor([[2.0, -1.0], [0.5, 0.3]])
     labels = torch.tensor([0, 1])
     hard = F.cross_entropy(student, labels)
-    assert torch.allclose(distill.distillation_loss(student, student.clone(), labels, 2.0, alpha=0.0), hard)
+    assert torch.allclose(distillation_loss(student, student.clone(), labels, 2.0, alpha=0.0), hard)
     # Identical logits: the soft (KL) term is zero, only the hard part remains.
-    assert torch.allclose(distill.distillation_loss(student, student.clone(), labels, 2.0, alpha=0.5), 0.5 * hard)
+    assert torch.allclose(distillation_loss(student, student.clone(), labels, 2.0, alpha=0.5), 0.5 * hard)
     different = torch.tensor([[-2.0, 1.0], [0.0, 0.0]])
-    assert distill.distillation_loss(student, different, labels, 2.0, alpha=1.0) > 0
+    assert distillation_loss(student, different, labels, 2.0, alpha=1.0) > 0
 
 
 def test_distill_run_produces_a_smaller_student_that_keeps_accuracy(trained_teacher, prepared_data, tmp_path):
@@ -60,7 +61,7 @@ def test_distill_run_produces_a_smaller_student_that_keeps_accuracy(trained_teac
     assert saved["num_hidden_layers"] == 1
     assert json.loads((tmp_path / "student" / "distill_config.json").read_text())["teacher_layers_kept"] == [1]
     reloaded = load_classifier(tmp_path / "student")
-    assert len(distill.encoder_layers(reloaded)) == 1
+    assert len(modeling.encoder_layers(reloaded)) == 1
 
 
 def test_hidden_state_loss_compares_mapped_layers_and_ignores_padding():

@@ -8,7 +8,7 @@ import pytest
 
 from monitoring.drift import DriftConfig, detect
 from monitoring.features import reference_features
-from tasks.export import onnx_logits
+from tasks.onnx_model import onnx_logits
 from tasks.modeling import generate_texts, load_tokenizer
 
 WINDOWS, WINDOW_ROWS = 20, 150

@@ -6,7 +6,7 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from monitoring import prediction_log as plog
+from serving import prediction_log as plog
 
 
 def _prediction(index: int, served_at: float | None = None) -> plog.Prediction:

@@ -5,11 +5,12 @@ import json
 import pytest
 import torch
 
-from tasks import export, prune
+from tasks import export, modeling, prune
 from tasks.config import ExportConfig, PruneConfig
 from tasks.errors import ConfigError
-from tasks.finetune import predict_logits
 from tasks.modeling import load_classifier, load_tokenizer
+from tasks.onnx_model import model_size_bytes
+from tasks.training import predict_logits
 
 
 def test_kept_indices_keep_the_highest_scores_in_order():
@@ -34,8 +35,8 @@ def test_magnitude_masks_zero_the_smallest_weights():
 def test_a_head_with_zero_weights_is_the_one_removed(trained_teacher, prepared_data):
     model = load_classifier(trained_teacher)
     tokenizer = load_tokenizer(trained_teacher)
-    head_size = prune.head_size_of(model)
-    parts = prune.layer_parts(prune.encoder_layers(model)[0])
+    head_size = modeling.head_size_of(model)
+    parts = modeling.layer_parts(modeling.encoder_layers(model)[0])
     with torch.no_grad():  # head 0 of layer 0 contributes nothing
         for linear in (parts.query, parts.key, parts.value):
             linear.weight[:head_size] = 0
@@ -59,19 +60,19 @@ def test_structured_pruning_gives_a_smaller_model_that_reloads_and_exports(train
     assert (metrics["ffn_neurons_before"], metrics["ffn_neurons_after"]) == (128, 64)
     assert metrics["parameters_after"] < metrics["parameters_before"]
     assert metrics["val_accuracy"] >= 0.8
-    assert export.model_size_bytes(tmp_path / "pruned") < export.model_size_bytes(trained_teacher)
-    plan = json.loads((tmp_path / "pruned" / prune.PLAN_FILENAME).read_text())
+    assert model_size_bytes(tmp_path / "pruned") < model_size_bytes(trained_teacher)
+    plan = json.loads((tmp_path / "pruned" / modeling.PLAN_FILENAME).read_text())
     assert [len(heads) for heads in plan["heads"]] == [1, 1]
 
     reloaded = load_classifier(tmp_path / "pruned")
-    attention = prune.encoder_layers(reloaded)[0].attention.self
-    assert attention.query.out_features == prune.head_size_of(reloaded)
+    attention = modeling.encoder_layers(reloaded)[0].attention.self
+    assert attention.query.out_features == modeling.head_size_of(reloaded)
     tokenizer = load_tokenizer(tmp_path / "pruned")
     texts = ["good great movie", "awful dull plot"]
     assert predict_logits(reloaded, tokenizer, texts, 32).shape == (2, 2)
     exported = export.run(ExportConfig(), tmp_path / "pruned", prepared_data, tmp_path / "onnx", max_length=32)
     assert exported.metrics["max_abs_diff"] < 1e-3
-    assert exported.metrics["size_bytes"] < export.model_size_bytes(exported_onnx)
+    assert exported.metrics["size_bytes"] < model_size_bytes(exported_onnx)
 
 
 def test_unstructured_pruning_reaches_the_sparsity_without_changing_shapes(trained_teacher, prepared_data, tmp_path):

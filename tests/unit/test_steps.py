@@ -8,8 +8,11 @@ import onnx
 import pytest
 
 from tasks import evaluate, export, gate, quantize
+from tasks.champion import ChampionScore
 from tasks.config import EvaluateConfig, ExportConfig, GateConfig, QuantizeConfig
 from tasks.errors import ExportError
+from tasks.onnx_model import model_size_bytes
+from tasks.predictions import read_logits
 from tasks.results import ModelFormat, StepResult, StepStatus
 
 
@@ -49,7 +52,7 @@ def test_dynamic_int8_quantizes_matmuls_and_shrinks_the_file(exported_onnx, prep
     assert ops["DynamicQuantizeLinear"] > 0
     assert ops["MatMulInteger"] > 0
     assert ops["MatMul"] < fp32_ops["MatMul"]
-    assert result.metrics["size_bytes"] < export.model_size_bytes(exported_onnx)
+    assert result.metrics["size_bytes"] < model_size_bytes(exported_onnx)
     assert result.metrics["source_label_agreement"] >= 0.9
     assert (tmp_path / "int8" / "tokenizer.json").exists()
 
@@ -58,7 +61,7 @@ def test_evaluate_writes_predictions_and_metrics(exported_onnx, prepared_data, t
     result = evaluate.run(EvaluateConfig(warmup=2, max_length=32), "onnx_fp32", exported_onnx, ModelFormat.ONNX,
                           prepared_data, tmp_path / "eval")
     assert result.status is StepStatus.SUCCESS
-    logits = evaluate.read_logits(tmp_path / "eval" / "predictions.parquet")
+    logits = read_logits(tmp_path / "eval" / "predictions.parquet")
     assert logits.shape == (int(result.metrics["test_rows"]), 2)
     assert np.isfinite(logits).all()
     m = result.metrics
@@ -92,13 +95,13 @@ def test_champion_regression_gate_compares_on_the_same_split():
     teacher = {"accuracy": 0.9}
     candidate = {"accuracy": 0.88, "nan_outputs": 0.0, "nan_on_edge_inputs": 0.0}
     config = GateConfig(max_relative_accuracy_drop=0.05, max_champion_regression=0.01)
-    better_champion = gate.ChampionScore(0.92, "Triton clf v3")
+    better_champion = ChampionScore(0.92, "Triton clf v3")
     checks = {c.name: c for c in gate.evaluate_gates(config, candidate, teacher, better_champion)}
     assert checks["champion_regression"].decision is gate.GateDecision.FAIL
     assert "champion 0.9200" in checks["champion_regression"].detail
-    close_champion = gate.ChampionScore(0.885, "Triton clf v3")
+    close_champion = ChampionScore(0.885, "Triton clf v3")
     assert gate.passed(gate.evaluate_gates(config, candidate, teacher, close_champion))
-    unmeasurable = gate.ChampionScore(None, "champion labels differ")
+    unmeasurable = ChampionScore(None, "champion labels differ")
     checks = {c.name: c for c in gate.evaluate_gates(config, candidate, teacher, unmeasurable)}
     assert checks["champion_regression"].decision is gate.GateDecision.PASS
     assert "not compared: champion labels differ" in checks["champion_regression"].detail
@@ -150,7 +153,7 @@ def test_fp16_halves_the_weights_and_keeps_float32_logits(exported_onnx, prepare
     assert types[onnx.TensorProto.FLOAT16] > 0 and types[onnx.TensorProto.FLOAT] == 0
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert result.metrics["source_max_abs_diff"] < 1e-2
-    assert result.metrics["size_bytes"] < 0.8 * export.model_size_bytes(exported_onnx)  # tiny graph: structure weighs too
+    assert result.metrics["size_bytes"] < 0.8 * model_size_bytes(exported_onnx)  # tiny graph: structure weighs too
 
 
 def test_quantize_config_rejects_unknown_modes():

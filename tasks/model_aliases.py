@@ -1,0 +1,39 @@
+"""MLflow registered-model aliases and version tags: which version is the champion, and moving it.
+
+Shared by the registry step (which records runs and versions) and promotion (which moves aliases).
+"""
+
+from __future__ import annotations
+
+
+def mlflow_client(tracking_uri: str):
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    return mlflow.MlflowClient(tracking_uri)
+
+
+def set_alias(tracking_uri: str, registered_model: str, alias: str, version: str) -> None:
+    mlflow_client(tracking_uri).set_registered_model_alias(registered_model, alias, version)
+
+
+def alias_version(tracking_uri: str, registered_model: str, alias: str) -> str | None:
+    client = mlflow_client(tracking_uri)
+    try:
+        return client.get_model_version_by_alias(registered_model, alias).version
+    except Exception:  # noqa: BLE001 - MLflow raises RestException for "no such alias/model"
+        return None
+
+
+def delete_alias(tracking_uri: str, registered_model: str, alias: str) -> None:
+    mlflow_client(tracking_uri).delete_registered_model_alias(registered_model, alias)
+
+
+def tag_version(tracking_uri: str, registered_model: str, version: str, tags: dict[str, str]) -> None:
+    client = mlflow_client(tracking_uri)
+    for key, value in tags.items():
+        client.set_model_version_tag(registered_model, version, key, value)
+
+
+def version_tags(tracking_uri: str, registered_model: str, version: str) -> dict[str, str]:
+    return dict(mlflow_client(tracking_uri).get_model_version(registered_model, version).tags)
