@@ -69,6 +69,7 @@ def test_dag_test_runs_every_task_and_promotes(local_services, airflow_env, tiny
         "data_source": str(labelled_csv), "teacher": str(tiny_model), "epochs": 3.0, "learning_rate": 5e-3,
         "max_length": 32, "registered_model": "dagtest-model", "triton_model": "dagtest_model",
         "student_layers": 1, "distill_epochs": 3.0, "prune_heads": 0.5, "prune_ffn": 0.5, "prune_epochs": 2.0,
+        "sparsify": True, "sparsity": 0.5, "sparsify_epochs": 2.0,  # the technique added through the recipe alone
     }
     state, run_id, tasks, output = _run_dag(env, conf)
     assert state == "success", output[-4000:]
@@ -84,8 +85,14 @@ def test_dag_test_runs_every_task_and_promotes(local_services, airflow_env, tiny
     # Candidates are evaluated in processes of their own: their peak shows through the children's.
     assert costs["evaluate"]["peak_memory_children_mb"] > 50
     summary = json.loads(summary_path.read_text())
-    assert set(summary["candidates"]) == {"teacher_pytorch", "onnx_fp32", "onnx_int8", "student_onnx_fp32",
-                                          "student_int8", "pruned_onnx_fp32", "pruned_int8"}
+    # Each decision left its record for the report (and for a retry of the task after it).
+    decisions = summary_path.parent / "decisions"
+    assert {path.name for path in decisions.iterdir()} == {"champion.json", "gates.json", "promotion.json"}
+    from tasks.recipe import OPTIMIZE_MODEL
+
+    assert set(summary["candidates"]) == set(OPTIMIZE_MODEL.candidates) == {
+        "teacher_pytorch", "onnx_fp32", "onnx_int8", "student_onnx_fp32", "student_int8", "pruned_onnx_fp32",
+        "pruned_int8", "sparse_onnx_fp32"}
     assert summary["switched_off"] == {}
     assert all(metrics["peak_memory_mb"] > 0 and metrics["throughput_per_s"] > 0
                for metrics in summary["candidates"].values())
@@ -146,7 +153,7 @@ def test_dag_test_with_techniques_switched_off_still_evaluates_and_registers(loc
     state, run_id, tasks, output = _run_dag(airflow_env, conf)
     assert state == "success", output[-4000:]
     skipped = {"distill_student", "export_student", "quantize_student", "prune_student", "export_pruned",
-               "quantize_pruned", "quantize_int8"}
+               "quantize_pruned", "quantize_int8", "sparsify_student", "export_sparse"}
     assert {task for task, task_state in tasks.items() if task_state == "skipped"} == skipped, tasks
     assert {task for task, task_state in tasks.items() if task_state == "success"} == set(tasks) - skipped, tasks
     assert "distill switched off in the run's params" in output
@@ -157,7 +164,7 @@ def test_dag_test_with_techniques_switched_off_still_evaluates_and_registers(loc
     assert set(summary["versions"]) == {"teacher_pytorch", "onnx_fp32"} and summary["versions"]["onnx_fp32"]
     assert summary["switched_off"]["student_int8"] == "distill and quantize switched off in the run's params"
     assert set(summary["switched_off"]) == {"onnx_int8", "student_onnx_fp32", "student_int8", "pruned_onnx_fp32",
-                                            "pruned_int8"}
+                                            "pruned_int8", "sparse_onnx_fp32"}
     assert summary["promotion"]["status"] == "success" and summary["winner"] == "onnx_fp32"
     assert model_aliases.alias_version(settings.mlflow_url, "dagtest-lite", "champion") == summary["versions"]["onnx_fp32"]
     page = (settings.runs_dir / safe_name(run_id) / "report" / "report.md").read_text()
