@@ -141,23 +141,23 @@ def optimize_model():
     @task
     def score_champion(data: dict) -> dict | None:
         """The serving champion's accuracy on this run's test texts, through Triton (None: nothing serves)."""
-        from tasks import pipeline
+        from tasks import decisions
 
-        return pipeline.score_champion(*_inputs(), data)
+        return decisions.score_champion(*_inputs(), data)
 
     @task
     def gate(evaluations: dict, registered: dict, champion: dict | None) -> dict:
         """Every gate of every registered candidate, recorded on its model version; the winner."""
-        from tasks import pipeline
+        from tasks import decisions
 
-        return pipeline.gate_candidates(*_inputs(), evaluations, registered, champion)
+        return decisions.gate_candidates(*_inputs(), evaluations, registered, champion)
 
     @task
     def promote(data: dict, evaluations: dict, gated: dict) -> dict:
         """Serve the winner on Triton and move the `champion` alias; SKIPPED when no candidate passed."""
-        from tasks import pipeline
+        from tasks import decisions
 
-        result = pipeline.promote_winner(*_inputs(), data, evaluations, gated)
+        result = decisions.promote_winner(*_inputs(), data, evaluations, gated)
         _skip(result.get("reason") if result["status"] == "skipped" else None)
         return result
 
@@ -169,13 +169,13 @@ def optimize_model():
         from airflow.sdk import get_current_context
         from airflow.sdk.exceptions import AirflowFailException
 
-        from tasks import pipeline
+        from tasks import decisions
         from tasks.errors import PipelineError
         from tasks.settings import PipelineSettings
 
         settings = PipelineSettings.from_env(os.environ)
         try:
-            written = pipeline.write_report(settings, get_current_context()["run_id"])
+            written = decisions.write_report(settings, get_current_context()["run_id"])
         except PipelineError as error:
             raise AirflowFailException(str(error)) from None
         if written["promotion"]["status"] == "failed":

@@ -64,7 +64,7 @@ class Stage:
             "" when it always runs once its inputs exist.
         output: the folder under the run directory it writes.
         candidate: the candidate it produces, or None when its output is only an intermediate.
-        model_format: the format of that output.
+        model_format: the format of that output (default: PyTorch for training steps, else ONNX).
         compared_with: the candidate it was converted from, for the agreement gate (export and
             quantization); None for new models (distilled, pruned), which the accuracy gates judge.
         target: the hardware its output is built for.
@@ -79,7 +79,7 @@ class Stage:
     technique: str = ""
     output: str = ""
     candidate: str | None = None
-    model_format: Format = Format.ONNX
+    model_format: Format | None = None
     compared_with: str | None = None
     target: Target = Target.CPU
     doc: str = ""
@@ -88,12 +88,15 @@ class Stage:
         object.__setattr__(self, "inputs", MappingProxyType(dict(self.inputs)))
         object.__setattr__(self, "section", self.section or self.step.value)
         object.__setattr__(self, "output", self.output or self.candidate or self.id)
+        if self.model_format is None:  # training steps write PyTorch models, the rest ONNX
+            trains = self.step in (Step.FINETUNE, Step.DISTILL, Step.PRUNE)
+            object.__setattr__(self, "model_format", Format.PYTORCH if trains else Format.ONNX)
 
 
 def _teacher_stages() -> list[Stage]:
     return [
         Stage("finetune_teacher", Step.FINETUNE, "finetune", output="teacher", candidate="teacher_pytorch",
-              model_format=Format.PYTORCH, doc="Fine-tune the teacher with a fresh classification head."),
+              doc="Fine-tune the teacher with a fresh classification head."),
         Stage("export_onnx", Step.EXPORT, "ONNX export (FP32)", {MODEL_INPUT: "finetune_teacher"},
               candidate="onnx_fp32", compared_with="teacher_pytorch",
               doc="Export the teacher to ONNX and check it reproduces the PyTorch logits."),

@@ -46,7 +46,9 @@ SERVICES = {"PIPELINE_MLFLOW_TRACKING_URI": "http://mlflow:5000", "PIPELINE_TRIT
 @dsl.component(base_image=PROJECT_IMAGE, install_kfp_package=False)
 def run_step(step: str, params_json: str, run_id: str, data: str = "", first: str = "", second: str = "",
              third: str = "") -> str:
-    """Call ``tasks.pipeline.<step>(settings, config, run_id, [data, first, second, third])``."""
+    """Call ``tasks.<module>.<function>(settings, config, run_id, [data, first, second, third])`` for
+    ``step`` = ``"<module>.<function>"`` (module: pipeline or decisions)."""
+    import importlib
     import json
     import os
 
@@ -57,7 +59,8 @@ def run_step(step: str, params_json: str, run_id: str, data: str = "", first: st
     config = pipeline.config_from_params(json.loads(params_json))
     upstream = [json.loads(value) if value not in ("", "null") else None for value in (data, first, second, third)
                 if value]
-    result = getattr(pipeline, step)(settings, config, run_id, *upstream)
+    module, function = step.split(".")
+    result = getattr(importlib.import_module(f"tasks.{module}"), function)(settings, config, run_id, *upstream)
     return json.dumps(result)
 
 
@@ -120,10 +123,10 @@ def report(run_id: str) -> str:
     import json
     import os
 
-    from tasks import pipeline
+    from tasks import decisions
     from tasks.settings import PipelineSettings
 
-    return json.dumps(pipeline.write_report(PipelineSettings.from_env(os.environ), run_id))
+    return json.dumps(decisions.write_report(PipelineSettings.from_env(os.environ), run_id))
 
 
 def _on_cluster(task: dsl.PipelineTask, memory: str = "4G", cpu: str = "2") -> dsl.PipelineTask:
@@ -146,9 +149,9 @@ def optimize_model(params_json: str = "{}", force_retrain: bool = False) -> None
         names = ("data", "first", "second", "third")
         task = run_step(step=function, params_json=params_json, run_id=run_id,
                         **{name: item.output for name, item in zip(names, upstream)})
-        return _on_cluster(task, memory).set_display_name(function)
+        return _on_cluster(task, memory).set_display_name(function.split(".")[1])
 
-    data = step("prepare_data")
+    data = step("pipeline.prepare_data")
     changed = _on_cluster(data_changed(params_json=params_json, data=data.output, force_retrain=force_retrain),
                           memory="2G").set_display_name("data_changed")
     with dsl.If(changed.output == True, name="data-changed"):  # noqa: E712 - a KFP condition, not a Python test
@@ -164,11 +167,11 @@ def optimize_model(params_json: str = "{}", force_retrain: bool = False) -> None
             params_json=params_json, run_id=run_id, data=data.output, slot_stages=json.dumps(producers),
             **{f"s{index}": results[stage_id].output for index, stage_id in enumerate(producers)},
         ), memory=TRAINING_MEMORY).set_display_name("evaluate")
-        registered = step("register_candidates", data, evaluations)
-        champion = step("score_champion", data)
+        registered = step("pipeline.register_candidates", data, evaluations)
+        champion = step("decisions.score_champion", data)
         champion.after(registered)  # no Triton traffic while latencies are measured
-        gated = step("gate_candidates", evaluations, registered, champion)
-        promoted = step("promote_winner", data, evaluations, gated)
+        gated = step("decisions.gate_candidates", evaluations, registered, champion)
+        promoted = step("decisions.promote_winner", data, evaluations, gated)
         _on_cluster(report(run_id=run_id), memory="2G").set_display_name("report").after(promoted)
 
 

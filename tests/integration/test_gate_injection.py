@@ -16,7 +16,7 @@ import pytest
 from onnx import numpy_helper
 
 from serving.triton_client import TritonClient
-from tasks import model_aliases, pipeline, registry
+from tasks import decisions, model_aliases, registry
 from tasks.config import GateConfig, PipelineConfig, PromoteConfig
 from tasks.evaluate import run as evaluate
 from tasks.results import ModelFormat, StepResult, StepStatus
@@ -71,12 +71,12 @@ def _promote(settings: PipelineSettings, config: PipelineConfig, run_id: str, da
     """The decision tasks in the DAG's order; the report is written after a failed promotion too."""
     data = StepResult("prepare_data", StepStatus.SUCCESS, uris={"data": str(data_dir)}).to_dict()
     evaluated = {name: result.to_dict() for name, result in evaluations.items()}
-    champion = pipeline.score_champion(settings, config, run_id, data)
-    gated = pipeline.gate_candidates(settings, config, run_id, evaluated, registered, champion)
+    champion = decisions.score_champion(settings, config, run_id, data)
+    gated = decisions.gate_candidates(settings, config, run_id, evaluated, registered, champion)
     try:
-        promoted = pipeline.promote_winner(settings, config, run_id, data, evaluated, gated)
+        promoted = decisions.promote_winner(settings, config, run_id, data, evaluated, gated)
     finally:
-        written = pipeline.write_report(settings, run_id)
+        written = decisions.write_report(settings, run_id)
     return promoted | {"summary": written["summary"]}
 
 

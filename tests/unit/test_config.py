@@ -67,7 +67,7 @@ def test_quantize_presets_differ_where_the_cpu_does():
 
 
 def test_fastest_passing_candidate_wins():
-    from tasks.pipeline import choose_winner
+    from tasks.decisions import choose_winner
 
     assert choose_winner({"a": (True, 9.0), "b": (True, 4.0), "c": (False, 1.0)}) == "b"
     assert choose_winner({"a": (False, 9.0), "c": (False, 1.0)}) is None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import pipeline
+from tasks import decisions, pipeline
 from tasks.errors import PipelineError
 from tasks.results import StepResult, StepStatus
 
@@ -37,17 +37,17 @@ def _evaluation(accuracy: float, p50: float) -> dict:
 def recorded(monkeypatch, tmp_path):
     """MLflow calls recorded instead of sent; scoring the champion is an error after the score task."""
     calls: dict[str, list] = {"tags": [], "descriptions": [], "logged": []}
-    monkeypatch.setattr(pipeline.model_aliases, "tag_version", lambda uri, model, version, tags: calls["tags"].append(
+    monkeypatch.setattr(decisions.model_aliases, "tag_version", lambda uri, model, version, tags: calls["tags"].append(
         (version, tags)))
-    monkeypatch.setattr(pipeline.registry, "describe_decision", lambda uri, model, version, text: calls[
+    monkeypatch.setattr(decisions.registry, "describe_decision", lambda uri, model, version, text: calls[
         "descriptions"].append((version, text)))
-    monkeypatch.setattr(pipeline.registry, "log_run_summary", lambda uri, parent, files, metrics: calls[
+    monkeypatch.setattr(decisions.registry, "log_run_summary", lambda uri, parent, files, metrics: calls[
         "logged"].append([Path(path).name for path in files]))
 
     def no_scoring(*args, **kwargs):
         raise AssertionError("the champion was scored again")
 
-    monkeypatch.setattr(pipeline.promote_step, "champion_score", no_scoring)
+    monkeypatch.setattr(decisions.promote_step, "champion_score", no_scoring)
     return calls
 
 
@@ -55,7 +55,7 @@ def _gate(settings, champion: dict | None) -> dict:
     config = pipeline.config_from_params({"quantize": False, "distill": False, "prune": False})
     evaluations = {"teacher_pytorch": _evaluation(0.90, 20.0), "student_onnx_fp32": _evaluation(0.60, 8.0)}
     registered = {"parent_run_id": "parent", "versions": {"teacher_pytorch": None, "student_onnx_fp32": "7"}}
-    return pipeline.gate_candidates(settings, config, "run", evaluations, registered, champion), config
+    return decisions.gate_candidates(settings, config, "run", evaluations, registered, champion), config
 
 
 def test_no_winner_is_recorded_and_reported_without_scoring_again(recorded, tmp_path):
@@ -65,12 +65,12 @@ def test_no_winner_is_recorded_and_reported_without_scoring_again(recorded, tmp_
     assert recorded["tags"][0][0] == "7" and recorded["tags"][0][1]["gate.accuracy"].startswith("fail")
     assert "not promoted by run run" in recorded["descriptions"][0][1]
 
-    promoted = pipeline.promote_winner(settings, config, "run", {}, {}, gated)
+    promoted = decisions.promote_winner(settings, config, "run", {}, {}, gated)
     assert promoted["status"] == "skipped" and "no candidate passed" in promoted["reason"]
 
-    first = pipeline.write_report(settings, "run")
+    first = decisions.write_report(settings, "run")
     summary_text = Path(first["summary"]).read_text()
-    again = pipeline.write_report(settings, "run")  # a retried report rewrites the same files
+    again = decisions.write_report(settings, "run")  # a retried report rewrites the same files
     assert Path(again["summary"]).read_text() == summary_text
     summary = json.loads(summary_text)
     assert summary["winner"] is None and summary["promotion"]["status"] == "skipped"
@@ -81,13 +81,13 @@ def test_no_winner_is_recorded_and_reported_without_scoring_again(recorded, tmp_
 
 def test_the_report_of_a_run_whose_gate_did_not_finish_says_so(tmp_path):
     with pytest.raises(PipelineError, match="the gate did not finish"):
-        pipeline.write_report(_Settings(tmp_path), "run")
+        decisions.write_report(_Settings(tmp_path), "run")
 
 
 def test_a_promotion_that_never_decided_is_reported_as_failed(recorded, tmp_path):
     settings = _Settings(tmp_path)
     _gate(settings, None)
-    summary = json.loads(Path(pipeline.write_report(settings, "run")["summary"]).read_text())
+    summary = json.loads(Path(decisions.write_report(settings, "run")["summary"]).read_text())
     assert summary["promotion"]["status"] == "failed"
     assert "did not run to a decision" in summary["promotion"]["reason"]
 

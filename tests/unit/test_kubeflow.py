@@ -1,6 +1,7 @@
 """The Kubeflow pipeline compiles (in .venv-kfp, `make venv-kfp`), is the recipe's graph, and calls the
 same tasks.pipeline functions as the Airflow DAG, with the arguments those functions take."""
 
+import importlib
 import inspect
 import subprocess
 from pathlib import Path
@@ -47,15 +48,17 @@ def test_each_step_calls_a_pipeline_function_with_the_arguments_it_takes(compile
         step = _constant(task, "step")
         if step is None:
             continue
-        function = getattr(pipeline, step)  # AttributeError: the pipeline names a function that does not exist
+        module, name = step.split(".")
+        function = getattr(importlib.import_module(f"tasks.{module}"), name)  # AttributeError: no such function
         upstream = [key for key in UPSTREAM if key in task["inputs"]["parameters"]]
         parameters = list(inspect.signature(function).parameters)
         # settings, config, run_id, then one parameter per upstream result.
         assert parameters[:3] == ["settings", "config", "run_id"], step
         assert len(parameters) == 3 + len(upstream), (step, parameters, upstream)
         called.append(step)
-    assert sorted(called) == sorted(["prepare_data", "register_candidates", "score_champion", "gate_candidates",
-                                     "promote_winner"])
+    assert sorted(called) == sorted(["pipeline.prepare_data", "pipeline.register_candidates",
+                                     "decisions.score_champion", "decisions.gate_candidates",
+                                     "decisions.promote_winner"])
 
 
 def test_the_stages_are_the_recipe_with_its_edges(compiled):
@@ -81,7 +84,7 @@ def test_training_runs_only_when_the_data_changed(compiled):
     root = compiled["spec"]["root"]["dag"]["tasks"]
     condition = next(task for task in root.values() if "triggerPolicy" in task)
     assert "data-changed-Output" in condition["triggerPolicy"]["condition"]
-    assert {_constant(task, "step") for task in root.values()} == {"prepare_data", None}  # the rest is inside
+    assert {_constant(task, "step") for task in root.values()} == {"pipeline.prepare_data", None}  # the rest is inside
 
 
 def test_every_step_runs_the_project_image_with_the_shared_volumes(compiled):

@@ -1,0 +1,150 @@
+"""The decisions of an optimize_model run, one function per DAG task, each safe to retry.
+
+``score_champion`` -> ``gate_candidates`` -> ``promote_winner`` -> ``write_report``. Each writes
+its record under the run's folder (``decisions/``) and the report is built from those records, so
+a retried report rewrites the same report, a retried promotion does not score the champion again,
+and the report is written after a failed promotion too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from tasks import gate as gate_step
+from tasks import model_aliases, registry, report
+from tasks import promote as promote_step
+from tasks.champion import ChampionScore
+from tasks.config import PipelineConfig
+from tasks.errors import PipelineError, PromotionFailed
+from tasks.pipeline import candidate_metrics, switched_off_candidates
+from tasks.results import StepResult, StepStatus, write_json_atomic
+from tasks.settings import PipelineSettings
+
+log = logging.getLogger(__name__)
+
+DECISIONS = "decisions"
+
+
+def score_champion(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict) -> dict | None:
+    """The serving champion's accuracy on this run's test split, through Triton (None: nothing serves)."""
+    target = _promotion_target(settings)
+    score = promote_step.champion_score(target, config.promote, Path(StepResult.from_dict(data).uri("data")))
+    record = None if score is None else {"accuracy": score.accuracy, "note": score.note}
+    write_json_atomic(settings.run_dir(run_id) / DECISIONS / "champion.json", {"champion": record})
+    log.info("champion: %s", record or "nothing serves yet")
+    return record
+
+
+def choose_winner(gated: dict[str, tuple[bool, float]]) -> str | None:
+    """The fastest (lowest batch-1 p50 latency) candidate among those that passed every gate."""
+    passing = [(latency, name) for name, (ok, latency) in gated.items() if ok]
+    return min(passing)[1] if passing else None
+
+
+def gate_candidates(settings: PipelineSettings, config: PipelineConfig, run_id: str, evaluations: dict[str, dict],
+                    registered: dict, champion: dict | None) -> dict:
+    """Gate every registered candidate, record each gate on its model version, choose the winner and
+    say in every other version's description why it was not chosen. Writes ``decisions/gates.json``."""
+    teacher = StepResult.from_dict(evaluations["teacher_pytorch"]).metrics
+    score = None if champion is None else ChampionScore(champion["accuracy"], champion["note"])
+    model_name, uri = config.promote.registered_model, settings.mlflow_tracking_uri
+    gates: dict[str, list[gate_step.GateCheck]] = {}
+    for name, version in registered["versions"].items():
+        if version is None:
+            continue
+        gates[name] = gate_step.evaluate_gates(config.gate, candidate_metrics(evaluations, name), teacher, score)
+        model_aliases.tag_version(uri, model_name, version,
+                             {f"gate.{c.name}": f"{c.decision.value}: {c.detail}" for c in gates[name]})
+    winner = choose_winner({name: (gate_step.passed(checks), evaluations[name]["metrics"]["latency_p50_ms"])
+                            for name, checks in gates.items()})
+    for name, checks in gates.items():
+        if name != winner:
+            reasons = gate_step.failure_reasons(checks)
+            why = "; ".join(reasons) if reasons else f"passed every gate but {winner} was faster"
+            registry.describe_decision(uri, model_name, registered["versions"][name],
+                                       f"not promoted by run {run_id}: {why}.")
+    decisions = {
+        "run_id": run_id,
+        "mlflow_parent_run_id": registered["parent_run_id"],
+        "registered_model": model_name,
+        "versions": registered["versions"],
+        "candidates": {name: StepResult.from_dict(value).metrics for name, value in evaluations.items()},
+        "switched_off": switched_off_candidates(config),
+        "champion_before": champion,
+        "gates": {name: [{"name": c.name, "decision": c.decision.value, "detail": c.detail} for c in checks]
+                  for name, checks in gates.items()},
+        "winner": winner,
+    }
+    write_json_atomic(settings.run_dir(run_id) / DECISIONS / "gates.json", decisions)
+    log.info("winner: %s", winner or "none: no candidate passed every gate; the champion stays")
+    return {"winner": winner}
+
+
+def promote_winner(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict,
+                   evaluations: dict[str, dict], gated: dict) -> dict:
+    """Serve the gated winner on Triton and move the alias; SKIPPED (with the reason) when there is none.
+
+    The outcome, failure included, is written to ``decisions/promotion.json`` for the report;
+    a failure is raised after that, so the task fails and the run with it.
+    """
+    decisions = read_decisions(settings, run_id)
+    winner, record_path = gated["winner"], settings.run_dir(run_id) / DECISIONS / "promotion.json"
+    if winner is None:
+        result = StepResult(step="promote", status=StepStatus.SKIPPED,
+                            reason="no candidate passed every gate; the champion stays (see the gates of each)")
+        write_json_atomic(record_path, result.to_dict())
+        return result.to_dict()
+    uri, model_name, version = settings.mlflow_tracking_uri, config.promote.registered_model, decisions["versions"][winner]
+    candidate = StepResult.from_dict(evaluations[winner])
+    try:
+        result = promote_step.run(config.promote, _promotion_target(settings), model_dir=Path(candidate.uri("model")),
+                                  predictions=Path(candidate.uri("predictions")),
+                                  data_dir=Path(StepResult.from_dict(data).uri("data")), mlflow_version=version,
+                                  max_length=config.evaluate.max_length, intra_op_threads=config.evaluate.threads)
+    except PromotionFailed as error:
+        registry.describe_decision(uri, model_name, version, f"gates passed but run {run_id} could not serve it: {error}")
+        failed = StepResult(step="promote", status=StepStatus.FAILED, reason=str(error), info={"candidate": winner})
+        write_json_atomic(record_path, failed.to_dict())
+        raise
+    result = replace(result, info=result.info | {"candidate": winner})
+    registry.describe_decision(
+        uri, model_name, version,
+        f"promoted by run {run_id}: every gate passed and it was the fastest passing candidate; serving as Triton "
+        f"{config.promote.triton_model} version {int(result.metrics['triton_version'])} with alias "
+        f"{config.promote.alias!r}.")
+    write_json_atomic(record_path, result.to_dict())
+    return result.to_dict()
+
+
+def read_decisions(settings: PipelineSettings, run_id: str) -> dict:
+    """The gate task's record of run ``run_id``; PipelineError when the gate did not finish."""
+    path = settings.run_dir(run_id) / DECISIONS / "gates.json"
+    if not path.exists():
+        raise PipelineError(f"nothing to report: the gate did not finish for run {run_id} ({path} is missing); "
+                            "see the gate task and the tasks before it")
+    return json.loads(path.read_text())
+
+
+def write_report(settings: PipelineSettings, run_id: str) -> dict:
+    """``summary.json`` and the readable report (Markdown, HTML, Pareto plot) of the run from the
+    decision records, all logged to the MLflow parent run. Runs after a failed promotion too."""
+    summary = read_decisions(settings, run_id)
+    promotion_path = settings.run_dir(run_id) / DECISIONS / "promotion.json"
+    summary["promotion"] = (json.loads(promotion_path.read_text()) if promotion_path.exists() else
+                            StepResult(step="promote", status=StepStatus.FAILED,
+                                       reason="the promote task did not run to a decision (see its log)").to_dict())
+    summary_path = settings.run_dir(run_id) / "summary.json"
+    write_json_atomic(summary_path, summary)
+    reports = report.write_reports(summary, settings.run_dir(run_id) / "report")
+    registry.log_run_summary(settings.mlflow_tracking_uri, summary["mlflow_parent_run_id"], [summary_path, *reports],
+                             {f"{name}.{key}": value for name, value in summary["candidates"].items()
+                              for key, value in value.items() if key in ("accuracy", "latency_p95_ms")})
+    return {"summary": str(summary_path), "winner": summary["winner"], "promotion": summary["promotion"]}
+
+
+def _promotion_target(settings: PipelineSettings) -> promote_step.PromotionTarget:
+    return promote_step.PromotionTarget(settings.triton_url, settings.triton_model_repository,
+                                        settings.mlflow_tracking_uri)
