@@ -24,20 +24,32 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from bench import compute, latency_workers
 from bench.latency_workers import InterleavedLatency
+from tasks.recipe import MODEL_INPUT, OPTIMIZE_MODEL, Format, Stage, Step
 from tasks.results import ModelFormat, StepResult, StepStatus
+
+if TYPE_CHECKING:
+    from tasks.config import ExportConfig, PipelineConfig
+    from tasks.settings import PipelineSettings
 
 log = logging.getLogger("bench.compress")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
+# The rows of the pipeline's candidates are named as the optimize_model recipe names them
+# (tasks/recipe.py); the benchmark's own rows have names no candidate has.
 REFERENCE_ROW = "teacher_pytorch"
-PROMOTED_ROW = "student_pruned_int8"
+PROMOTED_ROW = "pruned_int8"
 OPTIMUM_ROW = "optimum_int8"
+SPARSE_INT8_ROW = "sparse_int8"
+TENSORRT_ROW, TENSORRT_STEP = "tensorrt_fp16", "compile_tensorrt_fp16"
+# The fine-tuned teacher's folder in the work dir (the run directory of the recipe's stages).
+TEACHER_DIR = OPTIMIZE_MODEL.producer(REFERENCE_ROW).output
 OPTIMUM_PYTHON = REPO_ROOT / ".venv-optimum" / "bin" / "python"
 # The compression issue's targets for the promoted combination vs the FP32 PyTorch teacher.
 # p50 speed-up of record: the interleaved one (median over rounds), see ``table``.
@@ -90,7 +102,7 @@ class Row:
     model_dir: Path | None
     model_format: ModelFormat | None
     skipped_reason: str = ""
-    source: str = "teacher"  # the PyTorch model (folder in the work dir) whose arithmetic it does
+    source: str = TEACHER_DIR  # the PyTorch model (folder in the work dir) whose arithmetic it does
     precision: str = "fp32"  # the ceiling it is read against: fp32 or int8
 
 
@@ -115,77 +127,106 @@ def demo_inputs() -> tuple[str, str]:
     return str(assets.teacher_dir), str(assets.imdb_csv)
 
 
+def pipeline_config(profile: Profile, teacher_source: str, data_source: str) -> PipelineConfig:
+    """The optimize_model config of a run with the profile's settings as the DAG's params, every
+    technique switched on (unstructured sparsity too, at the profile's sparsity)."""
+    from tasks.pipeline import config_from_params
+
+    return config_from_params({
+        "data_source": data_source, "max_train": profile.max_train, "max_eval": profile.max_eval,
+        "teacher": teacher_source, "epochs": profile.epochs, "batch_size": profile.batch_size,
+        "learning_rate": profile.learning_rate, "max_length": profile.max_length,
+        "distill_epochs": profile.distill_epochs, "prune_epochs": profile.prune_epochs,
+        "sparsify": True, "sparsity": profile.sparsity, "sparsify_epochs": profile.prune_epochs,
+    })
+
+
+def pipeline_run(work: Path) -> tuple[PipelineSettings, str]:
+    """Settings and run id whose run directory is ``work``: the recipe's stages write there."""
+    from tasks.settings import PipelineSettings
+
+    # run_stage reads only the run directory (and the assets cache, for demo: sources: the benchmark
+    # passes paths it resolved itself); nothing is registered or served.
+    settings = PipelineSettings(runs_dir=work.parent, mlflow_tracking_uri="", triton_url="",
+                                triton_model_repository=work / "unused", assets_cache=work / "inputs")
+    if settings.run_dir(work.name) != work:
+        raise ValueError(f"--work {work}: name its last folder with letters, digits, '.', '_' or '-' only "
+                         "(it is used as the pipeline's run id)")
+    return settings, work.name
+
+
+def record(steps: dict[str, dict], name: str, result: StepResult | dict) -> dict:
+    """Keep a step's result (as a plain dict) under ``name`` in ``steps`` and log it."""
+    result = result.to_dict() if isinstance(result, StepResult) else result
+    steps[name] = result
+    metrics = {key: round(value, 4) for key, value in list(result.get("metrics", {}).items())[:8]}
+    log.info("%s: %s %s", name, result["status"], metrics)
+    return result
+
+
 def build_rows(profile: Profile, work: Path, teacher_source: str, data_source: str,
                steps: dict[str, dict]) -> list[Row]:
-    """Run every technique and return the rows to measure; ``steps`` collects each step's result."""
+    """Build every model and return the rows to measure; ``steps`` collects each step's result.
+
+    The pipeline's candidates are built by the optimize_model recipe's own stages (``run_recipe``),
+    in ``work`` as the run directory; the benchmark's own variants from their outputs."""
+    from tasks.pipeline import prepare_data
+
+    config = pipeline_config(profile, teacher_source, data_source)
+    settings, run_id = pipeline_run(work)
+    data = record(steps, "data", prepare_data(settings, config, run_id))
+    run_recipe(settings, config, run_id, data, steps)
+    build_variants(profile, config, work, steps)
+    return row_list(profile, work, steps)
+
+
+def run_recipe(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict,
+               steps: dict[str, dict]) -> None:
+    """Run every stage of the optimize_model recipe, as the DAG does; results under the stage ids."""
+    from tasks.pipeline import run_stage, stage_switched_off
+
+    for stage in OPTIMIZE_MODEL.stages:
+        reason = stage_switched_off(config, stage.id)
+        if reason is not None:
+            record(steps, stage.id, StepResult(step=stage.id, status=StepStatus.SKIPPED, reason=reason))
+            continue
+        upstream = {key: steps[upstream_id] for key, upstream_id in stage.inputs.items()}
+        record(steps, stage.id, run_stage(settings, config, run_id, stage.id, data, upstream))
+
+
+def build_variants(profile: Profile, config: PipelineConfig, work: Path, steps: dict[str, dict]) -> None:
+    """The benchmark's own models, from the recipe's outputs in ``work``: other exports and
+    precisions of the teacher, structured pruning of the teacher, INT8 of the sparse student, a
+    TensorRT engine and the Optimum peer baseline."""
     from tasks import compile as compile_step
-    from tasks import data as data_step
-    from tasks import distill, export, finetune, prune, quantize
-    from tasks.config import (CompileConfig, DataConfig, DistillConfig, ExportConfig, FinetuneConfig, PruneConfig,
-                              QuantizeConfig)
+    from tasks import export, prune, quantize
+    from tasks.config import CompileConfig, QuantizeConfig
 
-    def record(name: str, result: StepResult) -> StepResult:
-        steps[name] = result.to_dict()
-        log.info("%s: %s %s", name, result.status.value,
-                 {key: round(value, 4) for key, value in list(result.metrics.items())[:8]})
-        return result
+    data_dir, length = work / "data", config.finetune.max_length
+    teacher, onnx_fp32 = work / TEACHER_DIR, candidate_dir(work, "onnx_fp32")
 
-    length = profile.max_length
-    data_dir = work / "data"
-    record("data", data_step.run(DataConfig(source=data_source, max_train=profile.max_train,
-                                            max_eval=profile.max_eval), data_dir))
-    teacher = work / "teacher"
-    record("finetune", finetune.run(FinetuneConfig(model=teacher_source, epochs=profile.epochs,
-                                                   batch_size=profile.batch_size,
-                                                   learning_rate=profile.learning_rate, max_length=length),
-                                    data_dir, teacher))
-
-    def export_to(name: str, model_dir: Path, **options) -> Path:
-        record(f"export_{name}", export.run(ExportConfig(**options), model_dir, data_dir, work / name, length))
+    def export_to(name: str, model_dir: Path, export_config: ExportConfig) -> Path:
+        record(steps, f"export_{name}", export.run(export_config, model_dir, data_dir, work / name, length))
         return work / name
 
-    def quantize_to(name: str, onnx_dir: Path, config: QuantizeConfig) -> Path:
-        record(f"quantize_{name}", quantize.run(config, onnx_dir, data_dir, work / name, length))
+    def quantize_to(name: str, onnx_dir: Path, quantize_config: QuantizeConfig) -> Path:
+        record(steps, f"quantize_{name}", quantize.run(quantize_config, onnx_dir, data_dir, work / name, length))
         return work / name
 
-    def prune_to(name: str, model_dir: Path, config: PruneConfig) -> Path:
-        config = replace(config, recovery_epochs=profile.prune_epochs, batch_size=profile.batch_size,
-                         learning_rate=profile.learning_rate, max_length=length)
-        record(f"prune_{name}", prune.run(config, model_dir, teacher, data_dir, work / name))
-        return work / name
-
-    onnx_fp32 = export_to("onnx_fp32", teacher)
-    fused = export_to("onnx_fp32_fused", teacher, optimize_graph=True)
-    quantize_to("onnx_int8", onnx_fp32, QuantizeConfig.avx512_vnni())
-    quantize_to("onnx_int8_per_tensor", onnx_fp32, replace(QuantizeConfig(), per_channel=False))
-    quantize_to("onnx_fused_int8", fused, QuantizeConfig.avx512_vnni())
-    quantize_to("onnx_static_int8", onnx_fp32,
-                QuantizeConfig.static_calibrated(samples=profile.calibration_samples))
+    fused = export_to("onnx_fp32_fused", teacher, replace(config.export, optimize_graph=True))
+    quantize_to("onnx_int8_per_tensor", onnx_fp32, replace(config.quantize, per_channel=False))
+    quantize_to("onnx_fused_int8", fused, config.quantize)
+    quantize_to("onnx_static_int8", onnx_fp32, QuantizeConfig.static_calibrated(samples=profile.calibration_samples))
     fp16 = quantize_to("onnx_fp16", onnx_fp32, QuantizeConfig.fp16())
-    record("quantize_torch_int8", quantize.quantize_torch_dynamic(teacher, work / "teacher_torch_int8"))
-
-    teacher_pruned = prune_to("teacher_pruned", teacher, PruneConfig.structured_only())
-    teacher_pruned_onnx = export_to("teacher_pruned_onnx", teacher_pruned)
-    quantize_to("teacher_pruned_int8", teacher_pruned_onnx, QuantizeConfig.avx512_vnni())
-
-    student = work / "student"
-    record("distill", distill.run(DistillConfig(epochs=profile.distill_epochs, batch_size=profile.batch_size,
-                                                learning_rate=profile.learning_rate, max_length=length),
-                                  teacher, data_dir, student))
-    student_onnx = export_to("student_onnx", student)
-    quantize_to("student_int8", student_onnx, QuantizeConfig.avx512_vnni())
-    pruned = prune_to("student_pruned", student, PruneConfig.structured_only())
-    pruned_onnx = export_to("student_pruned_onnx", pruned)
-    quantize_to("student_pruned_int8", pruned_onnx, QuantizeConfig.avx512_vnni())
-    sparse = prune_to("student_sparse", student, PruneConfig.unstructured_only(profile.sparsity))
-    sparse_onnx = export_to("student_sparse_onnx", sparse)
-    quantize_to("student_sparse_int8", sparse_onnx, QuantizeConfig.avx512_vnni())
-
-    trt = record("compile_tensorrt_fp16", compile_step.run(CompileConfig(max_sequence=length, opt_sequence=length),
-                                                           fp16, work / "tensorrt_fp16", precision="fp16"))
-    record("optimum_int8", optimum_baseline(teacher, work / "optimum_int8"))
-    return row_list(profile, work, trt.reason if trt.status is not StepStatus.SUCCESS else "",
-                    steps["optimum_int8"].get("reason", ""))
+    record(steps, "quantize_torch_int8", quantize.quantize_torch_dynamic(teacher, work / "teacher_torch_int8"))
+    # The student's structured pruning (the recipe's prune section) applied to the teacher itself.
+    record(steps, "prune_teacher_pruned", prune.run(config.prune, teacher, teacher, data_dir, work / "teacher_pruned"))
+    teacher_pruned_onnx = export_to("teacher_pruned_onnx", work / "teacher_pruned", config.export)
+    quantize_to("teacher_pruned_int8", teacher_pruned_onnx, config.quantize)
+    quantize_to(SPARSE_INT8_ROW, candidate_dir(work, "sparse_onnx_fp32"), config.quantize)
+    record(steps, TENSORRT_STEP, compile_step.run(CompileConfig(max_sequence=length, opt_sequence=length), fp16,
+                                                  work / TENSORRT_ROW, precision="fp16"))
+    record(steps, OPTIMUM_ROW, optimum_baseline(teacher, work / OPTIMUM_ROW))
 
 
 def optimum_baseline(teacher: Path, out_dir: Path) -> StepResult:
@@ -203,25 +244,70 @@ def optimum_baseline(teacher: Path, out_dir: Path) -> StepResult:
                       info=json.loads(completed.stdout.strip().splitlines()[-1]))
 
 
-def row_list(profile: Profile, work: Path, tensorrt_skipped: str, optimum_skipped: str = "") -> list[Row]:
-    """Every measured model of a benchmark whose artifacts are in ``work``."""
-    onnx, torch_fmt = ModelFormat.ONNX, ModelFormat.PYTORCH
-    sparsity = f"{profile.sparsity:.0%} sparse"
+def candidate_dir(work: Path, candidate: str) -> Path:
+    """Where the recipe's stage that makes ``candidate`` writes it in the run directory ``work``."""
+    return work / OPTIMIZE_MODEL.producer(candidate).output
 
-    def skippable(reason: str, name: str, fmt: ModelFormat | None) -> dict:
+
+def pytorch_source(stage: Stage) -> Stage:
+    """The stage that made the PyTorch model whose arithmetic ``stage``'s output does: follow the
+    model inputs up through exports and quantizations, which only convert."""
+    while stage.step in (Step.EXPORT, Step.QUANTIZE):
+        stage = OPTIMIZE_MODEL.stage(stage.inputs[MODEL_INPUT])
+    return stage
+
+
+def not_built(steps: dict[str, dict], name: str) -> str:
+    """Why the step ``name`` left no model to measure ("" when it did, or when ``steps`` does not know it)."""
+    step = steps.get(name)
+    if step is None or step["status"] == StepStatus.SUCCESS.value:
+        return ""
+    return step.get("reason") or f"{name} {step['status']}"
+
+
+def technique_text(profile: Profile, stage: Stage, then: str = "") -> str:
+    """The recipe's technique chain up to ``stage``, then ``then``, with the sparsity where it applies."""
+    text = OPTIMIZE_MODEL.technique_chain(stage.id) + then
+    if "sparsify" in OPTIMIZE_MODEL.techniques_needed(stage.id):
+        text += f"; {profile.sparsity:.0%} of the encoder's weights zero"
+    return text
+
+
+def row_list(profile: Profile, work: Path, steps: dict[str, dict]) -> list[Row]:
+    """Every measured model of a benchmark whose models are in ``work`` and whose step results are
+    ``steps``: the pipeline's candidates (named by the recipe), then the benchmark's own variants."""
+    return candidate_rows(profile, work, steps) + variant_rows(profile, work, steps)
+
+
+def candidate_rows(profile: Profile, work: Path, steps: dict[str, dict]) -> list[Row]:
+    """One row per candidate of the optimize_model recipe, in recipe order, under the candidate's name."""
+    rows = []
+    for stage in (stage for stage in OPTIMIZE_MODEL.stages if stage.candidate):
+        technique = technique_text(profile, stage, then=" (PyTorch FP32 eager)"
+                                   if stage.model_format is Format.PYTORCH else "")
+        reason = not_built(steps, stage.id)
+        place = ({"model_dir": None, "model_format": None, "skipped_reason": reason} if reason else
+                 {"model_dir": work / stage.output, "model_format": ModelFormat(stage.model_format.value)})
+        rows.append(Row(stage.candidate, technique, **place, source=pytorch_source(stage).output,
+                        precision="int8" if stage.step is Step.QUANTIZE else "fp32"))
+    return rows
+
+
+def variant_rows(profile: Profile, work: Path, steps: dict[str, dict]) -> list[Row]:
+    """The benchmark's own rows (``build_variants``): names that no candidate of the recipe has."""
+    onnx, sparse_onnx = ModelFormat.ONNX, OPTIMIZE_MODEL.producer("sparse_onnx_fp32")
+
+    def skippable(step: str, name: str, fmt: ModelFormat | None) -> dict:
+        reason = not_built(steps, step)
         return {"model_dir": None, "model_format": None, "skipped_reason": reason} if reason else \
             {"model_dir": work / name, "model_format": fmt}
 
     return [
-        Row(REFERENCE_ROW, "fine-tuned teacher, PyTorch FP32 eager", work / "teacher", torch_fmt),
         Row("teacher_torch_int8", "PyTorch dynamic INT8 (torch.ao baseline)", work / "teacher_torch_int8",
             ModelFormat.PYTORCH_DYNAMIC_INT8, precision="int8"),
         Row(OPTIMUM_ROW, "Hugging Face Optimum: ONNX export + dynamic INT8 (peer baseline)",
-            **skippable(optimum_skipped, OPTIMUM_ROW, onnx), precision="int8"),
-        Row("onnx_fp32", "ONNX Runtime FP32", work / "onnx_fp32", onnx),
+            **skippable(OPTIMUM_ROW, OPTIMUM_ROW, onnx), precision="int8"),
         Row("onnx_fp32_fused", "ONNX Runtime FP32, attention/LayerNorm/GELU fused", work / "onnx_fp32_fused", onnx),
-        Row("onnx_int8", "ONNX dynamic INT8 (per channel, the pipeline's default)", work / "onnx_int8", onnx,
-            precision="int8"),
         Row("onnx_int8_per_tensor", "ONNX dynamic INT8 (per tensor, as Optimum's preset)", work / "onnx_int8_per_tensor",
             onnx, precision="int8"),
         Row("onnx_fused_int8", "ONNX fused + dynamic INT8", work / "onnx_fused_int8", onnx, precision="int8"),
@@ -232,19 +318,9 @@ def row_list(profile: Profile, work: Path, tensorrt_skipped: str, optimum_skippe
             onnx, source="teacher_pruned"),
         Row("teacher_pruned_int8", "structured pruning > ONNX dynamic INT8", work / "teacher_pruned_int8", onnx,
             source="teacher_pruned", precision="int8"),
-        Row("student_onnx", "distilled student (half the layers) > ONNX FP32", work / "student_onnx", onnx,
-            source="student"),
-        Row("student_int8", "distilled > ONNX dynamic INT8", work / "student_int8", onnx, source="student",
-            precision="int8"),
-        Row("student_pruned_onnx", "distilled > structured pruning > ONNX FP32", work / "student_pruned_onnx", onnx,
-            source="student_pruned"),
-        Row(PROMOTED_ROW, "distilled > structured pruning > ONNX dynamic INT8", work / "student_pruned_int8", onnx,
-            source="student_pruned", precision="int8"),
-        Row("student_sparse_onnx", f"distilled > unstructured {sparsity} > ONNX FP32", work / "student_sparse_onnx",
-            onnx, source="student_sparse"),
-        Row("student_sparse_int8", f"distilled > unstructured {sparsity} > ONNX dynamic INT8",
-            work / "student_sparse_int8", onnx, source="student_sparse", precision="int8"),
-        Row("tensorrt_fp16", "ONNX FP16 > TensorRT engine (NVIDIA GPU)", **skippable(tensorrt_skipped, "tensorrt_fp16", None),
+        Row(SPARSE_INT8_ROW, technique_text(profile, sparse_onnx, then=" > dynamic INT8"), work / SPARSE_INT8_ROW,
+            onnx, source=pytorch_source(sparse_onnx).output, precision="int8"),
+        Row(TENSORRT_ROW, "ONNX FP16 > TensorRT engine (NVIDIA GPU)", **skippable(TENSORRT_STEP, TENSORRT_ROW, None),
             precision="fp16"),
     ]
 
@@ -297,11 +373,11 @@ def compute_work(rows: list[Row], profile: Profile, work: Path) -> dict:
 
     config = EvaluateConfig(warmup=profile.warmup, max_length=profile.max_length)
     texts = data_step.read_split(work / "data", "test")["text"].tolist()
-    batches = throughput_inputs(load_tokenizer(work / "teacher"), texts, config)
+    batches = throughput_inputs(load_tokenizer(work / TEACHER_DIR), texts, config)
     sources = sorted({row.source for row in rows if row.model_format is not None})
     operations = {source: compute.operations_per_text(work / source, batches) for source in sources}
     log.info("operations per text: %s", {source: f"{value / 1e9:.2f} G" for source, value in operations.items()})
-    teacher = json.loads((work / "teacher" / "config.json").read_text())
+    teacher = json.loads((work / TEACHER_DIR / "config.json").read_text())
     tokens = sum(batch["input_ids"].size for batch in batches) // len(batches)
     ceilings = compute.ceilings(compute.model_shapes(teacher["hidden_size"], teacher["intermediate_size"], tokens))
     log.info("ceilings: FP32 %.0f GFLOP/s, INT8 %.0f GOP/s", ceilings["fp32_gops"], ceilings["int8_gops"])
@@ -457,7 +533,8 @@ def markdown(report: dict) -> str:
            "models in turn in every round, so a noisy spell of this shared machine lands on several models; the "
            "speed-up is the median over rounds of the per-round ratio (the figure of record), with the middle "
            f"half of the rounds in brackets. Models built {report['models_built']}. Ratios are against the FP32 "
-           "PyTorch teacher measured in the same run.", "", head,
+           "PyTorch teacher measured in the same run. The first rows are the optimize_model pipeline's candidates "
+           "(built by its recipe's stages, named as it names them); the rest are the benchmark's own.", "", head,
            "|" + "---|" * 15]
     for line in report["table"]:
         if line["status"] == "skipped":
@@ -491,7 +568,7 @@ def markdown(report: dict) -> str:
                        f"(p50 {figures['reference_p50_ms']:.2f} ms vs {figures['promoted_p50_ms']:.2f} ms)")
     steps = report["steps"]
     out += ["", "## Pruning", ""]
-    for name in ("prune_teacher_pruned", "prune_student_pruned", "prune_student_sparse"):
+    for name in ("prune_teacher_pruned", *(stage.id for stage in OPTIMIZE_MODEL.stages if stage.step is Step.PRUNE)):
         if name in steps:
             m = steps[name]["metrics"]
             out.append(f"- {name}: heads {m['heads_before']:.0f} -> {m['heads_after']:.0f}, FFN neurons "
@@ -532,6 +609,21 @@ def machine() -> dict:
             "python": sys.version.split()[0], "platform": platform.platform()}
 
 
+def reuse_models(profile: Profile, work: Path, last_report: Path) -> tuple[list[Row], dict[str, dict], str]:
+    """The rows of the models built before in ``work``, the steps of the report that measured them,
+    and when they were built (the Optimum baseline is built now if it is missing)."""
+    previous = json.loads(last_report.read_text())
+    steps = previous["steps"]
+    missing = [str(row.model_dir) for row in row_list(profile, work, steps)
+               if row.name != OPTIMUM_ROW and row.model_dir is not None and not row.model_dir.exists()]
+    if missing:
+        raise FileNotFoundError(f"--measure-only: no {', '.join(missing)} (models built by an earlier version of "
+                                "the benchmark, or none at all): run it once without --measure-only")
+    if not (work / OPTIMUM_ROW / "model.onnx").exists() or OPTIMUM_ROW not in steps:
+        steps[OPTIMUM_ROW] = optimum_baseline(work / TEACHER_DIR, work / OPTIMUM_ROW).to_dict()
+    return row_list(profile, work, steps), steps, previous.get("models_built", previous["finished"])
+
+
 def run(profile: Profile, work: Path, results: Path, isolate: bool = True, measure_only: bool = False,
         rounds: int | None = None) -> dict:
     """Build every model (unless ``measure_only``: reuse those in ``work`` and the steps of the last
@@ -541,13 +633,7 @@ def run(profile: Profile, work: Path, results: Path, isolate: bool = True, measu
     work.mkdir(parents=True, exist_ok=True)
     stem = f"compress-{profile.name}"
     if measure_only:
-        previous = json.loads((results / f"{stem}.json").read_text())
-        steps = previous["steps"]
-        built = previous.get("models_built", previous["finished"])
-        if not (work / OPTIMUM_ROW / "model.onnx").exists() or OPTIMUM_ROW not in steps:
-            steps[OPTIMUM_ROW] = optimum_baseline(work / "teacher", work / OPTIMUM_ROW).to_dict()
-        rows = row_list(profile, work, steps["compile_tensorrt_fp16"].get("reason", ""),
-                        steps[OPTIMUM_ROW].get("reason", ""))
+        rows, steps, built = reuse_models(profile, work, results / f"{stem}.json")
     else:
         teacher_source, data_source = tiny_inputs(work) if profile.name == "tiny" else demo_inputs()
         steps = {}

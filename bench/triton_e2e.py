@@ -19,7 +19,7 @@ throughput (texts/s), latency p50/p95/p99 per concurrency, and Triton's throughp
 in-process (the figure of record is the best throughput of each side over the concurrencies,
 ensemble level).
 
-    python -m bench.triton_e2e [--model-dir .bench/compress/student_pruned_int8]
+    python -m bench.triton_e2e [--model-dir .bench/compress/pruned_int8]
 """
 
 from __future__ import annotations
@@ -274,9 +274,11 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench.compress import PROMOTED_ROW, candidate_dir
+
     parser = argparse.ArgumentParser(prog="python -m bench.triton_e2e", description=__doc__.split("\n\n")[0])
     work = REPO_ROOT / ".bench" / "compress"
-    parser.add_argument("--model-dir", type=Path, default=work / "student_pruned_int8",
+    parser.add_argument("--model-dir", type=Path, default=candidate_dir(work, PROMOTED_ROW),
                         help="an ONNX model folder (default: the promoted combination of make bench-compress)")
     parser.add_argument("--data-dir", type=Path, default=work / "data", help="a prepared data folder (test split)")
     parser.add_argument("--results", type=Path, default=RESULTS_DIR)

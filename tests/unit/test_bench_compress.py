@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from bench import compress
+from tasks.recipe import OPTIMIZE_MODEL
 
 
 @pytest.fixture(scope="module")
@@ -18,9 +19,11 @@ def report(tmp_path_factory):
 def test_every_technique_has_a_row_with_ratios_against_the_teacher(report):
     data, _ = report
     rows = {line["name"]: line for line in data["table"]}
-    assert {"teacher_pytorch", "teacher_torch_int8", "onnx_fp32", "onnx_fp32_fused", "onnx_int8",
-            "onnx_int8_per_tensor", "onnx_static_int8", "onnx_fp16", "teacher_pruned_int8", "student_int8",
-            compress.PROMOTED_ROW, "student_sparse_onnx", "tensorrt_fp16", compress.OPTIMUM_ROW} <= set(rows)
+    assert set(OPTIMIZE_MODEL.candidates) | {
+        "teacher_torch_int8", "onnx_fp32_fused", "onnx_int8_per_tensor", "onnx_fused_int8", "onnx_static_int8",
+        "onnx_fp16", "teacher_pruned_onnx", "teacher_pruned_int8", "sparse_int8", "tensorrt_fp16",
+        compress.OPTIMUM_ROW} == set(rows)
+    assert len(rows) == len(data["table"])  # one name per row
     teacher = rows["teacher_pytorch"]
     assert teacher["p50_speedup"] == 1.0 and teacher["size_reduction"] == 1.0 and teacher["accuracy_retention"] == 1.0
     for line in rows.values():
@@ -50,6 +53,37 @@ def test_one_thread_ratios_come_from_workers_of_their_own(report):
     assert "on one thread each" in (results / "compress-tiny.md").read_text()
 
 
+def test_pipeline_candidates_are_the_recipes_stages_under_their_candidate_names(report):
+    """Built by the recipe's stages (step results under the stage ids), in the recipe's output folders."""
+    data, results = report
+    work = results.parent / "work"
+    candidates = [stage for stage in OPTIMIZE_MODEL.stages if stage.candidate]
+    assert [line["name"] for line in data["table"][:len(candidates)]] == [stage.candidate for stage in candidates]
+    for stage in OPTIMIZE_MODEL.stages:
+        assert data["steps"][stage.id]["status"] == "success", stage.id
+        assert (work / stage.output).is_dir()
+    assert compress.PROMOTED_ROW in OPTIMIZE_MODEL.candidates and compress.REFERENCE_ROW in OPTIMIZE_MODEL.candidates
+    techniques = {line["name"]: line["technique"] for line in data["table"]}
+    assert techniques[compress.PROMOTED_ROW].startswith(OPTIMIZE_MODEL.technique_chain("quantize_pruned"))
+
+
+def test_rows_read_the_arithmetic_of_their_pytorch_source():
+    rows = {row.name: row for row in compress.row_list(compress.PROFILES["tiny"], compress.REPO_ROOT / "w", {})}
+    sources = {name: row.source for name, row in rows.items()}
+    assert sources["teacher_pytorch"] == sources["onnx_int8"] == sources["onnx_static_int8"] == "teacher"
+    assert sources["student_onnx_fp32"] == sources["student_int8"] == "student"
+    assert sources["pruned_onnx_fp32"] == sources[compress.PROMOTED_ROW] == "pruned"
+    assert sources["sparse_onnx_fp32"] == sources["sparse_int8"] == "sparse"
+    assert sources["teacher_pruned_int8"] == "teacher_pruned"
+    assert rows[compress.PROMOTED_ROW].precision == "int8" and rows["pruned_onnx_fp32"].precision == "fp32"
+    # A stage the run switched off (or a variant that could not be built) is a skipped row with the reason.
+    skipped = {"export_sparse": {"status": "skipped", "reason": "sparsify switched off in the run's params"},
+               compress.TENSORRT_STEP: {"status": "skipped", "reason": "no NVIDIA GPU"}}
+    rows = {row.name: row for row in compress.row_list(compress.PROFILES["tiny"], compress.REPO_ROOT / "w", skipped)}
+    assert rows["sparse_onnx_fp32"].model_format is None and "sparsify" in rows["sparse_onnx_fp32"].skipped_reason
+    assert rows[compress.TENSORRT_ROW].skipped_reason == "no NVIDIA GPU"
+
+
 def test_latency_workers_time_a_slice_of_texts_per_turn_on_the_threads_asked(exported_onnx):
     from bench import latency_workers
 
@@ -67,9 +101,9 @@ def test_latency_workers_time_a_slice_of_texts_per_turn_on_the_threads_asked(exp
 
 def test_pruning_rows_show_what_pruning_did(report):
     data, _ = report
-    structured = data["steps"]["prune_student_pruned"]["metrics"]
+    structured = data["steps"]["prune_student"]["metrics"]
     assert structured["ffn_neurons_after"] < structured["ffn_neurons_before"]
-    sparse = data["steps"]["prune_student_sparse"]["metrics"]
+    sparse = data["steps"]["sparsify_student"]["metrics"]
     assert sparse["encoder_weight_sparsity"] == pytest.approx(0.5, abs=0.01)
     assert sparse["parameters_after"] == sparse["parameters_before"]
 
@@ -89,7 +123,7 @@ def test_report_files_are_written_and_targets_are_judged(report):
     assert written["targets"] == data["targets"]
     assert set(data["targets"]) == set(compress.TARGETS) | set(compress.PEER_TARGETS)
     page = (results / "compress-tiny.md").read_text()
-    assert "| student_pruned_int8 |" in page and "| tensorrt_fp16 |" in page
+    assert "| pruned_int8 |" in page and "| tensorrt_fp16 |" in page
     assert "## Targets" in page and "## Cost and compute" in page and "| optimum_int8 |" in page
 
 
@@ -131,7 +165,7 @@ def test_compute_share_and_cost_rows(report):
     rows = {line["name"]: line for line in data["table"] if line["status"] == "measured"}
     operations = data["operations_per_text"]
     # Half the layers, then pruned heads and FFN neurons: less arithmetic per text at each step.
-    assert operations["student_pruned"] < operations["student"] < operations["teacher"]
+    assert operations["pruned"] < operations["student"] < operations["teacher"]
     for line in rows.values():
         assert line["achieved_gops"] == pytest.approx(line["gops_per_text"] * line["throughput_per_s"])
         ceiling = data["ceilings"]["int8_gops" if line["ceiling"] == "int8" else "fp32_gops"]
@@ -149,3 +183,16 @@ def test_interleaved_speedup_is_the_median_of_per_round_ratios():
     # Rounds 10/1, 30/2, 12/2: a slow spell in round 2 moves the median, not the verdict.
     assert latency.speedup("ref", "m") == {"median": 10.0, "q1": 8.0, "q3": 12.5, "min": 6.0, "max": 15.0}
     assert latency.percentiles("m")["p50"] == 2.0 and latency.percentiles("m")["calls"] == 6.0
+
+
+def test_measure_only_finds_the_models_where_the_build_put_them(report, tmp_path):
+    """Run last: it measures the module's models again (no interleaved rounds), from a copy of the report."""
+    data, results = report
+    (tmp_path / "compress-tiny.json").write_text((results / "compress-tiny.json").read_text())
+    again = compress.run(compress.PROFILES["tiny"], results.parent / "work", tmp_path, isolate=False,
+                         measure_only=True, rounds=0)
+    assert [line["name"] for line in again["table"]] == [line["name"] for line in data["table"]]
+    assert again["models_built"] == data["models_built"] and again["steps"].keys() == data["steps"].keys()
+    with pytest.raises(FileNotFoundError, match="without --measure-only"):
+        compress.run(compress.PROFILES["tiny"], tmp_path / "empty", tmp_path, isolate=False, measure_only=True,
+                     rounds=0)

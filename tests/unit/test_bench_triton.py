@@ -49,3 +49,11 @@ def test_compare_takes_each_sides_best_throughput():
     figures = triton_e2e.compare(triton, local)
     assert figures["share_by_concurrency"] == {1: 0.8, 2: pytest.approx(90 / 95)}
     assert figures["best_share"] == 0.9
+
+
+def test_default_model_is_the_compression_benchmarks_promoted_candidate(tmp_path, monkeypatch, capsys):
+    from bench import compress
+
+    monkeypatch.setattr(triton_e2e, "REPO_ROOT", tmp_path)
+    assert triton_e2e.main([]) == 1  # nothing built under tmp_path
+    assert str(tmp_path / ".bench" / "compress" / compress.PROMOTED_ROW) in capsys.readouterr().err
