@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -18,6 +19,9 @@ PYTHON_MODELS_DIR = Path(__file__).parent / "triton_models"
 # The served ensemble's name wherever none is given: the one place it is written (the pipeline's
 # config, the gateway, the monitor, the CLI and the replica sync all read it from here).
 DEFAULT_MODEL = "text_classifier"
+
+ONNX_PLATFORM = "onnxruntime_onnx"
+TENSORRT_PLATFORM = "tensorrt_plan"
 
 _DATA_TYPES = {"int64": "TYPE_INT64", "int32": "TYPE_INT32", "fp32": "TYPE_FP32", "fp16": "TYPE_FP16",
                "string": "TYPE_STRING"}
@@ -117,26 +121,80 @@ def _parameters(values: dict[str, str]) -> list[str]:
 
 
 def render_config(config: OnnxModelConfig) -> str:
-    """``config.pbtxt`` text for ``config``."""
-    lines = [
+    """``config.pbtxt`` text for ``config`` (an ONNX model served by ONNX Runtime)."""
+    lines = _model_lines(config, ONNX_PLATFORM, gpu=config.gpu)
+    lines += _parameters({"intra_op_thread_count": str(config.intra_op_threads), "inter_op_thread_count": "1"})
+    lines += _scheduling_lines(config)
+    if config.tensorrt_precision:
+        lines.append(_tensorrt_accelerator(config.tensorrt_precision, config.tensorrt_workspace_mb))
+    return "\n".join(lines) + "\n"
+
+
+def render_plan_config(config: OnnxModelConfig) -> str:
+    """``config.pbtxt`` text for a serialized TensorRT engine (``model.plan``) with the same tensors.
+
+    The engine runs on the GPU it was built for, so its instances are KIND_GPU whatever ``config.gpu``
+    says; the ONNX Runtime settings (threads, TensorRT accelerator) do not apply. The engine's
+    optimization profile must cover ``max_batch_size`` and the warmup's token count.
+    """
+    return "\n".join(_model_lines(config, TENSORRT_PLATFORM, gpu=True) + _scheduling_lines(config)) + "\n"
+
+
+def _model_lines(config: OnnxModelConfig, platform: str, gpu: bool) -> list[str]:
+    return [
         f'name: "{config.name}"',
-        'platform: "onnxruntime_onnx"',
+        f'platform: "{platform}"',
         f"max_batch_size: {config.max_batch_size}",
         f"version_policy: {{ latest {{ num_versions: {config.versions_kept} }} }}",
         f"input [\n{_tensors(config.inputs)}\n]",
         f"output [\n{_tensors(config.outputs)}\n]",
-        f"instance_group [ {{ count: {config.instances} kind: {'KIND_GPU' if config.gpu else 'KIND_CPU'} }} ]",
-        *_parameters({"intra_op_thread_count": str(config.intra_op_threads), "inter_op_thread_count": "1"}),
+        f"instance_group [ {{ count: {config.instances} kind: {'KIND_GPU' if gpu else 'KIND_CPU'} }} ]",
     ]
+
+
+def _scheduling_lines(config: OnnxModelConfig) -> list[str]:
+    """Dynamic batching and the load-time warmup request, where configured."""
+    lines = []
     if config.max_batch_size and (config.preferred_batch_sizes or config.max_queue_delay_us):
         sizes = ", ".join(map(str, config.preferred_batch_sizes))
         lines.append(f"dynamic_batching {{ preferred_batch_size: [ {sizes} ] "
                      f"max_queue_delay_microseconds: {config.max_queue_delay_us} }}")
     if config.warmup_tokens:
         lines.append(_warmup(config))
-    if config.tensorrt_precision:
-        lines.append(_tensorrt_accelerator(config.tensorrt_precision, config.tensorrt_workspace_mb))
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+@dataclass(frozen=True)
+class ClassifierWriter:
+    """How a classifier of one model format is served: its Triton platform, the file Triton loads
+    (plus side files matching ``side_files``, e.g. ONNX external data) and its config renderer."""
+
+    platform: str
+    model_file: str
+    render: Callable[[OnnxModelConfig], str]
+    side_files: str = ""
+
+    def files(self, model_dir: Path) -> list[Path]:
+        return [model_dir / self.model_file, *(sorted(model_dir.glob(self.side_files)) if self.side_files else [])]
+
+
+# Model format (the value of tasks.results.ModelFormat, which serving does not import) -> its writer.
+# A new served format is one entry here (and a predictor in tasks.evaluate).
+CLASSIFIER_WRITERS = {
+    "onnx": ClassifierWriter(ONNX_PLATFORM, "model.onnx", render_config, side_files="*.onnx.data"),
+    "tensorrt_plan": ClassifierWriter(TENSORRT_PLATFORM, "model.plan", render_plan_config),
+}
+
+
+def classifier_writer(model_format: str) -> ClassifierWriter:
+    """The writer for a classifier of ``model_format``; ``RepositoryError`` naming the served formats."""
+    try:
+        return CLASSIFIER_WRITERS[model_format]
+    except KeyError:
+        raise RepositoryError(
+            f"no Triton writer for {model_format!r} models; served formats: {', '.join(sorted(CLASSIFIER_WRITERS))}. "
+            "Add a ClassifierWriter to serving.model_repository.CLASSIFIER_WRITERS"
+        ) from None
 
 
 def _warmup(config: OnnxModelConfig) -> str:
@@ -339,25 +397,29 @@ def next_ensemble_version(repository: Path, name: str) -> int:
     return 1 + max(max(versions(repository, model) + [0]) for model in ensemble_models(name))
 
 
-def write_component_versions(repository: Path, ensemble: ClassifierEnsemble, model_dir: Path) -> int:
-    """Write version N of the ensemble's three components (not the ensemble) from an exported folder.
+def write_component_versions(repository: Path, ensemble: ClassifierEnsemble, model_dir: Path,
+                             model_format: str = "onnx") -> int:
+    """Write version N of the ensemble's three components (not the ensemble) from a model folder.
 
-    ``model_dir`` holds ``model.onnx`` (+ external data) and ``tokenizer.json``. Nothing routes to
-    the new components until ``write_ensemble_step`` adds the ensemble version pinned to them, so
-    they can be loaded beside the serving version first.
+    ``model_dir`` holds the model file of ``model_format`` (``model.onnx`` + external data, or
+    ``model.plan``; see ``CLASSIFIER_WRITERS``) and ``tokenizer.json``. The classifier component keeps
+    its name (``<name>_onnx``) whatever the format. Nothing routes to the new components until
+    ``write_ensemble_step`` adds the ensemble version pinned to them, so they can be loaded beside
+    the serving version first.
     """
-    missing = [name for name in ("model.onnx", "tokenizer.json") if not (model_dir / name).exists()]
+    writer = classifier_writer(model_format)
+    missing = [name for name in (writer.model_file, "tokenizer.json") if not (model_dir / name).exists()]
     if missing:
         raise RepositoryError(f"Could not find {missing} in {model_dir}")
+    _check_same_platform(repository / ensemble.onnx_model, writer.platform)
     version = next_ensemble_version(repository, ensemble.name)
     num_labels = len(ensemble.labels)
-    onnx_files = [model_dir / "model.onnx", *model_dir.glob("*.onnx.data")]
     layout = {
         ensemble.onnx_model: (
-            render_config(replace(classifier_config(ensemble.onnx_model, num_labels, ensemble.intra_op_threads,
+            writer.render(replace(classifier_config(ensemble.onnx_model, num_labels, ensemble.intra_op_threads,
                                                     ensemble.max_batch_size, ensemble.instances),
                                   versions_kept=COMPONENT_VERSIONS_KEPT)),
-            onnx_files,
+            writer.files(model_dir),
         ),
         ensemble.tokenizer_model: (
             render_python_config(
@@ -380,6 +442,21 @@ def write_component_versions(repository: Path, ensemble: ClassifierEnsemble, mod
     return version
 
 
+def _check_same_platform(folder: Path, platform: str) -> None:
+    """A model's config is shared by its loaded versions: a new version of another platform would make
+    Triton reload the serving version under that platform, so it is refused."""
+    config = folder / "config.pbtxt"
+    if not config.exists():
+        return
+    found = re.search(r'^platform: "([^"]+)"', config.read_text(), flags=re.MULTILINE)
+    if found and found.group(1) != platform:
+        raise RepositoryError(
+            f"{folder.name} serves {found.group(1)} models; a {platform} version beside them is not supported yet "
+            "(the shared config.pbtxt would reload the serving version as the new platform). "
+            "Serve it under another model name"
+        )
+
+
 def write_ensemble_step(repository: Path, name: str, version: int, config_text: str,
                         files: tuple[Path, ...] = ()) -> None:
     """Add version N of the ensemble itself (its config pins every step to component version N).
@@ -387,10 +464,11 @@ def write_ensemble_step(repository: Path, name: str, version: int, config_text: 
     _write_versions(repository, version, {name: (config_text, list(files))})
 
 
-def write_ensemble_version(repository: Path, ensemble: ClassifierEnsemble, model_dir: Path) -> int:
+def write_ensemble_version(repository: Path, ensemble: ClassifierEnsemble, model_dir: Path,
+                           model_format: str = "onnx") -> int:
     """Write version N of the ensemble and its three components in one go (for a repository that
     Triton loads afterwards; a live switch writes and loads the components first, see tasks.promote)."""
-    version = write_component_versions(repository, ensemble, model_dir)
+    version = write_component_versions(repository, ensemble, model_dir, model_format)
     write_ensemble_step(repository, ensemble.name, version, render_ensemble_config(ensemble, version))
     return version
 

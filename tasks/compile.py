@@ -13,9 +13,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from tasks.config import CompileConfig
-from tasks.errors import CompileError
+from tasks.errors import CompileError, ConfigError
+from tasks.manifest import ModelSource, Precision, write_manifest
 from tasks.onnx_model import INPUT_NAMES, MODEL_FILENAME, copy_tokenizer_files
-from tasks.results import StepResult, StepStatus, staged_dir, write_json_atomic
+from tasks.results import ModelFormat, StepResult, StepStatus, staged_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,8 @@ def build_engine(onnx_path: Path, engine_path: Path, config: CompileConfig, prec
 def run(config: CompileConfig, onnx_dir: Path, out_dir: Path, precision: str = "fp16",
         gpus: list[str] | None = None, trt_version: str | None = None) -> StepResult:
     """Build ``out_dir/model.plan`` from ``onnx_dir/model.onnx``; SKIPPED (with the reason) where impossible."""
+    if precision not in {item.value for item in Precision}:
+        raise ConfigError(f"compile precision {precision!r} must be one of {[item.value for item in Precision]}")
     gpus = gpu_names() if gpus is None else gpus
     trt_version = tensorrt_version() if trt_version is None else trt_version
     reason = unavailable_reason(gpus, trt_version)
@@ -98,6 +101,11 @@ def run(config: CompileConfig, onnx_dir: Path, out_dir: Path, precision: str = "
         copy_tokenizer_files(onnx_dir, staging)
         info |= {"gpu": gpus[0], "precision": precision, "source": str(onnx_dir / MODEL_FILENAME)}
         write_json_atomic(staging / "compile_config.json", asdict(config) | info)
+        write_manifest(staging, format=ModelFormat.TENSORRT_PLAN, precision=precision,
+                       step=f"compile_tensorrt_{precision}", created_by=__name__,
+                       source=ModelSource(str(onnx_dir), ModelFormat.ONNX),
+                       config=asdict(config) | {"precision": precision}, config_file="compile_config.json",
+                       details={key: info[key] for key in ("gpu", "tensorrt_version") if key in info})
     return StepResult(
         step=f"compile_tensorrt_{precision}",
         status=StepStatus.SUCCESS,

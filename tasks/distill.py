@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 from tasks.config import DistillConfig
+from tasks.manifest import ModelSource, Precision, write_manifest
 from tasks.modeling import build_student, encoder_layers, load_classifier, load_tokenizer, parameter_count
-from tasks.results import StepResult, StepStatus, staged_dir, write_json_atomic
+from tasks.results import ModelFormat, StepResult, StepStatus, staged_dir, write_json_atomic
 from tasks.splits import read_split
 from tasks.training import accuracy, distillation_loss, steps_for
 from tasks.training import train as train_loop
@@ -69,6 +70,10 @@ def run(config: DistillConfig, teacher_dir: Path, data_dir: Path, out_dir: Path,
         student.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         write_json_atomic(staging / "distill_config.json", asdict(config) | {"teacher_layers_kept": chosen})
+        write_manifest(staging, format=ModelFormat.PYTORCH, precision=Precision.FP32, step="distill",
+                       created_by=__name__, source=ModelSource(str(teacher_dir), ModelFormat.PYTORCH), config=config,
+                       config_file="distill_config.json",
+                       details={"teacher_layers_kept": ",".join(map(str, chosen))})
     return StepResult(
         step="distill",
         status=StepStatus.SUCCESS,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -12,12 +13,20 @@ import numpy as np
 import pandas as pd
 
 from tasks.config import EvaluateConfig
+from tasks.errors import PipelineError
+from tasks.manifest import ArtifactManifest, read_manifest
 from tasks.modeling import load_classifier, load_tokenizer
 from tasks.onnx_model import INPUT_NAMES, MODEL_FILENAME, OUTPUT_NAME, TORCH_INT8_FILENAME, model_size_bytes
 from tasks.results import ModelFormat, StepResult, StepStatus, staged_dir, write_json_atomic
 from tasks.splits import read_split
 
+log = logging.getLogger(__name__)
+
 Predictor = Callable[[dict[str, np.ndarray]], np.ndarray]
+
+
+class UnsupportedFormat(PipelineError):
+    """No predictor can run a model of this format here."""
 
 
 def torch_predictor(model_dir: Path, threads: int) -> Predictor:
@@ -74,6 +83,29 @@ PREDICTORS: dict[ModelFormat, Callable[[Path, int], Predictor]] = {
     ModelFormat.PYTORCH_DYNAMIC_INT8: torch_dynamic_int8_predictor,
     ModelFormat.ONNX: onnx_predictor,
 }
+
+
+def model_format_of(model_dir: Path, model_format: ModelFormat | None = None) -> ModelFormat:
+    """The format to evaluate ``model_dir`` as: its manifest's when it has one (the caller's
+    ``model_format`` is then only a hint), else the caller's. Raises ``UnsupportedFormat`` when no
+    predictor runs that format, ``ManifestError`` when neither says what the folder holds."""
+    manifest = read_manifest(model_dir)
+    if manifest is None and model_format is None:
+        manifest = ArtifactManifest.read(model_dir)  # raises: the folder says nothing and neither did the caller
+    chosen = manifest.format if manifest is not None else ModelFormat(model_format)
+    if manifest is not None and model_format is not None and ModelFormat(model_format) is not chosen:
+        log.info("%s: its manifest says %s (caller said %s); evaluating it as %s", model_dir, chosen.value,
+                 ModelFormat(model_format).value, chosen.value)
+    if chosen not in PREDICTORS:
+        raise UnsupportedFormat(
+            f"{model_dir} holds a {chosen.value} model and no predictor evaluates {chosen.value}; supported "
+            f"formats: {', '.join(sorted(item.value for item in PREDICTORS))}. Add one to tasks.evaluate.PREDICTORS")
+    return chosen
+
+
+def predictor_for(model_dir: Path, threads: int, model_format: ModelFormat | None = None) -> Predictor:
+    """The predictor of ``model_dir``, chosen by ``model_format_of``."""
+    return PREDICTORS[model_format_of(model_dir, model_format)](model_dir, threads)
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int) -> dict[str, np.ndarray]:
@@ -147,7 +179,7 @@ def non_finite_on_edge_inputs(predict: Predictor, tokenizer, max_length: int) ->
     )
 
 
-def run(config: EvaluateConfig, candidate: str, model_dir: Path, model_format: ModelFormat, data_dir: Path,
+def run(config: EvaluateConfig, candidate: str, model_dir: Path, model_format: ModelFormat | None, data_dir: Path,
         out_dir: Path) -> StepResult:
     """Accuracy, macro F1, batch-1 latency percentiles and size of one candidate on the test split.
 
@@ -156,7 +188,11 @@ def run(config: EvaluateConfig, candidate: str, model_dir: Path, model_format: M
 
     Writes ``predictions.parquet`` (label, prediction, per-class logits) for gates, promotion
     smoke tests and drift references.
+
+    The predictor follows the model folder's manifest; ``model_format`` is used only for a folder
+    without one (made by another tool).
     """
+    model_format = model_format_of(model_dir, model_format)
     test = read_split(data_dir, "test")
     labels = test["label"].to_numpy()
     texts = test["text"].tolist()
@@ -195,7 +231,7 @@ def run(config: EvaluateConfig, candidate: str, model_dir: Path, model_format: M
     )
 
 
-def run_isolated(config: EvaluateConfig, candidate: str, model_dir: Path, model_format: ModelFormat,
+def run_isolated(config: EvaluateConfig, candidate: str, model_dir: Path, model_format: ModelFormat | None,
                  data_dir: Path, out_dir: Path) -> StepResult:
     """``run`` in a fresh Python process, adding its memory: ``peak_memory_mb`` (the whole evaluating
     process at its peak) and ``model_memory_mb`` (the peak above the process after its imports,
@@ -209,6 +245,7 @@ def run_isolated(config: EvaluateConfig, candidate: str, model_dir: Path, model_
     import sys
     import tempfile
 
+    model_format = model_format_of(model_dir, model_format)  # a format without a predictor fails here, clearly
     with tempfile.TemporaryDirectory(prefix="evaluate-") as scratch:
         request, answer = Path(scratch) / "request.json", Path(scratch) / "result.json"
         write_json_atomic(request, {"config": asdict(config), "candidate": candidate, "model_dir": str(model_dir),
@@ -223,7 +260,7 @@ def run_isolated(config: EvaluateConfig, candidate: str, model_dir: Path, model_
     return result
 
 
-def _run_measuring_memory(config: EvaluateConfig, candidate: str, model_dir: Path, model_format: ModelFormat,
+def _run_measuring_memory(config: EvaluateConfig, candidate: str, model_dir: Path, model_format: ModelFormat | None,
                           data_dir: Path, out_dir: Path) -> dict:
     import onnxruntime  # noqa: F401  (imported before the baseline is read)
     import psutil

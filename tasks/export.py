@@ -9,9 +9,10 @@ import torch
 
 from tasks.config import ExportConfig
 from tasks.errors import ConfigError, ExportError
+from tasks.manifest import ModelSource, Precision, write_manifest
 from tasks.modeling import encoder_layers, load_classifier, load_tokenizer
 from tasks.onnx_model import INPUT_NAMES, MODEL_FILENAME, OUTPUT_NAME, compare_logits, model_size_bytes, onnx_logits
-from tasks.results import StepResult, StepStatus, staged_dir, write_json_atomic
+from tasks.results import ModelFormat, StepResult, StepStatus, staged_dir, write_json_atomic
 from tasks.splits import read_split
 from tasks.training import predict_logits
 
@@ -105,6 +106,10 @@ def run(config: ExportConfig, model_dir: Path, data_dir: Path, out_dir: Path, ma
                 f"ONNX export differs from PyTorch by {check['max_abs_diff']:.2e} (> {config.max_abs_diff:.0e}) on "
                 f"{len(texts)} test texts; the exported file is kept at {staging} for inspection"
             )
+        write_manifest(staging, format=ModelFormat.ONNX, precision=Precision.FP32, step="export_onnx",
+                       created_by=__name__, source=ModelSource(str(model_dir), ModelFormat.PYTORCH),
+                       config=asdict(config) | {"max_length": max_length}, config_file="export_config.json",
+                       details={"opset": str(config.opset), "graph_optimized": str(config.optimize_graph).lower()})
     return StepResult(
         step="export_onnx",
         status=StepStatus.SUCCESS,

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 
 from tasks.config import FinetuneConfig
+from tasks.manifest import ModelSource, Precision, write_manifest
 from tasks.modeling import load_classifier, load_tokenizer
-from tasks.results import StepResult, StepStatus, staged_dir, write_json_atomic
+from tasks.results import ModelFormat, StepResult, StepStatus, staged_dir, write_json_atomic
 from tasks.splits import read_meta, read_split
 from tasks.training import EarlyStopping, accuracy, seed_everything, steps_for
 from tasks.training import train as train_loop
@@ -57,6 +58,9 @@ def run(config: FinetuneConfig, data_dir: Path, out_dir: Path, progress_every: i
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         write_json_atomic(staging / "finetune_config.json", asdict(config))
+        write_manifest(staging, format=ModelFormat.PYTORCH, precision=Precision.FP32, step="finetune",
+                       created_by=__name__, source=ModelSource(config.model, ModelFormat.PYTORCH), config=config,
+                       config_file="finetune_config.json")
     return StepResult(
         step="finetune",
         status=StepStatus.SUCCESS,

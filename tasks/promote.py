@@ -32,8 +32,9 @@ from tasks import model_aliases
 from tasks.champion import ChampionScore
 from tasks.config import PromoteConfig
 from tasks.errors import PromotionFailed
+from tasks.manifest import read_manifest
 from tasks.predictions import read_logits
-from tasks.results import StepResult, StepStatus
+from tasks.results import ModelFormat, StepResult, StepStatus
 from tasks.splits import read_meta, read_split
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,9 @@ class PromotionTarget:
 
 def run(config: PromoteConfig, target: PromotionTarget, model_dir: Path, predictions: Path, data_dir: Path,
         mlflow_version: str, max_length: int, intra_op_threads: int = 0) -> StepResult:
-    """Serve ``model_dir`` as a new version of the ``config.triton_model`` ensemble and move the alias."""
+    """Serve ``model_dir`` as a new version of the ``config.triton_model`` ensemble and move the alias.
+    The classifier's Triton platform follows the folder's manifest (``served_format``)."""
+    model_format = served_format(model_dir)
     labels = tuple(read_meta(data_dir)["labels"])
     ensemble = repo.ClassifierEnsemble(config.triton_model, labels, max_length, intra_op_threads=intra_op_threads)
     repository = target.model_repository
@@ -67,7 +70,7 @@ def run(config: PromoteConfig, target: PromotionTarget, model_dir: Path, predict
                 f"{ensemble.name}: could not build the drift reference from {predictions.name}: {error}. "
                 f"Nothing was changed; the alias {config.alias!r} is unchanged."
             ) from error
-        version = repo.write_component_versions(repository, ensemble, model_dir)
+        version = repo.write_component_versions(repository, ensemble, model_dir, model_format)
         log.info("wrote %s version %d; loading it on %s", ensemble.name, version, ", ".join(replicas.urls))
         try:
             _switch_to(replicas, repository, ensemble.name, version, repo.render_ensemble_config(ensemble, version),
@@ -97,6 +100,20 @@ def run(config: PromoteConfig, target: PromotionTarget, model_dir: Path, predict
         info={"registered_model": config.registered_model, "mlflow_version": mlflow_version,
               "alias": config.alias, "triton_model": ensemble.name, "triton_replicas": ",".join(replicas.urls)},
     )
+
+
+def served_format(model_dir: Path) -> str:
+    """The format Triton serves ``model_dir`` as (a key of ``serving.model_repository.CLASSIFIER_WRITERS``):
+    its manifest's, or ONNX for a folder without one (the only format promoted before manifests).
+    ``PromotionFailed`` for a format no writer serves, before anything is changed."""
+    manifest = read_manifest(model_dir)
+    model_format = manifest.format if manifest is not None else ModelFormat.ONNX
+    if model_format.value not in repo.CLASSIFIER_WRITERS:
+        raise PromotionFailed(
+            f"{model_dir} holds a {model_format.value} model, which Triton is not set up to serve; served formats: "
+            f"{', '.join(sorted(repo.CLASSIFIER_WRITERS))}. Nothing was changed."
+        )
+    return model_format.value
 
 
 def rollback(config: PromoteConfig, target: PromotionTarget) -> StepResult:

@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 
 from tasks.config import PruneConfig
+from tasks.manifest import ModelSource, Precision, Structure, write_manifest
 from tasks.modeling import (PLAN_FILENAME, LayerParts, PruningPlan, apply_plan, encoder_layers, head_size_of,
                             layer_parts, load_classifier, load_tokenizer, parameter_count)
-from tasks.results import StepResult, StepStatus, staged_dir, write_json_atomic
+from tasks.results import ModelFormat, StepResult, StepStatus, staged_dir, write_json_atomic
 from tasks.splits import read_split
 from tasks.training import accuracy, batches, distillation_loss, seed_everything, steps_for
 from tasks.training import train as train_loop
@@ -197,6 +198,14 @@ def recover(model: torch.nn.Module, tokenizer, texts: list[str], loss_on: Callab
     return trained.seconds
 
 
+def pruned_structure(config: PruneConfig) -> Structure:
+    """How the saved weights are laid out: smaller layers (loading needs the pruning plan), else dense
+    shapes with zeroed weights (unstructured only), else unchanged."""
+    if config.structured:
+        return Structure.PRUNED
+    return Structure.SPARSE if config.unstructured_sparsity else Structure.DENSE
+
+
 def run(config: PruneConfig, student_dir: Path, teacher_dir: Path, data_dir: Path, out_dir: Path,
         progress_every: int = 10) -> StepResult:
     """Prune the model in ``student_dir``, recover it by distilling from ``teacher_dir``, save to ``out_dir``."""
@@ -227,6 +236,10 @@ def run(config: PruneConfig, student_dir: Path, teacher_dir: Path, data_dir: Pat
         tokenizer.save_pretrained(staging)
         write_json_atomic(staging / PLAN_FILENAME, plan.to_dict())
         write_json_atomic(staging / "prune_config.json", asdict(config))
+        write_manifest(staging, format=ModelFormat.PYTORCH, precision=Precision.FP32, step="prune",
+                       created_by=__name__, source=ModelSource(str(student_dir), ModelFormat.PYTORCH), config=config,
+                       config_file="prune_config.json", structure=pruned_structure(config),
+                       details={"teacher": str(teacher_dir), "pruning_plan": PLAN_FILENAME})
     return StepResult(
         step="prune",
         status=StepStatus.SUCCESS,

@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 
 from tasks.config import QuantizeConfig, QuantizeMode
+from tasks.manifest import ModelSource, Precision, write_manifest
 from tasks.modeling import load_classifier, load_tokenizer
 from tasks.onnx_model import (INPUT_NAMES, MODEL_FILENAME, TORCH_INT8_FILENAME, compare_logits, copy_tokenizer_files,
                               model_size_bytes, onnx_logits)
-from tasks.results import StepResult, StepStatus, staged_dir, write_json_atomic
+from tasks.results import ModelFormat, StepResult, StepStatus, staged_dir, write_json_atomic
 from tasks.splits import read_split
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,13 @@ def convert_fp16(source: Path, target: Path) -> Path:
     return target
 
 
+# What quantize_torch_dynamic does (it takes no config): the manifest's config hash is of these.
+TORCH_DYNAMIC_SETTINGS = {"api": "torch.ao.quantization.quantize_dynamic", "modules": ["Linear"], "dtype": "qint8"}
+# The precision each ONNX quantization mode leaves the model in.
+MODE_PRECISION = {QuantizeMode.DYNAMIC_INT8: Precision.INT8, QuantizeMode.STATIC_INT8: Precision.INT8,
+                  QuantizeMode.FP16: Precision.FP16}
+
+
 def quantize_torch_dynamic(model_dir: Path, out_dir: Path) -> StepResult:
     """PyTorch dynamic INT8 (``torch.ao.quantization.quantize_dynamic`` on Linear layers), the
     baseline users reach for first. Saved as a pickled module (load with ``weights_only=False``)."""
@@ -127,6 +135,10 @@ def quantize_torch_dynamic(model_dir: Path, out_dir: Path) -> StepResult:
     with staged_dir(out_dir) as staging:
         torch.save(quantized, staging / TORCH_INT8_FILENAME)
         load_tokenizer(model_dir).save_pretrained(staging)
+        write_manifest(staging, format=ModelFormat.PYTORCH_DYNAMIC_INT8, precision=Precision.INT8,
+                       step="quantize_torch_dynamic_int8", created_by=__name__,
+                       source=ModelSource(str(model_dir), ModelFormat.PYTORCH), config=TORCH_DYNAMIC_SETTINGS,
+                       details={"quantization": "dynamic", "modules": "Linear"})
     return StepResult(step="quantize_torch_dynamic_int8", status=StepStatus.SUCCESS, uris={"model": str(out_dir)},
                       metrics={"size_bytes": float((out_dir / TORCH_INT8_FILENAME).stat().st_size)})
 
@@ -151,6 +163,10 @@ def run(config: QuantizeConfig, onnx_dir: Path, data_dir: Path, out_dir: Path, m
             convert_fp16(source, target)
         copy_tokenizer_files(onnx_dir, staging)
         write_json_atomic(staging / "quantize_config.json", asdict(config) | {"fp32_nodes": info.get("fp32_nodes", "")})
+        write_manifest(staging, format=ModelFormat.ONNX, precision=MODE_PRECISION[mode], step=f"quantize_{mode.value}",
+                       created_by=__name__, source=ModelSource(str(onnx_dir), ModelFormat.ONNX),
+                       config=asdict(config) | {"max_length": max_length}, config_file="quantize_config.json",
+                       details={"quantization": mode.value})
         # One text per call, as served: dynamic INT8 scales depend on the whole input tensor.
         check = compare_logits(
             onnx_logits(source, tokenizer, texts, max_length, batch_size=1),

@@ -12,14 +12,18 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.manifest import read_manifest
 from tasks.model_aliases import mlflow_client
 from tasks.onnx_model import INPUT_NAMES, MODEL_FILENAME, TOKENIZER_FILES
+from tasks.results import ModelFormat
 
 log = logging.getLogger(__name__)
 
 RUN_TAG = "pipeline_run_id"
 ROLE_TAG = "pipeline_role"
 CANDIDATE_TAG = "candidate"
+# The formats registered as MLflow model versions (logged with the ONNX flavour).
+REGISTRABLE_FORMATS = frozenset({ModelFormat.ONNX})
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,16 @@ class Candidate:
     model_dir: Path
     metrics: dict[str, float]
     technique: str  # human-readable chain, e.g. "finetune > onnx export > dynamic int8"
-    registrable: bool = True  # only ONNX candidates become model versions
+    registrable: bool = True  # for a folder without a manifest; a manifest decides (see is_registrable)
+
+
+def is_registrable(candidate: Candidate) -> bool:
+    """Whether the candidate becomes a model version: by its folder's manifest (ONNX models only),
+    else, for a folder without one, as the caller said."""
+    manifest = read_manifest(candidate.model_dir)
+    if manifest is None:
+        return candidate.registrable
+    return manifest.format in REGISTRABLE_FORMATS
 
 
 def parent_run_id(tracking_uri: str, experiment: str, pipeline_run_id: str, params: dict[str, str]) -> str:
@@ -94,7 +107,7 @@ def log_candidate(tracking_uri: str, experiment: str, parent_id: str, pipeline_r
             run_kwargs = {"run_id": run_id} if run_id else {"run_name": candidate.name, "tags": tags}
             with mlflow.start_run(nested=True, **run_kwargs):
                 mlflow.log_metrics(candidate.metrics)
-                if not candidate.registrable:
+                if not is_registrable(candidate):
                     return None
                 signature, example = _signature(candidate.model_dir)
                 info = mlflow.onnx.log_model(

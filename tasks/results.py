@@ -22,6 +22,7 @@ class ModelFormat(str, Enum):
     PYTORCH = "pytorch"
     PYTORCH_DYNAMIC_INT8 = "pytorch_dynamic_int8"  # torch.ao dynamic quantization: a baseline only
     ONNX = "onnx"
+    TENSORRT_PLAN = "tensorrt_plan"  # a serialized TensorRT engine (model.plan), specific to a GPU model
 
 
 @dataclass(frozen=True)

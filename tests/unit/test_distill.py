@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from tasks import distill, modeling
 from tasks.config import DistillConfig
 from tasks.errors import ConfigError
+from tasks.manifest import ArtifactManifest, Backend, Precision
 from tasks.modeling import load_classifier
+from tasks.results import ModelFormat
 from tasks.training import distillation_loss
 
 
@@ -62,6 +64,12 @@ def test_distill_run_produces_a_smaller_student_that_keeps_accuracy(trained_teac
     assert json.loads((tmp_path / "student" / "distill_config.json").read_text())["teacher_layers_kept"] == [1]
     reloaded = load_classifier(tmp_path / "student")
     assert len(modeling.encoder_layers(reloaded)) == 1
+    manifest = ArtifactManifest.read(tmp_path / "student")
+    assert (manifest.format, manifest.precision, manifest.backend) == (ModelFormat.PYTORCH, Precision.FP32,
+                                                                       Backend.TORCH)
+    assert manifest.source.path == str(trained_teacher) and manifest.step == "distill"
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(manifest.files)
+    assert manifest.details["teacher_layers_kept"] == "1"
 
 
 def test_hidden_state_loss_compares_mapped_layers_and_ignores_padding():

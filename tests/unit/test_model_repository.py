@@ -251,3 +251,46 @@ def test_instances_apply_to_the_classifier_and_the_tokenizer(tmp_path):
     assert _parsed((repository / ensemble.postprocess_model / "config.pbtxt").read_text()).instance_group[0].count == 1
     with pytest.raises(repo.RepositoryError, match="instances"):
         repo.ClassifierEnsemble("clf", ("negative", "positive"), max_length=64, instances=0)
+
+
+def _plan_folder(tmp_path):
+    model_dir = tmp_path / "engine"
+    model_dir.mkdir(parents=True)
+    (model_dir / "model.plan").write_bytes(b"engine")
+    (model_dir / "tokenizer.json").write_text("{}")
+    return model_dir
+
+
+def test_a_tensorrt_plan_classifier_gets_a_tensorrt_plan_config_on_the_gpu():
+    parsed = _parsed(repo.render_plan_config(repo.classifier_config("clf_onnx", 2, intra_op_threads=2)))
+    assert parsed.platform == "tensorrt_plan" and parsed.max_batch_size == 32
+    assert parsed.instance_group[0].kind == parsed.instance_group[0].KIND_GPU
+    assert not parsed.parameters and not parsed.optimization.execution_accelerators.gpu_execution_accelerator
+    assert [item.name for item in parsed.input] == ["input_ids", "attention_mask"]
+    assert parsed.dynamic_batching.max_queue_delay_microseconds == 500 and len(parsed.model_warmup) == 1
+
+
+def test_the_classifier_writer_is_chosen_by_the_model_format(tmp_path):
+    ensemble = repo.ClassifierEnsemble("clf", ("negative", "positive"), max_length=64)
+    onnx_repository, plan_repository = tmp_path / "onnx_repo", tmp_path / "plan_repo"
+    repo.write_ensemble_version(onnx_repository, ensemble, _exported(tmp_path))
+    version = repo.write_ensemble_version(plan_repository, ensemble, _plan_folder(tmp_path), "tensorrt_plan")
+    onnx_config = _parsed((onnx_repository / "clf_onnx" / "config.pbtxt").read_text())
+    plan_config = _parsed((plan_repository / "clf_onnx" / "config.pbtxt").read_text())
+    assert onnx_config.platform == "onnxruntime_onnx" and plan_config.platform == "tensorrt_plan"
+    assert plan_config.version_policy.latest.num_versions == repo.COMPONENT_VERSIONS_KEPT
+    files = {path.name for path in (plan_repository / "clf_onnx" / str(version)).iterdir()}
+    assert files == {"model.plan", repo.CONFIG_SNAPSHOT}
+    with pytest.raises(repo.RepositoryError, match="model.plan"):
+        repo.write_ensemble_version(tmp_path / "other", ensemble, _exported(tmp_path / "b"), "tensorrt_plan")
+    with pytest.raises(repo.RepositoryError, match="served formats: onnx, tensorrt_plan"):
+        repo.write_ensemble_version(tmp_path / "other", ensemble, _exported(tmp_path / "c"), "pytorch")
+
+
+def test_a_version_of_another_platform_is_refused_beside_the_serving_one(tmp_path):
+    ensemble = repo.ClassifierEnsemble("clf", ("negative", "positive"), max_length=64)
+    repository = tmp_path / "repo"
+    repo.write_ensemble_version(repository, ensemble, _exported(tmp_path))
+    with pytest.raises(repo.RepositoryError, match="serves onnxruntime_onnx models"):
+        repo.write_component_versions(repository, ensemble, _plan_folder(tmp_path), "tensorrt_plan")
+    assert repo.versions(repository, "clf_onnx") == [1]

@@ -8,8 +8,10 @@ import torch
 from tasks import export, modeling, prune
 from tasks.config import ExportConfig, PruneConfig
 from tasks.errors import ConfigError
+from tasks.manifest import ArtifactManifest, Precision, Structure
 from tasks.modeling import load_classifier, load_tokenizer
 from tasks.onnx_model import model_size_bytes
+from tasks.results import ModelFormat
 from tasks.training import predict_logits
 
 
@@ -63,6 +65,10 @@ def test_structured_pruning_gives_a_smaller_model_that_reloads_and_exports(train
     assert model_size_bytes(tmp_path / "pruned") < model_size_bytes(trained_teacher)
     plan = json.loads((tmp_path / "pruned" / modeling.PLAN_FILENAME).read_text())
     assert [len(heads) for heads in plan["heads"]] == [1, 1]
+    manifest = ArtifactManifest.read(tmp_path / "pruned")
+    assert (manifest.format, manifest.precision, manifest.structure) == (ModelFormat.PYTORCH, Precision.FP32,
+                                                                         Structure.PRUNED)
+    assert {modeling.PLAN_FILENAME, "model.safetensors", "tokenizer.json"} <= set(manifest.files)
 
     reloaded = load_classifier(tmp_path / "pruned")
     attention = modeling.encoder_layers(reloaded)[0].attention.self
@@ -84,6 +90,7 @@ def test_unstructured_pruning_reaches_the_sparsity_without_changing_shapes(train
     assert result.metrics["parameters_after"] == result.metrics["parameters_before"]
     model = load_classifier(tmp_path / "sparse")
     assert prune.sparsity(prune.prunable_weights(model)) == pytest.approx(0.6, abs=0.01)
+    assert ArtifactManifest.read(tmp_path / "sparse").structure is Structure.SPARSE
 
 
 def test_prune_config_is_validated():

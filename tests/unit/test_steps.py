@@ -11,6 +11,7 @@ from tasks import evaluate, export, gate, quantize
 from tasks.champion import ChampionScore
 from tasks.config import EvaluateConfig, ExportConfig, GateConfig, QuantizeConfig
 from tasks.errors import ExportError
+from tasks.manifest import ArtifactManifest, Backend, Precision
 from tasks.onnx_model import model_size_bytes
 from tasks.predictions import read_logits
 from tasks.results import ModelFormat, StepResult, StepStatus
@@ -55,6 +56,17 @@ def test_dynamic_int8_quantizes_matmuls_and_shrinks_the_file(exported_onnx, prep
     assert result.metrics["size_bytes"] < model_size_bytes(exported_onnx)
     assert result.metrics["source_label_agreement"] >= 0.9
     assert (tmp_path / "int8" / "tokenizer.json").exists()
+    _assert_manifest(tmp_path / "int8", ModelFormat.ONNX, Precision.INT8, Backend.ONNXRUNTIME, "model.onnx",
+                     quantization="dynamic_int8", source=exported_onnx)
+
+
+def _assert_manifest(folder, model_format, precision, backend, model_file, source, **details):
+    manifest = ArtifactManifest.read(folder)
+    assert (manifest.format, manifest.precision, manifest.backend) == (model_format, precision, backend)
+    assert {model_file, "tokenizer.json"} <= set(manifest.files)
+    assert manifest.source.path == str(source)
+    assert all(manifest.details[key] == value for key, value in details.items())
+    return manifest
 
 
 def test_evaluate_writes_predictions_and_metrics(exported_onnx, prepared_data, tmp_path):
@@ -144,6 +156,8 @@ def test_static_int8_is_calibrated_qdq_and_keeps_activation_matmuls_in_fp32(expo
             assert not set(node.input) & quantized_inputs, f"{node.name} reads quantized tensors"
     assert result.metrics["source_label_agreement"] >= 0.9
     assert json.loads((tmp_path / "static" / "quantize_config.json").read_text())["mode"] == "static_int8"
+    _assert_manifest(tmp_path / "static", ModelFormat.ONNX, Precision.INT8, Backend.ONNXRUNTIME, "model.onnx",
+                     quantization="static_int8", source=exported_onnx)
 
 
 def test_fp16_halves_the_weights_and_keeps_float32_logits(exported_onnx, prepared_data, tmp_path):
@@ -154,6 +168,8 @@ def test_fp16_halves_the_weights_and_keeps_float32_logits(exported_onnx, prepare
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert result.metrics["source_max_abs_diff"] < 1e-2
     assert result.metrics["size_bytes"] < 0.8 * model_size_bytes(exported_onnx)  # tiny graph: structure weighs too
+    _assert_manifest(tmp_path / "fp16", ModelFormat.ONNX, Precision.FP16, Backend.ONNXRUNTIME, "model.onnx",
+                     quantization="fp16", source=exported_onnx)
 
 
 def test_quantize_config_rejects_unknown_modes():
@@ -186,6 +202,8 @@ def test_graph_optimization_fuses_attention_and_still_matches(trained_teacher, p
 def test_pytorch_dynamic_int8_baseline_is_evaluated_like_any_candidate(trained_teacher, prepared_data, tmp_path):
     made = quantize.quantize_torch_dynamic(trained_teacher, tmp_path / "torch_int8")
     assert made.metrics["size_bytes"] > 0
+    _assert_manifest(tmp_path / "torch_int8", ModelFormat.PYTORCH_DYNAMIC_INT8, Precision.INT8, Backend.TORCH,
+                     "model_dynamic_int8.pt", quantization="dynamic", source=trained_teacher)
     result = evaluate.run(EvaluateConfig(warmup=1, max_length=32, batch_size=8, throughput_batches=1),
                           "teacher_torch_int8", tmp_path / "torch_int8", ModelFormat.PYTORCH_DYNAMIC_INT8,
                           prepared_data, tmp_path / "eval")
