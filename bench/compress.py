@@ -30,7 +30,7 @@ import numpy as np
 
 from bench import compute, latency_workers
 from bench.latency_workers import InterleavedLatency
-from tasks.recipe import MODEL_INPUT, OPTIMIZE_MODEL, Format, Stage, Step
+from tasks.recipe import MODEL_INPUT, OPTIMIZE_MODEL, Stage, Step
 from tasks.results import ModelFormat, StepResult, StepStatus
 
 if TYPE_CHECKING:
@@ -284,10 +284,10 @@ def candidate_rows(profile: Profile, work: Path, steps: dict[str, dict]) -> list
     rows = []
     for stage in (stage for stage in OPTIMIZE_MODEL.stages if stage.candidate):
         technique = technique_text(profile, stage, then=" (PyTorch FP32 eager)"
-                                   if stage.model_format is Format.PYTORCH else "")
+                                   if stage.model_format is ModelFormat.PYTORCH else "")
         reason = not_built(steps, stage.id)
         place = ({"model_dir": None, "model_format": None, "skipped_reason": reason} if reason else
-                 {"model_dir": work / stage.output, "model_format": ModelFormat(stage.model_format.value)})
+                 {"model_dir": work / stage.output, "model_format": stage.model_format})
         rows.append(Row(stage.candidate, technique, **place, source=pytorch_source(stage).output,
                         precision="int8" if stage.step is Step.QUANTIZE else "fp32"))
     return rows

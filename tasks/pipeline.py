@@ -176,9 +176,8 @@ def evaluate_candidates(settings: PipelineSettings, config: PipelineConfig, run_
             raise PipelineError(f"{candidate} is switched on but its stage {stage.id!r} produced no result (skipped "
                                 f"or cleared?); clear that task and its downstream tasks to build it again")
         model_dir = Path(StepResult.from_dict(produced[stage.id]).uri("model"))
-        model_format = ModelFormat(stage.model_format.value)
-        log.info("evaluating %s (%s) from %s", candidate, model_format.value, model_dir)
-        result = evaluate_step.run_isolated(config.evaluate, candidate, model_dir, model_format, data_dir,
+        log.info("evaluating %s (%s) from %s", candidate, stage.model_format.value, model_dir)
+        result = evaluate_step.run_isolated(config.evaluate, candidate, model_dir, stage.model_format, data_dir,
                                             settings.run_dir(run_id) / "evaluation" / candidate)
         evaluations[candidate] = result.to_dict()
         log.info("%s: accuracy %.4f p50 %.2f ms p95 %.2f ms", candidate, result.metrics["accuracy"],
@@ -220,7 +219,7 @@ def register_candidates(settings: PipelineSettings, config: PipelineConfig, run_
             settings.mlflow_tracking_uri, settings.experiment, parent, run_id, config.promote.registered_model,
             registry.Candidate(candidate, Path(evaluation.uri("model")), candidate_metrics(evaluations, candidate),
                                RECIPE.technique_chain(stage.id),
-                               registrable=stage.model_format.value == ModelFormat.ONNX.value),
+                               registrable=stage.model_format is ModelFormat.ONNX),
             lineage | {"source_candidate": source or "-",
                        "source_version": (versions.get(source) or "not registered") if source else "-"},
         )

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from types import MappingProxyType
 
+from tasks.results import ModelFormat  # standard library only, like this module
+
 
 class Target(str, Enum):
     """The hardware a stage's output is built for."""
@@ -35,13 +37,6 @@ class Step(str, Enum):
     PRUNE = "prune"
     EXPORT = "export"
     QUANTIZE = "quantize"
-
-
-class Format(str, Enum):
-    """The format of a stage's output model (the values of ``tasks.results.ModelFormat``)."""
-
-    PYTORCH = "pytorch"
-    ONNX = "onnx"
 
 
 # The keyword under which a stage receives the model it works on; other keywords are helpers
@@ -79,7 +74,7 @@ class Stage:
     technique: str = ""
     output: str = ""
     candidate: str | None = None
-    model_format: Format | None = None
+    model_format: ModelFormat | None = None
     compared_with: str | None = None
     target: Target = Target.CPU
     doc: str = ""
@@ -90,7 +85,7 @@ class Stage:
         object.__setattr__(self, "output", self.output or self.candidate or self.id)
         if self.model_format is None:  # training steps write PyTorch models, the rest ONNX
             trains = self.step in (Step.FINETUNE, Step.DISTILL, Step.PRUNE)
-            object.__setattr__(self, "model_format", Format.PYTORCH if trains else Format.ONNX)
+            object.__setattr__(self, "model_format", ModelFormat.PYTORCH if trains else ModelFormat.ONNX)
 
 
 def _teacher_stages() -> list[Stage]:
