@@ -57,7 +57,7 @@ def gate_candidates(settings: PipelineSettings, config: PipelineConfig, run_id: 
             continue
         gates[name] = gate_step.evaluate_gates(config.gate, candidate_metrics(evaluations, name), teacher, score)
         model_aliases.tag_version(uri, model_name, version,
-                             {f"gate.{c.name}": f"{c.decision.value}: {c.detail}" for c in gates[name]})
+                                  {f"gate.{c.name}": f"{c.decision.value}: {c.detail}" for c in gates[name]})
     winner = choose_winner({name: (gate_step.passed(checks), evaluations[name]["metrics"]["latency_p50_ms"])
                             for name, checks in gates.items()})
     for name, checks in gates.items():

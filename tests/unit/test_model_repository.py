@@ -60,10 +60,11 @@ def test_servable_models_are_loaded_at_startup(tmp_path):
     assert servable_models(tmp_path / "missing") == []
 
 
-def _exported(tmp_path):
-    model_dir = tmp_path / "exported"
+def _exported(tmp_path, folder: str = "exported", model_file: str = "model.onnx", content: bytes = b"onnx"):
+    """A model folder as the export (or compile) step leaves it: the model file and the tokenizer."""
+    model_dir = tmp_path / folder
     model_dir.mkdir(parents=True)
-    (model_dir / "model.onnx").write_bytes(b"onnx")
+    (model_dir / model_file).write_bytes(content)
     (model_dir / "tokenizer.json").write_text("{}")
     return model_dir
 
@@ -254,11 +255,7 @@ def test_instances_apply_to_the_classifier_and_the_tokenizer(tmp_path):
 
 
 def _plan_folder(tmp_path):
-    model_dir = tmp_path / "engine"
-    model_dir.mkdir(parents=True)
-    (model_dir / "model.plan").write_bytes(b"engine")
-    (model_dir / "tokenizer.json").write_text("{}")
-    return model_dir
+    return _exported(tmp_path, folder="engine", model_file="model.plan", content=b"engine")
 
 
 def test_a_tensorrt_plan_classifier_gets_a_tensorrt_plan_config_on_the_gpu():
