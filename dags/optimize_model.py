@@ -63,11 +63,19 @@ def _inputs():
     """Settings from the environment, config from the run's params, and the run id."""
     from airflow.sdk import get_current_context
 
-    from tasks.pipeline import config_from_params
+    from tasks.planning import config_for_run
     from tasks.settings import PipelineSettings
 
     context = get_current_context()
-    return PipelineSettings.from_env(os.environ), config_from_params(dict(context["params"])), context["run_id"]
+    settings = PipelineSettings.from_env(os.environ)
+    config = config_for_run(dict(context["params"]), settings.run_dir(context["run_id"]))
+    return settings, config, context["run_id"]
+
+
+def _plan(settings, run_id: str):
+    from tasks.trigger import read_plan
+
+    return read_plan(settings.run_dir(run_id))
 
 
 @dag(
@@ -85,19 +93,32 @@ def _inputs():
     doc_md=__doc__,
 )
 def optimize_model():
-    @task
-    def prepare_data() -> dict:
-        """Load, clean and split the labelled texts; hash them. Logs why the run started."""
+    @task.short_circuit
+    def plan() -> bool:
+        """Why the run started -> what it does (train; re-optimize after a latency breach; retrain on new
+        labels after drift; roll back or alert after an error breach, and stop). Everything after it is
+        skipped when the plan stops the run; the reason is in the log and in MLflow."""
         import logging
 
         from airflow.sdk import get_current_context
 
+        from tasks import planning
+        from tasks.settings import PipelineSettings
+
+        context = get_current_context()
+        planned = planning.plan_run(PipelineSettings.from_env(os.environ), dict(context["params"]), context["run_id"])
+        logging.getLogger(__name__).info("%s: %s", planned["action"], planned["reason"])
+        if planned["stop"]:
+            logging.getLogger(__name__).info("the run stops here: %s", planned["stop"])
+        return not planned["stop"]
+
+    @task
+    def prepare_data() -> dict:
+        """Load, clean and split the labelled texts and hash them (a re-optimization reuses the champion's)."""
         from tasks import pipeline
 
-        params = get_current_context()["params"]
-        logging.getLogger(__name__).info("run started because: %s", params.get("trigger_reason"))
         settings, config, run_id = _inputs()
-        return pipeline.prepare_data(settings, config, run_id)
+        return pipeline.prepare_data(settings, config, run_id, reused=_plan(settings, run_id).reused.get("data"))
 
     @task.short_circuit
     def data_changed(data: dict) -> bool:
@@ -106,10 +127,11 @@ def optimize_model():
 
         from airflow.sdk import get_current_context
 
-        from tasks import pipeline
+        from tasks import planning
 
-        settings, config, _ = _inputs()
-        verdict = pipeline.data_changed(settings, config, data, bool(get_current_context()["params"]["force_retrain"]))
+        settings, config, run_id = _inputs()
+        verdict = planning.should_train(settings, config, run_id, data,
+                                        bool(get_current_context()["params"]["force_retrain"]))
         logging.getLogger(__name__).info(verdict["reason"])
         return verdict["changed"]
 
@@ -120,7 +142,8 @@ def optimize_model():
 
         settings, config, run_id = _inputs()
         _skip(pipeline.stage_switched_off(config, stage_id))
-        return pipeline.run_stage(settings, config, run_id, stage_id, data, upstream)
+        return pipeline.run_stage(settings, config, run_id, stage_id, data, upstream,
+                                  reused_teacher=_plan(settings, run_id).reused.get("teacher"))
 
     # Runs when technique tasks were skipped (their results arrive as None); a failed upstream task still
     # stops it, and everything after it. data_changed's short-circuit skips it directly.
@@ -183,6 +206,7 @@ def optimize_model():
         return written
 
     data = prepare_data()
+    plan() >> data
     changed = data_changed(data)
     results = {}
     for stage in OPTIMIZE_MODEL.stages:  # the recipe is the graph

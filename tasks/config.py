@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from typing import Any
 
-from serving.model_repository import DEFAULT_MODEL  # standard library only, like this module
+from monitoring.policy import SLO_P95_MS  # standard library only, like this module and the one below
+from serving.model_repository import DEFAULT_MODEL
 from tasks.errors import ConfigError
 
 
@@ -442,7 +443,11 @@ class GateConfig:
     Attributes:
         max_relative_accuracy_drop: accuracy >= teacher accuracy x (1 - this).
         min_source_agreement: label agreement with the unquantized source model.
-        max_p95_latency_ms: batch-1 p95 latency budget (0 = no budget).
+        max_p95_latency_ms: batch-1 p95 latency budget at the serving configuration (the
+            evaluation's threads, which promotion gives Triton), by default the monitor's p95 SLO,
+            so that a promoted model does not breach it on arrival (0 = no budget).
+        latency_noise_margin: share of the budget held back for measurement noise: the candidate's
+            p95 must be <= budget x (1 - this).
         max_champion_regression: accuracy may be at most this far (absolute) below the serving
             champion's accuracy on the same test split.
     """
@@ -450,8 +455,12 @@ class GateConfig:
     max_relative_accuracy_drop: float = field(default=0.03, metadata=param(
         "max_relative_accuracy_drop", "gate: candidate accuracy >= teacher x (1 - this)", minimum=0, maximum=0.99))
     min_source_agreement: float = 0.95
-    max_p95_latency_ms: float = field(default=0.0, metadata=param(
-        "max_p95_latency_ms", "gate: p95 batch-1 latency budget (0 = none)", minimum=0))
+    max_p95_latency_ms: float = field(default=SLO_P95_MS, metadata=param(
+        "max_p95_latency_ms", "gate: batch-1 p95 latency budget in ms at the serving configuration (default: the "
+                              "monitor's p95 SLO; 0 = none)", minimum=0))
+    latency_noise_margin: float = field(default=0.1, metadata=param(
+        "latency_noise_margin", "gate: share of the latency budget held back for measurement noise", minimum=0,
+        maximum=0.9))
     max_champion_regression: float = field(default=0.01, metadata=param(
         "max_champion_regression", "gate: accuracy may be at most this far below the serving champion's accuracy "
                                    "on the same test split", minimum=0, maximum=0.99))
@@ -460,6 +469,7 @@ class GateConfig:
         _require(0 <= self.max_relative_accuracy_drop < 1, "gate.max_relative_accuracy_drop must be in [0, 1)")
         _require(0 <= self.min_source_agreement <= 1, "gate.min_source_agreement must be in [0, 1]")
         _require(self.max_p95_latency_ms >= 0, "gate.max_p95_latency_ms must be >= 0")
+        _require(0 <= self.latency_noise_margin <= 0.9, "gate.latency_noise_margin must be in [0, 0.9]")
         _require(0 <= self.max_champion_regression < 1, "gate.max_champion_regression must be in [0, 1)")
 
 

@@ -168,3 +168,18 @@ def run(config: DataConfig, out_dir: Path) -> StepResult:
         metrics={f"{name}_rows": float(len(part)) for name, part in splits.items()},
         info={"data_hash": data_hash, "labels": ",".join(labels)},
     )
+
+
+def result_of(data_dir: Path) -> StepResult:
+    """The result of a data folder prepared earlier (its meta says the labels, hash and sizes)."""
+    meta_path = data_dir / META_FILENAME
+    if not meta_path.exists():
+        raise DataError(f"{data_dir} is not a prepared data folder: {META_FILENAME} is missing")
+    meta = json.loads(meta_path.read_text())
+    return StepResult(
+        step="prepare_data",
+        status=StepStatus.SUCCESS,
+        uris={"data": str(data_dir)},
+        metrics={f"{name}_rows": float(size) for name, size in meta["sizes"].items()},
+        info={"data_hash": meta["data_hash"], "labels": ",".join(meta["labels"])},
+    )

@@ -17,11 +17,12 @@ from tasks import gate as gate_step
 from tasks import model_aliases, registry, report
 from tasks import promote as promote_step
 from tasks.champion import ChampionScore
-from tasks.config import PipelineConfig
+from tasks.config import GateConfig, PipelineConfig
 from tasks.errors import PipelineError, PromotionFailed
 from tasks.pipeline import candidate_metrics, switched_off_candidates
 from tasks.results import StepResult, StepStatus, write_json_atomic
 from tasks.settings import PipelineSettings
+from tasks.trigger import read_plan
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,26 @@ def score_champion(settings: PipelineSettings, config: PipelineConfig, run_id: s
     return record
 
 
-def choose_winner(gated: dict[str, tuple[bool, float]]) -> str | None:
-    """The fastest (lowest batch-1 p50 latency) candidate among those that passed every gate."""
-    passing = [(latency, name) for name, (ok, latency) in gated.items() if ok]
-    return min(passing)[1] if passing else None
+def choose_winner(gated: dict[str, tuple[bool, dict[str, float]]], objective: str = "fastest") -> str | None:
+    """Among the candidates that passed every gate (name -> (passed, metrics)): the fastest (lowest
+    batch-1 p50 latency), or with ``objective`` "most_accurate" (a re-optimization within a latency
+    budget) the most accurate, the faster of equals."""
+    passing = [(metrics, name) for name, (ok, metrics) in gated.items() if ok]
+    if not passing:
+        return None
+    if objective == "most_accurate":
+        return min(passing, key=lambda item: (-item[0]["accuracy"], item[0]["latency_p50_ms"], item[1]))[1]
+    return min(passing, key=lambda item: (item[0]["latency_p50_ms"], item[1]))[1]
+
+
+def no_winner_reason(config: GateConfig, candidates: dict[str, dict[str, float]], teacher_accuracy: float) -> str:
+    """Why nothing is promoted, plainly: the budget and accuracy asked for, and the fastest candidate."""
+    fastest = min(candidates, key=lambda name: candidates[name]["latency_p95_ms"])
+    metrics = candidates[fastest]
+    budget = (f"{gate_step.latency_limit(config):.1f} ms p95 at " if config.max_p95_latency_ms > 0 else "")
+    return (f"no candidate meets {budget}>= {gate_step.required_accuracy(config, teacher_accuracy):.3f} accuracy "
+            f"(and the other gates); the fastest was {fastest} at {metrics['latency_p95_ms']:.1f} ms p95 with "
+            f"accuracy {metrics['accuracy']:.3f}")
 
 
 def gate_candidates(settings: PipelineSettings, config: PipelineConfig, run_id: str, evaluations: dict[str, dict],
@@ -58,12 +75,17 @@ def gate_candidates(settings: PipelineSettings, config: PipelineConfig, run_id: 
         gates[name] = gate_step.evaluate_gates(config.gate, candidate_metrics(evaluations, name), teacher, score)
         model_aliases.tag_version(uri, model_name, version,
                                   {f"gate.{c.name}": f"{c.decision.value}: {c.detail}" for c in gates[name]})
-    winner = choose_winner({name: (gate_step.passed(checks), evaluations[name]["metrics"]["latency_p50_ms"])
-                            for name, checks in gates.items()})
+    plan = read_plan(settings.run_dir(run_id))
+    winner = choose_winner({name: (gate_step.passed(checks), evaluations[name]["metrics"])
+                            for name, checks in gates.items()}, plan.objective)
+    registered_metrics = {name: evaluations[name]["metrics"] for name in gates}
+    no_winner = (no_winner_reason(config.gate, registered_metrics, teacher["accuracy"])
+                 if winner is None and registered_metrics else None)
     for name, checks in gates.items():
         if name != winner:
             reasons = gate_step.failure_reasons(checks)
-            why = "; ".join(reasons) if reasons else f"passed every gate but {winner} was faster"
+            better = "more accurate" if plan.objective == "most_accurate" else "faster"
+            why = "; ".join(reasons) if reasons else f"passed every gate but {winner} was {better}"
             registry.describe_decision(uri, model_name, registered["versions"][name],
                                        f"not promoted by run {run_id}: {why}.")
     decisions = {
@@ -77,10 +99,13 @@ def gate_candidates(settings: PipelineSettings, config: PipelineConfig, run_id: 
         "gates": {name: [{"name": c.name, "decision": c.decision.value, "detail": c.detail} for c in checks]
                   for name, checks in gates.items()},
         "winner": winner,
+        "objective": plan.objective,
+        "plan": plan.to_dict(),
+        "no_winner_reason": no_winner,
     }
     write_json_atomic(settings.run_dir(run_id) / DECISIONS / "gates.json", decisions)
-    log.info("winner: %s", winner or "none: no candidate passed every gate; the champion stays")
-    return {"winner": winner}
+    log.info("winner: %s", winner or f"none: {no_winner}; the champion stays")
+    return {"winner": winner, "no_winner_reason": no_winner}
 
 
 def promote_winner(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict,
@@ -93,9 +118,12 @@ def promote_winner(settings: PipelineSettings, config: PipelineConfig, run_id: s
     decisions = read_decisions(settings, run_id)
     winner, record_path = gated["winner"], settings.run_dir(run_id) / DECISIONS / "promotion.json"
     if winner is None:
+        why = gated.get("no_winner_reason") or "no candidate passed every gate"
         result = StepResult(step="promote", status=StepStatus.SKIPPED,
-                            reason="no candidate passed every gate; the champion stays (see the gates of each)")
+                            reason=f"{why}; nothing is promoted and the champion stays (see the gates of each)")
         write_json_atomic(record_path, result.to_dict())
+        registry.record_outcome(settings.mlflow_tracking_uri, settings.experiment, run_id, {}, "not promoted",
+                                result.reason)
         return result.to_dict()
     uri, model_name, version = settings.mlflow_tracking_uri, config.promote.registered_model, decisions["versions"][winner]
     candidate = StepResult.from_dict(evaluations[winner])
@@ -112,7 +140,9 @@ def promote_winner(settings: PipelineSettings, config: PipelineConfig, run_id: s
     result = replace(result, info=result.info | {"candidate": winner})
     registry.describe_decision(
         uri, model_name, version,
-        f"promoted by run {run_id}: every gate passed and it was the fastest passing candidate; serving as Triton "
+        f"promoted by run {run_id}: every gate passed and it was the "
+        f"{'most accurate' if decisions.get('objective') == 'most_accurate' else 'fastest'} passing candidate; "
+        f"serving as Triton "
         f"{config.promote.triton_model} version {int(result.metrics['triton_version'])} with alias "
         f"{config.promote.alias!r}.")
     write_json_atomic(record_path, result.to_dict())

@@ -100,7 +100,14 @@ def resolve_source(source: str, settings: PipelineSettings) -> str:
     return assets.as_dict()[DEMO_SOURCES[source]]
 
 
-def prepare_data(settings: PipelineSettings, config: PipelineConfig, run_id: str) -> dict:
+def prepare_data(settings: PipelineSettings, config: PipelineConfig, run_id: str,
+                 reused: str | None = None) -> dict:
+    """Load, clean and split the run's data; with ``reused`` (a prepared data folder, e.g. the
+    champion's splits a re-optimization fetched), describe that folder instead."""
+    if reused is not None:
+        result = data_step.result_of(Path(reused))
+        log.info("reusing the prepared data in %s (data hash %s)", reused, result.info["data_hash"][:12])
+        return result.to_dict()
     data_config = replace(config.data, source=resolve_source(config.data.source, settings))
     result = data_step.run(data_config, settings.run_dir(run_id) / "data")
     return result.to_dict()
@@ -128,10 +135,17 @@ def data_changed(settings: PipelineSettings, config: PipelineConfig, data: dict,
 
 
 def run_stage(settings: PipelineSettings, config: PipelineConfig, run_id: str, stage_id: str, data: dict,
-              upstream: dict[str, dict]) -> dict:
+              upstream: dict[str, dict], reused_teacher: str | None = None) -> dict:
     """Run the recipe's stage ``stage_id`` on the prepared data and its upstream results (keyword ->
-    result, as the stage's ``inputs`` name them); returns its result as a plain dict."""
+    result, as the stage's ``inputs`` name them); returns its result as a plain dict.
+
+    ``reused_teacher``: a fine-tuned teacher folder (a re-optimization's, from the champion's
+    lineage) that the fine-tuning stage returns instead of training again."""
     stage = RECIPE.stage(stage_id)
+    if stage.step is Step.FINETUNE and reused_teacher is not None:
+        log.info("%s: reusing the fine-tuned teacher in %s (no fine-tuning)", stage.id, reused_teacher)
+        return StepResult(step="finetune", status=StepStatus.SUCCESS, uris={"model": reused_teacher},
+                          info={"reused": reused_teacher}).to_dict()
     missing = set(stage.inputs) - {key for key, value in upstream.items() if value}
     if missing:
         raise PipelineError(f"{stage.id} needs the results of {sorted(stage.inputs[key] for key in missing)}")
@@ -205,6 +219,7 @@ def register_candidates(settings: PipelineSettings, config: PipelineConfig, run_
     off = switched_off_candidates(config)
     parent = registry.parent_run_id(settings.mlflow_tracking_uri, settings.experiment, run_id,
                                     _flatten(config.to_dict()) | {"switched_off": ", ".join(off) or "none"})
+    registry.log_data(settings.mlflow_tracking_uri, parent, Path(data_result.uri("data")))
     lineage = {"data_hash": data_result.info["data_hash"],
                "split_sizes": ",".join(f"{k}={int(v)}" for k, v in data_result.metrics.items()),
                "code_version": registry.code_version()}

@@ -24,6 +24,9 @@ ROLE_TAG = "pipeline_role"
 CANDIDATE_TAG = "candidate"
 # The formats registered as MLflow model versions (logged with the ONNX flavour).
 REGISTRABLE_FORMATS = frozenset({ModelFormat.ONNX})
+# The lineage a latency re-optimization starts from (tasks/reoptimize.py fetches them).
+MODEL_FILES_ARTIFACT = "model_files"  # a PyTorch candidate's folder, on its nested run
+DATA_ARTIFACT = "data"  # the run's data splits, on its parent run
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,7 @@ def log_candidate(tracking_uri: str, experiment: str, parent_id: str, pipeline_r
             with mlflow.start_run(nested=True, **run_kwargs):
                 mlflow.log_metrics(candidate.metrics)
                 if not is_registrable(candidate):
+                    _log_model_files(candidate)
                     return None
                 signature, example = _signature(candidate.model_dir)
                 info = mlflow.onnx.log_model(
@@ -133,6 +137,32 @@ def log_candidate(tracking_uri: str, experiment: str, parent_id: str, pipeline_r
                     f"p95 latency {candidate.metrics.get('latency_p95_ms', float('nan')):.2f} ms (batch 1, CPU).",
     )
     return version
+
+
+def _log_model_files(candidate: Candidate) -> None:
+    """A PyTorch candidate's folder as artifacts of its run: a re-optimization starts from the teacher."""
+    import mlflow
+
+    manifest = read_manifest(candidate.model_dir)
+    if manifest is not None and manifest.format is ModelFormat.PYTORCH:
+        mlflow.log_artifacts(str(candidate.model_dir), MODEL_FILES_ARTIFACT)
+
+
+def log_data(tracking_uri: str, parent_id: str, data_dir: Path) -> None:
+    """The run's data splits as artifacts of its parent run (a re-optimization trains on them again)."""
+    mlflow_client(tracking_uri).log_artifacts(parent_id, str(data_dir), DATA_ARTIFACT)
+
+
+def record_outcome(tracking_uri: str, experiment: str, pipeline_run_id: str, params: dict[str, str], outcome: str,
+                   reason: str) -> str:
+    """The run's outcome on its parent run (created if needed), as tags and as the run's description,
+    for a run that ended before any candidate (a stop) or without a winner."""
+    client = mlflow_client(tracking_uri)
+    run_id = parent_run_id(tracking_uri, experiment, pipeline_run_id, params)
+    client.set_tag(run_id, "outcome", outcome)
+    client.set_tag(run_id, "outcome_reason", reason[:5000])
+    client.set_tag(run_id, "mlflow.note.content", f"**{outcome}**: {reason}")
+    return run_id
 
 
 def code_version() -> str:

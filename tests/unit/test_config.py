@@ -66,12 +66,46 @@ def test_quantize_presets_differ_where_the_cpu_does():
     assert QuantizeConfig.avx512_vnni().reduce_range is False
 
 
+def _metrics(p50: float, accuracy: float) -> dict[str, float]:
+    return {"latency_p50_ms": p50, "accuracy": accuracy}
+
+
 def test_fastest_passing_candidate_wins():
     from tasks.decisions import choose_winner
 
-    assert choose_winner({"a": (True, 9.0), "b": (True, 4.0), "c": (False, 1.0)}) == "b"
-    assert choose_winner({"a": (False, 9.0), "c": (False, 1.0)}) is None
+    gated = {"a": (True, _metrics(9.0, 0.9)), "b": (True, _metrics(4.0, 0.8)), "c": (False, _metrics(1.0, 0.95))}
+    assert choose_winner(gated) == "b"
+    assert choose_winner({"a": (False, _metrics(9.0, 0.9)), "c": (False, _metrics(1.0, 0.9))}) is None
     assert choose_winner({}) is None
+
+
+def test_a_reoptimization_promotes_the_most_accurate_passing_candidate_faster_of_equals():
+    from tasks.decisions import choose_winner
+
+    gated = {"a": (True, _metrics(9.0, 0.9)), "b": (True, _metrics(4.0, 0.8)), "c": (False, _metrics(1.0, 0.95)),
+             "d": (True, _metrics(7.0, 0.9))}
+    assert choose_winner(gated, "most_accurate") == "d"
+    assert choose_winner({"c": (False, _metrics(1.0, 0.95))}, "most_accurate") is None
+
+
+def test_no_winner_reason_names_budget_accuracy_and_the_fastest_candidate():
+    from tasks.decisions import no_winner_reason
+
+    config = GateConfig(max_relative_accuracy_drop=0.05, max_p95_latency_ms=40.0, latency_noise_margin=0.0)
+    candidates = {"slow": {"latency_p95_ms": 80.0, "accuracy": 0.9}, "quick": {"latency_p95_ms": 52.0, "accuracy": 0.8}}
+    assert no_winner_reason(config, candidates, teacher_accuracy=0.9) == (
+        "no candidate meets 40.0 ms p95 at >= 0.855 accuracy (and the other gates); the fastest was quick at "
+        "52.0 ms p95 with accuracy 0.800")
+    assert "ms p95 at" not in no_winner_reason(GateConfig(max_p95_latency_ms=0.0), candidates, 0.9)
+
+
+def test_the_latency_gate_is_on_by_default_at_the_monitors_slo():
+    from monitoring.policy import SLO_P95_MS, PolicyConfig
+
+    assert GateConfig().max_p95_latency_ms == SLO_P95_MS == PolicyConfig().max_p95_ms
+    assert config_from_params({}).gate.max_p95_latency_ms == SLO_P95_MS
+    with pytest.raises(ConfigError):
+        GateConfig(latency_noise_margin=0.95)
 
 
 def test_distillation_follows_the_fine_tuning_settings_unless_overridden():

@@ -21,6 +21,7 @@ class _Settings:
     mlflow_tracking_uri: str = "http://127.0.0.1:1"
     triton_url: str = "127.0.0.1:1"
     triton_model_repository: Path = Path("/nonexistent")
+    experiment: str = "optimize_model"
 
     def run_dir(self, run_id: str) -> Path:
         return self.runs_dir / run_id
@@ -36,7 +37,9 @@ def _evaluation(accuracy: float, p50: float) -> dict:
 @pytest.fixture()
 def recorded(monkeypatch, tmp_path):
     """MLflow calls recorded instead of sent; scoring the champion is an error after the score task."""
-    calls: dict[str, list] = {"tags": [], "descriptions": [], "logged": []}
+    calls: dict[str, list] = {"tags": [], "descriptions": [], "logged": [], "outcomes": []}
+    monkeypatch.setattr(decisions.registry, "record_outcome", lambda uri, experiment, run_id, params, outcome, reason:
+                        calls["outcomes"].append((run_id, outcome, reason)))
     monkeypatch.setattr(decisions.model_aliases, "tag_version", lambda uri, model, version, tags: calls["tags"].append(
         (version, tags)))
     monkeypatch.setattr(decisions.registry, "describe_decision", lambda uri, model, version, text: calls[
@@ -61,12 +64,14 @@ def _gate(settings, champion: dict | None) -> dict:
 def test_no_winner_is_recorded_and_reported_without_scoring_again(recorded, tmp_path):
     settings = _Settings(tmp_path)
     gated, config = _gate(settings, {"accuracy": 0.85, "note": "Triton m v1"})
-    assert gated == {"winner": None}
+    assert gated["winner"] is None
+    assert gated["no_winner_reason"].startswith("no candidate meets 90.0 ms p95 at >= 0.873 accuracy")
     assert recorded["tags"][0][0] == "7" and recorded["tags"][0][1]["gate.accuracy"].startswith("fail")
     assert "not promoted by run run" in recorded["descriptions"][0][1]
 
     promoted = decisions.promote_winner(settings, config, "run", {}, {}, gated)
-    assert promoted["status"] == "skipped" and "no candidate passed" in promoted["reason"]
+    assert promoted["status"] == "skipped" and "the fastest was student_onnx_fp32 at 12.0 ms p95" in promoted["reason"]
+    assert recorded["outcomes"] == [("run", "not promoted", promoted["reason"])]  # said in MLflow too
 
     first = decisions.write_report(settings, "run")
     summary_text = Path(first["summary"]).read_text()

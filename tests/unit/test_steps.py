@@ -103,9 +103,22 @@ def test_gates_pass_and_fail_with_reasons():
     assert any("accuracy 0.5000 vs required 0.8730" in reason for reason in gate.failure_reasons(checks))
 
 
+def test_latency_gate_holds_back_the_noise_margin():
+    teacher = {"accuracy": 0.9}
+    candidate = {"accuracy": 0.9, "nan_outputs": 0.0, "latency_p95_ms": 9.5}
+    strict = gate.evaluate_gates(GateConfig(max_p95_latency_ms=10, latency_noise_margin=0.1), candidate, teacher)
+    latency = next(check for check in strict if check.name == "latency_p95")
+    assert latency.decision is gate.GateDecision.FAIL and latency.threshold == pytest.approx(9.0)
+    assert "less a 10% noise margin" in latency.detail
+    loose = gate.evaluate_gates(GateConfig(max_p95_latency_ms=10, latency_noise_margin=0.0), candidate, teacher)
+    assert gate.passed(loose)
+    unbudgeted = gate.evaluate_gates(GateConfig(max_p95_latency_ms=0), candidate | {"latency_p95_ms": 1e6}, teacher)
+    assert "latency_p95" not in {check.name for check in unbudgeted}
+
+
 def test_champion_regression_gate_compares_on_the_same_split():
     teacher = {"accuracy": 0.9}
-    candidate = {"accuracy": 0.88, "nan_outputs": 0.0, "nan_on_edge_inputs": 0.0}
+    candidate = {"accuracy": 0.88, "nan_outputs": 0.0, "nan_on_edge_inputs": 0.0, "latency_p95_ms": 1.0}
     config = GateConfig(max_relative_accuracy_drop=0.05, max_champion_regression=0.01)
     better_champion = ChampionScore(0.92, "Triton clf v3")
     checks = {c.name: c for c in gate.evaluate_gates(config, candidate, teacher, better_champion)}
@@ -134,7 +147,8 @@ def test_nan_on_edge_length_inputs_fails_the_finite_gate(trained_teacher):
     texts = evaluate.adversarial_texts(tokenizer, 32)
     lengths = [evaluate.tokenize(tokenizer, [text], 32)["input_ids"].shape[1] for text in texts]
     assert lengths[0] == 2 and lengths[1] == 3 and lengths[2] == 32  # [CLS] [SEP], one token, truncated
-    checks = gate.evaluate_gates(GateConfig(), {"accuracy": 0.9, "nan_outputs": 0.0, "nan_on_edge_inputs": 1.0},
+    checks = gate.evaluate_gates(GateConfig(), {"accuracy": 0.9, "nan_outputs": 0.0, "nan_on_edge_inputs": 1.0,
+                                                   "latency_p95_ms": 1.0},
                                  {"accuracy": 0.9})
     assert not gate.passed(checks)
 

@@ -1,0 +1,140 @@
+"""The plan task of optimize_model and the checks that follow it (see ``tasks/trigger.py``).
+
+``plan_run`` turns the trigger into a plan (and acts on an error breach at once); ``should_train``
+is the short-circuit after the data is prepared; ``config_for_run`` applies the plan's overrides to
+the run's params for every task after the plan.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from tasks import model_aliases, registry, reoptimize
+from tasks import pipeline as pipeline_step
+from tasks import promote as promote_step
+from tasks.config import PipelineConfig
+from tasks.errors import PromotionFailed
+from tasks.results import StepResult
+from tasks.settings import PipelineSettings
+from tasks.trigger import Action, RunPlan, Trigger, TriggerKind, errors_plan, merge_overrides, parse_trigger
+from tasks.trigger import read_plan, write_plan
+
+log = logging.getLogger(__name__)
+
+
+def config_for_run(params: dict[str, Any], run_dir: Path) -> PipelineConfig:
+    """The run's config: its params, with the overrides its plan added (a re-optimization's search)."""
+    plan = read_plan(run_dir)
+    if plan.overrides:
+        params = params | {"overrides": merge_overrides(params.get("overrides"), plan.overrides)}
+    return pipeline_step.config_from_params(params)
+
+
+def plan_run(settings: PipelineSettings, params: dict[str, Any], run_id: str) -> dict[str, Any]:
+    """The run's plan from its trigger, written for the tasks after it; a stopping plan is recorded
+    in MLflow (an error breach is handled here: rollback or alert)."""
+    trigger = parse_trigger(params)
+    config = pipeline_step.config_from_params(params)
+    run_dir = settings.run_dir(run_id)
+    if trigger.kind is TriggerKind.LATENCY:
+        plan = latency_plan(settings, config, trigger, run_dir)
+    elif trigger.kind is TriggerKind.ERRORS:
+        plan = act_on_errors(settings, config, errors_plan(trigger))
+    elif trigger.kind is TriggerKind.DRIFT:
+        plan = RunPlan(trigger.kind.value, Action.RETRAIN.value,
+                       f"drift breach ({trigger.reason}): retrain on the newest labelled data")
+    else:
+        plan = RunPlan(trigger.kind.value, Action.TRAIN.value, f"started because: {trigger.reason}")
+    write_plan(run_dir, plan)
+    log.info("plan: %s - %s", plan.action, plan.reason)
+    if plan.stop:
+        record_stop(settings, config, run_id, plan, plan.stop)
+    return plan.to_dict()
+
+
+def latency_plan(settings: PipelineSettings, config: PipelineConfig, trigger: Trigger, run_dir: Path) -> RunPlan:
+    """Re-optimize the champion within the latency budget, or stop when there is nothing to do."""
+    uri, model = settings.mlflow_tracking_uri, config.promote.registered_model
+    lineage = reoptimize.find_lineage(uri, settings.experiment, model, config.promote.alias)
+    kind = trigger.kind.value
+    if lineage is None:
+        return RunPlan(kind, Action.STOP.value, "latency breach without a champion",
+                       stop=f"{model} has no {config.promote.alias!r}: nothing serves that could be re-optimized")
+    budget = reoptimize.latency_budget(trigger.evidence, lineage.champion_p95_ms)
+    base = RunPlan(kind, Action.STOP.value, f"latency breach: {budget.describe()}", champion_version=lineage.version,
+                   champion_run=lineage.pipeline_run_id, budget=budget.to_dict())
+    if budget.budget_ms <= 0:
+        return RunPlan(**(base.to_dict() | {"stop": f"no latency budget is left ({budget.describe()}): no model can "
+                                                    "meet the SLO through this serving path; nothing is re-optimized"}))
+    folders = reoptimize.fetch_lineage(uri, lineage, run_dir / "lineage")
+    overrides = reoptimize.aggressive_overrides(lineage.params, reoptimize.teacher_layers(folders["teacher"]),
+                                                trigger.evidence.get("token_count_p99"), budget)
+    return RunPlan(**(base.to_dict() | {
+        "action": Action.REOPTIMIZE.value,
+        "reason": f"latency breach: re-optimize champion v{lineage.version} from the teacher and data of run "
+                  f"{lineage.pipeline_run_id} (no fine-tuning); {budget.describe()}",
+        "overrides": overrides, "reused": {name: str(path) for name, path in folders.items()}}))
+
+
+def act_on_errors(settings: PipelineSettings, config: PipelineConfig, plan: RunPlan) -> RunPlan:
+    """Roll back (when the plan says so) or only alert; a failed rollback is recorded, then raised."""
+    if plan.action != Action.ROLLBACK.value:
+        log.error("ALERT: %s", plan.reason)
+        return plan
+    target = promote_step.PromotionTarget(settings.triton_url, settings.triton_model_repository,
+                                          settings.mlflow_tracking_uri)
+    try:
+        result = promote_step.rollback(config.promote, target)
+    except PromotionFailed as error:
+        log.error("ALERT: %s; the rollback failed: %s", plan.reason, error)
+        raise
+    done = (f"rolled back to MLflow v{result.info['mlflow_version']} (Triton v{int(result.metrics['triton_version'])}),"
+            f" replacing v{result.info['replaced_version'] or '?'}")
+    log.error("ALERT: %s; %s", plan.reason, done)
+    return RunPlan(**(plan.to_dict() | {"reason": f"{plan.reason}: {done}", "champion_version":
+                                        result.info["mlflow_version"]}))
+
+
+def should_train(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict,
+                 force: bool) -> dict[str, Any]:
+    """Whether the recipe runs (``{"changed", "reason"}``), by the plan: a re-optimization always
+    does; a drift retrain needs new labels; a normal run needs a change since the champion."""
+    plan = read_plan(settings.run_dir(run_id))
+    if plan.action == Action.REOPTIMIZE.value:
+        return {"changed": True, "reason": f"{plan.reason}: the unchanged-check does not apply"}
+    if plan.action == Action.RETRAIN.value and not force:
+        verdict = new_labels(settings, config, data)
+        if not verdict["changed"]:
+            record_stop(settings, config, run_id, plan, verdict["reason"])
+        return verdict
+    return pipeline_step.data_changed(settings, config, data, force)
+
+
+def new_labels(settings: PipelineSettings, config: PipelineConfig, data: dict) -> dict[str, Any]:
+    """Whether labelled data arrived since the champion was trained (its data hash differs)."""
+    uri, model, alias = settings.mlflow_tracking_uri, config.promote.registered_model, config.promote.alias
+    champion = model_aliases.alias_version(uri, model, alias)
+    data_hash = StepResult.from_dict(data).info["data_hash"]
+    if champion is None:
+        return {"changed": True, "reason": f"{model} has no {alias!r} yet: train"}
+    trained_on = model_aliases.version_tags(uri, model, champion).get("data_hash")
+    if trained_on == data_hash:
+        return {"changed": False,
+                "reason": f"no labelled data arrived since champion v{champion} was trained (data hash "
+                          f"{data_hash[:12]}): retraining on the same labels cannot fix the drift, so the run stops. "
+                          "Point data_source (or the monitor's retrain_conf) at newer labelled data; the monitor's "
+                          "cooldown holds its next trigger"}
+    return {"changed": True, "reason": f"new labelled data since champion v{champion}: data "
+                                       f"{(trained_on or '?')[:12]} -> {data_hash[:12]}"}
+
+
+def record_stop(settings: PipelineSettings, config: PipelineConfig, run_id: str, plan: RunPlan, reason: str) -> None:
+    """A run that stops early leaves an MLflow run that says why (the reviewers look there)."""
+    outcome = {"rollback": "rolled back", "alert": "alerted"}.get(plan.action, "skipped")
+    registry.record_outcome(settings.mlflow_tracking_uri, settings.experiment, run_id,
+                            {"trigger_kind": plan.kind or "none", "action": plan.action,
+                             "registered_model": config.promote.registered_model},
+                            outcome, f"{plan.reason}. {reason}")
+    log.info("the run stops: %s", reason)
