@@ -20,7 +20,7 @@ def set_alias(tracking_uri: str, registered_model: str, alias: str, version: str
 def alias_version(tracking_uri: str, registered_model: str, alias: str) -> str | None:
     client = mlflow_client(tracking_uri)
     try:
-        return client.get_model_version_by_alias(registered_model, alias).version
+        return str(client.get_model_version_by_alias(registered_model, alias).version)  # an int from a SQL store
     except Exception:  # noqa: BLE001 - MLflow raises RestException for "no such alias/model"
         return None
 

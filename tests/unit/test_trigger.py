@@ -1,0 +1,94 @@
+"""The run plan: the monitor's trigger kind decides what optimize_model does (pure parts)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tasks import reoptimize
+from tasks.errors import ConfigError, PipelineError
+from tasks.trigger import Action, RunPlan, TriggerKind, errors_plan, merge_overrides, parse_trigger, read_plan
+from tasks.trigger import write_plan
+
+
+def test_trigger_kind_and_evidence_come_from_the_params():
+    trigger = parse_trigger({"trigger_kind": "latency", "trigger_reason": "2 windows: p95 150 ms > 100 ms",
+                             "trigger_evidence": json.dumps({"slo_p95_ms": 100.0})})
+    assert trigger.kind is TriggerKind.LATENCY and trigger.evidence == {"slo_p95_ms": 100.0}
+    assert parse_trigger({}).kind is TriggerKind.NONE
+    with pytest.raises(ConfigError, match="trigger_kind 'slow'"):
+        parse_trigger({"trigger_kind": "slow"})
+    with pytest.raises(ConfigError, match="not a JSON object"):
+        parse_trigger({"trigger_kind": "drift", "trigger_evidence": "{broken"})
+    with pytest.raises(ConfigError, match="must be a JSON object"):
+        parse_trigger({"trigger_evidence": "[1, 2]"})
+
+
+def test_an_error_breach_never_retrains_and_rolls_back_only_for_invalid_model_outputs():
+    serving_fault = errors_plan(parse_trigger({"trigger_kind": "errors",
+                                               "trigger_evidence": json.dumps({"invalid_outputs": 0})}))
+    assert serving_fault.action == Action.ALERT.value and "serving fault" in serving_fault.stop
+    model_fault = errors_plan(parse_trigger({"trigger_kind": "errors",
+                                             "trigger_evidence": json.dumps({"invalid_outputs": 7})}))
+    assert model_fault.action == Action.ROLLBACK.value and "7 non-finite outputs" in model_fault.reason
+    assert model_fault.stop
+
+
+def test_the_plan_round_trips_and_a_run_without_one_trains(tmp_path):
+    assert read_plan(tmp_path).action == Action.TRAIN.value and read_plan(tmp_path).objective == "fastest"
+    plan = RunPlan("latency", Action.REOPTIMIZE.value, "because", overrides={"prune": {"head_fraction": 0.5}},
+                   reused={"teacher": "/t"})
+    write_plan(tmp_path, plan)
+    assert read_plan(tmp_path) == plan and read_plan(tmp_path).objective == "most_accurate"
+
+
+def test_overrides_merge_section_by_section():
+    assert merge_overrides({"prune": {"head_fraction": 0.1, "ffn_fraction": 0.2}, "gate": {"x": 1}},
+                           {"prune": {"head_fraction": 0.5}}) == {
+        "prune": {"head_fraction": 0.5, "ffn_fraction": 0.2}, "gate": {"x": 1}}
+    assert merge_overrides(None, {"a": {"b": 1}}) == {"a": {"b": 1}}
+
+
+def test_the_budget_is_the_slo_less_the_serving_overhead_seen_in_the_window():
+    budget = reoptimize.latency_budget({"slo_p95_ms": 100.0, "latency_p95_ms": 150.0}, champion_p95_ms=120.0)
+    assert budget.overhead_ms == 30.0 and budget.budget_ms == 70.0
+    assert "latency budget 70.0 ms" in budget.describe() and "overhead 30.0 ms" in budget.describe()
+    assert reoptimize.latency_budget({"slo_p95_ms": 100.0, "latency_p95_ms": 90.0}, 120.0).budget_ms == 100.0
+    assert reoptimize.latency_budget({"slo_p95_ms": 100.0, "latency_p95_ms": 150.0}, None).budget_ms == 100.0
+    assert reoptimize.latency_budget({"slo_p95_ms": 10.0, "latency_p95_ms": 150.0}, 20.0).budget_ms < 0
+    with pytest.raises(PipelineError, match="lacks"):
+        reoptimize.latency_budget({"latency_p95_ms": 150.0}, 120.0)
+
+
+@pytest.mark.parametrize(("current", "p99", "expected"), [
+    (128, 40.0, 48), (128, 64.0, 64), (128, 100.0, None), (64, 64.0, None), (128, None, None), (128, 0.0, None),
+    (512, 2000.0, None)])
+def test_the_maximum_length_shortens_only_when_the_served_texts_fit(current, p99, expected):
+    assert reoptimize.shorter_max_length(current, p99) == expected
+
+
+def test_the_search_is_more_aggressive_than_the_champions_run():
+    budget = reoptimize.LatencyBudget(100.0, 150.0, 120.0)
+    champion = {"distill.student_layers": "0", "prune.head_fraction": "0.33", "prune.ffn_fraction": "0.6",
+                "finetune.max_length": "128"}
+    overrides = reoptimize.aggressive_overrides(champion, teacher_layers=6, token_p99=50.0, budget=budget)
+    assert overrides["distill"]["student_layers"] == 2  # the champion's student had half of 6 layers
+    assert overrides["prune"]["head_fraction"] == 0.5 and overrides["prune"]["ffn_fraction"] == 0.75
+    assert overrides["finetune"] == {"max_length": 64}
+    assert overrides["gate"] == {"max_p95_latency_ms": 70.0}
+    again = reoptimize.aggressive_overrides(
+        champion | {"distill.student_layers": "1", "prune.head_fraction": "0.7", "prune.ffn_fraction": "0.85"},
+        teacher_layers=6, token_p99=None, budget=budget)
+    assert again["distill"]["student_layers"] == 1  # never fewer than one layer
+    assert again["prune"]["head_fraction"] == 0.75 and again["prune"]["ffn_fraction"] == 0.9  # capped
+    assert "finetune" not in again
+
+
+def test_the_overrides_make_a_valid_config():
+    from tasks.pipeline import config_from_params
+
+    overrides = reoptimize.aggressive_overrides({}, 2, 20.0, reoptimize.LatencyBudget(100.0, 120.0, 100.0))
+    config = config_from_params({"overrides": overrides})
+    assert config.gate.max_p95_latency_ms == 80.0 and config.distill.student_layers == 1
+    assert config.finetune.max_length == config.evaluate.max_length == config.distill.max_length == 32
