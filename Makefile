@@ -12,11 +12,12 @@ export AIRFLOW__USAGE_DATA_COLLECTION__ENABLED := False
 export SCARF_ANALYTICS := false
 PYTEST_ARGS ?=
 
-.PHONY: help venv venv-triton venv-kfp venv-optimum perf-analyzer bench bench-triton bench-pipeline browser-deps kubeflow demo demo-drift test test-slow bench-compress bench-monitor load-test up down status assets clean-stack
+.PHONY: help venv venv-triton venv-kfp venv-optimum perf-analyzer bench bench-triton bench-pipeline browser-deps kubeflow demo demo-drift demo-latency test test-slow bench-compress bench-monitor load-test up down status assets clean-stack
 
 help:
 	@echo "make demo       create environments, start the local stack, run optimize_model end to end"
 	@echo "make demo-drift after make demo: normal then shifted traffic, the monitor triggers a retrain (~20 min)"
+	@echo "make demo-latency after make demo: a slow champion breaches the p95 SLO, the monitor triggers a re-optimization (~15 min)"
 	@echo "make test       create environments and run the test suite"
 	@echo "make test-slow  the long checks (real demo assets, the browser test in headless Chromium)"
 	@echo "make bench       every benchmark (~1 h): compression + Optimum peer, Triton vs in-process, pipeline cost -> bench/results/bench.md"
@@ -99,6 +100,11 @@ demo: venv venv-triton
 demo-drift: venv venv-triton
 	$(BIN)/opsctl up
 	$(BIN)/opsctl demo-drift
+
+# After `make demo` (needs a champion): the latency loop, slow champion -> breach -> re-optimize within budget.
+demo-latency: venv venv-triton
+	$(BIN)/opsctl up
+	$(BIN)/opsctl demo-latency
 
 test: venv venv-triton venv-kfp venv-optimum
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

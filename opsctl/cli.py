@@ -68,6 +68,12 @@ def _cmd_demo_drift(settings: StackSettings, args: argparse.Namespace) -> int:
     return run_drift_demo(settings, profile=args.profile, timeout_s=args.timeout, rate=args.rate, force=args.force)
 
 
+def _cmd_demo_latency(settings: StackSettings, args: argparse.Namespace) -> int:
+    from opsctl.demo_latency import run_latency_demo
+
+    return run_latency_demo(settings, timeout_s=args.timeout, rate=args.rate, duration_s=args.duration)
+
+
 def _cmd_champion(settings: StackSettings, args: argparse.Namespace) -> int:
     """Which MLflow version is the champion, what it is, and what Triton serves."""
     from serving.triton_client import TritonClient
@@ -176,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     drift.add_argument("--rate", type=float, default=16.0, help="requests per second in each traffic phase")
     drift.add_argument("--force", action="store_true", help="retrain even when nothing changed")
     drift.set_defaults(handler=_cmd_demo_drift)
+    latency = commands.add_parser("demo-latency", help="serve a slow champion; the monitor sees the latency breach "
+                                                       "and triggers a re-optimization within the latency budget")
+    latency.add_argument("--timeout", type=float, default=2400.0, help="seconds to wait for the re-optimization")
+    latency.add_argument("--rate", type=float, default=8.0, help="requests per second in each traffic phase")
+    latency.add_argument("--duration", type=float, default=40.0, help="seconds of traffic in each phase")
+    latency.set_defaults(handler=_cmd_demo_latency)
     return parser
 
 

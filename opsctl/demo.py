@@ -135,7 +135,8 @@ def print_summary(settings: StackSettings, dag_id: str, run_id: str, summary: di
         print(f"not promoted: {promotion['reason']}")
         return
     info = promotion["info"]
-    print(f"winner: {summary['winner']} (the fastest candidate that passed every gate)")
+    chosen = "most accurate" if summary.get("objective") == "most_accurate" else "fastest"
+    print(f"winner: {summary['winner']} (the {chosen} candidate that passed every gate)")
     triton_version = int(promotion["metrics"]["triton_version"])
     print(f"promoted: MLflow {info['registered_model']} version {info['mlflow_version']} (alias {info['alias']!r})"
           f" -> Triton {info['triton_model']} version {triton_version}")
