@@ -21,12 +21,15 @@ RUN_PARAMS: dict[str, dict[str, Any]] = {
     "trigger_reason": {"default": "manual or nightly", "type": "string",
                        "description": "why this run started (monitor_serving fills it in when drift or an SLO breach "
                                       "persisted)"},
+    "trigger_kind": {"default": "", "type": "string", "enum": ["", "errors", "latency", "drift"],
+                     "description": "the breach kind that persisted (monitor_serving fills it in): errors, latency "
+                                    "or drift; empty: a manual or nightly run"},
     "trigger_evidence": {"default": "{}", "type": "string",
                          "description": "the monitoring evidence behind the trigger (JSON)"},
     "force_retrain": {"default": False, "type": "boolean",
                       "description": "train even when the champion was trained on the same data with the same code"},
 }
-TRIGGER_PARAMS = ("trigger_reason", "trigger_evidence")
+TRIGGER_PARAMS = ("trigger_reason", "trigger_kind", "trigger_evidence")
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,8 @@ def _text(description: str) -> str:
 
 
 def _shown(value: Any) -> str:
+    if value == "":
+        return "(empty)"
     return f"`{str(value).lower() if isinstance(value, bool) else value}`"
 
 
