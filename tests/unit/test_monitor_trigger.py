@@ -48,11 +48,12 @@ def _serve(settings: MonitorSettings, window_end: float, latency_ms: float, shor
         connection.execute(plog.PREDICTIONS.insert(), rows)
 
 
-def _window(settings: MonitorSettings, monkeypatch, end: float, invalid_outputs: float = 0.0) -> dict:
+def _window(settings: MonitorSettings, monkeypatch, end: float, invalid_outputs: float = 0.0,
+            config: MonitorConfig = CONFIG) -> dict:
     gateway = {"200": end, "502": 0.0, INVALID_OUTPUTS: invalid_outputs}  # ~no 5xx: errors only from invalid
     monkeypatch.setattr(monitor, "gateway_counts", lambda url: gateway)
     monkeypatch.setattr(monitor, "triton_counts", lambda url, model: None)
-    return run_window(settings, CONFIG, end, False, settings.state_dir / "windows" / str(int(end)),
+    return run_window(settings, config, end, False, settings.state_dir / "windows" / str(int(end)),
                       log_to_mlflow=False)
 
 
@@ -98,3 +99,14 @@ def test_drift_alone_triggers_for_drift(settings, monkeypatch):
     assert result["verdict"]["status"] == "drift" and result["verdict"]["kinds"] == ["drift"]
     conf = result["trigger_conf"]
     assert conf["trigger_kind"] == "drift" and "output drift" in conf["trigger_reason"]
+
+
+def test_drift_that_goes_on_triggers_again_only_after_the_cooldown(settings, monkeypatch):
+    config = MonitorConfig(policy=PolicyConfig(persist_windows=1, cooldown_minutes=30))
+    decisions = []
+    for end in (10_000.0, 10_900.0, 11_800.0):  # drift in every window, 15 minutes apart
+        _serve(settings, end, latency_ms=5.0, short_texts=True)
+        decisions.append(_window(settings, monkeypatch, end, config=config)["decision"])
+    assert [(decision["trigger"], decision["kind"]) for decision in decisions] == [
+        (True, "drift"), (False, ""), (True, "drift")]
+    assert "cooldown has 15 more minutes" in decisions[1]["reason"]
