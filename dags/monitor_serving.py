@@ -5,13 +5,26 @@ Every 15 minutes (`PIPELINE_MONITOR_INTERVAL_MINUTES`), reads the last window of
 prediction log and compares the champion's served outputs with its reference predictions (stored
 at promotion) using Evidently, with explicit methods and thresholds per feature: confidence,
 predicted label, text length, token count, unknown-token share. It also checks latency (p95/p99
-from the log) and the gateway's 5xx error rate against their SLOs.
+from the log) and the gateway's 5xx error rate against their SLOs, and counts the texts the model
+answered with non-finite outputs (the gateway's `gateway_invalid_outputs_total`).
 
-A window with too little traffic is reported, not judged. When drift or an SLO breach persists
-over consecutive windows, and no optimize_model run is active and the cooldown has passed, it
-triggers **optimize_model** (run id `monitor__<this run id>`) with the reason and the evidence in
-its conf, plus the params in `retrain_conf` (e.g. the labelled data location to retrain on). Each window is an MLflow
-run in the `monitoring` experiment with the Evidently HTML report and a JSON summary.
+Each window carries the kinds of breach it saw: **errors** (error rate over the SLO, or any invalid
+model output), **latency** (p95 or p99 over the SLO), **drift** (output drift on at least
+`min_rows` predictions; judged beside the SLOs). A window with too little traffic for drift and
+no SLO breach is reported, not judged. When breaches persist over `persist_windows` judged windows,
+no optimize_model run is active and the cooldown has passed, it triggers **optimize_model** (run
+id `monitor__<this run id>`) with `trigger_reason`, `trigger_kind` and `trigger_evidence` in its
+conf, plus the params in `retrain_conf` (e.g. the labelled data location to retrain on).
+`trigger_kind` is the kind in every one of those windows, errors before latency before drift (none
+in all: the latest window's first). optimize_model answers each kind its own way:
+
+- **latency**: re-optimize from the champion's lineage within the latency budget;
+- **drift**: retrain on the newest labelled data, or stop SKIPPED when none arrived;
+- **errors**: no retraining; alert, and roll back to `previous_champion` when the model itself
+  produced invalid outputs.
+
+Each window is an MLflow run in the `monitoring` experiment with the Evidently HTML report and a
+JSON summary.
 """
 
 from __future__ import annotations
@@ -22,6 +35,8 @@ from datetime import timedelta
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import CronTriggerTimetable, Param, dag, task
 
+from monitoring.policy import SLO_P95_MS  # standard library only: cheap at parse time
+
 INTERVAL_MINUTES = int(os.environ.get("PIPELINE_MONITOR_INTERVAL_MINUTES", "15"))
 
 PARAMS = {
@@ -31,7 +46,8 @@ PARAMS = {
     "persist_windows": Param(2, type="integer", minimum=1,
                              description="consecutive breaching windows needed to trigger"),
     "cooldown_minutes": Param(360, type="number", minimum=0, description="no new trigger within this time"),
-    "max_p95_ms": Param(100.0, type="number", exclusiveMinimum=0, description="SLO: p95 latency"),
+    "max_p95_ms": Param(SLO_P95_MS, type="number", exclusiveMinimum=0,
+                        description="SLO: p95 latency (optimize_model's latency gate defaults to it)"),
     "max_p99_ms": Param(200.0, type="number", exclusiveMinimum=0, description="SLO: p99 latency"),
     "max_error_rate": Param(0.01, type="number", minimum=0, maximum=1, description="SLO: share of 5xx responses"),
     "retrain_conf": Param("", type="string",

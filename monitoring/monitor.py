@@ -18,7 +18,7 @@ import pandas as pd
 from serving import prediction_log as plog
 from monitoring.drift import DriftConfig, detect
 from monitoring.features import FEATURES, REFERENCE_FILE, window_features
-from monitoring.policy import Decision, PolicyConfig, WindowVerdict, decide, judge, slo_reasons
+from monitoring.policy import Decision, PolicyConfig, WindowVerdict, decide, judge, serving_breaches
 
 log = logging.getLogger(__name__)
 
@@ -190,9 +190,13 @@ def parse_triton_metrics(text: str, model: str) -> dict[str, float]:
 
 
 def gateway_counts(gateway_url: str | None) -> dict[str, float] | None:
-    """``gateway_requests_total`` by status from the gateway's /metrics (None when unreachable)."""
+    """``gateway_requests_total`` by status and, under ``INVALID_OUTPUTS``, the texts the model
+    answered with non-finite outputs, from the gateway's /metrics (None when unreachable)."""
     text = _scrape(f"{gateway_url}/metrics" if gateway_url else None)
     return None if text is None else parse_gateway_metrics(text)
+
+
+INVALID_OUTPUTS = "invalid_outputs"  # the gateway counters' key of gateway_invalid_outputs_total
 
 
 def parse_gateway_metrics(text: str) -> dict[str, float]:
@@ -201,18 +205,73 @@ def parse_gateway_metrics(text: str) -> dict[str, float]:
         if line.startswith("gateway_requests_total{"):
             status = line.split('status="', 1)[1].split('"', 1)[0]
             counts[status] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("gateway_invalid_outputs_total "):
+            counts[INVALID_OUTPUTS] = float(line.rsplit(" ", 1)[1])
     return counts
 
 
 def error_rate(previous: dict[str, float], current: dict[str, float]) -> tuple[float, int]:
     """Share of server-side failures (5xx) among the requests since the previous window; client errors
-    (4xx) are the callers' problem and do not count against the SLO."""
-    delta = {status: current.get(status, 0.0) - previous.get(status, 0.0) for status in current}
+    (4xx) are the callers' problem and do not count against the SLO. Only HTTP statuses count."""
+    delta = {status: current.get(status, 0.0) - previous.get(status, 0.0) for status in current if status.isdigit()}
     if any(value < 0 for value in delta.values()):  # the gateway restarted: its counters began again
-        delta = dict(current)
+        delta = {status: value for status, value in current.items() if status.isdigit()}
     total = sum(delta.values())
     failures = sum(value for status, value in delta.items() if status.startswith("5"))
     return (failures / total if total else 0.0), int(total)
+
+
+def counter_delta(previous: dict[str, float], current: dict[str, float], name: str) -> int:
+    """How much counter ``name`` grew since the previous window (its whole value after a restart)."""
+    now, before = current.get(name, 0.0), previous.get(name, 0.0)
+    return int(now - before if now >= before else now)
+
+
+def server_evidence(settings: MonitorSettings, state: MonitorState,
+                    window_end: float) -> tuple[dict, dict[str, dict[str, float]]]:
+    """The window's evidence from the gateway's and Triton's counters, and the counters read (by
+    source, for the next window's deltas; a source that could not be read is absent)."""
+    # Deltas against the counters read at the end of the window before this one, not against what an
+    # earlier attempt of this same window saved: a retry sees the same baseline.
+    counts = gateway_counts(settings.gateway_url)
+    gateway_before = state.baseline(window_end, "gateway")
+    errors, requests = error_rate(gateway_before, counts) if counts is not None else (0.0, 0)
+    triton = triton_counts(settings.triton_metrics_url, settings.serving_model)
+    triton_errors = 0.0
+    if triton is not None:
+        before = state.baseline(window_end, "triton")
+        triton_errors, _ = error_rate({"200": before.get("success", 0.0), "500": before.get("failure", 0.0)},
+                                      {"200": triton["success"], "500": triton["failure"]})
+    evidence = {
+        "error_rate": max(errors, triton_errors), "requests": requests,
+        "invalid_outputs": counter_delta(gateway_before, counts, INVALID_OUTPUTS) if counts is not None else 0,
+        "gateway_metrics": counts is not None, "triton_metrics": triton is not None,
+        "triton_error_rate": triton_errors,
+        "triton_p99_ms": triton["p99_us"] / 1000.0 if triton and "p99_us" in triton else None,
+    }
+    counters = {source: values for source, values in (("gateway", counts), ("triton", triton)) if values is not None}
+    return evidence, counters
+
+
+def token_count_p99(rows: pd.DataFrame) -> float | None:
+    """The 99th percentile of the logged token counts (None when the rows have none)."""
+    counts = pd.to_numeric(rows["token_count"], errors="coerce").dropna() if "token_count" in rows else []
+    return float(np.percentile(counts, 99)) if len(counts) else None
+
+
+def trigger_conf(decision: Decision, policy: PolicyConfig, latest: dict) -> dict[str, str]:
+    """What a trigger passes to optimize_model: ``trigger_reason``, ``trigger_kind`` (the breach kind
+    that persisted) and ``trigger_evidence`` (JSON: the kind, the windows behind it, the latency SLO
+    and, from ``latest`` (the evidence of the window just judged), the observed p95, the token-count
+    p99 and the champion version; the invalid outputs are summed over the trigger's windows)."""
+    windows = decision.evidence.get("windows", [])
+    evidence = {
+        "kind": decision.kind, "windows": windows, "slo_p95_ms": policy.max_p95_ms,
+        "latency_p95_ms": latest.get("latency_p95_ms"), "token_count_p99": latest.get("token_count_p99"),
+        "invalid_outputs": sum(int(window.get("evidence", {}).get("invalid_outputs") or 0) for window in windows),
+        "champion_version": latest.get("champion_version"),
+    }
+    return {"trigger_reason": decision.reason, "trigger_kind": decision.kind, "trigger_evidence": json.dumps(evidence)}
 
 
 def run_window(settings: MonitorSettings, config: MonitorConfig, window_end: float, optimization_active: bool,
@@ -235,38 +294,27 @@ def run_window(settings: MonitorSettings, config: MonitorConfig, window_end: flo
     latencies = rows["latency_ms"].to_numpy(dtype=float)
     p95 = float(np.percentile(latencies, 95)) if len(latencies) else 0.0
     p99 = float(np.percentile(latencies, 99)) if len(latencies) else 0.0
-    # Deltas against the counters read at the end of the window before this one, not against what an
-    # earlier attempt of this same window saved: a retry sees the same baseline.
-    counts = gateway_counts(settings.gateway_url)
-    errors, requests = (error_rate(state.baseline(window_end, "gateway"), counts) if counts is not None
-                        else (0.0, 0))
-    triton = triton_counts(settings.triton_metrics_url, settings.serving_model)
-    triton_errors = 0.0
-    if triton is not None:
-        before = state.baseline(window_end, "triton")
-        triton_errors, _ = error_rate({"200": before.get("success", 0.0), "500": before.get("failure", 0.0)},
-                                      {"200": triton["success"], "500": triton["failure"]})
+    servers, counters = server_evidence(settings, state, window_end)
     evidence = {
         "window": [window_start, window_end], "predictions": len(rows), "champion_version": version,
-        "latency_p95_ms": p95, "latency_p99_ms": p99, "error_rate": max(errors, triton_errors), "requests": requests,
-        "gateway_metrics": counts is not None, "triton_metrics": triton is not None,
-        "triton_error_rate": triton_errors,
-        "triton_p99_ms": triton["p99_us"] / 1000.0 if triton and "p99_us" in triton else None,
+        "latency_p95_ms": p95, "latency_p99_ms": p99, "token_count_p99": token_count_p99(champion_rows), **servers,
         "drift": {name: item for name, item in (drift.features.items() if drift else [])},
     }
+    # Latency and error rate only mean something when something was served (or Triton failed);
+    # invalid outputs are the model's fault however little was served.
+    served = len(rows) > 0 or servers["triton_error_rate"] > 0
+    breaches = serving_breaches(p95, p99, evidence["error_rate"] if served else 0.0, config.policy,
+                                invalid_outputs=servers["invalid_outputs"])
     verdict = judge(window_end, len(champion_rows), config.drift.min_rows,
-                    drift.drifted_features if drift else [], bool(drift and drift.drifted),
-                    slo_reasons(p95, p99, evidence["error_rate"], config.policy) if len(rows) or triton_errors else [],
-                    evidence)
+                    drift.drifted_features if drift else [], bool(drift and drift.drifted), breaches, evidence)
     history = [record.verdict for record in state.before(window_end)] + [verdict]
     decision: Decision = decide(history, window_end, state.last_trigger_before(window_end), optimization_active,
                                 config.policy)
-    counters = {source: values for source, values in (("gateway", counts), ("triton", triton)) if values is not None}
     state.record(WindowRecord(verdict, counters, decision.trigger))
     state.save(state_path)
     summary = {
         "verdict": verdict.to_dict(), "decision": asdict(decision),
-        "trigger_conf": {"trigger_reason": decision.reason, "trigger_evidence": json.dumps(decision.evidence)},
+        "trigger_conf": trigger_conf(decision, config.policy, evidence),
         "seconds": time.monotonic() - started, "drift_report": str(html) if html.exists() else None,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -285,10 +333,12 @@ def _log_to_mlflow(settings: MonitorSettings, verdict: WindowVerdict, decision: 
     experiment = mlflow.set_experiment(EXPERIMENT)
     name = "window " + time.strftime("%Y-%m-%dT%H:%M", time.gmtime(verdict.window_end))
     with mlflow.start_run(experiment_id=experiment.experiment_id, run_name=name) as run:
-        mlflow.set_tags({"status": verdict.status, "trigger": str(decision.trigger), "decision": decision.reason[:500],
+        mlflow.set_tags({"status": verdict.status, "kinds": ",".join(verdict.kinds), "trigger": str(decision.trigger),
+                         "trigger_kind": decision.kind, "decision": decision.reason[:500],
                          "model": settings.serving_model, "champion_version": str(evidence["champion_version"])})
         metrics = {"predictions": evidence["predictions"], "latency_p95_ms": evidence["latency_p95_ms"],
-                   "latency_p99_ms": evidence["latency_p99_ms"], "error_rate": evidence["error_rate"]}
+                   "latency_p99_ms": evidence["latency_p99_ms"], "error_rate": evidence["error_rate"],
+                   "invalid_outputs": evidence["invalid_outputs"]}
         metrics |= {f"drift_{name}": item["score"] for name, item in evidence["drift"].items()}
         mlflow.log_metrics(metrics)
         for path in (out_dir / "summary.json", out_dir / "drift_report.html"):

@@ -1,14 +1,21 @@
 """When a window's findings become a re-optimization: persistence, cooldown, and no overlap.
 
 Pure functions over plain data, so every rule is tested without servers: a window is judged
-("ok", "drift", "slo_breach", or "insufficient" when traffic was too low to judge); a trigger needs
-the last ``persist_windows`` judged windows to be breaches, no optimization run active, and the
-cooldown since the last trigger to have passed.
+("ok", "drift", "slo_breach", or "insufficient" when traffic was too low to judge) and carries the
+kinds of breach it saw ("errors", "latency", "drift"); a trigger needs the last ``persist_windows``
+judged windows to be breaches, no optimization run active, and the cooldown since the last trigger
+to have passed. The trigger names the kind that persisted, so optimize_model can answer each kind
+its own way.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+
+# Breach kinds, highest priority first: the model's or the server's errors outrank latency, which
+# outranks drift (a re-optimization for drift cannot help a model that fails its requests).
+KINDS = ("errors", "latency", "drift")
+BREACH_STATUSES = ("drift", "slo_breach")
 
 
 # The serving SLO on p95 latency (ms): the monitor judges windows by it, and promotion gates
@@ -32,22 +39,39 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
+class Breach:
+    """One finding of a window: its kind (one of ``KINDS``) and the reason in words."""
+
+    kind: str
+    reason: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"breach kind {self.kind!r} is not one of {KINDS}")
+
+
+@dataclass(frozen=True)
 class WindowVerdict:
     window_end: float  # unix seconds
     status: str  # ok | drift | slo_breach | insufficient
     reasons: tuple[str, ...] = ()
     evidence: dict = field(default_factory=dict)
+    kinds: tuple[str, ...] = ()  # the breach kinds seen, in KINDS order
 
     @property
     def breach(self) -> bool:
-        return self.status in ("drift", "slo_breach")
+        return self.status in BREACH_STATUSES
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"reasons": list(self.reasons)}
+        return asdict(self) | {"reasons": list(self.reasons), "kinds": list(self.kinds)}
 
     @classmethod
     def from_dict(cls, data: dict) -> WindowVerdict:
-        return cls(float(data["window_end"]), data["status"], tuple(data.get("reasons", ())), data.get("evidence", {}))
+        """A verdict as ``to_dict`` wrote it; one saved before verdicts had kinds gets them from its
+        status and reasons."""
+        reasons = tuple(data.get("reasons", ()))
+        kinds = tuple(data["kinds"]) if "kinds" in data else kinds_of(data["status"], reasons)
+        return cls(float(data["window_end"]), data["status"], reasons, data.get("evidence", {}), kinds)
 
 
 @dataclass(frozen=True)
@@ -55,44 +79,86 @@ class Decision:
     trigger: bool
     reason: str
     evidence: dict = field(default_factory=dict)
+    kind: str = ""  # the breach kind that persisted (one of KINDS); empty when not triggering
 
 
-def slo_reasons(latency_p95_ms: float, latency_p99_ms: float, error_rate: float, config: PolicyConfig) -> list[str]:
-    reasons = []
+def kinds_of(status: str, reasons: tuple[str, ...]) -> tuple[str, ...]:
+    """The breach kinds of a verdict saved without them, read from its status and reasons (empty when
+    the reasons do not say)."""
+    if status == "drift":
+        return ("drift",)
+    if status != "slo_breach":
+        return ()
+    text = " ".join(reasons)
+    found = {"latency"} if "latency" in text else set()
+    found |= {"errors"} if "error rate" in text or "non-finite" in text else set()
+    return tuple(kind for kind in KINDS if kind in found)
+
+
+def serving_breaches(latency_p95_ms: float, latency_p99_ms: float, error_rate: float, config: PolicyConfig,
+                     invalid_outputs: int = 0) -> list[Breach]:
+    """The window's latency and error findings: SLO breaches, and outputs the model got wrong
+    (non-finite probabilities, answered 502 by the gateway), which are errors whatever the rate."""
+    breaches = []
     if latency_p95_ms > config.max_p95_ms:
-        reasons.append(f"p95 latency {latency_p95_ms:.1f} ms > {config.max_p95_ms:.0f} ms")
+        breaches.append(Breach("latency", f"p95 latency {latency_p95_ms:.1f} ms > {config.max_p95_ms:.0f} ms"))
     if latency_p99_ms > config.max_p99_ms:
-        reasons.append(f"p99 latency {latency_p99_ms:.1f} ms > {config.max_p99_ms:.0f} ms")
+        breaches.append(Breach("latency", f"p99 latency {latency_p99_ms:.1f} ms > {config.max_p99_ms:.0f} ms"))
     if error_rate > config.max_error_rate:
-        reasons.append(f"error rate {error_rate:.2%} > {config.max_error_rate:.2%}")
-    return reasons
+        breaches.append(Breach("errors", f"error rate {error_rate:.2%} > {config.max_error_rate:.2%}"))
+    if invalid_outputs > 0:
+        breaches.append(Breach("errors", f"the model returned {invalid_outputs} non-finite outputs"))
+    return breaches
 
 
 def judge(window_end: float, rows: int, min_rows: int, drifted_features: list[str], drifted: bool,
-          slo: list[str], evidence: dict) -> WindowVerdict:
-    """One window's verdict. SLO breaches are judged even on little traffic; drift is not."""
-    if slo:
-        return WindowVerdict(window_end, "slo_breach", tuple(slo), evidence)
+          breaches: list[Breach], evidence: dict) -> WindowVerdict:
+    """One window's verdict. Latency and error breaches are judged even on little traffic; drift
+    only on ``min_rows`` predictions or more, and independently of them (one window can carry both).
+
+    The status is "slo_breach" when there is a latency or error breach, else "drift" when the output
+    drifted; ``kinds`` has every kind found.
+    """
+    found = list(breaches)
+    if rows >= min_rows and drifted:
+        found.append(Breach("drift", f"output drift in {', '.join(drifted_features)}"))
+    kinds = tuple(kind for kind in KINDS if any(breach.kind == kind for breach in found))
+    reasons = tuple(breach.reason for breach in found)
+    if breaches:
+        return WindowVerdict(window_end, "slo_breach", reasons, evidence, kinds)
     if rows < min_rows:
         return WindowVerdict(window_end, "insufficient", (f"{rows} predictions < {min_rows}: not judged",), evidence)
-    if drifted:
-        return WindowVerdict(window_end, "drift", (f"output drift in {', '.join(drifted_features)}",), evidence)
+    if found:
+        return WindowVerdict(window_end, "drift", reasons, evidence, kinds)
     return WindowVerdict(window_end, "ok", (), evidence)
+
+
+def persistent_kind(windows: list[WindowVerdict]) -> str:
+    """The highest-priority kind found in every one of ``windows``; when none is in all of them, the
+    highest-priority kind of the latest window (empty when it has none)."""
+    if not windows:
+        return ""
+    in_all = [kind for kind in KINDS if all(kind in verdict.kinds for verdict in windows)]
+    latest = [kind for kind in KINDS if kind in windows[-1].kinds]
+    return (in_all or latest or [""])[0]
 
 
 def decide(history: list[WindowVerdict], now: float, last_trigger_at: float | None, optimization_active: bool,
            config: PolicyConfig) -> Decision:
-    """Whether to trigger optimize_model now, and why (or why not)."""
+    """Whether to trigger optimize_model now, why (or why not), and for which kind of breach."""
     judged = [verdict for verdict in history if verdict.status != "insufficient"]
     recent = judged[-config.persist_windows:]
     if len(recent) < config.persist_windows or not all(verdict.breach for verdict in recent):
         streak = next((i for i, v in enumerate(reversed(recent)) if not v.breach), len(recent))
         return Decision(False, f"no persistent breach ({streak}/{config.persist_windows} judged windows in a row)")
+    kind = persistent_kind(recent)
     evidence = {"windows": [verdict.to_dict() for verdict in recent]}
+    breach = f"{kind} breach" if kind else "breach"
     reasons = "; ".join(sorted({reason for verdict in recent for reason in verdict.reasons}))
     if optimization_active:
-        return Decision(False, f"breach persists ({reasons}) but an optimize_model run is active", evidence)
+        return Decision(False, f"{breach} persists ({reasons}) but an optimize_model run is active", evidence)
     if last_trigger_at is not None and now - last_trigger_at < config.cooldown_minutes * 60:
         left = config.cooldown_minutes - (now - last_trigger_at) / 60
-        return Decision(False, f"breach persists ({reasons}) but the cooldown has {left:.0f} more minutes", evidence)
-    return Decision(True, f"{config.persist_windows} windows in a row: {reasons}", evidence)
+        return Decision(False, f"{breach} persists ({reasons}) but the cooldown has {left:.0f} more minutes",
+                        evidence)
+    return Decision(True, f"{breach}, {config.persist_windows} windows in a row: {reasons}", evidence, kind)

@@ -4,12 +4,15 @@
     GET  /healthz       the process is up
     GET  /readyz        Triton is ready and the champion model is loaded (503 with the reason if not)
     GET  /metrics       Prometheus: requests by status, latency, texts per request, in-flight,
-                        prediction-log queue depth, back-pressure and writes
+                        texts answered with invalid (non-finite) outputs, prediction-log queue
+                        depth, back-pressure and writes
     GET  /docs, /openapi.json
 
 It talks to Triton over asynchronous gRPC. Bad input is a 4xx with a message that says what is
 wrong (never a 500); Triton down or the model not loaded is a 503 with the reason, and the gateway
-recovers by itself when Triton is back (the gRPC channel reconnects).
+recovers by itself when Triton is back (the gRPC channel reconnects). A model that returns NaN or
+infinite probabilities gets a 502 that says so; those predictions are not logged but counted
+(``gateway_invalid_outputs_total``), and the monitor judges them as errors.
 
 Run: ``uvicorn serving.gateway:app_from_env --factory`` with the ``GATEWAY_*`` settings below.
 """
@@ -113,6 +116,9 @@ class Metrics:
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
         self.in_flight = Gauge("gateway_in_flight_requests", "Classify requests being served", registry=self.registry)
         self.predictions = Counter("gateway_predictions_total", "Texts classified", registry=self.registry)
+        self.invalid_outputs = Counter("gateway_invalid_outputs_total",
+                                       "Texts the model answered with non-finite probabilities (NaN or Inf; "
+                                       "answered 502, not logged)", registry=self.registry)
         Gauge("prediction_log_queue_depth", "Predictions waiting to be written",
               registry=self.registry).set_function(lambda: prediction_log.queue_depth)
         Gauge("prediction_log_backpressure_waits", "Times a request waited for room in the log queue",
@@ -291,6 +297,11 @@ def _add_classify_route(app: FastAPI, settings: GatewaySettings, prediction_log:
         finally:
             metrics.in_flight.dec()
         latency_ms = (time.perf_counter() - started) * 1000.0
+        invalid = non_finite_rows(result["probabilities"])
+        if invalid:
+            # The model's fault, not the server's or the caller's: no answer, nothing logged, counted.
+            metrics.invalid_outputs.inc(len(invalid))
+            return _error(502, invalid_outputs_message(len(invalid), len(body.texts)), metrics)
         labels = result["labels"]
         predictions = [
             TextPrediction(label=label, probabilities=dict(zip(labels, probabilities, strict=False)),
@@ -317,6 +328,17 @@ def _unacceptable_texts(texts: list[str], settings: GatewaySettings) -> str | No
     if not_unicode:
         return f"texts {not_unicode[:10]} are not valid Unicode (lone surrogate escapes)"
     return None
+
+
+def non_finite_rows(probabilities: list[list[float]]) -> list[int]:
+    """The indexes of the texts whose probabilities hold a NaN or an infinity."""
+    rows = [np.asarray(row, dtype=np.float64) for row in probabilities]
+    return [index for index, row in enumerate(rows) if not np.isfinite(row).all()]
+
+
+def invalid_outputs_message(invalid: int, texts: int) -> str:
+    return (f"the model returned non-finite outputs for {invalid} of {texts} texts; nothing was served "
+            "(a fault of the serving model version: it needs a rollback or a fix, not a retry)")
 
 
 def _logged_predictions(texts: list[str], result: dict, latency_ms: float,

@@ -112,6 +112,8 @@ def _text(description: str) -> str:
 
 
 def _shown(value: Any) -> str:
+    if value == "":
+        return "(empty)"
     return f"`{str(value).lower() if isinstance(value, bool) else value}`"
 
 

@@ -126,8 +126,9 @@ def test_monitor_dag_reports_no_drift_then_triggers_on_shifted_traffic(local_ser
     (optimize_run,) = shifted["triggered"]
     assert optimize_run["run_id"].startswith("monitor__")
     assert optimize_run["conf"]["data_source"] == "/data/labelled" and optimize_run["conf"]["max_train"] == 300
-    assert "output drift" in optimize_run["conf"]["trigger_reason"]
-    assert json.loads(optimize_run["conf"]["trigger_evidence"])["windows"]
+    assert "output drift" in optimize_run["conf"]["trigger_reason"] and optimize_run["conf"]["trigger_kind"] == "drift"
+    evidence = json.loads(optimize_run["conf"]["trigger_evidence"])
+    assert evidence["windows"] and evidence["kind"] == "drift" and evidence["champion_version"] == str(version)
 
     windows = sorted((home / "monitoring" / "windows").iterdir())
     summaries = [json.loads((folder / "summary.json").read_text()) for folder in windows]

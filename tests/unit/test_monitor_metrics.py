@@ -2,7 +2,7 @@
 
 import pytest
 
-from monitoring.monitor import error_rate, parse_gateway_metrics, parse_triton_metrics
+from monitoring.monitor import INVALID_OUTPUTS, counter_delta, error_rate, parse_gateway_metrics, parse_triton_metrics
 
 TRITON = """# HELP nv_inference_request_success Number of successful inference requests
 nv_inference_request_success{model="text_classifier",version="2"} 120
@@ -35,3 +35,14 @@ def test_error_rate_counts_5xx_since_the_last_window_and_survives_restarts():
     restarted, total = error_rate(before, {"200": 5.0, "503": 5.0})
     assert total == 10 and restarted == pytest.approx(0.5)
     assert error_rate({}, {}) == (0.0, 0)
+
+
+def test_invalid_outputs_are_read_beside_the_statuses_and_are_no_request_status():
+    counts = parse_gateway_metrics(GATEWAY + "# HELP gateway_invalid_outputs_total Texts\n"
+                                   "gateway_invalid_outputs_total 7.0\ngateway_invalid_outputs_created 1.7e9\n")
+    assert counts[INVALID_OUTPUTS] == 7.0 and len(counts) == 4
+    rate, requests = error_rate({"200": 900.0, "422": 30.0, "503": 10.0, INVALID_OUTPUTS: 2.0}, counts)
+    assert requests == 60 and rate == pytest.approx(10 / 60)
+    assert counter_delta({INVALID_OUTPUTS: 2.0}, counts, INVALID_OUTPUTS) == 5
+    assert counter_delta({INVALID_OUTPUTS: 9.0}, counts, INVALID_OUTPUTS) == 7  # the gateway restarted
+    assert counter_delta({}, {"200": 1.0}, INVALID_OUTPUTS) == 0

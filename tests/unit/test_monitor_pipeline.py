@@ -9,8 +9,8 @@ from monitoring import pipeline
 from monitoring.errors import MonitoringConfigError
 from monitoring.monitor import MonitorSettings
 
-KNOWN = ("data_source", "max_train", "trigger_reason", "trigger_evidence")
-RESERVED = ("trigger_reason", "trigger_evidence")
+KNOWN = ("data_source", "max_train", "trigger_reason", "trigger_kind", "trigger_evidence")
+RESERVED = ("trigger_reason", "trigger_kind", "trigger_evidence")
 
 
 @pytest.fixture()

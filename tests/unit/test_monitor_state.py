@@ -109,3 +109,14 @@ def test_a_state_file_of_the_earlier_layout_is_read(tmp_path):
     state = MonitorState.load(path)
     assert [(r.window_end, r.triggered) for r in state.windows] == [(900.0, False), (1800.0, True)]
     assert state.baseline(2700, "gateway") == {"200": 5.0} and state.baseline(2700, "triton") == {}
+
+
+def test_verdicts_saved_before_they_had_kinds_load_with_kinds_from_their_reasons(tmp_path):
+    path = tmp_path / "state.json"
+    verdicts = [{"window_end": 900.0, "status": "slo_breach", "reasons": ["p95 latency 150.0 ms > 100 ms"],
+                 "evidence": {}},
+                {"window_end": 1800.0, "status": "drift", "reasons": ["output drift in confidence"], "evidence": {}},
+                {"window_end": 2700.0, "status": "ok", "reasons": [], "evidence": {}}]
+    path.write_text(json.dumps({"windows": [{"verdict": verdict, "counters": {}, "triggered": False}
+                                            for verdict in verdicts]}))
+    assert [r.verdict.kinds for r in MonitorState.load(path).windows] == [("latency",), ("drift",), ()]
