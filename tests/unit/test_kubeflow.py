@@ -80,10 +80,10 @@ def test_the_stages_are_the_recipe_with_its_edges(compiled):
         assert task_of_stage[slots[f"s{index}"]["taskOutputParameter"]["producerTask"]] == stage_id
 
 
-def test_training_runs_only_when_the_data_changed(compiled):
+def test_training_runs_only_when_something_changed_since_the_champion(compiled):
     root = compiled["spec"]["root"]["dag"]["tasks"]
     condition = next(task for task in root.values() if "triggerPolicy" in task)
-    assert "data-changed-Output" in condition["triggerPolicy"]["condition"]
+    assert "changed-since-champion-Output" in condition["triggerPolicy"]["condition"]
     assert {_constant(task, "step") for task in root.values()} == {"pipeline.prepare_data", None}  # the rest is inside
 
 
