@@ -14,7 +14,7 @@ import json
 import re
 import subprocess
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ class Lineage:
         return asdict(self)
 
 
-LINEAGE_TAGS = tuple(Lineage.__dataclass_fields__)
+LINEAGE_TAGS = tuple(item.name for item in fields(Lineage))
 COMPONENT_NAMES = {"data_hash": "data", "config_hash": "configuration", "teacher_id": "teacher",
                    "code_version": "code"}
 
@@ -117,9 +117,10 @@ def _chunks(path: Path) -> Iterator[bytes]:
 def code_version(root: Path = REPO_ROOT) -> str:
     """The version of the pipeline code under ``root``, never a constant.
 
-    The git commit (``+dirty`` with uncommitted changes to tracked files) when ``root`` is a git
-    checkout; else the ``CODE_VERSION`` file written when the image was built; else
-    ``sources sha256:<12 hex>`` over the Python files of the pipeline's packages.
+    The git commit when ``root`` is a git checkout, with ``+dirty:<12 hex of the sources hash>`` when
+    tracked files have uncommitted changes (so two different edits are two versions); else the
+    ``CODE_VERSION`` file written when the image was built; else ``sources sha256:<12 hex>`` over the
+    Python files of the pipeline's packages.
     """
     if (root / ".git").exists():
         commit = _git_commit(root)
@@ -132,7 +133,7 @@ def code_version(root: Path = REPO_ROOT) -> str:
 
 
 def _git_commit(root: Path) -> str | None:
-    """The checkout's commit (+dirty), or None when git is missing or fails."""
+    """The checkout's commit (+dirty with the sources hash), or None when git is missing or fails."""
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
                                 text=True, timeout=10, check=True).stdout.strip()
@@ -140,7 +141,9 @@ def _git_commit(root: Path) -> str | None:
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
-    return commit + ("+dirty" if dirty else "") if commit else None
+    if not commit:
+        return None
+    return f"{commit}+dirty:{sources_hash(root)[:SHORT]}" if dirty else commit
 
 
 def sources_hash(root: Path = REPO_ROOT) -> str:

@@ -217,4 +217,6 @@ def test_the_code_version_is_the_stamped_file_else_a_hash_of_the_sources(tmp_pat
 @pytest.mark.skipif(not (lineage.REPO_ROOT / ".git").exists(), reason="not a git checkout")
 def test_the_code_version_of_this_checkout_is_its_commit():
     version = lineage.code_version()
-    assert not version.startswith("sources ") and len(version.removesuffix("+dirty")) == 12
+    commit, _, dirty = version.partition("+dirty:")
+    assert len(commit) == 12 and not commit.startswith("sources ")
+    assert not dirty or dirty == lineage.sources_hash()[:12]  # uncommitted edits: which edits, too
