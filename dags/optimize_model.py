@@ -25,8 +25,11 @@ SKIPPED with the reason in the log, and only the candidates that were built are 
 registered and gated (the report lists the switched-off ones). The teacher's PyTorch and ONNX FP32
 candidates are always built. `prune` works on the distilled student, so it needs `distill`.
 
-When the serving champion was trained on exactly this data (content hash) by exactly this code
-(commit), the run stops after `data_changed` and says so (param `force_retrain` overrides).
+When the serving champion was trained on exactly this data (content hash), with this effective
+configuration (every setting after defaults, hashed), this teacher (a model folder's content hash, or
+its hub id) and this code (git commit, or the version stamped into the image), the run stops after
+`changed_since_champion` and says so; otherwise that task's log names what changed (for the
+configuration, the params). Param `force_retrain` trains anyway.
 
 Every task writes under `$PIPELINE_RUNS_DIR/<run id>/`; re-running a task overwrites its output and
 does not create duplicate MLflow model versions. The run's `summary.json` is logged to MLflow.
@@ -121,8 +124,9 @@ def optimize_model():
         return pipeline.prepare_data(settings, config, run_id, reused=_plan(settings, run_id).reused.get("data"))
 
     @task.short_circuit
-    def data_changed(data: dict) -> bool:
-        """Stop here (downstream skipped, the reason logged) when the champion already learned this data."""
+    def changed_since_champion(data: dict) -> bool:
+        """Stop here (downstream skipped, the reason logged) when the champion was built from this data,
+        configuration, teacher and code."""
         import logging
 
         from airflow.sdk import get_current_context
@@ -146,7 +150,7 @@ def optimize_model():
                                   reused_teacher=_plan(settings, run_id).reused.get("teacher"))
 
     # Runs when technique tasks were skipped (their results arrive as None); a failed upstream task still
-    # stops it, and everything after it. data_changed's short-circuit skips it directly.
+    # stops it, and everything after it. changed_since_champion's short-circuit skips it directly.
     @task(trigger_rule=TriggerRule.NONE_FAILED)
     def evaluate(data: dict, produced: dict) -> dict:
         """Accuracy, F1, latency percentiles, throughput, size and peak memory of every switched-on candidate."""
@@ -207,7 +211,7 @@ def optimize_model():
 
     data = prepare_data()
     plan() >> data
-    changed = data_changed(data)
+    changed = changed_since_champion(data)
     results = {}
     for stage in OPTIMIZE_MODEL.stages:  # the recipe is the graph
         upstream = {key: results[source] for key, source in stage.inputs.items()}

@@ -51,8 +51,9 @@ def run_demo(settings: StackSettings, profile: str = "demo", timeout_s: float = 
 
     summary_path = settings.runs_dir / safe_name(run_id) / "summary.json"
     if not summary_path.exists() and api.task_states(DAG_ID, run_id).get("finetune_teacher") == "skipped":
-        print(f"nothing changed: the serving champion was trained on this data with this code, so the run stopped "
-              f"at data_changed (its log says which version). `opsctl demo --force` trains anyway.\n"
+        print(f"nothing changed: the serving champion was trained on this data, with this configuration, this "
+              f"teacher and this code, so the run stopped at changed_since_champion (its log says which version). "
+              f"`opsctl demo --force` trains anyway.\n"
               f"Airflow run: {settings.airflow_url}/dags/{DAG_ID}/runs/{run_id}")
         return 0
     summary = json.loads(summary_path.read_text())

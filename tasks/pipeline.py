@@ -19,7 +19,7 @@ from tasks import export as export_step
 from tasks import finetune as finetune_step
 from tasks import prune as prune_step
 from tasks import quantize as quantize_step
-from tasks import model_aliases, params, registry
+from tasks import lineage, model_aliases, params, registry
 from tasks.assets import fetch_demo_assets
 from tasks.config import PipelineConfig
 from tasks.errors import ConfigError, PipelineError
@@ -113,9 +113,25 @@ def prepare_data(settings: PipelineSettings, config: PipelineConfig, run_id: str
     return result.to_dict()
 
 
-def data_changed(settings: PipelineSettings, config: PipelineConfig, data: dict, force: bool) -> dict:
-    """Whether training can change anything: False when the serving champion was trained on exactly this
-    data (same content hash) by exactly this code (same commit). Returns ``{"changed", "reason"}``."""
+def run_lineage(settings: PipelineSettings, config: PipelineConfig, data: dict) -> lineage.Lineage:
+    """What this run's models are built from: the data's hash, the effective config's hash, the teacher
+    (a demo name resolved to its folder, whose content is hashed) and the code version."""
+    teacher = resolve_source(config.finetune.model, settings)
+    return lineage.Lineage(data_hash=StepResult.from_dict(data).info["data_hash"],
+                           config_hash=lineage.config_hash(config), teacher_id=lineage.teacher_identity(teacher),
+                           code_version=lineage.code_version())
+
+
+def run_params(config: PipelineConfig) -> dict[str, str]:
+    """The params of the run's MLflow parent run: the flattened config and the switched-off candidates."""
+    off = switched_off_candidates(config)
+    return lineage.config_params(config) | {"switched_off": ", ".join(off) or "none"}
+
+
+def changed_since_champion(settings: PipelineSettings, config: PipelineConfig, data: dict, force: bool) -> dict:
+    """Whether training can change anything: False when the serving champion was built from this data,
+    this effective configuration, this teacher and this code. Returns ``{"changed", "reason"}``; the
+    reason names each component that differs (for the configuration, the params)."""
     if force:
         return {"changed": True, "reason": "force_retrain is set"}
     uri, model = settings.mlflow_tracking_uri, config.promote.registered_model
@@ -123,15 +139,16 @@ def data_changed(settings: PipelineSettings, config: PipelineConfig, data: dict,
     if champion is None:
         return {"changed": True, "reason": f"{model} has no {config.promote.alias!r} yet"}
     tags = model_aliases.version_tags(uri, model, champion)
-    data_hash, code = StepResult.from_dict(data).info["data_hash"], registry.code_version()
-    differences = [f"{name} {tags.get(key, '?')[:12]} -> {value[:12]}"
-                   for name, key, value in (("data", "data_hash", data_hash), ("code", "code_version", code))
-                   if tags.get(key) != value]
+    current = run_lineage(settings, config, data)
+    config_differs = tags.get("config_hash") not in (None, "", current.config_hash)
+    champion_params = registry.parent_run_params(uri, model, champion) if config_differs else None
+    differences = lineage.lineage_differences(tags, current, champion_params, run_params(config))
     if differences:
-        return {"changed": True, "reason": f"changed since champion v{champion}: " + ", ".join(differences)}
+        return {"changed": True, "reason": f"changed since champion v{champion}: " + "; ".join(differences)}
     return {"changed": False,
-            "reason": f"nothing changed: champion v{champion} was trained on this data ({data_hash[:12]}) with this "
-                      f"code ({code}); the run stops here. Set force_retrain to train anyway."}
+            "reason": f"nothing changed: champion v{champion} was trained on this data "
+                      f"({lineage.short(current.data_hash)}), with this configuration, this teacher and this code "
+                      f"({current.code_version}); set force_retrain to train anyway"}
 
 
 def run_stage(settings: PipelineSettings, config: PipelineConfig, run_id: str, stage_id: str, data: dict,
@@ -217,12 +234,10 @@ def register_candidates(settings: PipelineSettings, config: PipelineConfig, run_
     """One MLflow parent run, a nested run per candidate, ONNX candidates registered as versions."""
     data_result = StepResult.from_dict(data)
     off = switched_off_candidates(config)
-    parent = registry.parent_run_id(settings.mlflow_tracking_uri, settings.experiment, run_id,
-                                    _flatten(config.to_dict()) | {"switched_off": ", ".join(off) or "none"})
+    parent = registry.parent_run_id(settings.mlflow_tracking_uri, settings.experiment, run_id, run_params(config))
+    built_from = run_lineage(settings, config, data).tags() | {
+        "split_sizes": ",".join(f"{k}={int(v)}" for k, v in data_result.metrics.items())}
     registry.log_data(settings.mlflow_tracking_uri, parent, Path(data_result.uri("data")))
-    lineage = {"data_hash": data_result.info["data_hash"],
-               "split_sizes": ",".join(f"{k}={int(v)}" for k, v in data_result.metrics.items()),
-               "code_version": registry.code_version()}
     for candidate, reason in off.items():
         log.info("%s switched off, not registered: %s", candidate, reason)
     versions: dict[str, str | None] = {}
@@ -235,18 +250,8 @@ def register_candidates(settings: PipelineSettings, config: PipelineConfig, run_
             registry.Candidate(candidate, Path(evaluation.uri("model")), candidate_metrics(evaluations, candidate),
                                RECIPE.technique_chain(stage.id),
                                registrable=stage.model_format is ModelFormat.ONNX),
-            lineage | {"source_candidate": source or "-",
-                       "source_version": (versions.get(source) or "not registered") if source else "-"},
+            built_from | {"source_candidate": source or "-",
+                          "source_version": (versions.get(source) or "not registered") if source else "-"},
         )
     return {"parent_run_id": parent, "versions": versions}
 
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    flat = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = str(value)
-    return flat

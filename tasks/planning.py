@@ -109,7 +109,7 @@ def should_train(settings: PipelineSettings, config: PipelineConfig, run_id: str
         if not verdict["changed"]:
             record_stop(settings, config, run_id, plan, verdict["reason"])
         return verdict
-    return pipeline_step.data_changed(settings, config, data, force)
+    return pipeline_step.changed_since_champion(settings, config, data, force)
 
 
 def new_labels(settings: PipelineSettings, config: PipelineConfig, data: dict) -> dict[str, Any]:

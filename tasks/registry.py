@@ -165,23 +165,22 @@ def record_outcome(tracking_uri: str, experiment: str, pipeline_run_id: str, par
     return run_id
 
 
-def code_version() -> str:
-    """The git commit of the pipeline code (``+dirty`` with uncommitted changes), else the package version."""
-    import subprocess
-    from importlib import metadata
-
-    root = Path(__file__).resolve().parent.parent
+def parent_run_params(tracking_uri: str, registered_model: str, version: str) -> dict[str, str] | None:
+    """The params of the pipeline run that registered ``version`` (its parent run: the run's config,
+    flattened), found by the version's ``pipeline_run_id`` tag; None when they cannot be read."""
+    client = mlflow_client(tracking_uri)
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-        return commit + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        try:
-            return "package " + metadata.version("transformer-optimization-pipeline")
-        except metadata.PackageNotFoundError:
-            return "unknown"
+        model_version = client.get_model_version(registered_model, version)
+        pipeline_run_id = model_version.tags.get(RUN_TAG)
+        if not pipeline_run_id or not model_version.run_id:
+            return None
+        experiment_id = client.get_run(model_version.run_id).info.experiment_id
+        parents = client.search_runs([experiment_id], filter_string=f"tags.{RUN_TAG} = '{pipeline_run_id}' and "
+                                                                    f"tags.{ROLE_TAG} = 'parent'", max_results=1)
+    except Exception as error:  # noqa: BLE001 - MLflow raises RestException/MlflowException for missing runs
+        log.info("cannot read the params of the run behind %s v%s: %s", registered_model, version, error)
+        return None
+    return dict(parents[0].data.params) if parents else None
 
 
 def describe_decision(tracking_uri: str, registered_model: str, version: str, decision: str) -> None:

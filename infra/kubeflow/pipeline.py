@@ -6,7 +6,7 @@ The graph is the recipe's (``tasks/recipe.py``, standard library only, so the co
 from the repository: ``PYTHONPATH=.``): one ``run_stage`` component per stage, then evaluate every
 candidate in one place, register in MLflow, score the champion, gate, promote to Triton, report:
 the same ``tasks.pipeline`` functions the Airflow DAG calls, run in the project image
-(``infra/project/Dockerfile``). The data-unchanged short-circuit is a ``dsl.If``; a stage whose
+(``infra/project/Dockerfile``). The nothing-changed short-circuit is a ``dsl.If``; a stage whose
 technique the params switch off returns at once with an empty result. KFP has no "all done"
 trigger, so the report runs after a promotion that succeeded or had no winner; a failed promotion
 leaves its record in ``decisions/promotion.json``. Step results (small JSON documents with URIs and
@@ -84,17 +84,17 @@ def run_stage(stage_id: str, params_json: str, run_id: str, data: str, model: st
 
 
 @dsl.component(base_image=PROJECT_IMAGE, install_kfp_package=False)
-def data_changed(params_json: str, data: str, force_retrain: bool) -> bool:
-    """False when the serving champion was trained on exactly this data by exactly this code."""
+def changed_since_champion(params_json: str, data: str, force_retrain: bool) -> bool:
+    """False when the serving champion was built from this data, configuration, teacher and code."""
     import json
     import os
 
     from tasks import pipeline
     from tasks.settings import PipelineSettings
 
-    verdict = pipeline.data_changed(PipelineSettings.from_env(os.environ),
-                                    pipeline.config_from_params(json.loads(params_json)), json.loads(data),
-                                    force_retrain)
+    verdict = pipeline.changed_since_champion(PipelineSettings.from_env(os.environ),
+                                              pipeline.config_from_params(json.loads(params_json)),
+                                              json.loads(data), force_retrain)
     print(verdict["reason"])
     return bool(verdict["changed"])
 
@@ -152,9 +152,10 @@ def optimize_model(params_json: str = "{}", force_retrain: bool = False) -> None
         return _on_cluster(task, memory).set_display_name(function.split(".")[1])
 
     data = step("pipeline.prepare_data")
-    changed = _on_cluster(data_changed(params_json=params_json, data=data.output, force_retrain=force_retrain),
-                          memory="2G").set_display_name("data_changed")
-    with dsl.If(changed.output == True, name="data-changed"):  # noqa: E712 - a KFP condition, not a Python test
+    changed = _on_cluster(changed_since_champion(params_json=params_json, data=data.output,
+                                                 force_retrain=force_retrain),
+                          memory="2G").set_display_name("changed_since_champion")
+    with dsl.If(changed.output == True, name="changed-since-champion"):  # noqa: E712 - a KFP condition, not a Python test
         results: dict[str, dsl.PipelineTask] = {}
         for stage in OPTIMIZE_MODEL.stages:
             inputs = {key: results[source].output for key, source in stage.inputs.items()}

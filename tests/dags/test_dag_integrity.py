@@ -45,9 +45,10 @@ def test_optimize_model_edges_equal_the_recipe(dagbag):
     decisions = {("evaluate", "register"), ("register", "score_champion"), ("register", "gate"),
                  ("evaluate", "gate"), ("score_champion", "gate"), ("gate", "promote"), ("evaluate", "promote"),
                  ("promote", "report")}
-    data = {("prepare_data", task) for task in ("data_changed", *stages, "evaluate", "register", "score_champion",
-                                                "promote")}
-    expected = (OPTIMIZE_MODEL.edges() | {("data_changed", stage) for stage in first} | {("plan", "prepare_data")}
+    data = {("prepare_data", task) for task in ("changed_since_champion", *stages, "evaluate", "register",
+                                                "score_champion", "promote")}
+    expected = (OPTIMIZE_MODEL.edges() | {("changed_since_champion", stage) for stage in first}
+                | {("plan", "prepare_data")}
                 | {(stage, "evaluate") for stage in producers} | decisions | data)
     assert _edges(dag) == expected
     assert set(dag.task_ids) == {task for edge in expected for task in edge}

@@ -109,7 +109,7 @@ def test_dag_test_runs_every_task_and_promotes(local_services, airflow_env, tiny
     int8_tags = model_aliases.version_tags(settings.mlflow_url, "dagtest-model", summary["versions"]["onnx_int8"])
     assert int8_tags["source_candidate"] == "onnx_fp32"
     assert int8_tags["source_version"] == summary["versions"]["onnx_fp32"]
-    assert int8_tags["code_version"] and int8_tags["data_hash"] and int8_tags["technique"]
+    assert all(int8_tags[key] for key in ("data_hash", "config_hash", "teacher_id", "code_version", "technique"))
     assert any(key.startswith("gate.") for key in int8_tags)
     assert int8_tags["candidate"] == "onnx_int8"
     # Reviewers find the readable report and the Pareto plot on the run's parent run.
@@ -127,12 +127,12 @@ def test_dag_test_runs_every_task_and_promotes(local_services, airflow_env, tiny
     assert served["LOGITS"].shape == (1, 2) and np.isfinite(served["LOGITS"]).all()
     assert served["LABEL"][0] in {"negative", "positive"}
 
-    # The same data and code again: the run stops at data_changed and the champion stays.
+    # The same data, params, teacher and code again: the run stops at changed_since_champion and the champion stays.
     _, again_id, again_tasks, again_output = _run_dag(env, conf)
     assert "nothing changed: champion v" in again_output
     # Everything after the short-circuit is skipped, evaluate (trigger rule none_failed) included.
     assert {task for task, task_state in again_tasks.items() if task_state != "skipped"} == {
-        "prepare_data", "data_changed"}, again_tasks
+        "prepare_data", "changed_since_champion"}, again_tasks
     assert not (settings.runs_dir / safe_name(again_id) / "summary.json").exists()
     assert model_aliases.alias_version(settings.mlflow_url, "dagtest-model", "champion") == promoted_version
 

@@ -166,3 +166,11 @@ def test_grafana_is_provisioned_with_the_dashboard_the_builder_writes():
     assert source["datasources"][0]["url"] == "http://prometheus:9090"
     grafana = _compose()["services"]["grafana"]
     assert "./infra/grafana/dashboards:/var/lib/grafana/dashboards:ro" in grafana["volumes"]
+
+
+def test_the_project_image_is_stamped_with_the_code_version_compose_passes():
+    build = _compose()["x-project-image"]["build"]
+    assert build["args"]["CODE_VERSION"] == "${CODE_VERSION:-}"
+    dockerfile = (ROOT / build["dockerfile"]).read_text()
+    assert 'ARG CODE_VERSION=""' in dockerfile
+    assert '> /opt/project/CODE_VERSION' in dockerfile  # beside tasks/, where tasks.lineage looks for it

@@ -51,7 +51,8 @@ def test_each_step_calls_a_pipeline_function_with_the_arguments_it_takes(compile
         module, name = step.split(".")
         function = getattr(importlib.import_module(f"tasks.{module}"), name)  # AttributeError: no such function
         upstream = [key for key in UPSTREAM if key in task["inputs"]["parameters"]]
-        parameters = list(inspect.signature(function).parameters)
+        parameters = [name for name, parameter in inspect.signature(function).parameters.items()
+                      if parameter.default is inspect.Parameter.empty]  # optional ones are not passed
         # settings, config, run_id, then one parameter per upstream result.
         assert parameters[:3] == ["settings", "config", "run_id"], step
         assert len(parameters) == 3 + len(upstream), (step, parameters, upstream)
@@ -80,10 +81,10 @@ def test_the_stages_are_the_recipe_with_its_edges(compiled):
         assert task_of_stage[slots[f"s{index}"]["taskOutputParameter"]["producerTask"]] == stage_id
 
 
-def test_training_runs_only_when_the_data_changed(compiled):
+def test_training_runs_only_when_something_changed_since_the_champion(compiled):
     root = compiled["spec"]["root"]["dag"]["tasks"]
     condition = next(task for task in root.values() if "triggerPolicy" in task)
-    assert "data-changed-Output" in condition["triggerPolicy"]["condition"]
+    assert "changed-since-champion-Output" in condition["triggerPolicy"]["condition"]
     assert {_constant(task, "step") for task in root.values()} == {"pipeline.prepare_data", None}  # the rest is inside
 
 
