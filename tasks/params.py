@@ -28,7 +28,8 @@ RUN_PARAMS: dict[str, dict[str, Any]] = {
     "trigger_evidence": {"default": "{}", "type": "string",
                          "description": "the monitoring evidence behind the trigger (JSON)"},
     "force_retrain": {"default": False, "type": "boolean",
-                      "description": "train even when the champion was trained on the same data with the same code"},
+                      "description": "train even when the champion was built from the same data, configuration, "
+                                     "teacher and code (or, after drift, from the same labelled data)"},
 }
 TRIGGER_PARAMS = ("trigger_reason", "trigger_kind", "trigger_evidence")
 
