@@ -3,6 +3,7 @@ services (MLflow, Triton) started once per test session on free loopback ports."
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import subprocess
@@ -119,4 +120,7 @@ def local_services(tmp_path_factory: pytest.TempPathFactory):
     stack = LocalStack(settings)
     stack.up(with_airflow=False, progress=lambda _: None)
     yield stack
+    # Clients the tests left unclosed (in reference cycles) keep HTTP connections open, and Triton waits
+    # its whole exit timeout (30 s) for them before it stops: collect them first.
+    gc.collect()
     stack.down(progress=lambda _: None)
