@@ -3,7 +3,11 @@ services (MLflow, Triton) started once per test session on free loopback ports."
 
 from __future__ import annotations
 
+import gc
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -78,6 +82,29 @@ def exported_onnx(tmp_path_factory: pytest.TempPathFactory, trained_teacher: Pat
 
 
 @pytest.fixture(scope="session")
+def airflow_database(tmp_path_factory: pytest.TempPathFactory):
+    """``install(home)``: an Airflow home at ``home`` with a migrated SQLite database, returning the env
+    vars that point Airflow at it. `airflow db migrate` runs once per session (a minute of CPU on a
+    small machine); every ``dag.test()`` module gets a copy of that database of its own."""
+    template = tmp_path_factory.mktemp("airflow-template")
+
+    def airflow_vars(home: Path) -> dict[str, str]:
+        return {"AIRFLOW_HOME": str(home), "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+                "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
+
+    migrate = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=os.environ | airflow_vars(template),
+                             capture_output=True, text=True, timeout=300)
+    assert migrate.returncode == 0, migrate.stdout[-2000:] + migrate.stderr[-2000:]
+
+    def install(home: Path) -> dict[str, str]:
+        home.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(template / "airflow.db", home / "airflow.db")
+        return airflow_vars(home)
+
+    return install
+
+
+@pytest.fixture(scope="session")
 def local_services(tmp_path_factory: pytest.TempPathFactory):
     """Real MLflow and Triton servers on free ports, in a throw-away stack home."""
     from opsctl.process import free_port
@@ -93,4 +120,7 @@ def local_services(tmp_path_factory: pytest.TempPathFactory):
     stack = LocalStack(settings)
     stack.up(with_airflow=False, progress=lambda _: None)
     yield stack
+    # Clients the tests left unclosed (in reference cycles) keep HTTP connections open, and Triton waits
+    # its whole exit timeout (30 s) for them before it stops: collect them first.
+    gc.collect()
     stack.down(progress=lambda _: None)

@@ -25,26 +25,10 @@ for ti in run.get_task_instances():
 pytestmark = pytest.mark.integration
 
 
-def _airflow_env(stack, home: Path) -> dict[str, str]:
-    env = stack.environment()
-    env.update({
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
-        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-    })
-    return env
-
-
 @pytest.fixture(scope="module")
-def airflow_env(local_services, tmp_path_factory) -> dict[str, str]:
+def airflow_env(local_services, airflow_database, tmp_path_factory) -> dict[str, str]:
     """An Airflow home with a migrated SQLite database, shared by the DAG runs of this module."""
-    home = tmp_path_factory.mktemp("airflow")
-    env = _airflow_env(local_services, home)
-    migrate = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, capture_output=True,
-                             text=True, timeout=300)
-    assert migrate.returncode == 0, migrate.stdout[-2000:] + migrate.stderr[-2000:]
-    return env
+    return local_services.environment() | airflow_database(tmp_path_factory.mktemp("airflow"))
 
 
 def _run_dag(env: dict[str, str], conf: dict) -> tuple[str, str, dict[str, str], str]:
@@ -137,10 +121,14 @@ def test_dag_test_runs_every_task_and_promotes(local_services, airflow_env, tiny
     assert model_aliases.alias_version(settings.mlflow_url, "dagtest-model", "champion") == promoted_version
 
 
+@pytest.mark.slow
 def test_dag_test_with_techniques_switched_off_still_evaluates_and_registers(local_services, airflow_env, tiny_model,
                                                                               labelled_csv):
     """distill and quantize off (so prune off too): their tasks are SKIPPED with the reason, and the
-    teacher's two FP32 candidates are evaluated, registered, gated and one of them promoted."""
+    teacher's two FP32 candidates are evaluated, registered, gated and one of them promoted.
+
+    In `make test-slow` only: `make test` makes the same assertions on the same conf through the
+    scheduler (tests/integration/test_local_stack.py), a second run of this DAG would only repeat them."""
     from tasks import model_aliases
     from tasks.settings import safe_name
 

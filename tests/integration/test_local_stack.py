@@ -1,6 +1,11 @@
 """The whole local stack as `make demo` uses it: real Airflow services running optimize_model on a
 tiny model through the scheduler, then a restart that keeps history, registry and served model,
-and a stop that leaves no process behind."""
+and a stop that leaves no process behind.
+
+The scheduler's run has distill and quantize switched off (so prune and sparsify are off too): the
+skipped tasks, their logged reasons and the two FP32 candidates that are still evaluated, registered,
+gated and promoted are checked here. Every technique on, through ``dag.test()``, is
+tests/dags/test_optimize_model_run.py."""
 
 from __future__ import annotations
 
@@ -55,6 +60,39 @@ def _wait_run(api: AirflowApi, run_id: str, timeout_s: float) -> str:
     return "timeout"
 
 
+SKIPPED = {"distill_student", "export_student", "quantize_student", "prune_student", "export_pruned",
+           "quantize_pruned", "quantize_int8", "sparsify_student", "export_sparse"}
+
+
+def _task_log(settings, run_id: str, task_id: str) -> str:
+    """What a task of optimize_model logged (every attempt), from the scheduler's log folder."""
+    folder = settings.airflow_home / "logs" / "dag_id=optimize_model" / f"run_id={run_id}" / f"task_id={task_id}"
+    return "\n".join(path.read_text(errors="replace") for path in sorted(folder.rglob("*.log")))
+
+
+def _assert_switched_off_run(settings, tasks: dict, champion_version: str) -> None:
+    """distill and quantize off (so prune off too): their tasks are SKIPPED with the reason, and the
+    teacher's two FP32 candidates are evaluated, registered, gated and one of them promoted."""
+    from tasks import model_aliases
+
+    assert {task for task, task_state in tasks.items() if task_state == "skipped"} == SKIPPED, tasks
+    assert {task for task, task_state in tasks.items() if task_state == "success"} == set(tasks) - SKIPPED, tasks
+    assert "distill switched off in the run's params" in _task_log(settings, "stack_test_run", "distill_student")
+    assert "quantize switched off in the run's params" in _task_log(settings, "stack_test_run", "quantize_int8")
+
+    summary = json.loads((settings.runs_dir / "stack_test_run" / "summary.json").read_text())
+    assert set(summary["candidates"]) == {"teacher_pytorch", "onnx_fp32"}
+    assert set(summary["versions"]) == {"teacher_pytorch", "onnx_fp32"} and summary["versions"]["onnx_fp32"]
+    assert summary["switched_off"]["student_int8"] == "distill and quantize switched off in the run's params"
+    assert set(summary["switched_off"]) == {"onnx_int8", "student_onnx_fp32", "student_int8", "pruned_onnx_fp32",
+                                            "pruned_int8", "sparse_onnx_fp32"}
+    assert summary["promotion"]["status"] == "success" and summary["winner"] == "onnx_fp32"
+    assert champion_version == summary["versions"]["onnx_fp32"]
+    assert model_aliases.alias_version(settings.mlflow_url, "text-classifier", "champion") == champion_version
+    page = (settings.runs_dir / "stack_test_run" / "report" / "report.md").read_text()
+    assert "Switched off (not built, evaluated or registered): onnx_int8 (quantize switched off" in page
+
+
 def test_scheduler_runs_optimize_model_and_restart_keeps_state(tmp_path, tiny_model, labelled_csv):
     env = _env(tmp_path / "stack")
     stack = LocalStack(StackSettings.from_env(env))
@@ -75,7 +113,7 @@ def test_scheduler_runs_optimize_model_and_restart_keeps_state(tmp_path, tiny_mo
         api.wait_for_dag("optimize_model")
         api.unpause("optimize_model")
         conf = {"data_source": str(labelled_csv), "teacher": str(tiny_model), "epochs": 3.0,
-                "learning_rate": 5e-3, "max_length": 32, "student_layers": 1, "distill_epochs": 3.0}
+                "learning_rate": 5e-3, "max_length": 32, "distill": False, "prune": False, "quantize": False}
         run_id = api.trigger("optimize_model", conf, run_id="stack_test_run")
         state = _wait_run(api, run_id, timeout_s=600)
         assert state == "success", f"{api.task_states('optimize_model', run_id)}\n" + \
@@ -83,6 +121,7 @@ def test_scheduler_runs_optimize_model_and_restart_keeps_state(tmp_path, tiny_mo
         promoted = api.xcom("optimize_model", run_id, "promote")
         assert promoted["status"] == "success"
         mlflow_version = promoted["info"]["mlflow_version"]
+        _assert_switched_off_run(settings, api.task_states("optimize_model", run_id), mlflow_version)
     finally:
         stack.down(progress=messages.append)
     assert not any(_alive(pid) for pid in pids.values())

@@ -59,8 +59,8 @@ def _features(onnx_dir: Path, texts: list[str]):
     return reference_features(logits, texts, ["negative", "positive"], onnx_dir / "tokenizer.json", 32)
 
 
-def test_monitor_dag_reports_no_drift_then_triggers_on_shifted_traffic(local_services, exported_onnx, prepared_data,
-                                                                       tmp_path):
+def test_monitor_dag_reports_no_drift_then_triggers_on_shifted_traffic(local_services, airflow_database, exported_onnx,
+                                                                       prepared_data, tmp_path):
     settings = local_services.settings
     repository = tmp_path / "models"
     version = repo.write_ensemble_version(repository, repo.ClassifierEnsemble(MODEL, ("negative", "positive"), 32),
@@ -90,19 +90,11 @@ def test_monitor_dag_reports_no_drift_then_triggers_on_shifted_traffic(local_ser
             _features(exported_onnx, shifted_texts), str(version), shifted_end - 600, 540))
 
     home = tmp_path / "home"
-    env = local_services.environment() | {
-        "AIRFLOW_HOME": str(home / "airflow"),
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
-        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+    env = local_services.environment() | airflow_database(home / "airflow") | {
         "PIPELINE_HOME": str(home), "PIPELINE_PREDICTION_LOG_URL": log_url,
         "PIPELINE_TRITON_MODEL_REPOSITORY": str(repository), "PIPELINE_SERVING_MODEL": MODEL,
         "PIPELINE_GATEWAY_URL": "",
     }
-    (home / "airflow").mkdir(parents=True)
-    migrate = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, capture_output=True,
-                             text=True, timeout=300)
-    assert migrate.returncode == 0, migrate.stderr[-2000:]
 
     def run_monitor(window_end: float) -> dict:
         conf = {"window_minutes": 15, "min_rows": 100, "persist_windows": 1, "cooldown_minutes": 0,
