@@ -9,26 +9,18 @@ promotes nothing and says why in the run and in MLflow; drift without new labels
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.dags.test_optimize_model_run import REPO_ROOT, _airflow_env, _run_dag
+from tests.dags.test_optimize_model_run import _run_dag
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MODEL, SERVED = "dagtrig-model", "dagtrig_model"
 
 
 @pytest.fixture(scope="module")
-def trigger_env(local_services, tmp_path_factory) -> dict[str, str]:
-    home = tmp_path_factory.mktemp("airflow-triggers")
-    env = _airflow_env(local_services, home)
-    migrate = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, capture_output=True,
-                             text=True, timeout=300)
-    assert migrate.returncode == 0, migrate.stdout[-2000:] + migrate.stderr[-2000:]
-    return env
+def trigger_env(local_services, airflow_database, tmp_path_factory) -> dict[str, str]:
+    return local_services.environment() | airflow_database(tmp_path_factory.mktemp("airflow-triggers"))
 
 
 @pytest.fixture(scope="module")
