@@ -116,8 +116,30 @@ def test_dag_test_runs_every_task_and_promotes(local_services, airflow_env, tiny
     assert "nothing changed: champion v" in again_output
     # Everything after the short-circuit is skipped, evaluate (trigger rule none_failed) included.
     assert {task for task, task_state in again_tasks.items() if task_state != "skipped"} == {
-        "prepare_data", "changed_since_champion"}, again_tasks
+        "plan", "prepare_data", "changed_since_champion"}, again_tasks
     assert not (settings.runs_dir / safe_name(again_id) / "summary.json").exists()
+    assert model_aliases.alias_version(settings.mlflow_url, "dagtest-model", "champion") == promoted_version
+
+    # Triggered the way monitor_serving triggers (trigger_kind and evidence in the conf); the full
+    # re-optimization is tests/dags/test_optimize_model_triggers.py (make test-slow).
+    # Drift, but no labelled data arrived since the champion was trained: the run stops with that reason.
+    drift = conf | {"trigger_kind": "drift", "trigger_reason": "test", "trigger_evidence": "{}"}
+    _, _, drift_tasks, drift_output = _run_dag(env, drift)
+    assert "no labelled data arrived since champion v" in drift_output
+    assert {task for task, task_state in drift_tasks.items() if task_state != "skipped"} == {
+        "plan", "prepare_data", "changed_since_champion"}, drift_tasks
+    # A latency breach whose serving overhead alone exceeds the SLO: nothing to re-optimize, and MLflow says so.
+    latency = conf | {"trigger_kind": "latency", "trigger_reason": "test",
+                      "trigger_evidence": json.dumps({"slo_p95_ms": 1.0, "latency_p95_ms": 500.0})}
+    _, latency_id, latency_tasks, latency_output = _run_dag(env, latency)
+    assert "no latency budget is left" in latency_output
+    assert {task for task, task_state in latency_tasks.items() if task_state != "skipped"} == {"plan"}, latency_tasks
+    import mlflow
+
+    stopped = mlflow.MlflowClient(settings.mlflow_url).search_runs(
+        [mlflow.MlflowClient(settings.mlflow_url).get_experiment_by_name("optimize_model").experiment_id],
+        f"tags.pipeline_run_id = '{latency_id}'")
+    assert [run.data.tags["outcome"] for run in stopped] == ["skipped"]
     assert model_aliases.alias_version(settings.mlflow_url, "dagtest-model", "champion") == promoted_version
 
 
