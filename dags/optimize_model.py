@@ -8,8 +8,8 @@ the teacher, the student and the pruned student to ONNX and quantizes each to dy
 the same held-out split (accuracy, F1, latency percentiles, throughput, size, peak memory),
 registers the candidates in the MLflow model registry, scores the serving champion on the same
 texts, gates every candidate (accuracy vs teacher and vs the champion, finite outputs on edge-length
-inputs, agreement with the FP32 model, optional latency budget), promotes the fastest passing
-candidate to Triton, moves the MLflow alias `champion` to exactly that version, and writes the
+inputs, agreement with the FP32 model, a batch-1 p95 latency budget that defaults to the monitor's
+SLO less a 10% noise margin), promotes the fastest passing candidate to Triton, moves the MLflow alias `champion` to exactly that version, and writes the
 report. The technique tasks come from one recipe (`tasks/recipe.py`); each decision (score, gate,
 promote, report) is a task of its own, so the grid shows which one failed and a retry repeats only it.
 
@@ -30,6 +30,15 @@ configuration (every setting after defaults, hashed), this teacher (a model fold
 its hub id) and this code (git commit, or the version stamped into the image), the run stops after
 `changed_since_champion` and says so; otherwise that task's log names what changed (for the
 configuration, the params). Param `force_retrain` trains anyway.
+
+The first task, `plan`, acts on why the run started (`trigger_kind`, filled in by monitor_serving):
+a **latency** breach re-optimizes without fine-tuning, from the champion's teacher and data logged
+in MLflow, with a more aggressive search and a budget of the SLO minus the serving overhead seen in
+the window, and promotes the most accurate candidate within it (or nothing, saying why); **drift**
+retrains only when new labelled data arrived (otherwise the run stops with that reason); an
+**errors** breach retrains nothing: it is recorded and alerted, and rolls back to
+`previous_champion` when the model itself returned non-finite outputs. A run that stops early says
+why in the `plan` (or `changed_since_champion`) log and on an MLflow run.
 
 Every task writes under `$PIPELINE_RUNS_DIR/<run id>/`; re-running a task overwrites its output and
 does not create duplicate MLflow model versions. The run's `summary.json` is logged to MLflow.
