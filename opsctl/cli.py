@@ -71,7 +71,7 @@ def _cmd_demo_drift(settings: StackSettings, args: argparse.Namespace) -> int:
 def _cmd_demo_latency(settings: StackSettings, args: argparse.Namespace) -> int:
     from opsctl.demo_latency import run_latency_demo
 
-    return run_latency_demo(settings, timeout_s=args.timeout, rate=args.rate, duration_s=args.duration)
+    return run_latency_demo(settings, timeout_s=args.timeout, rate=args.rate, duration_s=args.duration, run=args.run)
 
 
 def _cmd_champion(settings: StackSettings, args: argparse.Namespace) -> int:
@@ -187,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     latency.add_argument("--timeout", type=float, default=2400.0, help="seconds to wait for the re-optimization")
     latency.add_argument("--rate", type=float, default=8.0, help="requests per second in each traffic phase")
     latency.add_argument("--duration", type=float, default=40.0, help="seconds of traffic in each phase")
+    latency.add_argument("--run", help="the optimize_model run whose FP32 model to pin (default: the champion's)")
     latency.set_defaults(handler=_cmd_demo_latency)
     return parser
 

@@ -37,18 +37,20 @@ def choose_slo(served_slow_p95: float, slow_p95: float, fastest_p95: float) -> f
     return round(min(0.8 * served_slow_p95, overhead + 2.5 * fastest_p95), 1)
 
 
-def champion_run(settings: StackSettings, registered_model: str) -> tuple[str, dict]:
-    """The pipeline run that built the serving champion, and its summary."""
+def base_run(settings: StackSettings, registered_model: str, run_id: str | None = None) -> tuple[str, dict]:
+    """The pipeline run whose FP32 model is pinned (default: the run that built the serving champion),
+    and its summary."""
     from tasks import model_aliases
     from tasks.settings import safe_name
 
-    version = model_aliases.alias_version(settings.mlflow_url, registered_model, "champion")
-    if version is None:
-        raise RuntimeError(f"{registered_model} has no champion: run `make demo` first")
-    run_id = model_aliases.version_tags(settings.mlflow_url, registered_model, version).get("pipeline_run_id")
+    if run_id is None:
+        version = model_aliases.alias_version(settings.mlflow_url, registered_model, "champion")
+        if version is None:
+            raise RuntimeError(f"{registered_model} has no champion: run `make demo` first")
+        run_id = model_aliases.version_tags(settings.mlflow_url, registered_model, version).get("pipeline_run_id")
     summary_path = settings.runs_dir / safe_name(run_id or "-") / "summary.json"
     if not summary_path.exists():
-        raise RuntimeError(f"champion v{version} came from run {run_id}, whose summary {summary_path} is missing")
+        raise RuntimeError(f"run {run_id} has no summary at {summary_path}: name a finished optimize_model run")
     return run_id, json.loads(summary_path.read_text())
 
 
@@ -76,7 +78,7 @@ def serve_candidate(settings: StackSettings, run_id: str, summary: dict, candida
 
 
 def run_latency_demo(settings: StackSettings, timeout_s: float = 2400.0, rate: float = 8.0,
-                     duration_s: float = 40.0) -> int:
+                     duration_s: float = 40.0, run: str | None = None) -> int:
     from opsctl.demo import PROFILES, follow_run, print_summary, stack_is_running
     from tasks.config import REGISTERED_MODEL
     from tasks.settings import safe_name
@@ -88,7 +90,7 @@ def run_latency_demo(settings: StackSettings, timeout_s: float = 2400.0, rate: f
     for dag_id in (MONITOR_DAG, OPTIMIZE_DAG):
         api.wait_for_dag(dag_id)
         api.unpause(dag_id)
-    run_id, summary = champion_run(settings, REGISTERED_MODEL)
+    run_id, summary = base_run(settings, REGISTERED_MODEL, run)
     slow = summary["candidates"][SLOW_CANDIDATE]
     fastest = min(summary["candidates"].values(), key=lambda metrics: metrics["latency_p95_ms"])
     version = serve_candidate(settings, run_id, summary, SLOW_CANDIDATE)

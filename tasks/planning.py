@@ -62,7 +62,7 @@ def latency_plan(settings: PipelineSettings, config: PipelineConfig, trigger: Tr
     if lineage is None:
         return RunPlan(kind, Action.STOP.value, "latency breach without a champion",
                        stop=f"{model} has no {config.promote.alias!r}: nothing serves that could be re-optimized")
-    budget = reoptimize.latency_budget(trigger.evidence, lineage.champion_p95_ms)
+    budget = reoptimize.latency_budget(trigger.evidence, lineage.champion_p50_ms)
     base = RunPlan(kind, Action.STOP.value, f"latency breach: {budget.describe()}", champion_version=lineage.version,
                    champion_run=lineage.pipeline_run_id, budget=budget.to_dict())
     if budget.budget_ms <= 0:

@@ -4,7 +4,10 @@ A latency breach does not retrain. The run starts from the serving champion's li
 and the data splits its pipeline run logged to MLflow), searches candidates more aggressive than
 the champion's (fewer student layers, larger head and feed-forward pruning fractions, a shorter
 maximum length when the served texts allow it) and gates them against a latency budget: the SLO
-minus the serving overhead observed in the window (served p95 minus the champion's own batch-1 p95).
+minus the serving overhead observed in the window (served p95 minus the champion's own batch-1
+median latency: the median, because an offline p95 measured on a busy machine can be inflated
+enough to hide the overhead, and a budget that is too generous promotes a model that breaches the
+SLO on arrival).
 
 The budget and search functions are pure; ``fetch_lineage`` talks to MLflow.
 """
@@ -24,6 +27,7 @@ TEACHER_CANDIDATE = "teacher_pytorch"  # the candidate whose folder is the teach
 LENGTH_STEPS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 HEAD_STEP, FFN_STEP = 0.17, 0.15
 MAX_HEAD_FRACTION, MAX_FFN_FRACTION = 0.75, 0.9
+RELAXED_REGRESSION = 0.98  # gate.max_champion_regression of a re-optimization: the champion is what breaches
 
 
 @dataclass(frozen=True)
@@ -31,42 +35,43 @@ class LatencyBudget:
     """The batch-1 p95 a candidate may take so that serving meets the SLO.
 
     ``overhead_ms`` is what serving adds to the model: the window's served p95 minus the champion's
-    own batch-1 p95 measured at its evaluation (0 when that is unknown or larger)."""
+    own batch-1 median latency measured at its evaluation (0 when that is unknown or larger). It
+    counts the model's own tail and any slowdown under load as overhead: conservative."""
 
     slo_p95_ms: float
     served_p95_ms: float
-    champion_p95_ms: float | None
+    champion_p50_ms: float | None
 
     @property
     def overhead_ms(self) -> float:
-        if self.champion_p95_ms is None:
+        if self.champion_p50_ms is None:
             return 0.0
-        return max(0.0, self.served_p95_ms - self.champion_p95_ms)
+        return max(0.0, self.served_p95_ms - self.champion_p50_ms)
 
     @property
     def budget_ms(self) -> float:
         return self.slo_p95_ms - self.overhead_ms
 
     def describe(self) -> str:
-        champion = "unknown" if self.champion_p95_ms is None else f"{self.champion_p95_ms:.1f} ms"
+        champion = "unknown" if self.champion_p50_ms is None else f"{self.champion_p50_ms:.1f} ms"
         return (f"latency budget {self.budget_ms:.1f} ms batch-1 p95 = SLO {self.slo_p95_ms:.1f} ms - serving "
-                f"overhead {self.overhead_ms:.1f} ms (served p95 {self.served_p95_ms:.1f} ms, the champion's own "
-                f"p95 {champion})")
+                f"overhead {self.overhead_ms:.1f} ms (served p95 {self.served_p95_ms:.1f} ms - the champion's own "
+                f"batch-1 median {champion})")
 
     def to_dict(self) -> dict[str, float | None]:
         return {"slo_p95_ms": self.slo_p95_ms, "served_p95_ms": self.served_p95_ms,
-                "champion_p95_ms": self.champion_p95_ms, "overhead_ms": self.overhead_ms,
+                "champion_p50_ms": self.champion_p50_ms, "overhead_ms": self.overhead_ms,
                 "budget_ms": self.budget_ms}
 
 
-def latency_budget(evidence: dict[str, Any], champion_p95_ms: float | None) -> LatencyBudget:
+def latency_budget(evidence: dict[str, Any], champion_p50_ms: float | None) -> LatencyBudget:
     """The budget from the monitor's evidence (``slo_p95_ms``, ``latency_p95_ms``); PipelineError
     when the evidence lacks them (a trigger from an older monitor: say so instead of guessing)."""
     missing = [key for key in ("slo_p95_ms", "latency_p95_ms") if not isinstance(evidence.get(key), (int, float))]
     if missing:
         raise PipelineError(f"the latency trigger's evidence lacks {missing}: cannot size a latency budget; "
                             "trigger again from a monitor that records them")
-    return LatencyBudget(float(evidence["slo_p95_ms"]), float(evidence["latency_p95_ms"]), champion_p95_ms)
+    return LatencyBudget(float(evidence["slo_p95_ms"]), float(evidence["latency_p95_ms"]), champion_p50_ms)
 
 
 def shorter_max_length(current: int, token_p99: float | None) -> int | None:
@@ -97,7 +102,9 @@ def aggressive_overrides(champion_params: dict[str, str], teacher_layers: int, t
         "prune": {"enabled": True, "head_fraction": round(min(MAX_HEAD_FRACTION, head + HEAD_STEP), 2),
                   "ffn_fraction": round(min(MAX_FFN_FRACTION, ffn + FFN_STEP), 2)},
         "quantize": {"enabled": True},
-        "gate": {"max_p95_latency_ms": round(budget.budget_ms, 3)},
+        # The champion breaches the SLO: holding candidates to its accuracy would block every fix. The
+        # accuracy gate against the teacher (max_relative_accuracy_drop) still holds them.
+        "gate": {"max_p95_latency_ms": round(budget.budget_ms, 3), "max_champion_regression": RELAXED_REGRESSION},
     }
     length = shorter_max_length(int(float(champion_params.get("finetune.max_length", 128))), token_p99)
     if length is not None:
@@ -115,7 +122,7 @@ class Lineage:
     parent_run_id: str
     teacher_run_id: str
     params: dict[str, str]
-    champion_p95_ms: float | None
+    champion_p50_ms: float | None
 
 
 def find_lineage(tracking_uri: str, experiment: str, registered_model: str, alias: str) -> Lineage | None:
@@ -139,9 +146,9 @@ def find_lineage(tracking_uri: str, experiment: str, registered_model: str, alia
     if parent is None or teacher is None:
         raise PipelineError(f"the MLflow runs of pipeline run {run_id} (which built {registered_model} v{version}) "
                             "are incomplete: no parent run or no teacher run")
-    p95 = tags.get("metric.latency_p95_ms")
+    p50 = tags.get("metric.latency_p50_ms")
     return Lineage(version, run_id, parent.info.run_id, teacher.info.run_id, dict(parent.data.params),
-                   float(p95) if p95 else None)
+                   float(p50) if p50 else None)
 
 
 def fetch_lineage(tracking_uri: str, lineage: Lineage, out_dir: Path) -> dict[str, Path]:

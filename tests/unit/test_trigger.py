@@ -51,7 +51,7 @@ def test_overrides_merge_section_by_section():
 
 
 def test_the_budget_is_the_slo_less_the_serving_overhead_seen_in_the_window():
-    budget = reoptimize.latency_budget({"slo_p95_ms": 100.0, "latency_p95_ms": 150.0}, champion_p95_ms=120.0)
+    budget = reoptimize.latency_budget({"slo_p95_ms": 100.0, "latency_p95_ms": 150.0}, champion_p50_ms=120.0)
     assert budget.overhead_ms == 30.0 and budget.budget_ms == 70.0
     assert "latency budget 70.0 ms" in budget.describe() and "overhead 30.0 ms" in budget.describe()
     assert reoptimize.latency_budget({"slo_p95_ms": 100.0, "latency_p95_ms": 90.0}, 120.0).budget_ms == 100.0
@@ -76,7 +76,7 @@ def test_the_search_is_more_aggressive_than_the_champions_run():
     assert overrides["distill"]["student_layers"] == 2  # the champion's student had half of 6 layers
     assert overrides["prune"]["head_fraction"] == 0.5 and overrides["prune"]["ffn_fraction"] == 0.75
     assert overrides["finetune"] == {"max_length": 64}
-    assert overrides["gate"] == {"max_p95_latency_ms": 70.0}
+    assert overrides["gate"] == {"max_p95_latency_ms": 70.0, "max_champion_regression": 0.98}
     again = reoptimize.aggressive_overrides(
         champion | {"distill.student_layers": "1", "prune.head_fraction": "0.7", "prune.ffn_fraction": "0.85"},
         teacher_layers=6, token_p99=None, budget=budget)
