@@ -71,7 +71,8 @@ def test_dag_test_runs_every_task_and_promotes(local_services, airflow_env, tiny
     summary = json.loads(summary_path.read_text())
     # Each decision left its record for the report (and for a retry of the task after it).
     decisions = summary_path.parent / "decisions"
-    assert {path.name for path in decisions.iterdir()} == {"champion.json", "gates.json", "promotion.json"}
+    assert {path.name for path in decisions.iterdir()} == {
+        "plan.json", "champion.json", "gates.json", "promotion.json"}
     from tasks.recipe import OPTIMIZE_MODEL
 
     assert set(summary["candidates"]) == set(OPTIMIZE_MODEL.candidates) == {
