@@ -11,6 +11,7 @@ from opsctl.services import LocalStack
 from opsctl.settings import StackSettings
 
 DAG_ID = "optimize_model"
+MONITOR_DAG = "monitor_serving"
 PROFILES = {
     # ~8 minutes on 2 CPU cores: 1,500 IMDB reviews, one epoch of MiniLM-L6, two epochs of
     # distillation into a 3-layer student, 500 test reviews.
@@ -87,6 +88,26 @@ def follow_run(api: AirflowApi, dag_id: str, run_id: str, timeout_s: float) -> s
             return state
         time.sleep(3)
     return f"still {state} after {timeout_s:.0f}s"
+
+
+def monitored_traffic(settings: StackSettings, api: AirflowApi, run_id: str, texts: list[str], rate: float,
+                      duration_s: float, concurrency: int, conf: dict) -> dict | None:
+    """Texts through the gateway (``rate`` per second for ``duration_s``), then one monitor_serving run
+    ``run_id`` over that window with ``conf``; its ``check_window`` result (None: the run failed)."""
+    import asyncio
+
+    from bench.load_test import run_load
+
+    load = asyncio.run(run_load(settings.gateway_url, rate, duration_s, concurrency, texts)).summary()
+    print(f"   {load['ok']} ok, {load['sent'] - load['ok']} errors, client-side p95 {load['latency_p95_ms']:.1f} ms")
+    time.sleep(3)  # the prediction log writes in batches, off the request path
+    api.trigger(MONITOR_DAG, conf, run_id=run_id)
+    state = follow_run(api, MONITOR_DAG, run_id, timeout_s=600)
+    if state != "success":
+        print(f"error: {MONITOR_DAG} run {run_id} ended as {state!r}: "
+              f"{settings.airflow_url}/dags/{MONITOR_DAG}/runs/{run_id}")
+        return None
+    return api.xcom(MONITOR_DAG, run_id, "check_window")
 
 
 def _run_state(api: AirflowApi, dag_id: str, run_id: str) -> str:

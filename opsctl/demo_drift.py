@@ -15,7 +15,6 @@ Needs a serving champion (``make demo`` first).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from dataclasses import dataclass
@@ -144,8 +143,7 @@ def _traffic_phases(settings: StackSettings, api: AirflowApi, data: DriftDemoDat
     """Normal, then shifted traffic through the gateway, each followed by a monitoring window run.
 
     Returns each phase's monitor run id and result, or None when a monitoring run failed."""
-    from bench.load_test import run_load
-    from opsctl.demo import follow_run
+    from opsctl.demo import monitored_traffic
 
     duration = len(data.normal_texts) / rate
     # Each window covers one phase only: it reaches back just past that phase's traffic.
@@ -156,17 +154,10 @@ def _traffic_phases(settings: StackSettings, api: AirflowApi, data: DriftDemoDat
     for phase, texts, what in (("normal", data.normal_texts, "IMDB reviews"),
                                ("shifted", data.shifted_texts, "tweets about self-driving cars")):
         print(f"== {phase} traffic: {len(texts)} {what} through the gateway at {rate:.0f}/s")
-        load = asyncio.run(run_load(settings.gateway_url, rate, duration, 8, texts)).summary()
-        print(f"   {load['ok']} ok, {load['sent'] - load['ok']} errors, p95 {load['latency_p95_ms']:.1f} ms")
-        time.sleep(3)  # the prediction log writes in batches, off the request path
         run_id = f"demo_drift__{phase}__{stamp}"
-        api.trigger(MONITOR_DAG, monitor_conf, run_id=run_id)
-        state = follow_run(api, MONITOR_DAG, run_id, timeout_s=600)
-        if state != "success":
-            print(f"error: {MONITOR_DAG} run {run_id} ended as {state!r}: "
-                  f"{settings.airflow_url}/dags/{MONITOR_DAG}/runs/{run_id}")
+        result = monitored_traffic(settings, api, run_id, texts, rate, duration, 8, monitor_conf)
+        if result is None:
             return None
-        result = api.xcom(MONITOR_DAG, run_id, "check_window")
         verdict, decision = result["verdict"], result["decision"]
         print(f"   window: {verdict['status']} ({'; '.join(verdict['reasons']) or 'no drift, within the SLOs'})")
         print(f"   decision: {'TRIGGER' if decision['trigger'] else 'no trigger'}: {decision['reason']}")

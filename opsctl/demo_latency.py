@@ -17,7 +17,6 @@ Prints the served p95 and the accuracy before and after. Needs a serving champio
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 
@@ -154,19 +153,12 @@ def _review_texts(settings: StackSettings) -> list[str]:
 def _window(settings: StackSettings, api: AirflowApi, phase: str, stamp: str, texts: list[str], rate: float,
             duration_s: float, conf: dict) -> dict | None:
     """Traffic through the gateway, then one monitor_serving run over it; its result (None: it failed)."""
-    from bench.load_test import run_load
-    from opsctl.demo import follow_run
+    from opsctl.demo import monitored_traffic
 
     print(f"== {phase}: {int(rate * duration_s)} reviews through the gateway at {rate:.0f}/s")
-    load = asyncio.run(run_load(settings.gateway_url, rate, duration_s, 4, texts)).summary()
-    print(f"   {load['ok']} ok, {load['sent'] - load['ok']} errors, client-side p95 {load['latency_p95_ms']:.1f} ms")
-    time.sleep(3)  # the prediction log writes in batches, off the request path
-    run_id = f"demo_latency__{phase}__{stamp}"
-    api.trigger(MONITOR_DAG, conf, run_id=run_id)
-    if follow_run(api, MONITOR_DAG, run_id, timeout_s=600) != "success":
-        print(f"error: {MONITOR_DAG} run {run_id} failed: {settings.airflow_url}/dags/{MONITOR_DAG}/runs/{run_id}")
+    result = monitored_traffic(settings, api, f"demo_latency__{phase}__{stamp}", texts, rate, duration_s, 4, conf)
+    if result is None:
         return None
-    result = api.xcom(MONITOR_DAG, run_id, "check_window")
     verdict, decision = result["verdict"], result["decision"]
     print(f"   window: {verdict['status']} (served p95 {verdict['evidence']['latency_p95_ms']:.1f} ms; "
           f"{'; '.join(verdict['reasons']) or 'within the SLOs'})")

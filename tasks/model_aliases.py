@@ -37,3 +37,9 @@ def tag_version(tracking_uri: str, registered_model: str, version: str, tags: di
 
 def version_tags(tracking_uri: str, registered_model: str, version: str) -> dict[str, str]:
     return dict(mlflow_client(tracking_uri).get_model_version(registered_model, version).tags)
+
+
+def alias_tags(tracking_uri: str, registered_model: str, alias: str) -> tuple[str, dict[str, str]] | None:
+    """The version ``alias`` points at, with that version's tags (None: no such alias or model)."""
+    version = alias_version(tracking_uri, registered_model, alias)
+    return None if version is None else (version, version_tags(tracking_uri, registered_model, version))

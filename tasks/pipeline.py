@@ -135,10 +135,10 @@ def changed_since_champion(settings: PipelineSettings, config: PipelineConfig, d
     if force:
         return {"changed": True, "reason": "force_retrain is set"}
     uri, model = settings.mlflow_tracking_uri, config.promote.registered_model
-    champion = model_aliases.alias_version(uri, model, config.promote.alias)
-    if champion is None:
+    found = model_aliases.alias_tags(uri, model, config.promote.alias)
+    if found is None:
         return {"changed": True, "reason": f"{model} has no {config.promote.alias!r} yet"}
-    tags = model_aliases.version_tags(uri, model, champion)
+    champion, tags = found
     current = run_lineage(settings, config, data)
     config_differs = tags.get("config_hash") not in (None, "", current.config_hash)
     champion_params = registry.parent_run_params(uri, model, champion) if config_differs else None

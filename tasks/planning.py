@@ -8,6 +8,7 @@ the run's params for every task after the plan.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -57,25 +58,24 @@ def plan_run(settings: PipelineSettings, params: dict[str, Any], run_id: str) ->
 def latency_plan(settings: PipelineSettings, config: PipelineConfig, trigger: Trigger, run_dir: Path) -> RunPlan:
     """Re-optimize the champion within the latency budget, or stop when there is nothing to do."""
     uri, model = settings.mlflow_tracking_uri, config.promote.registered_model
-    lineage = reoptimize.find_lineage(uri, settings.experiment, model, config.promote.alias)
+    origin = reoptimize.find_origin(uri, settings.experiment, model, config.promote.alias)
     kind = trigger.kind.value
-    if lineage is None:
+    if origin is None:
         return RunPlan(kind, Action.STOP.value, "latency breach without a champion",
                        stop=f"{model} has no {config.promote.alias!r}: nothing serves that could be re-optimized")
-    budget = reoptimize.latency_budget(trigger.evidence, lineage.champion_p50_ms)
-    base = RunPlan(kind, Action.STOP.value, f"latency breach: {budget.describe()}", champion_version=lineage.version,
-                   champion_run=lineage.pipeline_run_id, budget=budget.to_dict())
+    budget = reoptimize.latency_budget(trigger.evidence, origin.champion_p50_ms)
+    base = RunPlan(kind, Action.STOP.value, f"latency breach: {budget.describe()}", champion_version=origin.version,
+                   champion_run=origin.pipeline_run_id, budget=budget.to_dict())
     if budget.budget_ms <= 0:
-        return RunPlan(**(base.to_dict() | {"stop": f"no latency budget is left ({budget.describe()}): no model can "
-                                                    "meet the SLO through this serving path; nothing is re-optimized"}))
-    folders = reoptimize.fetch_lineage(uri, lineage, run_dir / "lineage")
-    overrides = reoptimize.aggressive_overrides(lineage.params, reoptimize.teacher_layers(folders["teacher"]),
+        return replace(base, stop=f"no latency budget is left ({budget.describe()}): no model can meet the SLO "
+                                  "through this serving path; nothing is re-optimized")
+    folders = reoptimize.fetch_lineage(uri, origin, run_dir / "lineage")
+    overrides = reoptimize.aggressive_overrides(origin.params, reoptimize.teacher_layers(folders["teacher"]),
                                                 trigger.evidence.get("token_count_p99"), budget)
-    return RunPlan(**(base.to_dict() | {
-        "action": Action.REOPTIMIZE.value,
-        "reason": f"latency breach: re-optimize champion v{lineage.version} from the teacher and data of run "
-                  f"{lineage.pipeline_run_id} (no fine-tuning); {budget.describe()}",
-        "overrides": overrides, "reused": {name: str(path) for name, path in folders.items()}}))
+    return replace(base, action=Action.REOPTIMIZE.value,
+                   reason=f"latency breach: re-optimize champion v{origin.version} from the teacher and data of run "
+                          f"{origin.pipeline_run_id} (no fine-tuning); {budget.describe()}",
+                   overrides=overrides, reused={name: str(path) for name, path in folders.items()})
 
 
 def act_on_errors(settings: PipelineSettings, config: PipelineConfig, plan: RunPlan) -> RunPlan:
@@ -93,8 +93,7 @@ def act_on_errors(settings: PipelineSettings, config: PipelineConfig, plan: RunP
     done = (f"rolled back to MLflow v{result.info['mlflow_version']} (Triton v{int(result.metrics['triton_version'])}),"
             f" replacing v{result.info['replaced_version'] or '?'}")
     log.error("ALERT: %s; %s", plan.reason, done)
-    return RunPlan(**(plan.to_dict() | {"reason": f"{plan.reason}: {done}", "champion_version":
-                                        result.info["mlflow_version"]}))
+    return replace(plan, reason=f"{plan.reason}: {done}", champion_version=result.info["mlflow_version"])
 
 
 def should_train(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict,
@@ -115,11 +114,11 @@ def should_train(settings: PipelineSettings, config: PipelineConfig, run_id: str
 def new_labels(settings: PipelineSettings, config: PipelineConfig, data: dict) -> dict[str, Any]:
     """Whether labelled data arrived since the champion was trained (its data hash differs)."""
     uri, model, alias = settings.mlflow_tracking_uri, config.promote.registered_model, config.promote.alias
-    champion = model_aliases.alias_version(uri, model, alias)
+    found = model_aliases.alias_tags(uri, model, alias)
     data_hash = StepResult.from_dict(data).info["data_hash"]
-    if champion is None:
+    if found is None:
         return {"changed": True, "reason": f"{model} has no {alias!r} yet: train"}
-    trained_on = model_aliases.version_tags(uri, model, champion).get("data_hash")
+    champion, trained_on = found[0], found[1].get("data_hash")
     if trained_on == data_hash:
         return {"changed": False,
                 "reason": f"no labelled data arrived since champion v{champion} was trained (data hash "

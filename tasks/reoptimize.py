@@ -113,9 +113,9 @@ def aggressive_overrides(champion_params: dict[str, str], teacher_layers: int, t
 
 
 @dataclass(frozen=True)
-class Lineage:
+class ChampionOrigin:
     """Where the champion came from: its version, the pipeline run that built it and that run's
-    MLflow parent run and teacher run."""
+    MLflow parent run and teacher run (not ``tasks.lineage.Lineage``, what a version was built from)."""
 
     version: str
     pipeline_run_id: str
@@ -125,14 +125,14 @@ class Lineage:
     champion_p50_ms: float | None
 
 
-def find_lineage(tracking_uri: str, experiment: str, registered_model: str, alias: str) -> Lineage | None:
-    """The champion's lineage from MLflow (None: no champion); PipelineError when it cannot be traced."""
+def find_origin(tracking_uri: str, experiment: str, registered_model: str, alias: str) -> ChampionOrigin | None:
+    """Where the champion came from, traced in MLflow (None: no champion); PipelineError when it cannot be."""
     from tasks import model_aliases
 
-    version = model_aliases.alias_version(tracking_uri, registered_model, alias)
-    if version is None:
+    champion = model_aliases.alias_tags(tracking_uri, registered_model, alias)
+    if champion is None:
         return None
-    tags = model_aliases.version_tags(tracking_uri, registered_model, version)
+    version, tags = champion
     run_id = tags.get(RUN_TAG)
     client = model_aliases.mlflow_client(tracking_uri)
     found = client.get_experiment_by_name(experiment)
@@ -147,18 +147,18 @@ def find_lineage(tracking_uri: str, experiment: str, registered_model: str, alia
         raise PipelineError(f"the MLflow runs of pipeline run {run_id} (which built {registered_model} v{version}) "
                             "are incomplete: no parent run or no teacher run")
     p50 = tags.get("metric.latency_p50_ms")
-    return Lineage(version, run_id, parent.info.run_id, teacher.info.run_id, dict(parent.data.params),
-                   float(p50) if p50 else None)
+    return ChampionOrigin(version, run_id, parent.info.run_id, teacher.info.run_id, dict(parent.data.params),
+                          float(p50) if p50 else None)
 
 
-def fetch_lineage(tracking_uri: str, lineage: Lineage, out_dir: Path) -> dict[str, Path]:
+def fetch_lineage(tracking_uri: str, origin: ChampionOrigin, out_dir: Path) -> dict[str, Path]:
     """Download the champion run's teacher and data splits into ``out_dir`` (``teacher/``, ``data/``)."""
     from tasks.model_aliases import mlflow_client
 
     client = mlflow_client(tracking_uri)
     folders = {}
-    for name, run_id, artifact in (("teacher", lineage.teacher_run_id, MODEL_FILES_ARTIFACT),
-                                   ("data", lineage.parent_run_id, DATA_ARTIFACT)):
+    for name, run_id, artifact in (("teacher", origin.teacher_run_id, MODEL_FILES_ARTIFACT),
+                                   ("data", origin.parent_run_id, DATA_ARTIFACT)):
         target = out_dir / name
         staging = out_dir / f".{name}.partial"
         shutil.rmtree(staging, ignore_errors=True)

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.switched_off_run import assert_switched_off_run
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUNNER = """
 import json, sys
@@ -163,20 +165,5 @@ def test_dag_test_with_techniques_switched_off_still_evaluates_and_registers(loc
     }
     state, run_id, tasks, output = _run_dag(airflow_env, conf)
     assert state == "success", output[-4000:]
-    skipped = {"distill_student", "export_student", "quantize_student", "prune_student", "export_pruned",
-               "quantize_pruned", "quantize_int8", "sparsify_student", "export_sparse"}
-    assert {task for task, task_state in tasks.items() if task_state == "skipped"} == skipped, tasks
-    assert {task for task, task_state in tasks.items() if task_state == "success"} == set(tasks) - skipped, tasks
-    assert "distill switched off in the run's params" in output
-    assert "quantize switched off in the run's params" in output
-
-    summary = json.loads((settings.runs_dir / safe_name(run_id) / "summary.json").read_text())
-    assert set(summary["candidates"]) == {"teacher_pytorch", "onnx_fp32"}
-    assert set(summary["versions"]) == {"teacher_pytorch", "onnx_fp32"} and summary["versions"]["onnx_fp32"]
-    assert summary["switched_off"]["student_int8"] == "distill and quantize switched off in the run's params"
-    assert set(summary["switched_off"]) == {"onnx_int8", "student_onnx_fp32", "student_int8", "pruned_onnx_fp32",
-                                            "pruned_int8", "sparse_onnx_fp32"}
-    assert summary["promotion"]["status"] == "success" and summary["winner"] == "onnx_fp32"
+    summary = assert_switched_off_run(tasks, settings.runs_dir / safe_name(run_id), lambda _task_id: output)
     assert model_aliases.alias_version(settings.mlflow_url, "dagtest-lite", "champion") == summary["versions"]["onnx_fp32"]
-    page = (settings.runs_dir / safe_name(run_id) / "report" / "report.md").read_text()
-    assert "Switched off (not built, evaluated or registered): onnx_int8 (quantize switched off" in page
