@@ -30,7 +30,7 @@ import numpy as np
 
 from bench import compute, latency_workers
 from bench.latency_workers import InterleavedLatency
-from tasks.recipe import MODEL_INPUT, OPTIMIZE_MODEL, Stage, Step
+from tasks.recipe import MODEL_INPUT, OPTIMIZE_MODEL, Stage, Step, Target
 from tasks.results import ModelFormat, StepResult, StepStatus
 
 if TYPE_CHECKING:
@@ -129,7 +129,8 @@ def demo_inputs() -> tuple[str, str]:
 
 def pipeline_config(profile: Profile, teacher_source: str, data_source: str) -> PipelineConfig:
     """The optimize_model config of a run with the profile's settings as the DAG's params, every
-    technique switched on (unstructured sparsity too, at the profile's sparsity)."""
+    technique switched on (unstructured sparsity too, at the profile's sparsity), for the CPU: the GPU
+    branch is the GPU benchmark's (bench/gpu.py)."""
     from tasks.pipeline import config_from_params
 
     return config_from_params({
@@ -137,7 +138,7 @@ def pipeline_config(profile: Profile, teacher_source: str, data_source: str) -> 
         "teacher": teacher_source, "epochs": profile.epochs, "batch_size": profile.batch_size,
         "learning_rate": profile.learning_rate, "max_length": profile.max_length,
         "distill_epochs": profile.distill_epochs, "prune_epochs": profile.prune_epochs,
-        "sparsify": True, "sparsity": profile.sparsity, "sparsify_epochs": profile.prune_epochs,
+        "sparsify": True, "sparsity": profile.sparsity, "sparsify_epochs": profile.prune_epochs, "target": "cpu",
     })
 
 
@@ -182,10 +183,10 @@ def build_rows(profile: Profile, work: Path, teacher_source: str, data_source: s
 
 def run_recipe(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict,
                steps: dict[str, dict]) -> None:
-    """Run every stage of the optimize_model recipe, as the DAG does; results under the stage ids."""
+    """Run every CPU stage of the optimize_model recipe, as the DAG does; results under the stage ids."""
     from tasks.pipeline import run_stage, stage_switched_off
 
-    for stage in OPTIMIZE_MODEL.stages:
+    for stage in OPTIMIZE_MODEL.on(Target.CPU):
         reason = stage_switched_off(config, stage.id)
         if reason is not None:
             record(steps, stage.id, StepResult(step=stage.id, status=StepStatus.SKIPPED, reason=reason))
@@ -280,9 +281,9 @@ def row_list(profile: Profile, work: Path, steps: dict[str, dict]) -> list[Row]:
 
 
 def candidate_rows(profile: Profile, work: Path, steps: dict[str, dict]) -> list[Row]:
-    """One row per candidate of the optimize_model recipe, in recipe order, under the candidate's name."""
+    """One row per CPU candidate of the optimize_model recipe, in recipe order, under the candidate's name."""
     rows = []
-    for stage in (stage for stage in OPTIMIZE_MODEL.stages if stage.candidate):
+    for stage in (stage for stage in OPTIMIZE_MODEL.on(Target.CPU) if stage.candidate):
         technique = technique_text(profile, stage, then=" (PyTorch FP32 eager)"
                                    if stage.model_format is ModelFormat.PYTORCH else "")
         reason = not_built(steps, stage.id)

@@ -25,6 +25,14 @@ SKIPPED with the reason in the log, and only the candidates that were built are 
 registered and gated (the report lists the switched-off ones). The teacher's PyTorch and ONNX FP32
 candidates are always built. `prune` works on the distilled student, so it needs `distill`.
 
+Param `target` (default `auto`: what the worker sees) adds the **GPU branch**: per model an FP16 ONNX
+model, a TensorRT-ready INT8 QDQ model and a TensorRT engine from each, evaluated on the GPU,
+registered with the GPU and TensorRT version an engine is valid for, and promoted to Triton as a
+`tensorrt_plan` model (or, when no engine could be built, the FP16 ONNX model with Triton's TensorRT
+accelerator). `resolve_target` decides on the worker: without a GPU the GPU tasks are SKIPPED with
+the reason in its log and the CPU candidates compete as before; without TensorRT the compile tasks
+are SKIPPED naming the package.
+
 When the serving champion was trained on exactly this data (content hash), with this effective
 configuration (every setting after defaults, hashed), this teacher (a model folder's content hash, or
 its hub id) and this code (git commit, or the version stamped into the image), the run stops after
@@ -51,13 +59,16 @@ from datetime import timedelta
 
 from airflow.sdk import CronTriggerTimetable, Param, TriggerRule, dag, task
 
-from tasks import params as pipeline_params  # stdlib only, like the two below: cheap at parse time
+from tasks import params as pipeline_params  # stdlib only, like the three below: cheap at parse time
 from tasks.cost import record_task_cost
-from tasks.recipe import OPTIMIZE_MODEL
+from tasks.hardware import task_placement
+from tasks.recipe import OPTIMIZE_MODEL, Target
 
 # Generated from the config dataclasses' field metadata (tasks/params.py): one source of defaults.
 PARAMS = {name: Param(entry.pop("default"), **entry) for name, entry in pipeline_params.form(
     {"data_source": os.environ.get("PIPELINE_DATA_SOURCE", "demo:imdb")}).items()}
+# The GPU tasks' queue (Celery) or pod template (Kubernetes) where the deployment names one (docs/gpu.md).
+GPU_PLACEMENT = task_placement(os.environ)
 
 
 def _skip(reason: str | None) -> None:
@@ -155,12 +166,26 @@ def optimize_model():
 
         settings, config, run_id = _inputs()
         _skip(pipeline.stage_switched_off(config, stage_id))
-        return pipeline.run_stage(settings, config, run_id, stage_id, data, upstream,
-                                  reused_teacher=_plan(settings, run_id).reused.get("teacher"))
+        result = pipeline.run_stage(settings, config, run_id, stage_id, data, upstream,
+                                    reused_teacher=_plan(settings, run_id).reused.get("teacher"))
+        _skip(result.get("reason") if result["status"] == "skipped" else None)  # no GPU, no TensorRT, ...
+        return result
+
+    @task.short_circuit(ignore_downstream_trigger_rules=False, **GPU_PLACEMENT)
+    def resolve_target() -> bool:
+        """The run's target (param `target`) against this worker's GPUs and TensorRT: when the GPU branch
+        cannot or should not run, its tasks are SKIPPED (the reason is logged here and in the report)."""
+        import logging
+
+        from tasks import pipeline
+
+        resolution = pipeline.resolve_target(*_inputs())
+        logging.getLogger(__name__).info(resolution.reason)
+        return resolution.gpu_branch
 
     # Runs when technique tasks were skipped (their results arrive as None); a failed upstream task still
     # stops it, and everything after it. changed_since_champion's short-circuit skips it directly.
-    @task(trigger_rule=TriggerRule.NONE_FAILED)
+    @task(trigger_rule=TriggerRule.NONE_FAILED, **GPU_PLACEMENT)  # times the GPU candidates on the GPU
     def evaluate(data: dict, produced: dict) -> dict:
         """Accuracy, F1, latency percentiles, throughput, size and peak memory of every switched-on candidate."""
         from tasks import pipeline
@@ -221,12 +246,19 @@ def optimize_model():
     data = prepare_data()
     plan() >> data
     changed = changed_since_champion(data)
+    gpu = resolve_target()
+    changed >> gpu
     results = {}
     for stage in OPTIMIZE_MODEL.stages:  # the recipe is the graph
         upstream = {key: results[source] for key, source in stage.inputs.items()}
-        results[stage.id] = run_stage.override(task_id=stage.id, doc_md=stage.doc)(stage.id, data, upstream)
+        placement = GPU_PLACEMENT if stage.target is Target.GPU else {}
+        results[stage.id] = run_stage.override(task_id=stage.id, doc_md=stage.doc, **placement)(stage.id, data,
+                                                                                                 upstream)
         if not stage.inputs:
             changed >> results[stage.id]
+        if stage.target is Target.GPU and all(OPTIMIZE_MODEL.stage(source).target is Target.CPU
+                                              for source in stage.inputs.values()):
+            gpu >> results[stage.id]  # the GPU branch's first tasks: skipped when resolve_target says so
     evaluations = evaluate(data, {stage.id: results[stage.id] for stage in OPTIMIZE_MODEL.stages if stage.candidate})
     registered = register(data, evaluations)
     champion = score_champion(data)

@@ -20,6 +20,10 @@ PYTHON_MODELS_DIR = Path(__file__).parent / "triton_models"
 # config, the gateway, the monitor, the CLI and the replica sync all read it from here).
 DEFAULT_MODEL = "text_classifier"
 
+# The largest batch Triton forms for a classifier unless told otherwise (a TensorRT engine's profile
+# must take it: tasks.compile.serving_profile).
+DEFAULT_MAX_BATCH_SIZE = 32
+
 ONNX_PLATFORM = "onnxruntime_onnx"
 TENSORRT_PLATFORM = "tensorrt_plan"
 
@@ -45,6 +49,34 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class EngineProfile:
+    """The shapes a TensorRT engine's optimization profile accepts (``tasks.compile`` records them in
+    ``compile_config.json`` beside ``model.plan``): batch and token ranges of both inputs."""
+
+    min_batch: int
+    max_batch: int
+    min_sequence: int
+    max_sequence: int
+
+    @classmethod
+    def read(cls, model_dir: Path) -> EngineProfile:
+        """The profile recorded beside an engine; ``RepositoryError`` when it is not there."""
+        import json
+
+        path = model_dir / ENGINE_PROFILE_FILE
+        if not path.exists():
+            raise RepositoryError(f"{model_dir} has no {ENGINE_PROFILE_FILE}: the engine's optimization profile is "
+                                  "unknown, so Triton's batch size cannot be checked against it (build it with "
+                                  "tasks.compile)")
+        recorded = json.loads(path.read_text())
+        return cls(int(recorded["min_batch"]), int(recorded["max_batch"]), int(recorded["min_sequence"]),
+                   int(recorded["max_sequence"]))
+
+
+ENGINE_PROFILE_FILE = "compile_config.json"
+
+
+@dataclass(frozen=True)
 class OnnxModelConfig:
     """The Triton configuration of one ONNX classifier.
 
@@ -64,12 +96,14 @@ class OnnxModelConfig:
             grouped); no preferred sizes and a delay of 0 turn it off.
         warmup_tokens: a zero-filled request of this many tokens is run when the model loads, so the
             first real request does not pay for initialisation (0 = no warmup).
+        engine_profile: a TensorRT engine's profile (plans only): Triton's batches and the warmup
+            must fit in it.
     """
 
     name: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    max_batch_size: int = 32
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     instances: int = 1
     intra_op_threads: int = 0
     versions_kept: int = 1
@@ -79,6 +113,7 @@ class OnnxModelConfig:
     preferred_batch_sizes: tuple[int, ...] = (4, 8)
     max_queue_delay_us: int = 500
     warmup_tokens: int = 16
+    engine_profile: EngineProfile | None = None
 
     def __post_init__(self) -> None:
         if any(size < 1 or size > max(self.max_batch_size, 1) for size in self.preferred_batch_sizes):
@@ -95,7 +130,8 @@ class OnnxModelConfig:
             raise RepositoryError("max_batch_size >= 0, instances >= 1, intra_op_threads >= 0, versions_kept >= 1")
 
 
-def classifier_config(name: str, num_labels: int, intra_op_threads: int = 0, max_batch_size: int = 32,
+def classifier_config(name: str, num_labels: int, intra_op_threads: int = 0,
+                      max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
                       instances: int = 1) -> OnnxModelConfig:
     """The config of a classifier exported by tasks.export (input_ids, attention_mask -> logits)."""
     return OnnxModelConfig(
@@ -137,10 +173,23 @@ def render_plan_config(config: OnnxModelConfig) -> str:
     says; the ONNX Runtime settings (threads, TensorRT accelerator) do not apply. The engine's
     optimization profile must cover ``max_batch_size`` and the warmup's token count.
     """
-    return "\n".join(_model_lines(config, TENSORRT_PLATFORM, gpu=True) + _scheduling_lines(config)) + "\n"
+    profile = config.engine_profile
+    if profile is None:
+        raise RepositoryError(f"{config.name}: a TensorRT plan needs its engine profile (EngineProfile)")
+    if not (profile.min_batch <= 1 and config.max_batch_size <= profile.max_batch):
+        raise RepositoryError(
+            f"{config.name}: Triton may form batches of 1..{config.max_batch_size}, but the engine's profile takes "
+            f"{profile.min_batch}..{profile.max_batch}; rebuild it with compile.max_batch >= {config.max_batch_size}")
+    if config.warmup_tokens and not profile.min_sequence <= config.warmup_tokens <= profile.max_sequence:
+        raise RepositoryError(f"{config.name}: the {config.warmup_tokens}-token warmup is outside the engine's "
+                              f"{profile.min_sequence}..{profile.max_sequence} tokens")
+    lines = _model_lines(config, TENSORRT_PLATFORM, gpu=True, profile="0")
+    return "\n".join(lines + _scheduling_lines(config)) + "\n"
 
 
-def _model_lines(config: OnnxModelConfig, platform: str, gpu: bool) -> list[str]:
+def _model_lines(config: OnnxModelConfig, platform: str, gpu: bool, profile: str = "") -> list[str]:
+    # An engine's instances name the optimization profile they run (a plan has one, "0").
+    profiles = f' profile: [ "{profile}" ]' if profile else ""
     return [
         f'name: "{config.name}"',
         f'platform: "{platform}"',
@@ -148,7 +197,7 @@ def _model_lines(config: OnnxModelConfig, platform: str, gpu: bool) -> list[str]
         f"version_policy: {{ latest {{ num_versions: {config.versions_kept} }} }}",
         f"input [\n{_tensors(config.inputs)}\n]",
         f"output [\n{_tensors(config.outputs)}\n]",
-        f"instance_group [ {{ count: {config.instances} kind: {'KIND_GPU' if gpu else 'KIND_CPU'} }} ]",
+        f"instance_group [ {{ count: {config.instances} kind: {'KIND_GPU' if gpu else 'KIND_CPU'}{profiles} }} ]",
     ]
 
 
@@ -277,9 +326,11 @@ class ClassifierEnsemble:
     name: str
     labels: tuple[str, ...]
     max_length: int
-    max_batch_size: int = 32
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     intra_op_threads: int = 0
     instances: int = 1  # model instances of the classifier and the tokenizer (requests served at once)
+    gpu: bool = False  # an ONNX classifier on the GPU (a TensorRT plan always is)
+    tensorrt_precision: str = ""  # with gpu: ONNX Runtime hands the graph to TensorRT ("FP16", "FP32")
 
     def __post_init__(self) -> None:
         if self.instances < 1:
@@ -415,12 +466,8 @@ def write_component_versions(repository: Path, ensemble: ClassifierEnsemble, mod
     version = next_ensemble_version(repository, ensemble.name)
     num_labels = len(ensemble.labels)
     layout = {
-        ensemble.onnx_model: (
-            writer.render(replace(classifier_config(ensemble.onnx_model, num_labels, ensemble.intra_op_threads,
-                                                    ensemble.max_batch_size, ensemble.instances),
-                                  versions_kept=COMPONENT_VERSIONS_KEPT)),
-            writer.files(model_dir),
-        ),
+        ensemble.onnx_model: (writer.render(classifier_component_config(ensemble, model_dir, model_format)),
+                              writer.files(model_dir)),
         ensemble.tokenizer_model: (
             render_python_config(
                 ensemble.tokenizer_model, ensemble.max_batch_size, TEXT_INPUT, TOKENIZER_OUTPUTS,
@@ -440,6 +487,23 @@ def write_component_versions(repository: Path, ensemble: ClassifierEnsemble, mod
     }
     _write_versions(repository, version, layout)
     return version
+
+
+def classifier_component_config(ensemble: ClassifierEnsemble, model_dir: Path, model_format: str) -> OnnxModelConfig:
+    """The classifier component's config: on the GPU with the TensorRT accelerator where the ensemble
+    says so; for a TensorRT plan, with the engine's profile, which must take the tokenizer's tokens."""
+    config = replace(classifier_config(ensemble.onnx_model, len(ensemble.labels), ensemble.intra_op_threads,
+                                       ensemble.max_batch_size, ensemble.instances),
+                     versions_kept=COMPONENT_VERSIONS_KEPT, gpu=ensemble.gpu,
+                     tensorrt_precision=ensemble.tensorrt_precision)
+    if classifier_writer(model_format).platform != TENSORRT_PLATFORM:
+        return config
+    profile = EngineProfile.read(model_dir)
+    if not (profile.min_sequence <= 1 and ensemble.max_length <= profile.max_sequence):
+        raise RepositoryError(f"{model_dir}: the tokenizer sends 1..{ensemble.max_length} tokens, but the engine "
+                              f"takes {profile.min_sequence}..{profile.max_sequence}; rebuild it with "
+                              f"compile.max_sequence >= {ensemble.max_length}")
+    return replace(config, gpu=True, tensorrt_precision="", engine_profile=profile)
 
 
 def _check_same_platform(folder: Path, platform: str) -> None:

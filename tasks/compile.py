@@ -9,37 +9,18 @@ model) and the plan records both.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from tasks.config import CompileConfig
 from tasks.errors import CompileError, ConfigError
-from tasks.manifest import ModelSource, Precision, write_manifest
-from tasks.onnx_model import INPUT_NAMES, MODEL_FILENAME, copy_tokenizer_files
+from tasks.hardware import gpu_names, tensorrt_version
+from tasks.manifest import ModelSource, Precision, read_manifest, write_manifest
+from tasks.onnx_model import ENGINE_FILENAME, INPUT_NAMES, MODEL_FILENAME, copy_tokenizer_files
 from tasks.results import ModelFormat, StepResult, StepStatus, staged_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-ENGINE_FILENAME = "model.plan"
-
-
-def gpu_names() -> list[str]:
-    """Names of the NVIDIA GPUs CUDA sees (empty without a GPU or driver)."""
-    try:
-        import torch
-    except ImportError:
-        return []
-    if not torch.cuda.is_available():
-        return []
-    return [torch.cuda.get_device_name(index) for index in range(torch.cuda.device_count())]
-
-
-def tensorrt_version() -> str | None:
-    try:
-        import tensorrt
-    except ImportError:
-        return None
-    return str(tensorrt.__version__)
 
 
 def unavailable_reason(gpus: list[str], trt_version: str | None) -> str | None:
@@ -50,6 +31,24 @@ def unavailable_reason(gpus: list[str], trt_version: str | None) -> str | None:
         return (f"the tensorrt Python package is not installed (GPU {gpus[0]} is present): install "
                 "tensorrt matching the CUDA driver, or serve the ONNX model with Triton's TensorRT accelerator")
     return None
+
+
+def serving_profile(config: CompileConfig, max_length: int, max_batch_size: int) -> CompileConfig:
+    """The profile widened to what the engine will be served with: Triton forms batches of up to
+    ``max_batch_size`` and the tokenizer sends up to ``max_length`` tokens, so the engine's maximum
+    shapes must cover both (an engine rejects a shape outside its profile). The optimum shapes stay
+    where the config put them, clipped into the widened range."""
+    max_batch = max(config.max_batch, max_batch_size)
+    max_sequence = max(config.max_sequence, max_length)
+    return replace(config, max_batch=max_batch, max_sequence=max_sequence,
+                   opt_batch=min(max(config.opt_batch, config.min_batch), max_batch),
+                   opt_sequence=min(max(config.opt_sequence, config.min_sequence), max_sequence))
+
+
+def source_precision(onnx_dir: Path) -> str:
+    """The precision the ONNX model holds (its manifest's; FP32 for a folder without one)."""
+    manifest = read_manifest(onnx_dir)
+    return manifest.precision.value if manifest is not None else Precision.FP32.value
 
 
 def build_engine(onnx_path: Path, engine_path: Path, config: CompileConfig, precision: str) -> dict[str, str]:
@@ -85,9 +84,13 @@ def build_engine(onnx_path: Path, engine_path: Path, config: CompileConfig, prec
     return {"tensorrt_version": trt.__version__}
 
 
-def run(config: CompileConfig, onnx_dir: Path, out_dir: Path, precision: str = "fp16",
+def run(config: CompileConfig, onnx_dir: Path, out_dir: Path, precision: str | None = None,
         gpus: list[str] | None = None, trt_version: str | None = None) -> StepResult:
-    """Build ``out_dir/model.plan`` from ``onnx_dir/model.onnx``; SKIPPED (with the reason) where impossible."""
+    """Build ``out_dir/model.plan`` from ``onnx_dir/model.onnx``; SKIPPED (with the reason) where impossible:
+    no GPU, no TensorRT, or an engine TensorRT could not build (the FP16 ONNX model, served with
+    Triton's TensorRT accelerator, is then the GPU route). ``precision``: what the ONNX model holds
+    (default: its manifest's)."""
+    precision = precision or source_precision(onnx_dir)
     if precision not in {item.value for item in Precision}:
         raise ConfigError(f"compile precision {precision!r} must be one of {[item.value for item in Precision]}")
     gpus = gpu_names() if gpus is None else gpus
@@ -96,10 +99,20 @@ def run(config: CompileConfig, onnx_dir: Path, out_dir: Path, precision: str = "
     if reason is not None:
         log.warning("TensorRT compile SKIPPED: %s", reason)
         return StepResult(step=f"compile_tensorrt_{precision}", status=StepStatus.SKIPPED, reason=reason)
+    try:
+        return _build(config, onnx_dir, out_dir, precision, gpus[0])
+    except CompileError as error:
+        reason = (f"{error}; the FP16 ONNX candidate, served with Triton's TensorRT accelerator, is the GPU route "
+                  "instead")
+        log.warning("TensorRT compile SKIPPED: %s", reason)
+        return StepResult(step=f"compile_tensorrt_{precision}", status=StepStatus.SKIPPED, reason=reason)
+
+
+def _build(config: CompileConfig, onnx_dir: Path, out_dir: Path, precision: str, gpu: str) -> StepResult:
     with staged_dir(out_dir) as staging:
         info = build_engine(onnx_dir / MODEL_FILENAME, staging / ENGINE_FILENAME, config, precision)
         copy_tokenizer_files(onnx_dir, staging)
-        info |= {"gpu": gpus[0], "precision": precision, "source": str(onnx_dir / MODEL_FILENAME)}
+        info |= {"gpu": gpu, "precision": precision, "source": str(onnx_dir / MODEL_FILENAME)}
         write_json_atomic(staging / "compile_config.json", asdict(config) | info)
         write_manifest(staging, format=ModelFormat.TENSORRT_PLAN, precision=precision,
                        step=f"compile_tensorrt_{precision}", created_by=__name__,

@@ -331,6 +331,9 @@ class QuantizeConfig:
         exclude_activation_matmuls: static INT8 leaves MatMuls of two activations (attention scores
             and their product with the values) in FP32: they are the most sensitive ones.
         exclude_nodes: further node names (or name fragments) kept in FP32.
+        symmetric_activations: static INT8 with signed activations and zero points of 0, the form
+            TensorRT's explicit quantization reads (the GPU branch sets it); off: uint8 activations,
+            the CPU's VNNI path.
         enabled: whether an optimize_model run quantizes its ONNX models at all (off: no INT8
             candidates).
     """
@@ -342,6 +345,7 @@ class QuantizeConfig:
     calibration_method: str = CalibrationMethod.PERCENTILE.value
     exclude_activation_matmuls: bool = True
     exclude_nodes: tuple[str, ...] = ()
+    symmetric_activations: bool = False
     enabled: bool = field(default=True, metadata=param(
         "quantize", "dynamic INT8 quantization of every ONNX model (candidates onnx_int8, student_int8 and "
                     "pruned_int8: about a quarter of the size, faster on CPU). Costs seconds per model plus one more "
@@ -375,6 +379,9 @@ class QuantizeConfig:
         return cls(mode=QuantizeMode.FP16.value)
 
 
+TARGETS = ("auto", "cpu", "gpu", "both")
+
+
 @dataclass(frozen=True)
 class CompileConfig:
     """TensorRT engine build for NVIDIA GPUs.
@@ -384,11 +391,20 @@ class CompileConfig:
     TensorRT 10 the matching builder flag is set as well.
 
     Attributes:
+        target: the hardware the run builds for: "auto" (the GPU branch when the worker sees an
+            NVIDIA GPU, else the CPU's), "cpu", "gpu" (GPU candidates preferred for promotion) or
+            "both" (every candidate competes). The CPU branch always runs: it is the fallback when
+            the worker has no GPU (``tasks.hardware``).
         min_batch / opt_batch / max_batch: the optimization profile's batch range.
         min_sequence / opt_sequence / max_sequence: its token range.
         workspace_mb: builder scratch memory.
     """
 
+    target: str = field(default="auto", metadata=param(
+        "target", "hardware to build for: auto (the GPU branch when the worker sees an NVIDIA GPU), cpu, gpu "
+                  "(FP16 ONNX, INT8 QDQ and TensorRT engines of each model, preferred for promotion; their tasks are "
+                  "SKIPPED with the reason on a worker without GPU or TensorRT) or both (every candidate competes)",
+        enum=["auto", "cpu", "gpu", "both"]))
     min_batch: int = 1
     opt_batch: int = 8
     max_batch: int = 32
@@ -398,6 +414,7 @@ class CompileConfig:
     workspace_mb: int = 1024
 
     def __post_init__(self) -> None:
+        _require(self.target in TARGETS, f"compile.target must be one of {list(TARGETS)}, got {self.target!r}")
         _require(1 <= self.min_batch <= self.opt_batch <= self.max_batch <= 4096,
                  "compile: need 1 <= min_batch <= opt_batch <= max_batch <= 4096")
         _require(1 <= self.min_sequence <= self.opt_sequence <= self.max_sequence <= 4096,

@@ -19,14 +19,14 @@ from tasks import promote as promote_step
 from tasks.champion import ChampionScore
 from tasks.config import GateConfig, PipelineConfig
 from tasks.errors import PipelineError, PromotionFailed
-from tasks.pipeline import candidate_metrics, switched_off_candidates
+from tasks import hardware
+from tasks.pipeline import DECISIONS, RECIPE, candidate_metrics, not_built_candidates, switched_off_candidates
+from tasks.recipe import Target
 from tasks.results import StepResult, StepStatus, write_json_atomic
 from tasks.settings import PipelineSettings
 from tasks.trigger import read_plan
 
 log = logging.getLogger(__name__)
-
-DECISIONS = "decisions"
 
 
 def score_champion(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict) -> dict | None:
@@ -39,11 +39,15 @@ def score_champion(settings: PipelineSettings, config: PipelineConfig, run_id: s
     return record
 
 
-def choose_winner(gated: dict[str, tuple[bool, dict[str, float]]], objective: str = "fastest") -> str | None:
+def choose_winner(gated: dict[str, tuple[bool, dict[str, float]]], objective: str = "fastest",
+                  preferred: frozenset[str] = frozenset()) -> str | None:
     """Among the candidates that passed every gate (name -> (passed, metrics)): the fastest (lowest
     batch-1 p50 latency), or with ``objective`` "most_accurate" (a re-optimization within a latency
-    budget) the most accurate, the faster of equals."""
+    budget) the most accurate, the faster of equals. When any of the ``preferred`` candidates (the
+    GPU ones, for target gpu) passed, the choice is among those."""
     passing = [(metrics, name) for name, (ok, metrics) in gated.items() if ok]
+    if any(name in preferred for _, name in passing):
+        passing = [(metrics, name) for metrics, name in passing if name in preferred]
     if not passing:
         return None
     if objective == "most_accurate":
@@ -76,8 +80,11 @@ def gate_candidates(settings: PipelineSettings, config: PipelineConfig, run_id: 
         model_aliases.tag_version(uri, model_name, version,
                                   {f"gate.{c.name}": f"{c.decision.value}: {c.detail}" for c in gates[name]})
     plan = read_plan(settings.run_dir(run_id))
+    resolution = hardware.read_resolution(settings.run_dir(run_id) / DECISIONS)
+    preferred = frozenset(name for name in gates if resolution is not None and resolution.prefer_gpu
+                          and RECIPE.producer(name).target is Target.GPU)
     winner = choose_winner({name: (gate_step.passed(checks), evaluations[name]["metrics"])
-                            for name, checks in gates.items()}, plan.objective)
+                            for name, checks in gates.items()}, plan.objective, preferred)
     registered_metrics = {name: evaluations[name]["metrics"] for name in gates}
     no_winner = (no_winner_reason(config.gate, registered_metrics, teacher["accuracy"])
                  if winner is None and registered_metrics else None)
@@ -85,6 +92,8 @@ def gate_candidates(settings: PipelineSettings, config: PipelineConfig, run_id: 
         if name != winner:
             reasons = gate_step.failure_reasons(checks)
             better = "more accurate" if plan.objective == "most_accurate" else "faster"
+            if not reasons and winner in preferred and name not in preferred:
+                better = "a GPU candidate (target gpu prefers them)"
             why = "; ".join(reasons) if reasons else f"passed every gate but {winner} was {better}"
             registry.describe_decision(uri, model_name, registered["versions"][name],
                                        f"not promoted by run {run_id}: {why}.")
@@ -94,7 +103,8 @@ def gate_candidates(settings: PipelineSettings, config: PipelineConfig, run_id: 
         "registered_model": model_name,
         "versions": registered["versions"],
         "candidates": {name: StepResult.from_dict(value).metrics for name, value in evaluations.items()},
-        "switched_off": switched_off_candidates(config),
+        "switched_off": switched_off_candidates(config) | not_built_candidates(settings, config, run_id, evaluations),
+        "target": resolution.to_dict() if resolution is not None else None,
         "champion_before": champion,
         "gates": {name: [{"name": c.name, "decision": c.decision.value, "detail": c.detail} for c in checks]
                   for name, checks in gates.items()},

@@ -16,7 +16,9 @@ from tasks.config import EvaluateConfig
 from tasks.errors import PipelineError
 from tasks.manifest import ArtifactManifest, read_manifest
 from tasks.modeling import load_classifier, load_tokenizer
-from tasks.onnx_model import INPUT_NAMES, MODEL_FILENAME, OUTPUT_NAME, TORCH_INT8_FILENAME, model_size_bytes
+from tasks.hardware import gpu_names, onnxruntime_gpu_providers, tensorrt_version
+from tasks.onnx_model import (ENGINE_FILENAME, INPUT_NAMES, MODEL_FILENAME, OUTPUT_NAME, TORCH_INT8_FILENAME,
+                              model_size_bytes)
 from tasks.results import ModelFormat, StepResult, StepStatus, staged_dir, write_json_atomic
 from tasks.splits import read_split
 
@@ -85,10 +87,93 @@ PREDICTORS: dict[ModelFormat, Callable[[Path, int], Predictor]] = {
 }
 
 
-def model_format_of(model_dir: Path, model_format: ModelFormat | None = None) -> ModelFormat:
+def onnx_gpu_predictor(model_dir: Path, threads: int) -> Predictor:
+    """ONNX Runtime's CUDA provider (the GPU build, onnxruntime-gpu). Triton serves the model through
+    its TensorRT accelerator, which builds an engine per input shape: timing that here would time the
+    builds, so the evaluation times the CUDA provider, an upper bound of the served latency."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(model_dir / MODEL_FILENAME), options, providers=["CUDAExecutionProvider"])
+    if session.get_providers()[0] != "CUDAExecutionProvider":
+        raise UnsupportedFormat(f"ONNX Runtime did not take the CUDA provider for {model_dir} "
+                                f"(it took {session.get_providers()})")
+
+    def predict(batch: dict[str, np.ndarray]) -> np.ndarray:
+        return session.run([OUTPUT_NAME], {name: batch[name] for name in INPUT_NAMES})[0]
+
+    return predict
+
+
+def tensorrt_predictor(model_dir: Path, threads: int) -> Predictor:
+    """A TensorRT engine run through the TensorRT 10 runtime, with CUDA tensors from torch as its
+    buffers (inputs copied to the GPU per call, as Triton does, and the logits copied back)."""
+    import tensorrt as trt
+    import torch
+
+    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(
+        (model_dir / ENGINE_FILENAME).read_bytes())
+    if engine is None:
+        raise UnsupportedFormat(f"TensorRT {trt.__version__} could not load {model_dir / ENGINE_FILENAME}: an engine "
+                                "runs only on the GPU model and TensorRT version it was built with")
+    context = engine.create_execution_context()
+    types = {trt.int64: torch.int64, trt.int32: torch.int32, trt.float32: torch.float32, trt.float16: torch.float16}
+
+    def predict(batch: dict[str, np.ndarray]) -> np.ndarray:
+        stream = torch.cuda.current_stream()
+        inputs = [torch.from_numpy(batch[name]).to("cuda", types[engine.get_tensor_dtype(name)]) for name in INPUT_NAMES]
+        for name, tensor in zip(INPUT_NAMES, inputs):
+            context.set_input_shape(name, tuple(tensor.shape))
+            context.set_tensor_address(name, tensor.data_ptr())
+        logits = torch.empty(tuple(context.get_tensor_shape(OUTPUT_NAME)),
+                             dtype=types[engine.get_tensor_dtype(OUTPUT_NAME)], device="cuda")
+        context.set_tensor_address(OUTPUT_NAME, logits.data_ptr())
+        if not context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError(f"TensorRT failed to run {model_dir / ENGINE_FILENAME}")
+        stream.synchronize()
+        return logits.float().cpu().numpy()
+
+    return predict
+
+
+# The GPU stages' candidates (tasks/recipe.py, target GPU) are timed on the GPU.
+GPU_PREDICTORS: dict[ModelFormat, Callable[[Path, int], Predictor]] = {
+    ModelFormat.ONNX: onnx_gpu_predictor,
+    ModelFormat.TENSORRT_PLAN: tensorrt_predictor,
+}
+
+
+def gpu_unavailable_reason(model_format: ModelFormat, gpus: list[str] | None = None,
+                           trt_version: str | None = None, ort_providers: list[str] | None = None) -> str | None:
+    """Why a GPU candidate of ``model_format`` cannot be evaluated on this worker (None: it can)."""
+    gpus = gpu_names() if gpus is None else gpus
+    if not gpus:
+        return "no NVIDIA GPU visible to CUDA on this worker"
+    if model_format is ModelFormat.TENSORRT_PLAN and (tensorrt_version() if trt_version is None else trt_version) is None:
+        return f"the tensorrt Python package is not installed (GPU {gpus[0]} is present)"
+    providers = onnxruntime_gpu_providers() if ort_providers is None else ort_providers
+    if model_format is ModelFormat.ONNX and "CUDAExecutionProvider" not in providers:
+        return (f"the installed onnxruntime has no CUDA provider (GPU {gpus[0]} is present): install onnxruntime-gpu "
+                "(the project's GPU image does, infra/project/Dockerfile)")
+    if model_format not in GPU_PREDICTORS:
+        return f"no GPU predictor runs {model_format.value} models"
+    return None
+
+
+def gpu_free_bytes() -> int | None:
+    """Free memory of the current CUDA device (None without one)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return int(torch.cuda.mem_get_info()[0]) if torch.cuda.is_available() else None
+
+
+def model_format_of(model_dir: Path, model_format: ModelFormat | None = None, device: str = "cpu") -> ModelFormat:
     """The format to evaluate ``model_dir`` as: its manifest's when it has one (the caller's
     ``model_format`` is then only a hint), else the caller's. Raises ``UnsupportedFormat`` when no
-    predictor runs that format, ``ManifestError`` when neither says what the folder holds."""
+    predictor runs that format on ``device``, ``ManifestError`` when neither says what the folder holds."""
     manifest = read_manifest(model_dir)
     if manifest is None and model_format is None:
         manifest = ArtifactManifest.read(model_dir)  # raises: the folder says nothing and neither did the caller
@@ -96,16 +181,23 @@ def model_format_of(model_dir: Path, model_format: ModelFormat | None = None) ->
     if manifest is not None and model_format is not None and ModelFormat(model_format) is not chosen:
         log.info("%s: its manifest says %s (caller said %s); evaluating it as %s", model_dir, chosen.value,
                  ModelFormat(model_format).value, chosen.value)
-    if chosen not in PREDICTORS:
+    predictors = predictors_on(device)
+    if chosen not in predictors:
         raise UnsupportedFormat(
-            f"{model_dir} holds a {chosen.value} model and no predictor evaluates {chosen.value}; supported "
-            f"formats: {', '.join(sorted(item.value for item in PREDICTORS))}. Add one to tasks.evaluate.PREDICTORS")
+            f"{model_dir} holds a {chosen.value} model and no predictor evaluates {chosen.value} on {device}; "
+            f"supported formats on {device}: {', '.join(sorted(item.value for item in predictors))}. Add one to "
+            "tasks.evaluate.PREDICTORS (CPU) or GPU_PREDICTORS")
     return chosen
 
 
-def predictor_for(model_dir: Path, threads: int, model_format: ModelFormat | None = None) -> Predictor:
-    """The predictor of ``model_dir``, chosen by ``model_format_of``."""
-    return PREDICTORS[model_format_of(model_dir, model_format)](model_dir, threads)
+def predictors_on(device: str) -> dict[ModelFormat, Callable[[Path, int], Predictor]]:
+    return GPU_PREDICTORS if device == "cuda" else PREDICTORS
+
+
+def predictor_for(model_dir: Path, threads: int, model_format: ModelFormat | None = None,
+                  device: str = "cpu") -> Predictor:
+    """The predictor of ``model_dir`` on ``device``, chosen by ``model_format_of``."""
+    return predictors_on(device)[model_format_of(model_dir, model_format, device)](model_dir, threads)
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int) -> dict[str, np.ndarray]:
@@ -180,7 +272,7 @@ def non_finite_on_edge_inputs(predict: Predictor, tokenizer, max_length: int) ->
 
 
 def run(config: EvaluateConfig, candidate: str, model_dir: Path, model_format: ModelFormat | None, data_dir: Path,
-        out_dir: Path) -> StepResult:
+        out_dir: Path, device: str = "cpu") -> StepResult:
     """Accuracy, macro F1, batch-1 latency percentiles and size of one candidate on the test split.
 
     Every test text is sent alone, as serving clients do, so the logits are the ones Triton must
@@ -190,14 +282,17 @@ def run(config: EvaluateConfig, candidate: str, model_dir: Path, model_format: M
     smoke tests and drift references.
 
     The predictor follows the model folder's manifest; ``model_format`` is used only for a folder
-    without one (made by another tool).
+    without one (made by another tool). ``device`` "cuda" times the model on the GPU (the GPU
+    stages' candidates) and adds ``gpu_memory_mb``: the device memory taken while the model was
+    loaded and ran (device-wide, read from CUDA's free memory).
     """
-    model_format = model_format_of(model_dir, model_format)
+    model_format = model_format_of(model_dir, model_format, device)
     test = read_split(data_dir, "test")
     labels = test["label"].to_numpy()
     texts = test["text"].tolist()
     tokenizer = load_tokenizer(model_dir)
-    predict = PREDICTORS[model_format](model_dir, config.threads)
+    free_before = gpu_free_bytes() if device == "cuda" else None
+    predict = predictors_on(device)[model_format](model_dir, config.threads)
 
     logits, timings = timed_logits(predict, tokenizer, texts, config)
     predictions = logits.argmax(axis=1)
@@ -214,6 +309,8 @@ def run(config: EvaluateConfig, candidate: str, model_dir: Path, model_format: M
         "nan_on_edge_inputs": float(non_finite_on_edge_inputs(predict, tokenizer, config.max_length)),
         "test_rows": float(len(texts)),
     } | batch_throughput(predict, tokenizer, texts, config)
+    if free_before is not None:
+        metrics["gpu_memory_mb"] = max(0, free_before - (gpu_free_bytes() or free_before)) / 2**20
     frame = pd.DataFrame({"label": labels, "prediction": predictions})
     for cls in range(logits.shape[1]):
         frame[f"logit_{cls}"] = logits[:, cls]
@@ -221,18 +318,18 @@ def run(config: EvaluateConfig, candidate: str, model_dir: Path, model_format: M
         frame.to_parquet(staging / "predictions.parquet", index=False)
         write_json_atomic(staging / "metrics.json", metrics)
         write_json_atomic(staging / "evaluate_config.json",
-                          asdict(config) | {"candidate": candidate, "format": model_format.value})
+                          asdict(config) | {"candidate": candidate, "format": model_format.value, "device": device})
     return StepResult(
         step=f"evaluate_{candidate}",
         status=StepStatus.SUCCESS,
         uris={"model": str(model_dir), "evaluation": str(out_dir), "predictions": str(out_dir / "predictions.parquet")},
         metrics=metrics,
-        info={"candidate": candidate, "format": model_format.value},
+        info={"candidate": candidate, "format": model_format.value, "device": device},
     )
 
 
 def run_isolated(config: EvaluateConfig, candidate: str, model_dir: Path, model_format: ModelFormat | None,
-                 data_dir: Path, out_dir: Path) -> StepResult:
+                 data_dir: Path, out_dir: Path, device: str = "cpu") -> StepResult:
     """``run`` in a fresh Python process, adding its memory: ``peak_memory_mb`` (the whole evaluating
     process at its peak) and ``model_memory_mb`` (the peak above the process after its imports,
     i.e. what loading and running this model added). A fresh process per candidate keeps one
@@ -245,11 +342,12 @@ def run_isolated(config: EvaluateConfig, candidate: str, model_dir: Path, model_
     import sys
     import tempfile
 
-    model_format = model_format_of(model_dir, model_format)  # a format without a predictor fails here, clearly
+    model_format = model_format_of(model_dir, model_format, device)  # a format without a predictor fails here
     with tempfile.TemporaryDirectory(prefix="evaluate-") as scratch:
         request, answer = Path(scratch) / "request.json", Path(scratch) / "result.json"
         write_json_atomic(request, {"config": asdict(config), "candidate": candidate, "model_dir": str(model_dir),
-                                    "format": model_format.value, "data_dir": str(data_dir), "out_dir": str(out_dir)})
+                                    "format": model_format.value, "data_dir": str(data_dir), "out_dir": str(out_dir),
+                                    "device": device})
         finished = subprocess.run([sys.executable, "-m", "tasks.evaluate", str(request), str(answer)],
                                   capture_output=True, text=True, check=False)
         if finished.returncode != 0 or not answer.exists():
@@ -261,14 +359,14 @@ def run_isolated(config: EvaluateConfig, candidate: str, model_dir: Path, model_
 
 
 def _run_measuring_memory(config: EvaluateConfig, candidate: str, model_dir: Path, model_format: ModelFormat | None,
-                          data_dir: Path, out_dir: Path) -> dict:
+                          data_dir: Path, out_dir: Path, device: str = "cpu") -> dict:
     import onnxruntime  # noqa: F401  (imported before the baseline is read)
     import psutil
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
     baseline = psutil.Process().memory_info().rss
-    result = run(config, candidate, model_dir, model_format, data_dir, out_dir)
+    result = run(config, candidate, model_dir, model_format, data_dir, out_dir, device)
     peak = peak_rss_bytes()
     memory = {"peak_memory_mb": peak / 2**20, "model_memory_mb": max(0, peak - baseline) / 2**20}
     return StepResult(result.step, result.status, result.uris, result.metrics | memory, result.info).to_dict()
@@ -296,7 +394,7 @@ def _main(request_path: str, result_path: str) -> None:
     request = json.loads(Path(request_path).read_text())
     result = _run_measuring_memory(EvaluateConfig(**request["config"]), request["candidate"],
                                    Path(request["model_dir"]), ModelFormat(request["format"]),
-                                   Path(request["data_dir"]), Path(request["out_dir"]))
+                                   Path(request["data_dir"]), Path(request["out_dir"]), request.get("device", "cpu"))
     write_json_atomic(Path(result_path), result)
 
 

@@ -12,6 +12,7 @@ INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "logits"
 MODEL_FILENAME = "model.onnx"
 TORCH_INT8_FILENAME = "model_dynamic_int8.pt"
+ENGINE_FILENAME = "model.plan"  # a TensorRT engine (tasks/compile.py)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "config.json")
 
 

@@ -12,6 +12,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from serving.model_repository import DEFAULT_MAX_BATCH_SIZE
+from tasks import compile as compile_step
 from tasks import data as data_step
 from tasks import distill as distill_step
 from tasks import evaluate as evaluate_step
@@ -19,19 +21,20 @@ from tasks import export as export_step
 from tasks import finetune as finetune_step
 from tasks import prune as prune_step
 from tasks import quantize as quantize_step
-from tasks import lineage, model_aliases, params, registry
+from tasks import hardware, lineage, model_aliases, params, registry
 from tasks.assets import fetch_demo_assets
 from tasks.config import PipelineConfig
 from tasks.errors import ConfigError, PipelineError
 from tasks.onnx_model import compare_logits
 from tasks.predictions import read_logits
-from tasks.recipe import MODEL_INPUT, OPTIMIZE_MODEL, Step
+from tasks.recipe import MODEL_INPUT, OPTIMIZE_MODEL, Stage, Step, Target
 from tasks.results import ModelFormat, StepResult, StepStatus, write_json_atomic
 from tasks.settings import PipelineSettings
 
 log = logging.getLogger(__name__)
 
 RECIPE = OPTIMIZE_MODEL
+DECISIONS = "decisions"  # the run's records of what it decided and why (tasks/decisions.py writes most)
 DEMO_PREFIX = "demo:"
 DEMO_SOURCES = {"demo:imdb": "imdb", "demo:tweets": "tweets", "demo:minilm": "teacher"}
 
@@ -73,9 +76,55 @@ def switched_off(config: PipelineConfig, techniques: tuple[str, ...]) -> str | N
 
 
 def stage_switched_off(config: PipelineConfig, stage_id: str) -> str | None:
-    """Why the recipe's stage ``stage_id`` does not run under ``config`` (None: it runs): one of the
-    techniques it or anything upstream of it applies is switched off."""
+    """Why the recipe's stage ``stage_id`` does not run under ``config`` (None: it runs): a GPU stage
+    under target cpu, or one of the techniques it or anything upstream of it applies is switched off."""
+    if RECIPE.stage(stage_id).target is Target.GPU and config.compile.target == "cpu":
+        return "target is cpu: the GPU branch is switched off in the run's params"
     return switched_off(config, RECIPE.techniques_needed(stage_id))
+
+
+def resolve_target(settings: PipelineSettings, config: PipelineConfig, run_id: str) -> hardware.TargetResolution:
+    """The run's target resolved on this worker (its GPUs, its TensorRT), written for the later tasks."""
+    resolution = hardware.resolve(config.compile.target, hardware.gpu_names(), hardware.tensorrt_version())
+    hardware.write_resolution(settings.run_dir(run_id) / DECISIONS, resolution)
+    return resolution
+
+
+def gpu_branch_off(settings: PipelineSettings, config: PipelineConfig, run_id: str) -> str | None:
+    """Why the run's GPU stages do not run on this worker (None: they do), by the run's resolution
+    (resolved here when the run has none yet)."""
+    resolution = hardware.read_resolution(settings.run_dir(run_id) / DECISIONS)
+    if resolution is None:
+        resolution = hardware.resolve(config.compile.target, hardware.gpu_names(), hardware.tensorrt_version())
+    return None if resolution.gpu_branch else resolution.reason
+
+
+def record_skip(settings: PipelineSettings, run_id: str, stage_id: str, reason: str) -> None:
+    """Keep why a stage ended SKIPPED, for the evaluation and the report (``skip_reason``)."""
+    folder = settings.run_dir(run_id) / DECISIONS / "skipped"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stage_id}.txt").write_text(reason)
+
+
+def not_built_reason(settings: PipelineSettings, run_id: str, stage: Stage) -> str:
+    """Why the stage (or one upstream of it) built nothing, as recorded, else the run's GPU resolution."""
+    folder = settings.run_dir(run_id) / DECISIONS / "skipped"
+    if stage.candidate and (folder / f"evaluate_{stage.candidate}.txt").exists():
+        return f"not evaluated: {(folder / f'evaluate_{stage.candidate}.txt').read_text()}"
+    for upstream in RECIPE.lineage(stage.id):
+        if (folder / f"{upstream.id}.txt").exists():
+            return f"{upstream.id} SKIPPED: {(folder / f'{upstream.id}.txt').read_text()}"
+    resolution = hardware.read_resolution(settings.run_dir(run_id) / DECISIONS)
+    if resolution is not None and not resolution.gpu_branch:
+        return resolution.reason
+    return f"{stage.id} or a task upstream of it was skipped; see their logs"
+
+
+def not_built_candidates(settings: PipelineSettings, config: PipelineConfig, run_id: str,
+                         evaluations: dict[str, dict]) -> dict[str, str]:
+    """The switched-on GPU candidates that were not built or evaluated on this run's worker, with why."""
+    return {name: not_built_reason(settings, run_id, RECIPE.producer(name)) for name in enabled_candidates(config)
+            if name not in evaluations and RECIPE.producer(name).target is Target.GPU}
 
 
 def switched_off_candidates(config: PipelineConfig) -> dict[str, str]:
@@ -159,6 +208,10 @@ def run_stage(settings: PipelineSettings, config: PipelineConfig, run_id: str, s
     ``reused_teacher``: a fine-tuned teacher folder (a re-optimization's, from the champion's
     lineage) that the fine-tuning stage returns instead of training again."""
     stage = RECIPE.stage(stage_id)
+    off = gpu_branch_off(settings, config, run_id) if stage.target is Target.GPU else None
+    if off is not None:
+        record_skip(settings, run_id, stage.id, off)
+        return StepResult(step=stage.step.value, status=StepStatus.SKIPPED, reason=off).to_dict()
     if stage.step is Step.FINETUNE and reused_teacher is not None:
         log.info("%s: reusing the fine-tuned teacher in %s (no fine-tuning)", stage.id, reused_teacher)
         return StepResult(step="finetune", status=StepStatus.SUCCESS, uris={"model": reused_teacher},
@@ -168,26 +221,36 @@ def run_stage(settings: PipelineSettings, config: PipelineConfig, run_id: str, s
         raise PipelineError(f"{stage.id} needs the results of {sorted(stage.inputs[key] for key in missing)}")
     data_dir = Path(StepResult.from_dict(data).uri("data"))
     models = {key: Path(StepResult.from_dict(value).uri("model")) for key, value in upstream.items() if value}
-    out_dir = settings.run_dir(run_id) / stage.output
-    section = getattr(config, stage.section)
-    length = config.finetune.max_length
-    if stage.step is Step.FINETUNE:
+    section = replace(getattr(config, stage.section), **stage.settings)
+    if stage.section == "finetune":
         section = replace(section, model=resolve_source(section.model, settings))
-        result = finetune_step.run(section, data_dir, out_dir)
-    elif stage.step is Step.DISTILL:
-        result = distill_step.run(section, teacher_dir=models[MODEL_INPUT], data_dir=data_dir, out_dir=out_dir)
-    elif stage.step is Step.PRUNE:
-        result = prune_step.run(section, student_dir=models[MODEL_INPUT], teacher_dir=models["teacher"],
-                                data_dir=data_dir, out_dir=out_dir)
-    elif stage.step is Step.EXPORT:
-        result = export_step.run(section, model_dir=models[MODEL_INPUT], data_dir=data_dir, out_dir=out_dir,
-                                 max_length=length)
-    elif stage.step is Step.QUANTIZE:
-        result = quantize_step.run(section, onnx_dir=models[MODEL_INPUT], data_dir=data_dir, out_dir=out_dir,
-                                   max_length=length)
-    else:  # a new Step needs its branch here
-        raise PipelineError(f"stage {stage.id}: no runner for step {stage.step.value!r}")
+    result = _run_step(stage, section, models, data_dir, settings.run_dir(run_id) / stage.output,
+                       config.finetune.max_length)
+    if result.status is StepStatus.SKIPPED:
+        record_skip(settings, run_id, stage.id, result.reason or "")
     return result.to_dict()
+
+
+def _run_step(stage: Stage, section: Any, models: dict[str, Path], data_dir: Path, out_dir: Path,
+              length: int) -> StepResult:
+    """Call the stage's step with its section of the config."""
+    if stage.step is Step.FINETUNE:
+        return finetune_step.run(section, data_dir, out_dir)
+    if stage.step is Step.DISTILL:
+        return distill_step.run(section, teacher_dir=models[MODEL_INPUT], data_dir=data_dir, out_dir=out_dir)
+    if stage.step is Step.PRUNE:
+        return prune_step.run(section, student_dir=models[MODEL_INPUT], teacher_dir=models["teacher"],
+                              data_dir=data_dir, out_dir=out_dir)
+    if stage.step is Step.EXPORT:
+        return export_step.run(section, model_dir=models[MODEL_INPUT], data_dir=data_dir, out_dir=out_dir,
+                               max_length=length)
+    if stage.step is Step.QUANTIZE:
+        return quantize_step.run(section, onnx_dir=models[MODEL_INPUT], data_dir=data_dir, out_dir=out_dir,
+                                 max_length=length)
+    if stage.step is Step.COMPILE:  # the engine takes what Triton will send it
+        return compile_step.run(compile_step.serving_profile(section, length, DEFAULT_MAX_BATCH_SIZE),
+                                models[MODEL_INPUT], out_dir)
+    raise PipelineError(f"stage {stage.id}: no runner for step {stage.step.value!r}")  # a new Step needs a branch
 
 
 def evaluate_candidates(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict,
@@ -203,13 +266,22 @@ def evaluate_candidates(settings: PipelineSettings, config: PipelineConfig, run_
     evaluations = {}
     for candidate in enabled_candidates(config):
         stage = RECIPE.producer(candidate)
+        device = "cuda" if stage.target is Target.GPU else "cpu"
+        if produced.get(stage.id) is None and device == "cuda":  # the worker could not build it: say why
+            log.info("%s not built, not evaluated: %s", candidate, not_built_reason(settings, run_id, stage))
+            continue
         if produced.get(stage.id) is None:
             raise PipelineError(f"{candidate} is switched on but its stage {stage.id!r} produced no result (skipped "
                                 f"or cleared?); clear that task and its downstream tasks to build it again")
+        unable = evaluate_step.gpu_unavailable_reason(stage.model_format) if device == "cuda" else None
+        if unable is not None:
+            record_skip(settings, run_id, f"evaluate_{candidate}", unable)
+            log.info("%s cannot be evaluated on this worker: %s", candidate, unable)
+            continue
         model_dir = Path(StepResult.from_dict(produced[stage.id]).uri("model"))
-        log.info("evaluating %s (%s) from %s", candidate, stage.model_format.value, model_dir)
+        log.info("evaluating %s (%s, on %s) from %s", candidate, stage.model_format.value, device, model_dir)
         result = evaluate_step.run_isolated(config.evaluate, candidate, model_dir, stage.model_format, data_dir,
-                                            settings.run_dir(run_id) / "evaluation" / candidate)
+                                            settings.run_dir(run_id) / "evaluation" / candidate, device)
         evaluations[candidate] = result.to_dict()
         log.info("%s: accuracy %.4f p50 %.2f ms p95 %.2f ms", candidate, result.metrics["accuracy"],
                  result.metrics["latency_p50_ms"], result.metrics["latency_p95_ms"])

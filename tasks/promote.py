@@ -32,7 +32,7 @@ from tasks import model_aliases
 from tasks.champion import ChampionScore
 from tasks.config import PromoteConfig
 from tasks.errors import PromotionFailed
-from tasks.manifest import read_manifest
+from tasks.manifest import Precision, read_manifest
 from tasks.predictions import read_logits
 from tasks.results import ModelFormat, StepResult, StepStatus
 from tasks.splits import read_meta, read_split
@@ -55,7 +55,8 @@ def run(config: PromoteConfig, target: PromotionTarget, model_dir: Path, predict
     The classifier's Triton platform follows the folder's manifest (``served_format``)."""
     model_format = served_format(model_dir)
     labels = tuple(read_meta(data_dir)["labels"])
-    ensemble = repo.ClassifierEnsemble(config.triton_model, labels, max_length, intra_op_threads=intra_op_threads)
+    ensemble = repo.ClassifierEnsemble(config.triton_model, labels, max_length, intra_op_threads=intra_op_threads,
+                                       **gpu_serving(model_dir))
     repository = target.model_repository
     replicas = TritonReplicas.from_spec(target.triton_url)
     replicas.wait_ready(timeout_s=30)
@@ -114,6 +115,17 @@ def served_format(model_dir: Path) -> str:
             f"{', '.join(sorted(repo.CLASSIFIER_WRITERS))}. Nothing was changed."
         )
     return model_format.value
+
+
+def gpu_serving(model_dir: Path) -> dict:
+    """How the classifier runs on Triton beyond its format: an FP16 ONNX model (the GPU branch's, see
+    tasks/recipe.py) on the GPU through ONNX Runtime's TensorRT accelerator, which builds its engine
+    when the model loads (the route when the pipeline could build none); everything else as written
+    (a TensorRT plan is always on the GPU, the other ONNX models on the CPU)."""
+    manifest = read_manifest(model_dir)
+    if manifest is not None and manifest.format is ModelFormat.ONNX and manifest.precision is Precision.FP16:
+        return {"gpu": True, "tensorrt_precision": "FP16"}
+    return {}
 
 
 def rollback(config: PromoteConfig, target: PromotionTarget) -> StepResult:

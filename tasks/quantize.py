@@ -94,14 +94,28 @@ def quantize_static_int8(source: Path, target: Path, config: QuantizeConfig, tok
             op_types_to_quantize=["MatMul", "Gemm"],
             per_channel=config.per_channel,
             reduce_range=config.reduce_range,
-            activation_type=QuantType.QUInt8,  # uint8 activations take the VNNI path
+            # uint8 activations take the CPU's VNNI path; TensorRT reads signed, symmetric ones only
+            activation_type=QuantType.QInt8 if config.symmetric_activations else QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             nodes_to_exclude=exclude,
             calibrate_method=methods[config.calibration_method],
-            extra_options={"CalibTensorRangeSymmetric": False, "CalibMovingAverage": True,
-                           "TmpDir": scratch} if config.calibration_method == "minmax" else {"TmpDir": scratch},
+            extra_options=static_options(config, scratch),
         )
     return exclude
+
+
+def static_options(config: QuantizeConfig, scratch: str) -> dict:
+    """ONNX Runtime's extra options for static INT8: the calibrator's scratch folder, MinMax's moving
+    average, and, when ``symmetric_activations`` asks for TensorRT's form, zero points of 0 (symmetric
+    scales) and float biases."""
+    options: dict = {"TmpDir": scratch}
+    if config.calibration_method == "minmax":
+        options |= {"CalibTensorRangeSymmetric": False, "CalibMovingAverage": True}
+    if config.symmetric_activations:
+        # biases stay float: TensorRT fuses them into its INT8 kernels and does not read quantized ones
+        options |= {"ActivationSymmetric": True, "WeightSymmetric": True, "CalibTensorRangeSymmetric": True,
+                    "QuantizeBias": False}
+    return options
 
 
 def convert_fp16(source: Path, target: Path) -> Path:

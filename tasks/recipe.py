@@ -37,6 +37,7 @@ class Step(str, Enum):
     PRUNE = "prune"
     EXPORT = "export"
     QUANTIZE = "quantize"
+    COMPILE = "compile"
 
 
 # The keyword under which a stage receives the model it works on; other keywords are helpers
@@ -62,7 +63,10 @@ class Stage:
         model_format: the format of that output (default: PyTorch for training steps, else ONNX).
         compared_with: the candidate it was converted from, for the agreement gate (export and
             quantization); None for new models (distilled, pruned), which the accuracy gates judge.
-        target: the hardware its output is built for.
+        target: the hardware its output is built for; GPU stages run only when the run's target
+            includes the GPU and the worker has one (``tasks.hardware``).
+        settings: fixed values of the section's fields for this stage (the GPU branch's FP16 and
+            TensorRT-ready INT8 quantizations set ``mode``), applied over the run's config.
         doc: one line for the task's documentation.
     """
 
@@ -77,15 +81,18 @@ class Stage:
     model_format: ModelFormat | None = None
     compared_with: str | None = None
     target: Target = Target.CPU
+    settings: Mapping[str, object] = field(default_factory=dict)
     doc: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", MappingProxyType(dict(self.inputs)))
+        object.__setattr__(self, "settings", MappingProxyType(dict(self.settings)))
         object.__setattr__(self, "section", self.section or self.step.value)
         object.__setattr__(self, "output", self.output or self.candidate or self.id)
         if self.model_format is None:  # training steps write PyTorch models, the rest ONNX
             trains = self.step in (Step.FINETUNE, Step.DISTILL, Step.PRUNE)
-            object.__setattr__(self, "model_format", ModelFormat.PYTORCH if trains else ModelFormat.ONNX)
+            built = ModelFormat.TENSORRT_PLAN if self.step is Step.COMPILE else ModelFormat.ONNX
+            object.__setattr__(self, "model_format", ModelFormat.PYTORCH if trains else built)
 
 
 def _teacher_stages() -> list[Stage]:
@@ -137,6 +144,39 @@ def _sparse_stages() -> list[Stage]:
     ]
 
 
+# The GPU branch's quantizations: FP16 weights and compute (inputs and logits kept), and static INT8 in
+# QDQ form with signed, symmetric activations (TensorRT's explicit quantization needs zero points of 0).
+FP16_SETTINGS = {"mode": "fp16"}
+TENSORRT_INT8_SETTINGS = {"mode": "static_int8", "symmetric_activations": True}
+
+
+def _gpu_stages(model: str, fp32_stage: str, fp32_candidate: str, prefix: str) -> list[Stage]:
+    """The GPU branch of one model: FP16 ONNX (a candidate: served with Triton's TensorRT accelerator,
+    the route when no engine can be built), a TensorRT-ready INT8 QDQ model, and an engine from each.
+    ``model`` names the stages (``fp16_<model>``), ``prefix`` the candidates (``<prefix>trt_fp16``)."""
+    gpu = Target.GPU
+    return [
+        Stage(f"fp16_{model}", Step.QUANTIZE, "FP16", {MODEL_INPUT: fp32_stage}, candidate=f"{prefix}onnx_fp16",
+              compared_with=fp32_candidate, target=gpu, settings=FP16_SETTINGS,
+              doc=f"FP16 ONNX model of the {model} for the GPU (inputs and logits stay as they are)."),
+        Stage(f"compile_{model}_fp16", Step.COMPILE, "TensorRT engine", {MODEL_INPUT: f"fp16_{model}"},
+              candidate=f"{prefix}trt_fp16", compared_with=fp32_candidate, target=gpu,
+              doc=f"TensorRT FP16 engine of the {model} for the worker's GPU (SKIPPED without GPU or TensorRT)."),
+        Stage(f"qdq_{model}", Step.QUANTIZE, "static INT8 (QDQ, symmetric)", {MODEL_INPUT: fp32_stage},
+              technique="quantize", output=f"{prefix}qdq_int8", target=gpu, settings=TENSORRT_INT8_SETTINGS,
+              doc=f"Static INT8 QDQ model of the {model}, calibrated on training texts, for TensorRT."),
+        Stage(f"compile_{model}_int8", Step.COMPILE, "TensorRT engine", {MODEL_INPUT: f"qdq_{model}"},
+              technique="quantize", candidate=f"{prefix}trt_int8", compared_with=fp32_candidate, target=gpu,
+              doc=f"TensorRT INT8 engine of the {model} from its QDQ model (SKIPPED without GPU or TensorRT)."),
+    ]
+
+
+def _gpu_branch() -> list[Stage]:
+    return (_gpu_stages("teacher", "export_onnx", "onnx_fp32", "")
+            + _gpu_stages("student", "export_student", "student_onnx_fp32", "student_")
+            + _gpu_stages("pruned", "export_pruned", "pruned_onnx_fp32", "pruned_"))
+
+
 @dataclass(frozen=True)
 class Recipe:
     """The stages in an order where every stage comes after its inputs, and the switchable
@@ -181,6 +221,10 @@ class Recipe:
         """Every candidate, sources before what is converted from them."""
         return tuple(stage.candidate for stage in self.stages if stage.candidate)
 
+    def on(self, target: Target) -> tuple[Stage, ...]:
+        """The stages whose output is built for ``target``."""
+        return tuple(stage for stage in self.stages if stage.target is target)
+
     def edges(self) -> set[tuple[str, str]]:
         """(upstream, downstream) stage ids."""
         return {(upstream, stage.id) for stage in self.stages for upstream in stage.inputs.values()}
@@ -212,5 +256,6 @@ class Recipe:
         return " > ".join(reversed(labels))
 
 
-OPTIMIZE_MODEL = Recipe(tuple(_teacher_stages() + _student_stages() + _pruned_stages() + _sparse_stages()),
+OPTIMIZE_MODEL = Recipe(tuple(_teacher_stages() + _student_stages() + _pruned_stages() + _sparse_stages()
+                              + _gpu_branch()),
                         techniques=("distill", "prune", "sparsify", "quantize"))

@@ -22,8 +22,11 @@ log = logging.getLogger(__name__)
 RUN_TAG = "pipeline_run_id"
 ROLE_TAG = "pipeline_role"
 CANDIDATE_TAG = "candidate"
-# The formats registered as MLflow model versions (logged with the ONNX flavour).
-REGISTRABLE_FORMATS = frozenset({ModelFormat.ONNX})
+# The formats registered as MLflow model versions: ONNX models with the ONNX flavour, TensorRT engines
+# as their folder (an engine is only valid for the GPU model and TensorRT version it was built with,
+# which its version's tags name).
+REGISTRABLE_FORMATS = frozenset({ModelFormat.ONNX, ModelFormat.TENSORRT_PLAN})
+ENGINE_ARTIFACT = "engine"
 # The lineage a latency re-optimization starts from (tasks/reoptimize.py fetches them).
 MODEL_FILES_ARTIFACT = "model_files"  # a PyTorch candidate's folder, on its nested run
 DATA_ARTIFACT = "data"  # the run's data splits, on its parent run
@@ -83,7 +86,7 @@ def _version_of_run(client, registered_model: str, run_id: str) -> str | None:
         versions = client.search_model_versions(f"name = '{registered_model}' and run_id = '{run_id}'")
     except Exception:  # noqa: BLE001 - MLflow raises when the registered model does not exist yet
         return None
-    return versions[0].version if versions else None
+    return str(versions[0].version) if versions else None
 
 
 def log_candidate(tracking_uri: str, experiment: str, parent_id: str, pipeline_run_id: str, registered_model: str,
@@ -95,7 +98,6 @@ def log_candidate(tracking_uri: str, experiment: str, parent_id: str, pipeline_r
     between registering and tagging.
     """
     import mlflow
-    import onnx
 
     client = mlflow_client(tracking_uri)
     experiment_id = mlflow.set_experiment(experiment).experiment_id
@@ -113,20 +115,9 @@ def log_candidate(tracking_uri: str, experiment: str, parent_id: str, pipeline_r
                 if not is_registrable(candidate):
                     _log_model_files(candidate)
                     return None
-                signature, example = _signature(candidate.model_dir)
-                info = mlflow.onnx.log_model(
-                    onnx_model=onnx.load(str(candidate.model_dir / MODEL_FILENAME)),
-                    name="model",
-                    registered_model_name=registered_model,
-                    signature=signature,
-                    input_example=example,
-                    onnx_execution_providers=["CPUExecutionProvider"],
-                    save_as_external_data=False,
-                    pip_requirements=["onnxruntime", "onnx", "numpy"],
-                    extra_files=[str(candidate.model_dir / name) for name in TOKENIZER_FILES
-                                 if (candidate.model_dir / name).exists()],
-                )
-        version = str(info.registered_model_version)
+                version = (_register_engine(client, registered_model, candidate) if _is_engine(candidate)
+                           else _log_onnx(registered_model, candidate))
+    tags |= engine_tags(candidate.model_dir)
     for key, value in (tags | {CANDIDATE_TAG: candidate.name}).items():
         client.set_model_version_tag(registered_model, version, key, value)
     for key, value in candidate.metrics.items():
@@ -134,9 +125,63 @@ def log_candidate(tracking_uri: str, experiment: str, parent_id: str, pipeline_r
     client.update_model_version(
         registered_model, version,
         description=f"{candidate.name}: {candidate.technique}. Accuracy {candidate.metrics.get('accuracy', float('nan')):.4f}, "
-                    f"p95 latency {candidate.metrics.get('latency_p95_ms', float('nan')):.2f} ms (batch 1, CPU).",
+                    f"p95 latency {candidate.metrics.get('latency_p95_ms', float('nan')):.2f} ms "
+                    f"(batch 1, {'GPU' if 'gpu_memory_mb' in candidate.metrics else 'CPU'}).",
     )
     return version
+
+
+def _log_onnx(registered_model: str, candidate: Candidate) -> str:
+    """Log an ONNX candidate with the ONNX flavour (in the active run) and register it."""
+    import mlflow
+    import onnx
+
+    signature, example = _signature(candidate.model_dir)
+    info = mlflow.onnx.log_model(
+        onnx_model=onnx.load(str(candidate.model_dir / MODEL_FILENAME)),
+        name="model",
+        registered_model_name=registered_model,
+        signature=signature,
+        input_example=example,
+        onnx_execution_providers=["CPUExecutionProvider"],
+        save_as_external_data=False,
+        pip_requirements=["onnxruntime", "onnx", "numpy"],
+        extra_files=[str(candidate.model_dir / name) for name in TOKENIZER_FILES
+                     if (candidate.model_dir / name).exists()],
+    )
+    return str(info.registered_model_version)
+
+
+def _is_engine(candidate: Candidate) -> bool:
+    manifest = read_manifest(candidate.model_dir)
+    return manifest is not None and manifest.format is ModelFormat.TENSORRT_PLAN
+
+
+def _register_engine(client, registered_model: str, candidate: Candidate) -> str:
+    """Log a TensorRT engine's folder (engine, tokenizer, manifest, profile) in the active run and
+    register that folder as a version."""
+    import mlflow
+
+    run = mlflow.active_run()
+    mlflow.log_artifacts(str(candidate.model_dir), ENGINE_ARTIFACT)
+    try:
+        client.get_registered_model(registered_model)
+    except Exception:  # noqa: BLE001 - MLflow raises RestException when the model does not exist yet
+        client.create_registered_model(registered_model)
+    created = client.create_model_version(registered_model, source=f"{run.info.artifact_uri}/{ENGINE_ARTIFACT}",
+                                          run_id=run.info.run_id)
+    return str(created.version)
+
+
+def engine_tags(model_dir: Path) -> dict[str, str]:
+    """What an engine is valid for, as version tags: the TensorRT version and the GPU model it was
+    built with (empty for other formats)."""
+    manifest = read_manifest(model_dir)
+    if manifest is None or manifest.format is not ModelFormat.TENSORRT_PLAN:
+        return {}
+    gpu, version = manifest.details.get("gpu", "unknown"), manifest.details.get("tensorrt_version", "unknown")
+    return {"tensorrt_version": str(version), "gpu": str(gpu),
+            "engine_valid_for": f"{gpu} with TensorRT {version} only"}
 
 
 def _log_model_files(candidate: Candidate) -> None:

@@ -8,8 +8,13 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from tasks.recipe import OPTIMIZE_MODEL, Target
+
+GPU_STAGES = {stage.id for stage in OPTIMIZE_MODEL.on(Target.GPU)}
+GPU_CANDIDATES = {stage.candidate for stage in OPTIMIZE_MODEL.on(Target.GPU) if stage.candidate}
+# The techniques' tasks, and the GPU branch (target auto on a worker without a GPU: resolve_target skips it).
 SKIPPED = {"distill_student", "export_student", "quantize_student", "prune_student", "export_pruned",
-           "quantize_pruned", "quantize_int8", "sparsify_student", "export_sparse"}
+           "quantize_pruned", "quantize_int8", "sparsify_student", "export_sparse"} | GPU_STAGES
 
 
 def assert_switched_off_run(tasks: dict[str, str], run_dir: Path, task_log: Callable[[str], str]) -> dict:
@@ -26,7 +31,9 @@ def assert_switched_off_run(tasks: dict[str, str], run_dir: Path, task_log: Call
     assert set(summary["versions"]) == {"teacher_pytorch", "onnx_fp32"} and summary["versions"]["onnx_fp32"]
     assert summary["switched_off"]["student_int8"] == "distill and quantize switched off in the run's params"
     assert set(summary["switched_off"]) == {"onnx_int8", "student_onnx_fp32", "student_int8", "pruned_onnx_fp32",
-                                            "pruned_int8", "sparse_onnx_fp32"}
+                                            "pruned_int8", "sparse_onnx_fp32"} | GPU_CANDIDATES
+    assert summary["switched_off"]["trt_int8"] == "quantize switched off in the run's params"
+    assert summary["switched_off"]["onnx_fp16"].startswith("target auto: no NVIDIA GPU visible to CUDA")
     assert summary["promotion"]["status"] == "success" and summary["winner"] == "onnx_fp32"
     page = (run_dir / "report" / "report.md").read_text()
     assert "Switched off (not built, evaluated or registered): onnx_int8 (quantize switched off" in page

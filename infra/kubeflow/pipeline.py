@@ -30,7 +30,7 @@ from tasks.recipe import OPTIMIZE_MODEL  # standard library only; run with the r
 PROJECT_IMAGE = "transformer-optimization/project:0.1.0"
 TRAINING_STEPS = ("finetune", "distill", "prune")
 TRAINING_MEMORY = "8G"
-EVALUATE_SLOTS = 12  # evaluate's s0..s11 inputs: one per candidate the recipe makes
+EVALUATE_SLOTS = 20  # evaluate's s0..s19 inputs: one per candidate the recipe makes
 VOLUMES = {"pipeline-data": "/data", "triton-models": "/models"}
 STEP_ENV = {
     "PIPELINE_RUNS_DIR": "/data/runs",
@@ -79,8 +79,12 @@ def run_stage(stage_id: str, params_json: str, run_id: str, data: str, model: st
         print(f"{stage_id} not run: {reason}")
         return ""
     upstream = {key: json.loads(value) for key, value in (("model", model), ("teacher", teacher)) if value}
-    return json.dumps(pipeline.run_stage(PipelineSettings.from_env(os.environ), config, run_id, stage_id,
-                                         json.loads(data), upstream))
+    result = pipeline.run_stage(PipelineSettings.from_env(os.environ), config, run_id, stage_id, json.loads(data),
+                                upstream)
+    if result["status"] == "skipped":  # a GPU stage on a pod without a GPU or TensorRT, say
+        print(f"{stage_id} SKIPPED: {result['reason']}")
+        return ""
+    return json.dumps(result)
 
 
 @dsl.component(base_image=PROJECT_IMAGE, install_kfp_package=False)
@@ -100,7 +104,7 @@ def changed_since_champion(params_json: str, data: str, force_retrain: bool) -> 
 
 
 @dsl.component(base_image=PROJECT_IMAGE, install_kfp_package=False)
-def evaluate(params_json: str, run_id: str, data: str, slot_stages: str, s0: str = "", s1: str = "", s2: str = "", s3: str = "", s4: str = "", s5: str = "", s6: str = "", s7: str = "", s8: str = "", s9: str = "", s10: str = "", s11: str = "") -> str:
+def evaluate(params_json: str, run_id: str, data: str, slot_stages: str, s0: str = "", s1: str = "", s2: str = "", s3: str = "", s4: str = "", s5: str = "", s6: str = "", s7: str = "", s8: str = "", s9: str = "", s10: str = "", s11: str = "", s12: str = "", s13: str = "", s14: str = "", s15: str = "", s16: str = "", s17: str = "", s18: str = "", s19: str = "") -> str:
     """Every candidate on the same test split, each in its own process (as in the DAG). ``slot_stages``
     (JSON list) names the stage whose result each slot ``s<i>`` holds ("": switched off)."""
     import json

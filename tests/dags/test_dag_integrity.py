@@ -36,7 +36,7 @@ def _edges(dag) -> set[tuple[str, str]]:
 
 
 def test_optimize_model_edges_equal_the_recipe(dagbag):
-    from tasks.recipe import OPTIMIZE_MODEL
+    from tasks.recipe import OPTIMIZE_MODEL, Target
 
     dag = dagbag.dags["optimize_model"]
     stages = [stage.id for stage in OPTIMIZE_MODEL.stages]
@@ -47,8 +47,13 @@ def test_optimize_model_edges_equal_the_recipe(dagbag):
                  ("promote", "report")}
     data = {("prepare_data", task) for task in ("changed_since_champion", *stages, "evaluate", "register",
                                                 "score_champion", "promote")}
+    # The GPU branch starts after resolve_target, which skips it when the worker cannot or should not build it.
+    gpu_first = {stage.id for stage in OPTIMIZE_MODEL.on(Target.GPU)
+                 if all(OPTIMIZE_MODEL.stage(source).target is Target.CPU for source in stage.inputs.values())}
+    assert gpu_first == {f"{kind}_{model}" for kind in ("fp16", "qdq") for model in ("teacher", "student", "pruned")}
     expected = (OPTIMIZE_MODEL.edges() | {("changed_since_champion", stage) for stage in first}
-                | {("plan", "prepare_data")}
+                | {("plan", "prepare_data"), ("changed_since_champion", "resolve_target")}
+                | {("resolve_target", stage) for stage in gpu_first}
                 | {(stage, "evaluate") for stage in producers} | decisions | data)
     assert _edges(dag) == expected
     assert set(dag.task_ids) == {task for edge in expected for task in edge}
@@ -102,3 +107,19 @@ def test_dag_files_do_not_import_heavy_libraries_at_top_level():
         top_level = [line for line in path.read_text().splitlines() if line.startswith(("import ", "from "))]
         offenders = [line for line in top_level if any(f" {name}" in line.split(" import ")[0] for name in heavy)]
         assert not offenders, f"{path.name} imports {offenders} at top level"
+
+
+def test_gpu_tasks_go_where_the_deployment_says(monkeypatch):
+    """PIPELINE_GPU_QUEUE / PIPELINE_GPU_POD_TEMPLATE put the GPU branch, resolve_target and evaluate on
+    the GPU worker; every other task stays on the default queue without a pod template."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    from tasks.recipe import OPTIMIZE_MODEL, Target
+
+    monkeypatch.setenv("PIPELINE_GPU_QUEUE", "gpu")
+    monkeypatch.setenv("PIPELINE_GPU_POD_TEMPLATE", "/opt/airflow/pod_templates/gpu.yaml")
+    dag = DagBag(dag_folder=str(DAGS_FOLDER / "optimize_model.py")).dags["optimize_model"]
+    on_gpu = {stage.id for stage in OPTIMIZE_MODEL.on(Target.GPU)} | {"resolve_target", "evaluate"}
+    assert {task.task_id for task in dag.tasks if task.queue == "gpu"} == on_gpu
+    assert {task.task_id for task in dag.tasks
+            if (task.executor_config or {}).get("pod_template_file") == "/opt/airflow/pod_templates/gpu.yaml"} == on_gpu

@@ -56,10 +56,16 @@ def test_dag_test_runs_every_task_and_promotes(local_services, airflow_env, tiny
         "max_length": 32, "registered_model": "dagtest-model", "triton_model": "dagtest_model",
         "student_layers": 1, "distill_epochs": 3.0, "prune_heads": 0.5, "prune_ffn": 0.5, "prune_epochs": 2.0,
         "sparsify": True, "sparsity": 0.5, "sparsify_epochs": 2.0,  # the technique added through the recipe alone
+        "target": "gpu",  # on this CPU machine: the GPU branch is skipped and the CPU candidates compete
     }
     state, run_id, tasks, output = _run_dag(env, conf)
     assert state == "success", output[-4000:]
-    assert set(tasks.values()) == {"success"}, tasks
+    from tasks.recipe import OPTIMIZE_MODEL, Target
+
+    gpu_stages = {stage.id for stage in OPTIMIZE_MODEL.on(Target.GPU)}
+    assert {task for task, task_state in tasks.items() if task_state == "skipped"} == gpu_stages, tasks
+    assert {task for task, task_state in tasks.items() if task_state == "success"} == set(tasks) - gpu_stages, tasks
+    assert "target gpu asked for, but no NVIDIA GPU is visible to CUDA on this worker" in output
 
     summary_path = settings.runs_dir / safe_name(run_id) / "summary.json"
     # Every task recorded what it cost (on_success_callback, in the task's process).
@@ -74,13 +80,15 @@ def test_dag_test_runs_every_task_and_promotes(local_services, airflow_env, tiny
     # Each decision left its record for the report (and for a retry of the task after it).
     decisions = summary_path.parent / "decisions"
     assert {path.name for path in decisions.iterdir()} == {
-        "plan.json", "champion.json", "gates.json", "promotion.json"}
-    from tasks.recipe import OPTIMIZE_MODEL
-
-    assert set(summary["candidates"]) == set(OPTIMIZE_MODEL.candidates) == {
+        "plan.json", "target.json", "champion.json", "gates.json", "promotion.json"}
+    gpu_candidates = {stage.candidate for stage in OPTIMIZE_MODEL.on(Target.GPU) if stage.candidate}
+    assert set(summary["candidates"]) == set(OPTIMIZE_MODEL.candidates) - gpu_candidates == {
         "teacher_pytorch", "onnx_fp32", "onnx_int8", "student_onnx_fp32", "student_int8", "pruned_onnx_fp32",
         "pruned_int8", "sparse_onnx_fp32"}
-    assert summary["switched_off"] == {}
+    # The GPU candidates are listed as not built, each with the worker's reason.
+    assert set(summary["switched_off"]) == gpu_candidates
+    assert all("no NVIDIA GPU is visible" in reason for reason in summary["switched_off"].values())
+    assert summary["target"]["requested"] == "gpu" and summary["target"]["gpu_branch"] is False
     assert all(metrics["peak_memory_mb"] > 0 and metrics["throughput_per_s"] > 0
                for metrics in summary["candidates"].values())
     assert summary["promotion"]["status"] == "success"

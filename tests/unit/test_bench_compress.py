@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bench import compress
-from tasks.recipe import OPTIMIZE_MODEL
+from tasks.recipe import OPTIMIZE_MODEL, Target
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def report(tmp_path_factory):
 def test_every_technique_has_a_row_with_ratios_against_the_teacher(report):
     data, _ = report
     rows = {line["name"]: line for line in data["table"]}
-    assert set(OPTIMIZE_MODEL.candidates) | {
+    assert {stage.candidate for stage in OPTIMIZE_MODEL.on(Target.CPU) if stage.candidate} | {
         "teacher_torch_int8", "onnx_fp32_fused", "onnx_int8_per_tensor", "onnx_fused_int8", "onnx_static_int8",
         "onnx_fp16", "teacher_pruned_onnx", "teacher_pruned_int8", "sparse_int8", "tensorrt_fp16",
         compress.OPTIMUM_ROW} == set(rows)
@@ -57,9 +57,10 @@ def test_pipeline_candidates_are_the_recipes_stages_under_their_candidate_names(
     """Built by the recipe's stages (step results under the stage ids), in the recipe's output folders."""
     data, results = report
     work = results.parent / "work"
-    candidates = [stage for stage in OPTIMIZE_MODEL.stages if stage.candidate]
+    candidates = [stage for stage in OPTIMIZE_MODEL.on(Target.CPU) if stage.candidate]
     assert [line["name"] for line in data["table"][:len(candidates)]] == [stage.candidate for stage in candidates]
-    for stage in OPTIMIZE_MODEL.stages:
+    assert not set(data["steps"]) & {stage.id for stage in OPTIMIZE_MODEL.on(Target.GPU)}  # bench/gpu.py's
+    for stage in OPTIMIZE_MODEL.on(Target.CPU):
         assert data["steps"][stage.id]["status"] == "success", stage.id
         assert (work / stage.output).is_dir()
     assert compress.PROMOTED_ROW in OPTIMIZE_MODEL.candidates and compress.REFERENCE_ROW in OPTIMIZE_MODEL.candidates

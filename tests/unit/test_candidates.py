@@ -6,11 +6,12 @@ import pytest
 from tasks import pipeline
 from tasks.errors import PipelineError
 from tasks.pipeline import config_from_params, enabled_candidates, switched_off, switched_off_candidates
-from tasks.recipe import OPTIMIZE_MODEL
+from tasks.recipe import OPTIMIZE_MODEL, Target
 from tasks.results import StepResult, StepStatus
 
-# sparse_onnx_fp32 is built only when the run switches sparsify on.
-ALL = [name for name in OPTIMIZE_MODEL.candidates if name != "sparse_onnx_fp32"]
+# sparse_onnx_fp32 is built only when the run switches sparsify on; the GPU branch only for a GPU target.
+GPU = [stage.candidate for stage in OPTIMIZE_MODEL.on(Target.GPU) if stage.candidate]
+ALL = [name for name in OPTIMIZE_MODEL.candidates if name != "sparse_onnx_fp32" and name not in GPU]
 
 
 @pytest.mark.parametrize(
@@ -24,10 +25,10 @@ ALL = [name for name in OPTIMIZE_MODEL.candidates if name != "sparse_onnx_fp32"]
     ],
 )
 def test_enabled_candidates_follow_the_switches_and_keep_the_teacher(params, enabled):
-    config = config_from_params(params)
+    config = config_from_params(params | {"target": "cpu"})
     assert enabled_candidates(config) == enabled
     assert list(switched_off_candidates(config)) == [name for name in ALL if name not in enabled] + [
-        "sparse_onnx_fp32"]
+        "sparse_onnx_fp32"] + GPU
 
 
 def test_sparsify_adds_its_candidate_and_needs_distill():
@@ -73,7 +74,7 @@ def _result(step: str, tmp_path) -> dict:
 def test_evaluation_measures_only_the_candidates_that_were_built(monkeypatch, tmp_path, caplog):
     measured = []
 
-    def fake_run_isolated(config, candidate, model_dir, model_format, data_dir, out_dir):
+    def fake_run_isolated(config, candidate, model_dir, model_format, data_dir, out_dir, device="cpu"):
         measured.append(candidate)
         return StepResult("evaluate", StepStatus.SUCCESS, metrics={"accuracy": 0.8, "latency_p50_ms": 1.0,
                                                                    "latency_p95_ms": 2.0})

@@ -152,7 +152,8 @@ def test_evaluate_dispatch_without_a_manifest_and_for_a_format_without_a_predict
     plan = _folder_with(tmp_path, _manifest(format="tensorrt_plan", backend="tensorrt", files=("model.plan",)), "plan")
     with pytest.raises(evaluate.UnsupportedFormat, match="tensorrt_plan") as raised:
         evaluate.run(EvaluateConfig(), "plan", plan, ModelFormat.ONNX, tmp_path / "no-data", tmp_path / "eval")
-    assert "supported formats: onnx, pytorch, pytorch_dynamic_int8" in str(raised.value)
+    assert "supported formats on cpu: onnx, pytorch, pytorch_dynamic_int8" in str(raised.value)
+    assert evaluate.model_format_of(plan, device="cuda") is ModelFormat.TENSORRT_PLAN
 
 
 def test_registry_registers_what_the_manifest_says_is_onnx(tmp_path):

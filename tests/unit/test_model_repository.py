@@ -1,4 +1,8 @@
+import json
+from dataclasses import replace
+
 import pytest
+from tritonclient.grpc import model_config_pb2
 
 from serving import model_repository as repo
 
@@ -254,17 +258,68 @@ def test_instances_apply_to_the_classifier_and_the_tokenizer(tmp_path):
         repo.ClassifierEnsemble("clf", ("negative", "positive"), max_length=64, instances=0)
 
 
-def _plan_folder(tmp_path):
-    return _exported(tmp_path, folder="engine", model_file="model.plan", content=b"engine")
+PROFILE = {"min_batch": 1, "opt_batch": 8, "max_batch": 32, "min_sequence": 1, "opt_sequence": 128,
+           "max_sequence": 128}
+
+
+def _plan_folder(tmp_path, profile=None):
+    """An engine folder as tasks.compile leaves it: the plan, the tokenizer and the recorded profile."""
+    folder = _exported(tmp_path, folder="engine", model_file="model.plan", content=b"engine")
+    (folder / repo.ENGINE_PROFILE_FILE).write_text(json.dumps((profile or PROFILE) | {"precision": "fp16"}))
+    return folder
 
 
 def test_a_tensorrt_plan_classifier_gets_a_tensorrt_plan_config_on_the_gpu():
-    parsed = _parsed(repo.render_plan_config(repo.classifier_config("clf_onnx", 2, intra_op_threads=2)))
+    profile = repo.EngineProfile(min_batch=1, max_batch=32, min_sequence=1, max_sequence=128)
+    config = replace(repo.classifier_config("clf_onnx", 2, intra_op_threads=2), engine_profile=profile)
+    parsed = _parsed(repo.render_plan_config(config))
     assert parsed.platform == "tensorrt_plan" and parsed.max_batch_size == 32
-    assert parsed.instance_group[0].kind == parsed.instance_group[0].KIND_GPU
+    (group,) = parsed.instance_group
+    assert group.kind == group.KIND_GPU and group.count == 1 and list(group.profile) == ["0"]
     assert not parsed.parameters and not parsed.optimization.execution_accelerators.gpu_execution_accelerator
-    assert [item.name for item in parsed.input] == ["input_ids", "attention_mask"]
+    assert [(item.name, item.data_type, list(item.dims)) for item in parsed.input] == [
+        ("input_ids", model_config_pb2.TYPE_INT64, [-1]), ("attention_mask", model_config_pb2.TYPE_INT64, [-1])]
+    assert [(item.name, list(item.dims)) for item in parsed.output] == [("logits", [2])]
     assert parsed.dynamic_batching.max_queue_delay_microseconds == 500 and len(parsed.model_warmup) == 1
+
+
+def test_a_plan_config_must_fit_the_engines_profile():
+    config = repo.classifier_config("clf_onnx", 2)
+    with pytest.raises(repo.RepositoryError, match="needs its engine profile"):
+        repo.render_plan_config(config)
+    small = repo.EngineProfile(min_batch=1, max_batch=16, min_sequence=1, max_sequence=128)
+    with pytest.raises(repo.RepositoryError, match="batches of 1..32.*1..16.*max_batch >= 32"):
+        repo.render_plan_config(replace(config, engine_profile=small))
+    long_only = repo.EngineProfile(min_batch=1, max_batch=32, min_sequence=32, max_sequence=128)
+    with pytest.raises(repo.RepositoryError, match="16-token warmup is outside"):
+        repo.render_plan_config(replace(config, engine_profile=long_only))
+    assert "model_warmup" not in repo.render_plan_config(replace(config, engine_profile=long_only, warmup_tokens=0))
+
+
+def test_an_engine_too_short_for_the_tokenizer_is_refused_before_anything_is_written(tmp_path):
+    ensemble = repo.ClassifierEnsemble("clf", ("negative", "positive"), max_length=256)
+    with pytest.raises(repo.RepositoryError, match="sends 1..256 tokens.*1..128.*max_sequence >= 256"):
+        repo.write_ensemble_version(tmp_path / "repo", ensemble, _plan_folder(tmp_path), "tensorrt_plan")
+    assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").rglob("model.plan"))
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "model.plan").write_bytes(b"engine")
+    (tmp_path / "bare" / "tokenizer.json").write_text("{}")
+    with pytest.raises(repo.RepositoryError, match="no compile_config.json"):
+        repo.write_ensemble_version(tmp_path / "repo2", replace(ensemble, max_length=64), tmp_path / "bare",
+                                    "tensorrt_plan")
+
+
+def test_an_fp16_onnx_classifier_runs_on_the_gpu_through_the_tensorrt_accelerator(tmp_path):
+    ensemble = repo.ClassifierEnsemble("clf", ("negative", "positive"), max_length=64, gpu=True,
+                                       tensorrt_precision="FP16")
+    repository = tmp_path / "repo"
+    repo.write_ensemble_version(repository, ensemble, _exported(tmp_path))
+    parsed = _parsed((repository / "clf_onnx" / "config.pbtxt").read_text())
+    assert parsed.platform == "onnxruntime_onnx" and parsed.instance_group[0].kind == parsed.instance_group[0].KIND_GPU
+    (accelerator,) = parsed.optimization.execution_accelerators.gpu_execution_accelerator
+    assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP16"
+    tokenizer = _parsed((repository / "clf_tokenizer" / "config.pbtxt").read_text())
+    assert tokenizer.instance_group[0].kind == tokenizer.instance_group[0].KIND_CPU  # the python models stay on CPU
 
 
 def test_the_classifier_writer_is_chosen_by_the_model_format(tmp_path):
