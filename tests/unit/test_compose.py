@@ -174,3 +174,139 @@ def test_the_project_image_is_stamped_with_the_code_version_compose_passes():
     dockerfile = (ROOT / build["dockerfile"]).read_text()
     assert 'ARG CODE_VERSION=""' in dockerfile
     assert '> /opt/project/CODE_VERSION' in dockerfile  # beside tasks/, where tasks.lineage looks for it
+
+
+# The GPU target (docs/gpu.md). An engine loads only in the TensorRT it was built with, so the GPU
+# image pins the TensorRT of the Triton release that serves it: Triton 24.10 (nvcr.io/nvidia/
+# tritonserver:24.10-py3) ships TensorRT 10.5.0.18 (NVIDIA Frameworks Support Matrix, 24.10), whose
+# pip release is tensorrt-cu12 10.5.0. Add a row here when infra/triton/Dockerfile moves.
+TRITON_TENSORRT = {"24.10": "10.5.0"}
+GPU_QUEUE = "${PIPELINE_GPU_QUEUE:-}"
+
+
+def _dockerfile_stages(path: Path) -> dict[str, list[str]]:
+    """Instructions (continuation lines joined, comments dropped) per stage; unnamed stages by index."""
+    lines, current = [], ""
+    for raw in path.read_text().splitlines():
+        if raw.lstrip().startswith("#") or not raw.strip():
+            continue
+        current += raw.rstrip("\\").strip() + " " if raw.endswith("\\") else raw.strip()
+        if not raw.endswith("\\"):
+            lines.append(current)
+            current = ""
+    stages: dict[str, list[str]] = {"<global>": []}
+    name = "<global>"
+    for line in lines:
+        if line.startswith("FROM "):
+            parts = line.split()
+            name = parts[3] if len(parts) == 4 and parts[2].upper() == "AS" else f"<stage {len(stages)}>"
+            stages[name] = []
+        stages[name].append(line)
+    return stages
+
+
+def _interpolate(text: str, env: dict[str, str]) -> str:
+    """docker compose's ${VAR:-default}: the default when VAR is unset or empty."""
+    import re
+
+    return re.sub(r"\$\{([A-Z_]+):-([^}]*)\}", lambda m: env.get(m.group(1)) or m.group(2), text)
+
+
+def test_the_cpu_image_is_unchanged_by_default():
+    stages = _dockerfile_stages(ROOT / "infra" / "project" / "Dockerfile")
+    assert stages["<global>"] == ["ARG TARGET=cpu"]
+    final = stages[list(stages)[-1]]
+    assert final[0] == "FROM deps-${TARGET}"
+    assert stages["airflow-base"][0] == "FROM apache/airflow:3.3.2-python3.11 AS airflow-base"
+    assert stages["deps-cpu"] == [
+        "FROM airflow-base AS deps-cpu",
+        "RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu "
+        "-r /opt/project/requirements.lock"]
+    cpu_build = " ".join(stages["airflow-base"] + stages["deps-cpu"] + final)
+    for gpu_only in ("tensorrt", "onnxruntime-gpu", "nvidia", "TARGET=gpu"):
+        assert gpu_only not in cpu_build, gpu_only
+    # Every service on the project image builds the default (cpu) target; only the GPU worker asks for gpu.
+    compose = _compose()
+    assert "TARGET" not in compose["x-project-image"]["build"]["args"]
+    for name, service in compose["services"].items():
+        if service.get("build", {}).get("dockerfile") == "infra/project/Dockerfile":
+            target = service["build"].get("args", {}).get("TARGET", "cpu")
+            assert target == ("gpu" if name == "airflow-worker-gpu" else "cpu"), name
+
+
+def test_the_gpu_image_builds_engines_with_the_tensorrt_triton_serves():
+    import re
+
+    triton_from = (ROOT / "infra" / "triton" / "Dockerfile").read_text()
+    release = re.search(r"^FROM nvcr\.io/nvidia/tritonserver:(\d+\.\d+)-py3$", triton_from, re.M).group(1)
+    stages = _dockerfile_stages(ROOT / "infra" / "project" / "Dockerfile")
+    gpu = stages["deps-gpu"]
+    assert gpu[0] == "FROM airflow-base AS deps-gpu"
+    assert f"ARG TENSORRT_VERSION={TRITON_TENSORRT[release]}" in gpu
+    (trt_install,) = [line for line in gpu if "tensorrt-cu12==" in line]
+    assert trt_install.startswith("RUN pip install --no-cache-dir --extra-index-url https://pypi.nvidia.com ")
+    for dist in ("tensorrt-cu12", "tensorrt-cu12-libs", "tensorrt-cu12-bindings"):
+        assert f'"{dist}==${{TENSORRT_VERSION}}"' in trt_install, dist
+    assert "ENV PIPELINE_TRITON_TENSORRT=${TENSORRT_VERSION}" in gpu
+    # CUDA torch: requirements.lock from PyPI (its Linux torch wheel is the CUDA build), never the CPU index.
+    assert not any("download.pytorch.org/whl/cpu" in line for line in gpu)
+    # onnxruntime-gpu takes the place of onnxruntime (one `onnxruntime` module): apply the stage's sed.
+    (lock_install,) = [line for line in gpu if "requirements-gpu.lock" in line and line.startswith("RUN sed")]
+    pattern, replacement = re.search(r'"s/(.+?)/(.+?)/"', lock_install).groups()
+    ort_gpu = re.search(r"^ARG ONNXRUNTIME_GPU_VERSION=(.+)$", "\n".join(gpu), re.M).group(1)
+    replacement = replacement.replace("${ONNXRUNTIME_GPU_VERSION}", ort_gpu)
+    lock = (ROOT / "requirements.lock").read_text().splitlines()
+    gpu_lock = [re.sub(pattern, replacement, line) for line in lock]
+    changed = [(old, new) for old, new in zip(lock, gpu_lock) if old != new]
+    (old_line, new_line), = changed
+    assert old_line.startswith("onnxruntime==") and new_line == f"onnxruntime-gpu[cuda,cudnn]=={ort_gpu}"
+    assert old_line.split("==")[1].split(".")[0] == ort_gpu.split(".")[0]  # same major release
+    assert "pip install --no-cache-dir -r /tmp/requirements-gpu.lock" in lock_install
+    assert any(line.startswith("torch==") for line in gpu_lock)
+
+
+def test_the_gpu_profile_runs_a_gpu_worker_and_triton_on_an_nvidia_gpu():
+    compose = _compose()
+    services = compose["services"]
+    worker, triton, cpu_worker = services["airflow-worker-gpu"], services["triton-gpu"], services["airflow-worker"]
+    assert worker["profiles"] == triton["profiles"] == ["gpu"]
+    (worker_gpu,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert worker_gpu == {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
+    (triton_gpu,) = triton["deploy"]["resources"]["reservations"]["devices"]
+    assert triton_gpu["driver"] == "nvidia" and triton_gpu["capabilities"] == ["gpu"]
+    # Built from the GPU variant of the project image, under its own name, with the same code stamp.
+    cpu_build = compose["x-project-image"]["build"]
+    assert worker["build"]["dockerfile"] == cpu_build["dockerfile"] and worker["build"]["context"] == "."
+    assert worker["build"]["args"] == {"TARGET": "gpu", "CODE_VERSION": cpu_build["args"]["CODE_VERSION"]}
+    cpu_image = compose["x-project-image"]["image"]
+    assert worker["image"] == cpu_image.replace("/project:", "/project-gpu:") != cpu_image
+    # It consumes only the GPU queue, one task at a time (evaluate times candidates on the GPU).
+    assert worker["command"] == ["celery", "worker", "--queues", "${PIPELINE_GPU_QUEUE:-gpu}", "--concurrency", "1"]
+    assert "--queues" not in cpu_worker["command"] and "profiles" not in cpu_worker  # the default queue
+    # Otherwise an Airflow worker like the others: same settings, volumes and health check.
+    assert worker["environment"] == cpu_worker["environment"]
+    assert worker["volumes"] == cpu_worker["volumes"] == services["airflow-scheduler"]["volumes"]
+    assert worker["healthcheck"] == cpu_worker["healthcheck"] and worker["restart"] == "unless-stopped"
+    assert worker["depends_on"] == cpu_worker["depends_on"]
+
+
+def test_gpu_tasks_leave_the_default_queue_only_when_the_env_file_says_so():
+    import re
+
+    compose = _compose()
+    airflow = [name for name, service in compose["services"].items()
+               if service.get("environment", {}).get("AIRFLOW__CORE__EXECUTOR") == "CeleryExecutor"]
+    assert {"airflow-scheduler", "airflow-dag-processor", "airflow-worker", "airflow-worker-gpu"} <= set(airflow)
+    for name in airflow:
+        assert compose["services"][name]["environment"]["PIPELINE_GPU_QUEUE"] == GPU_QUEUE, name
+    example = dict(line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()
+                   if "=" in line and not line.startswith("#"))
+    assert example["PIPELINE_GPU_QUEUE"] == "" and example["COMPOSE_PROFILES"] == "cpu"
+    queue_arg = compose["services"]["airflow-worker-gpu"]["command"][3]
+    # The example env file: GPU tasks stay on the default queue (no GPU worker there to wait for).
+    assert _interpolate(GPU_QUEUE, example) == ""
+    # The gpu profile's settings: the DAG's GPU queue is the one the GPU worker consumes.
+    gpu_env = {**example, "COMPOSE_PROFILES": "gpu", "PIPELINE_GPU_QUEUE": "gpu"}
+    assert _interpolate(GPU_QUEUE, gpu_env) == _interpolate(queue_arg, gpu_env) == "gpu"
+    header = (ROOT / "docker-compose.yml").read_text().split("\nname:")[0]
+    assert re.search(r"COMPOSE_PROFILES=gpu and PIPELINE_GPU_QUEUE=gpu", header)
