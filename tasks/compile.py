@@ -23,13 +23,25 @@ log = logging.getLogger(__name__)
 
 
 
-def unavailable_reason(gpus: list[str], trt_version: str | None) -> str | None:
-    """Why a TensorRT engine cannot be built here, or None when it can."""
+def same_release(installed: str, wanted: str) -> bool:
+    """Whether two TensorRT versions are one release: ``10.5.0`` (pip) is ``10.5.0.18`` (a container's)."""
+    ours, theirs = installed.split("."), wanted.split(".")
+    length = max(3, min(len(ours), len(theirs)))
+    return ours[:length] == theirs[:length]
+
+
+def unavailable_reason(gpus: list[str], trt_version: str | None, serving_tensorrt: str | None = None) -> str | None:
+    """Why a TensorRT engine cannot be built here, or None when it can. ``serving_tensorrt``: the
+    TensorRT of the Triton that will load the engine (an engine loads only in the release that built it)."""
     if not gpus:
         return "no NVIDIA GPU visible to CUDA: TensorRT engines are built and run on the GPU they target"
     if trt_version is None:
         return (f"the tensorrt Python package is not installed (GPU {gpus[0]} is present): install "
                 "tensorrt matching the CUDA driver, or serve the ONNX model with Triton's TensorRT accelerator")
+    if serving_tensorrt and not same_release(trt_version, serving_tensorrt):
+        return (f"TensorRT {trt_version} is installed here, but the Triton that serves the engines runs TensorRT "
+                f"{serving_tensorrt} (PIPELINE_TRITON_TENSORRT): an engine built here would not load there; install "
+                f"tensorrt-cu12=={serving_tensorrt} on this worker (infra/project/Dockerfile, docs/gpu.md)")
     return None
 
 
@@ -85,7 +97,8 @@ def build_engine(onnx_path: Path, engine_path: Path, config: CompileConfig, prec
 
 
 def run(config: CompileConfig, onnx_dir: Path, out_dir: Path, precision: str | None = None,
-        gpus: list[str] | None = None, trt_version: str | None = None) -> StepResult:
+        gpus: list[str] | None = None, trt_version: str | None = None,
+        serving_tensorrt: str | None = None) -> StepResult:
     """Build ``out_dir/model.plan`` from ``onnx_dir/model.onnx``; SKIPPED (with the reason) where impossible:
     no GPU, no TensorRT, or an engine TensorRT could not build (the FP16 ONNX model, served with
     Triton's TensorRT accelerator, is then the GPU route). ``precision``: what the ONNX model holds
@@ -95,7 +108,7 @@ def run(config: CompileConfig, onnx_dir: Path, out_dir: Path, precision: str | N
         raise ConfigError(f"compile precision {precision!r} must be one of {[item.value for item in Precision]}")
     gpus = gpu_names() if gpus is None else gpus
     trt_version = tensorrt_version() if trt_version is None else trt_version
-    reason = unavailable_reason(gpus, trt_version)
+    reason = unavailable_reason(gpus, trt_version, serving_tensorrt)
     if reason is not None:
         log.warning("TensorRT compile SKIPPED: %s", reason)
         return StepResult(step=f"compile_tensorrt_{precision}", status=StepStatus.SKIPPED, reason=reason)

@@ -225,15 +225,16 @@ def run_stage(settings: PipelineSettings, config: PipelineConfig, run_id: str, s
     if stage.section == "finetune":
         section = replace(section, model=resolve_source(section.model, settings))
     result = _run_step(stage, section, models, data_dir, settings.run_dir(run_id) / stage.output,
-                       config.finetune.max_length)
+                       config.finetune.max_length, settings.triton_tensorrt)
     if result.status is StepStatus.SKIPPED:
         record_skip(settings, run_id, stage.id, result.reason or "")
     return result.to_dict()
 
 
 def _run_step(stage: Stage, section: Any, models: dict[str, Path], data_dir: Path, out_dir: Path,
-              length: int) -> StepResult:
-    """Call the stage's step with its section of the config."""
+              length: int, serving_tensorrt: str | None = None) -> StepResult:
+    """Call the stage's step with its section of the config (``serving_tensorrt``: the serving Triton's
+    TensorRT, which an engine must be built with)."""
     if stage.step is Step.FINETUNE:
         return finetune_step.run(section, data_dir, out_dir)
     if stage.step is Step.DISTILL:
@@ -249,7 +250,7 @@ def _run_step(stage: Stage, section: Any, models: dict[str, Path], data_dir: Pat
                                  max_length=length)
     if stage.step is Step.COMPILE:  # the engine takes what Triton will send it
         return compile_step.run(compile_step.serving_profile(section, length, DEFAULT_MAX_BATCH_SIZE),
-                                models[MODEL_INPUT], out_dir)
+                                models[MODEL_INPUT], out_dir, serving_tensorrt=serving_tensorrt)
     raise PipelineError(f"stage {stage.id}: no runner for step {stage.step.value!r}")  # a new Step needs a branch
 
 

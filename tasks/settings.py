@@ -30,6 +30,8 @@ class PipelineSettings:
     gateway_url: str | None = None
     triton_metrics_url: str | None = None
     retrain_conf: str = ""
+    # The TensorRT of the Triton that serves the engines this worker builds (the GPU image sets it).
+    triton_tensorrt: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> PipelineSettings:
@@ -58,6 +60,7 @@ class PipelineSettings:
             gateway_url=env.get("PIPELINE_GATEWAY_URL") or None,
             triton_metrics_url=env.get("PIPELINE_TRITON_METRICS_URL") or None,
             retrain_conf=env.get("PIPELINE_RETRAIN_CONF") or "",
+            triton_tensorrt=env.get("PIPELINE_TRITON_TENSORRT") or None,
         )
 
     def monitor_settings(self) -> MonitorSettings:

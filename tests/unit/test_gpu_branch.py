@@ -137,6 +137,18 @@ def test_the_engine_precision_follows_the_source_models_manifest(exported_onnx, 
     assert skipped.status is StepStatus.SKIPPED and skipped.step == "compile_tensorrt_fp32"
 
 
+def test_an_engine_is_built_only_with_the_tensorrt_of_the_triton_that_serves_it(exported_onnx, tmp_path):
+    from tasks import compile as compile_step
+
+    assert compile_step.same_release("10.5.0", "10.5.0.18") and not compile_step.same_release("10.4.0", "10.5.0.18")
+    assert compile_step.unavailable_reason(GPU, "10.5.0", "10.5.0.18") is None
+    result = compile_step.run(CompileConfig(), exported_onnx, tmp_path / "trt", gpus=GPU, trt_version="10.7.0",
+                              serving_tensorrt="10.5.0")
+    assert result.status is StepStatus.SKIPPED and not (tmp_path / "trt").exists()
+    assert "TensorRT 10.7.0 is installed here, but the Triton that serves the engines runs TensorRT 10.5.0" in \
+        result.reason
+
+
 def test_an_engine_tensorrt_cannot_build_ends_skipped_naming_the_fallback(exported_onnx, tmp_path, monkeypatch):
     from tasks import compile as compile_step
     from tasks.errors import CompileError
