@@ -68,11 +68,11 @@ def test_dag_test_runs_every_task_and_promotes(local_services, airflow_env, tiny
     assert "target gpu asked for, but no NVIDIA GPU is visible to CUDA on this worker" in output
 
     summary_path = settings.runs_dir / safe_name(run_id) / "summary.json"
-    # Every task recorded what it cost (on_success_callback, in the task's process).
+    # Every task that ran recorded what it cost (on_success_callback, in the task's process).
     from tasks.cost import read_costs
 
     costs = read_costs(settings.runs_dir / safe_name(run_id))
-    assert set(costs) == set(tasks), sorted(costs)
+    assert set(costs) == set(tasks) - gpu_stages, sorted(costs)
     assert all(cost["seconds"] >= 0 and cost["peak_memory_mb"] > 50 for cost in costs.values())
     # Candidates are evaluated in processes of their own: their peak shows through the children's.
     assert costs["evaluate"]["peak_memory_children_mb"] > 50
