@@ -9,7 +9,9 @@ the same held-out split (accuracy, F1, latency percentiles, throughput, size, pe
 registers the candidates in the MLflow model registry, scores the serving champion on the same
 texts, gates every candidate (accuracy vs teacher and vs the champion, finite outputs on edge-length
 inputs, agreement with the FP32 model, a batch-1 p95 latency budget that defaults to the monitor's
-SLO less a 10% noise margin), promotes the fastest passing candidate to Triton, moves the MLflow alias `champion` to exactly that version, and writes the
+SLO less a 10% noise margin, an accuracy floor above always answering the most common label, and no
+regression against the champion by a paired test on the same texts), promotes the fastest passing
+candidate (the most accurate of those within the 10% latency noise margin) to Triton, moves the MLflow alias `champion` to exactly that version, and writes the
 report. The technique tasks come from one recipe (`tasks/recipe.py`); each decision (score, gate,
 promote, report) is a task of its own, so the grid shows which one failed and a retry repeats only it.
 

@@ -466,7 +466,15 @@ class GateConfig:
         latency_noise_margin: share of the budget held back for measurement noise: the candidate's
             p95 must be <= budget x (1 - this).
         max_champion_regression: accuracy may be at most this far (absolute) below the serving
-            champion's accuracy on the same test split.
+            champion's accuracy on the same test split. With the champion's answer to each test text
+            (``score_champion`` records them), the gate fails only when the paired test shows the
+            candidate worse (exact one-sided McNemar p below ``regression_significance``) and the
+            difference is beyond this; a difference inside the noise passes.
+        regression_significance: the McNemar p-value below which a shortfall counts as real.
+        min_accuracy: an absolute accuracy floor on the test split (0 = none).
+        min_margin_over_majority: accuracy must beat always answering the test split's most common
+            label by this much, so a near-chance model is never promoted (the first one included,
+            when there is no champion to compare with).
     """
 
     max_relative_accuracy_drop: float = field(default=0.03, metadata=param(
@@ -480,7 +488,15 @@ class GateConfig:
         maximum=0.9))
     max_champion_regression: float = field(default=0.01, metadata=param(
         "max_champion_regression", "gate: accuracy may be at most this far below the serving champion's accuracy "
-                                   "on the same test split", minimum=0, maximum=0.99))
+                                   "on the same test split (judged by a paired McNemar test on the same texts)",
+        minimum=0, maximum=0.99))
+    regression_significance: float = 0.05
+    min_accuracy: float = field(default=0.0, metadata=param(
+        "min_accuracy", "gate: absolute accuracy floor on the test split (0 = none)", minimum=0, maximum=1))
+    min_margin_over_majority: float = field(default=0.05, metadata=param(
+        "min_margin_over_majority", "gate: accuracy must beat always answering the most common label by this much "
+                                    "(no near-chance model is promoted, the first one included)", minimum=0,
+        maximum=0.99))
 
     def __post_init__(self) -> None:
         _require(0 <= self.max_relative_accuracy_drop < 1, "gate.max_relative_accuracy_drop must be in [0, 1)")
@@ -488,6 +504,9 @@ class GateConfig:
         _require(self.max_p95_latency_ms >= 0, "gate.max_p95_latency_ms must be >= 0")
         _require(0 <= self.latency_noise_margin <= 0.9, "gate.latency_noise_margin must be in [0, 0.9]")
         _require(0 <= self.max_champion_regression < 1, "gate.max_champion_regression must be in [0, 1)")
+        _require(0 < self.regression_significance < 1, "gate.regression_significance must be in (0, 1)")
+        _require(0 <= self.min_accuracy <= 1, "gate.min_accuracy must be in [0, 1]")
+        _require(0 <= self.min_margin_over_majority < 1, "gate.min_margin_over_majority must be in [0, 1)")
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from tasks.config import GateConfig, PipelineConfig
 from tasks.errors import PipelineError, PromotionFailed
 from tasks import hardware
 from tasks.pipeline import DECISIONS, RECIPE, candidate_metrics, not_built_candidates, switched_off_candidates
+from tasks.predictions import majority_share, read_correct
 from tasks.recipe import Target
 from tasks.results import StepResult, StepStatus, write_json_atomic
 from tasks.settings import PipelineSettings
@@ -34,25 +35,30 @@ def score_champion(settings: PipelineSettings, config: PipelineConfig, run_id: s
     target = _promotion_target(settings)
     score = promote_step.champion_score(target, config.promote, Path(StepResult.from_dict(data).uri("data")))
     record = None if score is None else {"accuracy": score.accuracy, "note": score.note}
+    if score is not None and score.correct is not None:  # per test text, for the paired comparison
+        record["correct"] = [int(value) for value in score.correct]
     write_json_atomic(settings.run_dir(run_id) / DECISIONS / "champion.json", {"champion": record})
-    log.info("champion: %s", record or "nothing serves yet")
+    log.info("champion: %s", {key: value for key, value in record.items() if key != "correct"} if record
+             else "nothing serves yet")
     return record
 
 
 def choose_winner(gated: dict[str, tuple[bool, dict[str, float]]], objective: str = "fastest",
-                  preferred: frozenset[str] = frozenset()) -> str | None:
-    """Among the candidates that passed every gate (name -> (passed, metrics)): the fastest (lowest
-    batch-1 p50 latency), or with ``objective`` "most_accurate" (a re-optimization within a latency
-    budget) the most accurate, the faster of equals. When any of the ``preferred`` candidates (the
-    GPU ones, for target gpu) passed, the choice is among those."""
+                  preferred: frozenset[str] = frozenset(), noise_margin: float = 0.0) -> str | None:
+    """Among the candidates that passed every gate (name -> (passed, metrics)): the most accurate of
+    those whose batch-1 p50 is within ``noise_margin`` of the fastest one's (latencies that close are
+    one speed within measurement noise), the faster of equals; with ``objective`` "most_accurate" (a
+    re-optimization within a latency budget) the most accurate of all. When any of the ``preferred``
+    candidates (the GPU ones, for target gpu) passed, the choice is among those."""
     passing = [(metrics, name) for name, (ok, metrics) in gated.items() if ok]
     if any(name in preferred for _, name in passing):
         passing = [(metrics, name) for metrics, name in passing if name in preferred]
     if not passing:
         return None
-    if objective == "most_accurate":
-        return min(passing, key=lambda item: (-item[0]["accuracy"], item[0]["latency_p50_ms"], item[1]))[1]
-    return min(passing, key=lambda item: (item[0]["latency_p50_ms"], item[1]))[1]
+    if objective != "most_accurate":
+        fastest = min(metrics["latency_p50_ms"] for metrics, _ in passing)
+        passing = [item for item in passing if item[0]["latency_p50_ms"] <= fastest * (1.0 + noise_margin)]
+    return min(passing, key=lambda item: (-item[0]["accuracy"], item[0]["latency_p50_ms"], item[1]))[1]
 
 
 def no_winner_reason(config: GateConfig, candidates: dict[str, dict[str, float]], teacher_accuracy: float) -> str:
@@ -65,18 +71,42 @@ def no_winner_reason(config: GateConfig, candidates: dict[str, dict[str, float]]
             f"accuracy {metrics['accuracy']:.3f}")
 
 
+def _describe_losers(settings: PipelineSettings, config: PipelineConfig, run_id: str, versions: dict,
+                     gates: dict[str, list[gate_step.GateCheck]], winner: str | None, objective: str,
+                     preferred: frozenset[str]) -> None:
+    """Say in every other version's description why it was not promoted (``preferred``: the GPU
+    candidates, when one of them won because target gpu prefers them)."""
+    for name, checks in gates.items():
+        if name == winner:
+            continue
+        reasons = gate_step.failure_reasons(checks)
+        better = ("more accurate" if objective == "most_accurate" else
+                  f"faster, or as fast within {config.gate.latency_noise_margin:.0%} and more accurate")
+        if not reasons and preferred and name not in preferred:
+            better = "a GPU candidate (target gpu prefers them)"
+        why = "; ".join(reasons) if reasons else f"passed every gate but {winner} was {better}"
+        registry.describe_decision(settings.mlflow_tracking_uri, config.promote.registered_model, versions[name],
+                                   f"not promoted by run {run_id}: {why}.")
+
+
 def gate_candidates(settings: PipelineSettings, config: PipelineConfig, run_id: str, evaluations: dict[str, dict],
                     registered: dict, champion: dict | None) -> dict:
     """Gate every registered candidate, record each gate on its model version, choose the winner and
     say in every other version's description why it was not chosen. Writes ``decisions/gates.json``."""
     teacher = StepResult.from_dict(evaluations["teacher_pytorch"]).metrics
-    score = None if champion is None else ChampionScore(champion["accuracy"], champion["note"])
+    score = None if champion is None else ChampionScore(
+        champion["accuracy"], champion["note"], tuple(map(bool, champion["correct"])) if "correct" in champion else None)
+    teacher_predictions = _predictions(evaluations["teacher_pytorch"])
+    majority = majority_share(teacher_predictions) if teacher_predictions else None
     model_name, uri = config.promote.registered_model, settings.mlflow_tracking_uri
     gates: dict[str, list[gate_step.GateCheck]] = {}
     for name, version in registered["versions"].items():
         if version is None:
             continue
-        gates[name] = gate_step.evaluate_gates(config.gate, candidate_metrics(evaluations, name), teacher, score)
+        predictions = _predictions(evaluations[name])
+        answers = read_correct(predictions) if predictions else None
+        gates[name] = gate_step.evaluate_gates(config.gate, candidate_metrics(evaluations, name), teacher, score,
+                                               answers, majority)
         model_aliases.tag_version(uri, model_name, version,
                                   {f"gate.{c.name}": f"{c.decision.value}: {c.detail}" for c in gates[name]})
     plan = read_plan(settings.run_dir(run_id))
@@ -84,19 +114,13 @@ def gate_candidates(settings: PipelineSettings, config: PipelineConfig, run_id: 
     preferred = frozenset(name for name in gates if resolution is not None and resolution.prefer_gpu
                           and RECIPE.producer(name).target is Target.GPU)
     winner = choose_winner({name: (gate_step.passed(checks), evaluations[name]["metrics"])
-                            for name, checks in gates.items()}, plan.objective, preferred)
+                            for name, checks in gates.items()}, plan.objective, preferred,
+                           config.gate.latency_noise_margin)
     registered_metrics = {name: evaluations[name]["metrics"] for name in gates}
     no_winner = (no_winner_reason(config.gate, registered_metrics, teacher["accuracy"])
                  if winner is None and registered_metrics else None)
-    for name, checks in gates.items():
-        if name != winner:
-            reasons = gate_step.failure_reasons(checks)
-            better = "more accurate" if plan.objective == "most_accurate" else "faster"
-            if not reasons and winner in preferred and name not in preferred:
-                better = "a GPU candidate (target gpu prefers them)"
-            why = "; ".join(reasons) if reasons else f"passed every gate but {winner} was {better}"
-            registry.describe_decision(uri, model_name, registered["versions"][name],
-                                       f"not promoted by run {run_id}: {why}.")
+    _describe_losers(settings, config, run_id, registered["versions"], gates, winner,
+                     plan.objective, preferred if winner in preferred else frozenset())
     decisions = {
         "run_id": run_id,
         "mlflow_parent_run_id": registered["parent_run_id"],
@@ -105,7 +129,9 @@ def gate_candidates(settings: PipelineSettings, config: PipelineConfig, run_id: 
         "candidates": {name: StepResult.from_dict(value).metrics for name, value in evaluations.items()},
         "switched_off": switched_off_candidates(config) | not_built_candidates(settings, config, run_id, evaluations),
         "target": resolution.to_dict() if resolution is not None else None,
-        "champion_before": champion,
+        "champion_before": None if champion is None else {key: value for key, value in champion.items()
+                                                          if key != "correct"},
+        "majority_share": majority,
         "gates": {name: [{"name": c.name, "decision": c.decision.value, "detail": c.detail} for c in checks]
                   for name, checks in gates.items()},
         "winner": winner,
@@ -151,7 +177,7 @@ def promote_winner(settings: PipelineSettings, config: PipelineConfig, run_id: s
     registry.describe_decision(
         uri, model_name, version,
         f"promoted by run {run_id}: every gate passed and it was the "
-        f"{'most accurate' if decisions.get('objective') == 'most_accurate' else 'fastest'} passing candidate; "
+        f"{'most accurate' if decisions.get('objective') == 'most_accurate' else 'fastest (the most accurate within the latency noise margin)'} passing candidate; "
         f"serving as Triton "
         f"{config.promote.triton_model} version {int(result.metrics['triton_version'])} with alias "
         f"{config.promote.alias!r}.")
@@ -183,6 +209,12 @@ def write_report(settings: PipelineSettings, run_id: str) -> dict:
                              {f"{name}.{key}": value for name, value in summary["candidates"].items()
                               for key, value in value.items() if key in ("accuracy", "latency_p95_ms")})
     return {"summary": str(summary_path), "winner": summary["winner"], "promotion": summary["promotion"]}
+
+
+def _predictions(evaluation: dict) -> Path | None:
+    """A candidate's per-text outputs, when its evaluation wrote them (every evaluation of this pipeline does)."""
+    path = StepResult.from_dict(evaluation).uris.get("predictions")
+    return Path(path) if path else None
 
 
 def _promotion_target(settings: PipelineSettings) -> promote_step.PromotionTarget:

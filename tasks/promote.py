@@ -204,8 +204,8 @@ def champion_score(target: PromotionTarget, config: PromoteConfig, data_dir: Pat
         return ChampionScore(None, f"Triton {config.triton_model} v{version} predicts labels {unknown} that this "
                                    f"data does not have ({labels})")
     truth = [labels[index] for index in test["label"]]
-    accuracy = float(np.mean([guess == true for guess, true in zip(served, truth)]))
-    return ChampionScore(accuracy, f"Triton {config.triton_model} v{version}")
+    correct = tuple(bool(guess == true) for guess, true in zip(served, truth))
+    return ChampionScore(float(np.mean(correct)), f"Triton {config.triton_model} v{version}", correct)
 
 
 def _switch_to(replicas: TritonReplicas, repository: Path, name: str, version: int, ensemble_config: str,

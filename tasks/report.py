@@ -13,6 +13,8 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+from tasks.stats import wilson_interval
+
 REFERENCE = "teacher_pytorch"
 REPORT_FILES = ("report.md", "report.html", "pareto.png")
 
@@ -83,12 +85,27 @@ def _champion_line(champion: dict | None) -> str:
             f"({champion['note']}).")
 
 
+def _statistics_line(summary: dict) -> str:
+    """The winner's accuracy with its 95% interval, and how it compared with the champion on the same texts."""
+    winner = summary.get("winner")
+    if not winner:
+        return "No winner: see each candidate's gates."
+    metrics = summary["candidates"][winner]
+    texts = int(metrics.get("test_rows", 0))
+    low, high = wilson_interval(round(metrics["accuracy"] * texts), texts)
+    line = f"{winner}: accuracy {metrics['accuracy']:.4f} (95% interval {low:.4f} to {high:.4f}, {texts} test texts)"
+    champion = next((check for check in summary["gates"].get(winner, []) if check["name"] == "champion_regression"),
+                    None)
+    return line + (f"; against the champion: {champion['detail']}." if champion else "; no champion to compare with.")
+
+
 def markdown(summary: dict) -> str:
     rows = candidate_rows(summary)
     lines = [
         f"# optimize_model run `{summary['run_id']}`", "",
         _outcome(summary), "",
         _champion_line(summary.get("champion_before")), "",
+        _statistics_line(summary), "",
         _switched_off_line(summary), "",
         "| candidate | MLflow version | accuracy | retention | size MB | smaller | p50 ms | p95 ms | p99 ms | "
         "faster (p50) | texts/s @32 | cost per text | peak MB | gates |",
@@ -131,6 +148,7 @@ padding:4px 8px;text-align:right}}td:first-child,td:last-child{{text-align:left}
 </style></head><body>
 <h1>optimize_model run {html.escape(summary['run_id'])}</h1>
 <p>{outcome}</p>
+<p>{html.escape(_statistics_line(summary))}</p>
 <p>{html.escape(_switched_off_line(summary))}</p>
 <table><thead><tr>{header}</tr></thead><tbody>
 {chr(10).join(cells)}
