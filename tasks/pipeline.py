@@ -106,8 +106,10 @@ def record_skip(settings: PipelineSettings, run_id: str, stage_id: str, reason: 
     (folder / f"{stage_id}.txt").write_text(reason)
 
 
-def not_built_reason(settings: PipelineSettings, run_id: str, stage: Stage) -> str:
-    """Why the stage (or one upstream of it) built nothing, as recorded, else the run's GPU resolution."""
+def not_built_reason(settings: PipelineSettings, run_id: str, stage: Stage,
+                     config: PipelineConfig | None = None) -> str:
+    """Why the stage (or one upstream of it) built nothing, as recorded, else the run's GPU resolution
+    (resolved here under ``config`` when the run recorded none, e.g. a run without ``resolve_target``)."""
     folder = settings.run_dir(run_id) / DECISIONS / "skipped"
     if stage.candidate and (folder / f"evaluate_{stage.candidate}.txt").exists():
         return f"not evaluated: {(folder / f'evaluate_{stage.candidate}.txt').read_text()}"
@@ -117,13 +119,15 @@ def not_built_reason(settings: PipelineSettings, run_id: str, stage: Stage) -> s
     resolution = hardware.read_resolution(settings.run_dir(run_id) / DECISIONS)
     if resolution is not None and not resolution.gpu_branch:
         return resolution.reason
-    return f"{stage.id} or a task upstream of it was skipped; see their logs"
+    off = gpu_branch_off(settings, config, run_id) if resolution is None and config is not None else None
+    return off or f"{stage.id} or a task upstream of it was skipped; see their logs"
 
 
 def not_built_candidates(settings: PipelineSettings, config: PipelineConfig, run_id: str,
                          evaluations: dict[str, dict]) -> dict[str, str]:
     """The switched-on GPU candidates that were not built or evaluated on this run's worker, with why."""
-    return {name: not_built_reason(settings, run_id, RECIPE.producer(name)) for name in enabled_candidates(config)
+    return {name: not_built_reason(settings, run_id, RECIPE.producer(name), config)
+            for name in enabled_candidates(config)
             if name not in evaluations and RECIPE.producer(name).target is Target.GPU}
 
 
@@ -269,7 +273,7 @@ def evaluate_candidates(settings: PipelineSettings, config: PipelineConfig, run_
         stage = RECIPE.producer(candidate)
         device = "cuda" if stage.target is Target.GPU else "cpu"
         if produced.get(stage.id) is None and device == "cuda":  # the worker could not build it: say why
-            log.info("%s not built, not evaluated: %s", candidate, not_built_reason(settings, run_id, stage))
+            log.info("%s not built, not evaluated: %s", candidate, not_built_reason(settings, run_id, stage, config))
             continue
         if produced.get(stage.id) is None:
             raise PipelineError(f"{candidate} is switched on but its stage {stage.id!r} produced no result (skipped "
