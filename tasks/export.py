@@ -41,7 +41,7 @@ def export_onnx(model: torch.nn.Module, tokenizer, path: Path, opset: int, max_l
     axes[OUTPUT_NAME] = {0: "batch"}
     with torch.inference_mode():
         torch.onnx.export(
-            _LogitsOnly(model),
+            _LogitsOnly(model).eval(),  # the exporter restores the wrapper's mode on the model: eval, not train
             (sample["input_ids"], sample["attention_mask"]),
             str(path),
             input_names=list(INPUT_NAMES),

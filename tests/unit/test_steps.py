@@ -223,3 +223,14 @@ def test_pytorch_dynamic_int8_baseline_is_evaluated_like_any_candidate(trained_t
                           prepared_data, tmp_path / "eval")
     assert result.metrics["accuracy"] >= 0.8
     assert result.metrics["size_bytes"] == made.metrics["size_bytes"]
+
+
+def test_exporting_leaves_the_model_in_eval_mode(tiny_model, tmp_path):
+    """The exporter restores the traced wrapper's mode on the model: a fresh wrapper is in train mode,
+    which would switch dropout back on for whoever uses the model after the export."""
+    from tasks.export import export_onnx
+    from tasks.modeling import load_classifier, load_tokenizer
+
+    model = load_classifier(tiny_model)
+    export_onnx(model, load_tokenizer(tiny_model), tmp_path / "model.onnx", opset=17, max_length=16)
+    assert not model.training and not any(module.training for module in model.modules())
