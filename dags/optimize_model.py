@@ -250,6 +250,7 @@ def optimize_model():
     changed = changed_since_champion(data)
     gpu = resolve_target()
     changed >> gpu
+    gpu_entry = {stage.id for stage in OPTIMIZE_MODEL.entry_stages(Target.GPU)}
     results = {}
     for stage in OPTIMIZE_MODEL.stages:  # the recipe is the graph
         upstream = {key: results[source] for key, source in stage.inputs.items()}
@@ -258,8 +259,7 @@ def optimize_model():
                                                                                                  upstream)
         if not stage.inputs:
             changed >> results[stage.id]
-        if stage.target is Target.GPU and all(OPTIMIZE_MODEL.stage(source).target is Target.CPU
-                                              for source in stage.inputs.values()):
+        if stage.id in gpu_entry:
             gpu >> results[stage.id]  # the GPU branch's first tasks: skipped when resolve_target says so
     evaluations = evaluate(data, {stage.id: results[stage.id] for stage in OPTIMIZE_MODEL.stages if stage.candidate})
     registered = register(data, evaluations)

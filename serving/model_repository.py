@@ -6,6 +6,7 @@ loads unchanged in the official Triton container (real ONNX Runtime backend).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -61,8 +62,6 @@ class EngineProfile:
     @classmethod
     def read(cls, model_dir: Path) -> EngineProfile:
         """The profile recorded beside an engine; ``RepositoryError`` when it is not there."""
-        import json
-
         path = model_dir / ENGINE_PROFILE_FILE
         if not path.exists():
             raise RepositoryError(f"{model_dir} has no {ENGINE_PROFILE_FILE}: the engine's optimization profile is "

@@ -12,9 +12,10 @@ import logging
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from serving.model_repository import ENGINE_PROFILE_FILE  # where Triton's writer reads the engine's profile
 from tasks.config import CompileConfig
 from tasks.errors import CompileError, ConfigError
-from tasks.hardware import gpu_names, tensorrt_version
+from tasks.hardware import gpu_names, tensorrt_missing, tensorrt_version
 from tasks.manifest import ModelSource, Precision, read_manifest, write_manifest
 from tasks.onnx_model import ENGINE_FILENAME, INPUT_NAMES, MODEL_FILENAME, copy_tokenizer_files
 from tasks.results import ModelFormat, StepResult, StepStatus, staged_dir, write_json_atomic
@@ -36,8 +37,7 @@ def unavailable_reason(gpus: list[str], trt_version: str | None, serving_tensorr
     if not gpus:
         return "no NVIDIA GPU visible to CUDA: TensorRT engines are built and run on the GPU they target"
     if trt_version is None:
-        return (f"the tensorrt Python package is not installed (GPU {gpus[0]} is present): install "
-                "tensorrt matching the CUDA driver, or serve the ONNX model with Triton's TensorRT accelerator")
+        return tensorrt_missing(gpus, trt_version)
     if serving_tensorrt and not same_release(trt_version, serving_tensorrt):
         return (f"TensorRT {trt_version} is installed here, but the Triton that serves the engines runs TensorRT "
                 f"{serving_tensorrt} (PIPELINE_TRITON_TENSORRT): an engine built here would not load there; install "
@@ -126,11 +126,11 @@ def _build(config: CompileConfig, onnx_dir: Path, out_dir: Path, precision: str,
         info = build_engine(onnx_dir / MODEL_FILENAME, staging / ENGINE_FILENAME, config, precision)
         copy_tokenizer_files(onnx_dir, staging)
         info |= {"gpu": gpu, "precision": precision, "source": str(onnx_dir / MODEL_FILENAME)}
-        write_json_atomic(staging / "compile_config.json", asdict(config) | info)
+        write_json_atomic(staging / ENGINE_PROFILE_FILE, asdict(config) | info)
         write_manifest(staging, format=ModelFormat.TENSORRT_PLAN, precision=precision,
                        step=f"compile_tensorrt_{precision}", created_by=__name__,
                        source=ModelSource(str(onnx_dir), ModelFormat.ONNX),
-                       config=asdict(config) | {"precision": precision}, config_file="compile_config.json",
+                       config=asdict(config) | {"precision": precision}, config_file=ENGINE_PROFILE_FILE,
                        details={key: info[key] for key in ("gpu", "tensorrt_version") if key in info})
     return StepResult(
         step=f"compile_tensorrt_{precision}",

@@ -14,12 +14,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from tasks import gate as gate_step
-from tasks import model_aliases, registry, report
+from tasks import hardware, model_aliases, registry, report
 from tasks import promote as promote_step
 from tasks.champion import ChampionScore
 from tasks.config import GateConfig, PipelineConfig
 from tasks.errors import PipelineError, PromotionFailed
-from tasks import hardware
 from tasks.pipeline import DECISIONS, RECIPE, candidate_metrics, not_built_candidates, switched_off_candidates
 from tasks.predictions import majority_share, read_correct
 from tasks.recipe import Target
@@ -28,6 +27,8 @@ from tasks.settings import PipelineSettings
 from tasks.trigger import read_plan
 
 log = logging.getLogger(__name__)
+
+FASTEST = "fastest (the most accurate within the latency noise margin)"
 
 
 def score_champion(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict) -> dict | None:
@@ -94,8 +95,8 @@ def gate_candidates(settings: PipelineSettings, config: PipelineConfig, run_id: 
     """Gate every registered candidate, record each gate on its model version, choose the winner and
     say in every other version's description why it was not chosen. Writes ``decisions/gates.json``."""
     teacher = StepResult.from_dict(evaluations["teacher_pytorch"]).metrics
-    score = None if champion is None else ChampionScore(
-        champion["accuracy"], champion["note"], tuple(map(bool, champion["correct"])) if "correct" in champion else None)
+    answers = tuple(map(bool, champion["correct"])) if champion and "correct" in champion else None
+    score = None if champion is None else ChampionScore(champion["accuracy"], champion["note"], answers)
     teacher_predictions = _predictions(evaluations["teacher_pytorch"])
     majority = majority_share(teacher_predictions) if teacher_predictions else None
     model_name, uri = config.promote.registered_model, settings.mlflow_tracking_uri
@@ -177,7 +178,7 @@ def promote_winner(settings: PipelineSettings, config: PipelineConfig, run_id: s
     registry.describe_decision(
         uri, model_name, version,
         f"promoted by run {run_id}: every gate passed and it was the "
-        f"{'most accurate' if decisions.get('objective') == 'most_accurate' else 'fastest (the most accurate within the latency noise margin)'} passing candidate; "
+        f"{'most accurate' if decisions.get('objective') == 'most_accurate' else FASTEST} passing candidate; "
         f"serving as Triton "
         f"{config.promote.triton_model} version {int(result.metrics['triton_version'])} with alias "
         f"{config.promote.alias!r}.")

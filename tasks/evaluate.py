@@ -16,7 +16,7 @@ from tasks.config import EvaluateConfig
 from tasks.errors import PipelineError
 from tasks.manifest import ArtifactManifest, read_manifest
 from tasks.modeling import load_classifier, load_tokenizer
-from tasks.hardware import gpu_names, onnxruntime_gpu_providers, tensorrt_version
+from tasks.hardware import gpu_names, onnxruntime_gpu_providers, tensorrt_missing, tensorrt_version
 from tasks.onnx_model import (ENGINE_FILENAME, INPUT_NAMES, MODEL_FILENAME, OUTPUT_NAME, TORCH_INT8_FILENAME,
                               model_size_bytes)
 from tasks.results import ModelFormat, StepResult, StepStatus, staged_dir, write_json_atomic
@@ -122,7 +122,8 @@ def tensorrt_predictor(model_dir: Path, threads: int) -> Predictor:
 
     def predict(batch: dict[str, np.ndarray]) -> np.ndarray:
         stream = torch.cuda.current_stream()
-        inputs = [torch.from_numpy(batch[name]).to("cuda", types[engine.get_tensor_dtype(name)]) for name in INPUT_NAMES]
+        inputs = [torch.from_numpy(batch[name]).to("cuda", types[engine.get_tensor_dtype(name)])
+                  for name in INPUT_NAMES]
         for name, tensor in zip(INPUT_NAMES, inputs):
             context.set_input_shape(name, tuple(tensor.shape))
             context.set_tensor_address(name, tensor.data_ptr())
@@ -150,8 +151,10 @@ def gpu_unavailable_reason(model_format: ModelFormat, gpus: list[str] | None = N
     gpus = gpu_names() if gpus is None else gpus
     if not gpus:
         return "no NVIDIA GPU visible to CUDA on this worker"
-    if model_format is ModelFormat.TENSORRT_PLAN and (tensorrt_version() if trt_version is None else trt_version) is None:
-        return f"the tensorrt Python package is not installed (GPU {gpus[0]} is present)"
+    if model_format is ModelFormat.TENSORRT_PLAN:
+        missing = tensorrt_missing(gpus, tensorrt_version() if trt_version is None else trt_version)
+        if missing is not None:
+            return missing
     providers = onnxruntime_gpu_providers() if ort_providers is None else ort_providers
     if model_format is ModelFormat.ONNX and "CUDAExecutionProvider" not in providers:
         return (f"the installed onnxruntime has no CUDA provider (GPU {gpus[0]} is present): install onnxruntime-gpu "

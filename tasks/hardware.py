@@ -43,6 +43,14 @@ def tensorrt_version() -> str | None:
     return str(tensorrt.__version__)
 
 
+def tensorrt_missing(gpus: list[str] | tuple[str, ...], trt_version: str | None) -> str | None:
+    """Why TensorRT cannot be used on this worker's GPU (None: it can, or there is no GPU to say it of)."""
+    if gpus and trt_version is None:
+        return (f"the tensorrt Python package is not installed (GPU {gpus[0]} is present): install "
+                "tensorrt matching the CUDA driver, or serve the ONNX model with Triton's TensorRT accelerator")
+    return None
+
+
 def onnxruntime_gpu_providers() -> list[str]:
     """The GPU execution providers of the installed ONNX Runtime (empty for the CPU build)."""
     try:

@@ -85,9 +85,13 @@ def stage_switched_off(config: PipelineConfig, stage_id: str) -> str | None:
 
 def resolve_target(settings: PipelineSettings, config: PipelineConfig, run_id: str) -> hardware.TargetResolution:
     """The run's target resolved on this worker (its GPUs, its TensorRT), written for the later tasks."""
-    resolution = hardware.resolve(config.compile.target, hardware.gpu_names(), hardware.tensorrt_version())
+    resolution = _resolve_here(config)
     hardware.write_resolution(settings.run_dir(run_id) / DECISIONS, resolution)
     return resolution
+
+
+def _resolve_here(config: PipelineConfig) -> hardware.TargetResolution:
+    return hardware.resolve(config.compile.target, hardware.gpu_names(), hardware.tensorrt_version())
 
 
 def gpu_branch_off(settings: PipelineSettings, config: PipelineConfig, run_id: str) -> str | None:
@@ -95,7 +99,7 @@ def gpu_branch_off(settings: PipelineSettings, config: PipelineConfig, run_id: s
     (resolved here when the run has none yet)."""
     resolution = hardware.read_resolution(settings.run_dir(run_id) / DECISIONS)
     if resolution is None:
-        resolution = hardware.resolve(config.compile.target, hardware.gpu_names(), hardware.tensorrt_version())
+        resolution = _resolve_here(config)
     return None if resolution.gpu_branch else resolution.reason
 
 

@@ -225,6 +225,12 @@ class Recipe:
         """The stages whose output is built for ``target``."""
         return tuple(stage for stage in self.stages if stage.target is target)
 
+    def entry_stages(self, target: Target) -> tuple[Stage, ...]:
+        """The first stages of ``target``'s branch: those of ``target`` whose inputs are all built for
+        another target (the GPU branch starts from the CPU branch's FP32 ONNX models)."""
+        return tuple(stage for stage in self.on(target)
+                     if all(self.stage(source).target is not target for source in stage.inputs.values()))
+
     def edges(self) -> set[tuple[str, str]]:
         """(upstream, downstream) stage ids."""
         return {(upstream, stage.id) for stage in self.stages for upstream in stage.inputs.values()}

@@ -51,9 +51,9 @@ class PairedComparison:
         return asdict(self)
 
     def describe(self) -> str:
-        return (f"{self.difference:+.4f} (95% interval {self.low:+.4f} to {self.high:+.4f}; {self.candidate_only} texts "
-                f"only the candidate got right, {self.reference_only} only the champion; McNemar p = "
-                f"{self.p_worse:.3g} that the candidate is worse)")
+        return (f"{self.difference:+.4f} (95% interval {self.low:+.4f} to {self.high:+.4f}; "
+                f"{self.candidate_only} texts only the candidate got right, {self.reference_only} only the "
+                f"champion; McNemar p = {self.p_worse:.3g} that the candidate is worse)")
 
 
 def paired_comparison(candidate_correct: Sequence[bool], reference_correct: Sequence[bool]) -> PairedComparison:

@@ -48,8 +48,7 @@ def test_optimize_model_edges_equal_the_recipe(dagbag):
     data = {("prepare_data", task) for task in ("changed_since_champion", *stages, "evaluate", "register",
                                                 "score_champion", "promote")}
     # The GPU branch starts after resolve_target, which skips it when the worker cannot or should not build it.
-    gpu_first = {stage.id for stage in OPTIMIZE_MODEL.on(Target.GPU)
-                 if all(OPTIMIZE_MODEL.stage(source).target is Target.CPU for source in stage.inputs.values())}
+    gpu_first = {stage.id for stage in OPTIMIZE_MODEL.entry_stages(Target.GPU)}
     assert gpu_first == {f"{kind}_{model}" for kind in ("fp16", "qdq") for model in ("teacher", "student", "pruned")}
     expected = (OPTIMIZE_MODEL.edges() | {("changed_since_champion", stage) for stage in first}
                 | {("plan", "prepare_data"), ("changed_since_champion", "resolve_target")}
