@@ -35,7 +35,12 @@ PREDICTIONS = sa.Table(
     sa.Column("probabilities", sa.Text, nullable=False),  # JSON list, in label order
     sa.Column("latency_ms", sa.Float, nullable=False),
     sa.Column("text", sa.Text, nullable=True),  # only when text logging is on (off by default)
+    # Added after the first release (``create_engine`` adds them to an older table):
+    sa.Column("prediction_id", sa.String(32), nullable=True, unique=True),  # the id /v1/classify returns
+    sa.Column("embedding", sa.LargeBinary, nullable=True),  # float16 bytes (monitoring.embedding)
 )
+# Columns an older table may lack, added by ``create_engine``: (name, SQL type per dialect).
+ADDED_COLUMNS = {"prediction_id": "VARCHAR(32)", "embedding": {"postgresql": "BYTEA", "default": "BLOB"}}
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,8 @@ class Prediction:
     probabilities: tuple[float, ...]
     latency_ms: float
     text: str | None = None
+    prediction_id: str | None = None
+    embedding: bytes | None = None  # the pooled input embedding, float16 (monitoring.embedding.encode)
 
     def row(self) -> dict:
         data = asdict(self)
@@ -77,7 +84,26 @@ def create_engine(url: str) -> sa.Engine:
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
     METADATA.create_all(engine)
+    add_missing_columns(engine)
     return engine
+
+
+def add_missing_columns(engine: sa.Engine) -> list[str]:
+    """Add the columns of ``ADDED_COLUMNS`` that a table created by an earlier release lacks (all
+    nullable, so old rows stay valid); returns the names added."""
+    present = {column["name"] for column in sa.inspect(engine).get_columns(PREDICTIONS.name)}
+    added = []
+    with engine.begin() as connection:
+        for name, sql_type in ADDED_COLUMNS.items():
+            if name in present:
+                continue
+            if isinstance(sql_type, dict):
+                sql_type = sql_type.get(engine.dialect.name, sql_type["default"])
+            connection.execute(sa.text(f"ALTER TABLE {PREDICTIONS.name} ADD COLUMN {name} {sql_type}"))
+            added.append(name)
+    if added:
+        log.info("prediction log: added columns %s to the existing table", ", ".join(added))
+    return added
 
 
 class PredictionLog:

@@ -75,3 +75,26 @@ def test_retention_deletes_only_old_rows(tmp_path):
 def test_invalid_settings_are_rejected():
     with pytest.raises(ValueError):
         plog.PredictionLog("sqlite://", queue_size=0)
+
+
+def test_a_table_of_an_earlier_release_gains_the_new_columns_and_keeps_its_rows(tmp_path):
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    old = sa.create_engine(url)
+    with old.begin() as connection:
+        connection.execute(sa.text(
+            "CREATE TABLE predictions (id INTEGER PRIMARY KEY, served_at FLOAT NOT NULL, model VARCHAR(128) NOT NULL, "
+            "model_version VARCHAR(32) NOT NULL, text_chars INTEGER NOT NULL, token_count INTEGER, "
+            "unknown_tokens INTEGER, label VARCHAR(128) NOT NULL, confidence FLOAT NOT NULL, "
+            "probabilities TEXT NOT NULL, latency_ms FLOAT NOT NULL, text TEXT)"))
+        connection.execute(sa.text(
+            "INSERT INTO predictions (served_at, model, model_version, text_chars, label, confidence, probabilities, "
+            "latency_ms) VALUES (1.0, 'm', '1', 5, 'positive', 0.9, '[0.1, 0.9]', 3.0)"))
+    old.dispose()
+    engine = plog.create_engine(url)
+    assert plog.add_missing_columns(engine) == []  # already added by create_engine
+    with engine.begin() as connection:
+        connection.execute(plog.PREDICTIONS.insert(), [_prediction(1, served_at=2.0).row()
+                                                       | {"prediction_id": "abc", "embedding": b"\x00\x01"}])
+    frame = plog.read_window(engine, 0.0, 10.0)
+    assert frame["prediction_id"].tolist() == [None, "abc"]
+    assert frame["embedding"].tolist()[0] is None and bytes(frame["embedding"].tolist()[1]) == b"\x00\x01"
