@@ -12,7 +12,7 @@ export AIRFLOW__USAGE_DATA_COLLECTION__ENABLED := False
 export SCARF_ANALYTICS := false
 PYTEST_ARGS ?=
 
-.PHONY: help venv venv-triton venv-kfp venv-optimum perf-analyzer bench bench-triton bench-pipeline browser-deps kubeflow demo demo-drift demo-latency test test-slow bench-compress bench-monitor bench-gpu load-test up down status assets clean-stack
+.PHONY: help venv venv-triton venv-kfp venv-optimum perf-analyzer bench bench-triton bench-pipeline browser-deps kubeflow demo demo-drift demo-latency test test-slow bench-compress bench-monitor bench-drift bench-gpu load-test up down status assets clean-stack
 
 help:
 	@echo "make demo       create environments, start the local stack, run optimize_model end to end"
@@ -25,6 +25,7 @@ help:
 	@echo "make bench-pipeline  one optimize_model run on the demo profile: wall time, peak memory per task -> bench/results/pipeline-cost.{json,md}"
 	@echo "make bench-compress  every compression technique on the demo assets -> bench/results/compress-demo.{json,md}"
 	@echo "make bench-monitor   one monitoring window over 10,000 logged predictions -> bench/results/monitor.json"
+	@echo "make bench-drift     false alarms and detection per shift family and window size, demo model (~15 min) -> bench/results/drift.{json,md}"
 	@echo "make bench-gpu       on an NVIDIA GPU: teacher and students in PyTorch FP32/FP16 (SDPA, flash) and TensorRT -> bench/results/gpu.{json,md}"
 	@echo "make load-test       60 s of steady single-text requests to the local gateway -> bench/results/load-local.{json,md}"
 	@echo "make kubeflow        compile optimize_model for Kubeflow Pipelines -> build/optimize_model.kfp.yaml"
@@ -139,6 +140,10 @@ bench-triton: venv venv-triton perf-analyzer
 
 bench-monitor: venv
 	$(BIN)/python -m bench.monitor
+
+# Fine-tunes the demo teacher (the pipeline's stages) and judges windows of held-out and shifted texts.
+bench-drift: venv
+	$(BIN)/python -m bench.drift
 
 # Needs a CUDA GPU (without one it says so and measures nothing); TensorRT where the tensorrt package is
 # installed. On a bare GPU machine without this environment: OUT=<folder> bash bench/gpu_check.sh.

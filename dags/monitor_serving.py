@@ -2,15 +2,18 @@
 ### monitor_serving
 
 Every 15 minutes (`PIPELINE_MONITOR_INTERVAL_MINUTES`), reads the last window of the gateway's
-prediction log and compares the champion's served outputs with its reference predictions (stored
-at promotion) using Evidently, with explicit methods and thresholds per feature: confidence,
-predicted label, text length, token count, unknown-token share. It also checks latency (p95/p99
+prediction log and compares the champion's served predictions with its reference predictions
+(stored at promotion) using Evidently's distances: **output drift** (confidence, predicted label)
+and **input drift** (text length, token count, unknown-token share, pooled input embeddings).
+Thresholds are derived from the reference for the window's size so that a window like the
+reference alarms in `false_alarm_rate` of windows (default 1%); `drift_triggers` says which kinds of
+drift are a breach (both by default; the others are reported). It also checks latency (p95/p99
 from the log) and the gateway's 5xx error rate against their SLOs, and counts the texts the model
 answered with non-finite outputs (the gateway's `gateway_invalid_outputs_total`).
 
 Each window carries the kinds of breach it saw: **errors** (error rate over the SLO, or any invalid
 model output), **latency** (p95 or p99 over the SLO), **drift** (output drift on at least
-`min_rows` predictions; judged beside the SLOs). A window with too little traffic for drift and
+`min_rows` predictions, of a kind in `drift_triggers`; judged beside the SLOs). A window with too little traffic for drift and
 no SLO breach is reported, not judged. When breaches persist over `persist_windows` judged windows,
 no optimize_model run is active and the cooldown has passed, it triggers **optimize_model** (run
 id `monitor__<this run id>`) with `trigger_reason`, `trigger_kind` and `trigger_evidence` in its
@@ -42,7 +45,11 @@ INTERVAL_MINUTES = int(os.environ.get("PIPELINE_MONITOR_INTERVAL_MINUTES", "15")
 PARAMS = {
     "window_minutes": Param(INTERVAL_MINUTES, type="number", exclusiveMinimum=0,
                             description="how far back the window reaches"),
-    "min_rows": Param(100, type="integer", minimum=1, description="fewer predictions than this: not judged"),
+    "min_rows": Param(100, type="integer", minimum=10, description="fewer predictions than this: not judged"),
+    "false_alarm_rate": Param(0.01, type="number", exclusiveMinimum=0, maximum=0.2,
+                              description="drift: the chance that a window like the reference is called drifted"),
+    "drift_triggers": Param(["output", "input"], type="array", items={"type": "string", "enum": ["output", "input"]},
+                            description="the kinds of drift that are a breach (the others are reported only)"),
     "persist_windows": Param(2, type="integer", minimum=1,
                              description="consecutive breaching windows needed to trigger"),
     "cooldown_minutes": Param(360, type="number", minimum=0, description="no new trigger within this time"),

@@ -1,8 +1,10 @@
 """Pooled input embeddings for drift monitoring, cheap enough to compute for every prediction.
 
 At promotion, the champion's token-embedding matrix (vocabulary x hidden, read from its ONNX file)
-is reduced to ``DIMS`` whitened principal components, fitted on the mean-pooled embeddings of the
-reference texts (its test split). Mean pooling and the projection are both linear, so the result
+is reduced to ``DIMS`` whitened principal components, fitted on the mean-pooled embeddings of its
+training texts. Not on the reference (test) texts: a projection fitted on the reference makes the
+reference look tighter than any later window (whitening divides by the variances it measured on
+those very texts), and windows of the same distribution would then drift. Mean pooling and the projection are both linear, so the result
 is one table (vocabulary x ``DIMS``, ``TABLE_FILE``): a text's embedding is the mean of the table's
 rows over its tokens. The Triton tokenizer model does that lookup for every request (no second
 model pass), the gateway logs it as ``DIMS`` float16 values (``encode``), and the monitor compares a

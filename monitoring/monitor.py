@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from serving import prediction_log as plog
-from monitoring.drift import DriftConfig, detect
+from monitoring import embedding
+from monitoring.drift import EMBEDDING_REPORT, DriftConfig, detect
 from monitoring.features import FEATURES, REFERENCE_FILE, window_features
 from monitoring.policy import Decision, PolicyConfig, WindowVerdict, decide, judge, serving_breaches
 
@@ -153,7 +154,7 @@ def reference_for(repository: Path, model: str, version: str) -> pd.DataFrame:
     missing = [name for name in FEATURES if name not in frame]
     if missing:
         raise FileNotFoundError(f"{path} lacks the monitoring features {missing}: promote a new version")
-    return frame[list(FEATURES)]
+    return frame[list(FEATURES) + [column for column in embedding.COLUMNS if column in frame]]
 
 
 def _scrape(url: str | None) -> str | None:
@@ -299,14 +300,17 @@ def run_window(settings: MonitorSettings, config: MonitorConfig, window_end: flo
         "window": [window_start, window_end], "predictions": len(rows), "champion_version": version,
         "latency_p95_ms": p95, "latency_p99_ms": p99, "token_count_p99": token_count_p99(champion_rows), **servers,
         "drift": {name: item for name, item in (drift.features.items() if drift else [])},
+        "drift_kinds": list(drift.kinds) if drift else [],
+        "drift_false_alarm_rate": config.drift.false_alarm_rate,
+        "drift_critical_p": drift.critical_p if drift else None,
     }
     # Latency and error rate only mean something when something was served (or Triton failed);
     # invalid outputs are the model's fault however little was served.
     served = len(rows) > 0 or servers["triton_error_rate"] > 0
     breaches = serving_breaches(p95, p99, evidence["error_rate"] if served else 0.0, config.policy,
                                 invalid_outputs=servers["invalid_outputs"])
-    verdict = judge(window_end, len(champion_rows), config.drift.min_rows,
-                    drift.drifted_features if drift else [], bool(drift and drift.drifted), breaches, evidence)
+    verdict = judge(window_end, len(champion_rows), config.drift.min_rows, drift.by_kind() if drift else {},
+                    breaches, evidence, config.policy.drift_triggers)
     history = [record.verdict for record in state.before(window_end)] + [verdict]
     decision: Decision = decide(history, window_end, state.last_trigger_before(window_end), optimization_active,
                                 config.policy)
@@ -333,15 +337,17 @@ def _log_to_mlflow(settings: MonitorSettings, verdict: WindowVerdict, decision: 
     experiment = mlflow.set_experiment(EXPERIMENT)
     name = "window " + time.strftime("%Y-%m-%dT%H:%M", time.gmtime(verdict.window_end))
     with mlflow.start_run(experiment_id=experiment.experiment_id, run_name=name) as run:
-        mlflow.set_tags({"status": verdict.status, "kinds": ",".join(verdict.kinds), "trigger": str(decision.trigger),
+        mlflow.set_tags({"status": verdict.status, "kinds": ",".join(verdict.kinds),
+                         "drift_kinds": ",".join(evidence.get("drift_kinds", [])), "trigger": str(decision.trigger),
                          "trigger_kind": decision.kind, "decision": decision.reason[:500],
                          "model": settings.serving_model, "champion_version": str(evidence["champion_version"])})
         metrics = {"predictions": evidence["predictions"], "latency_p95_ms": evidence["latency_p95_ms"],
                    "latency_p99_ms": evidence["latency_p99_ms"], "error_rate": evidence["error_rate"],
                    "invalid_outputs": evidence["invalid_outputs"]}
-        metrics |= {f"drift_{name}": item["score"] for name, item in evidence["drift"].items()}
+        metrics |= {f"drift_{name}": item["score"] for name, item in evidence["drift"].items() if "score" in item}
+        metrics |= {f"drift_p_{name}": item["p_value"] for name, item in evidence["drift"].items() if "p_value" in item}
         mlflow.log_metrics(metrics)
-        for path in (out_dir / "summary.json", out_dir / "drift_report.html"):
+        for path in (out_dir / "summary.json", out_dir / "drift_report.html", out_dir / EMBEDDING_REPORT):
             if path.exists():
                 mlflow.log_artifact(str(path))
         return run.info.run_id

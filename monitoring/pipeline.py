@@ -17,8 +17,11 @@ POLICY_PARAMS = ("persist_windows", "cooldown_minutes", "max_p95_ms", "max_p99_m
 
 
 def config_from_params(params: Mapping[str, Any]) -> MonitorConfig:
-    policy = PolicyConfig(**{name: params[name] for name in POLICY_PARAMS if name in params})
-    drift = DriftConfig(min_rows=int(params.get("min_rows", DriftConfig().min_rows)))
+    policy = PolicyConfig(**{name: params[name] for name in POLICY_PARAMS if name in params},
+                          drift_triggers=tuple(params.get("drift_triggers", PolicyConfig().drift_triggers)))
+    defaults = DriftConfig()
+    drift = DriftConfig(min_rows=int(params.get("min_rows", defaults.min_rows)),
+                        false_alarm_rate=float(params.get("false_alarm_rate", defaults.false_alarm_rate)))
     return MonitorConfig(window_minutes=float(params.get("window_minutes", 15)), drift=drift, policy=policy)
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from monitoring.drift import DRIFT_KINDS
+
 # Breach kinds, highest priority first: the model's or the server's errors outrank latency, which
 # outranks drift (a re-optimization for drift cannot help a model that fails its requests).
 KINDS = ("errors", "latency", "drift")
@@ -30,8 +32,13 @@ class PolicyConfig:
     max_p95_ms: float = SLO_P95_MS
     max_p99_ms: float = 200.0
     max_error_rate: float = 0.01
+    # Which kinds of drift (monitoring.drift: "output", "input") are a breach; the others are reported only.
+    drift_triggers: tuple[str, ...] = DRIFT_KINDS
 
     def __post_init__(self) -> None:
+        unknown = sorted(set(self.drift_triggers) - set(DRIFT_KINDS))
+        if unknown:
+            raise ValueError(f"drift_triggers {unknown} are not drift kinds; known: {', '.join(DRIFT_KINDS)}")
         if self.persist_windows < 1 or self.cooldown_minutes < 0:
             raise ValueError("persist_windows >= 1 and cooldown_minutes >= 0")
         if self.max_p95_ms <= 0 or self.max_p99_ms <= 0 or not 0 <= self.max_error_rate <= 1:
@@ -111,22 +118,30 @@ def serving_breaches(latency_p95_ms: float, latency_p99_ms: float, error_rate: f
     return breaches
 
 
-def judge(window_end: float, rows: int, min_rows: int, drifted_features: list[str], drifted: bool,
-          breaches: list[Breach], evidence: dict) -> WindowVerdict:
+def judge(window_end: float, rows: int, min_rows: int, drift: dict[str, list[str]], breaches: list[Breach],
+          evidence: dict, drift_triggers: tuple[str, ...] = DRIFT_KINDS) -> WindowVerdict:
     """One window's verdict. Latency and error breaches are judged even on little traffic; drift
     only on ``min_rows`` predictions or more, and independently of them (one window can carry both).
 
-    The status is "slo_breach" when there is a latency or error breach, else "drift" when the output
-    drifted; ``kinds`` has every kind found.
+    ``drift`` maps each drift kind found ("output", "input") to its drifted features; the kinds in
+    ``drift_triggers`` are a breach, the others are only reported (in ``evidence["drift_noted"]``).
+    The status is "slo_breach" when there is a latency or error breach, else "drift" when a
+    triggering kind drifted; ``kinds`` has every breach kind found.
     """
     found = list(breaches)
-    if rows >= min_rows and drifted:
-        found.append(Breach("drift", f"output drift in {', '.join(drifted_features)}"))
+    judged = rows >= min_rows
+    for kind, features in drift.items() if judged else ():
+        if kind in drift_triggers:
+            found.append(Breach("drift", f"{kind} drift in {', '.join(features)}"))
+        else:
+            evidence = evidence | {"drift_noted": evidence.get("drift_noted", []) +
+                                   [f"{kind} drift in {', '.join(features)} (not a trigger: drift_triggers="
+                                    f"{','.join(drift_triggers) or 'none'})"]}
     kinds = tuple(kind for kind in KINDS if any(breach.kind == kind for breach in found))
     reasons = tuple(breach.reason for breach in found)
     if breaches:
         return WindowVerdict(window_end, "slo_breach", reasons, evidence, kinds)
-    if rows < min_rows:
+    if not judged:
         return WindowVerdict(window_end, "insufficient", (f"{rows} predictions < {min_rows}: not judged",), evidence)
     if found:
         return WindowVerdict(window_end, "drift", reasons, evidence, kinds)

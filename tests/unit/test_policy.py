@@ -60,28 +60,28 @@ def test_drift_that_goes_on_triggers_once_per_cooldown():
 def test_slo_breaches_are_judged_even_on_little_traffic_but_drift_is_not():
     slo = serving_breaches(latency_p95_ms=150, latency_p99_ms=90, error_rate=0.0, config=PolicyConfig())
     assert slo == [Breach("latency", "p95 latency 150.0 ms > 100 ms")]
-    assert judge(0, 5, 100, [], False, slo, {}).status == "slo_breach"
-    assert judge(0, 5, 100, ["confidence"], True, [], {}).status == "insufficient"
-    assert judge(0, 500, 100, ["confidence"], True, [], {}).status == "drift"
-    assert judge(0, 500, 100, [], False, [], {}).status == "ok"
+    assert judge(0, 5, 100, {}, slo, {}).status == "slo_breach"
+    assert judge(0, 5, 100, {"output": ["confidence"]}, [], {}).status == "insufficient"
+    assert judge(0, 500, 100, {"output": ["confidence"]}, [], {}).status == "drift"
+    assert judge(0, 500, 100, {}, [], {}).status == "ok"
     assert serving_breaches(10, 10, 0.05, PolicyConfig()) == [Breach("errors", "error rate 5.00% > 1.00%")]
 
 
 def test_a_window_carries_every_kind_it_saw():
     latency = serving_breaches(150, 250, 0.0, PolicyConfig())
-    both = judge(0, 500, 100, ["confidence", "label"], True, latency, {})
+    both = judge(0, 500, 100, {"output": ["confidence", "label"]}, latency, {})
     assert both.status == "slo_breach" and both.kinds == ("latency", "drift") and both.breach
     assert both.reasons[-1] == "output drift in confidence, label"
-    few = judge(0, 5, 100, ["confidence"], True, latency, {})  # too few rows: drift is not judged
+    few = judge(0, 5, 100, {"output": ["confidence"]}, latency, {})  # too few rows: drift is not judged
     assert few.kinds == ("latency",)
-    assert judge(0, 500, 100, ["confidence"], True, [], {}).kinds == ("drift",)
-    assert judge(0, 500, 100, [], False, [], {}).kinds == () and judge(0, 5, 100, [], False, [], {}).kinds == ()
+    assert judge(0, 500, 100, {"output": ["confidence"]}, [], {}).kinds == ("drift",)
+    assert judge(0, 500, 100, {}, [], {}).kinds == () and judge(0, 5, 100, {}, [], {}).kinds == ()
 
 
 def test_invalid_model_outputs_are_an_error_breach_whatever_the_traffic():
     breaches = serving_breaches(10, 10, 0.0, PolicyConfig(), invalid_outputs=3)
     assert breaches == [Breach("errors", "the model returned 3 non-finite outputs")]
-    verdict = judge(0, 2, 100, [], False, breaches, {})
+    verdict = judge(0, 2, 100, {}, breaches, {})
     assert verdict.status == "slo_breach" and verdict.kinds == ("errors",)
     with pytest.raises(ValueError, match="not one of"):
         Breach("memory", "too much")
@@ -118,3 +118,17 @@ def test_verdicts_saved_without_kinds_get_them_from_their_status_and_reasons():
 def test_invalid_policy_settings_are_rejected():
     with pytest.raises(ValueError):
         PolicyConfig(persist_windows=0)
+
+
+def test_the_policy_acts_on_the_drift_kinds_it_is_told_to_and_reports_the_others():
+    both = {"output": ["predicted"], "input": ["embedding", "text_chars"]}
+    assert judge(0, 500, 100, both, [], {}).reasons == ("output drift in predicted",
+                                                        "input drift in embedding, text_chars")
+    output_only = judge(0, 500, 100, both, [], {}, drift_triggers=("output",))
+    assert output_only.status == "drift" and output_only.reasons == ("output drift in predicted",)
+    assert output_only.evidence["drift_noted"] == [
+        "input drift in embedding, text_chars (not a trigger: drift_triggers=output)"]
+    input_ignored = judge(0, 500, 100, {"input": ["embedding"]}, [], {}, drift_triggers=("output",))
+    assert input_ignored.status == "ok" and not input_ignored.breach and input_ignored.kinds == ()
+    with pytest.raises(ValueError, match="not drift kinds"):
+        PolicyConfig(drift_triggers=("labels",))
