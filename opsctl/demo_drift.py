@@ -66,7 +66,10 @@ def prepare_data(imdb_csv: Path, tweets_csv: Path, folder: Path, sizes: DriftDem
     folder.mkdir(parents=True, exist_ok=True)
     imdb.iloc[:sizes.imdb_base][["text", "label"]].to_csv(folder / BASE_FILE, index=False)
     labelled[["text", "label"]].to_csv(folder / LABELLED_FILE, index=False)
-    normal = imdb.iloc[sizes.imdb_base:sizes.imdb_base + sizes.traffic]["text"].astype(str).str.slice(0, 2000)
+    from opsctl.demo import GATEWAY_MAX_CHARS
+
+    normal = imdb.iloc[sizes.imdb_base:sizes.imdb_base + sizes.traffic]["text"].astype(str).str.slice(
+        0, GATEWAY_MAX_CHARS)
     return DriftDemoData(folder, normal.tolist(), shifted["text"].astype(str).tolist(), held_out[["text", "label"]])
 
 

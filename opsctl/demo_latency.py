@@ -143,10 +143,11 @@ def _print_before_after(slow: dict, served_slow: float, breach: dict, after: dic
 def _review_texts(settings: StackSettings) -> list[str]:
     import pandas as pd
 
+    from opsctl.demo import GATEWAY_MAX_CHARS
     from tasks.assets import fetch_demo_assets
 
     assets = fetch_demo_assets(settings.assets_cache, progress=lambda message: print("  ", message))
-    return pd.read_csv(assets.imdb_csv)["text"].astype(str).str.slice(0, 2000).sample(
+    return pd.read_csv(assets.imdb_csv)["text"].astype(str).str.slice(0, GATEWAY_MAX_CHARS).sample(
         n=600, random_state=11).tolist()
 
 
