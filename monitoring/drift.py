@@ -225,6 +225,16 @@ def _not_judged_items(not_judged: dict[str, str]) -> dict[str, dict]:
 
 
 EMBEDDING_REPORT = "embedding_drift_report.html"  # beside the features' report
+# Rows of each side in the embedding report: Evidently draws them with t-SNE, whose cost grows
+# quickly (1,500 points took 35 s here); the verdict itself uses the whole embedding sample.
+REPORT_EMBEDDING_ROWS = 300
+
+
+def _report_sample(matrix: np.ndarray, seed: int) -> np.ndarray:
+    if len(matrix) <= REPORT_EMBEDDING_ROWS:
+        return matrix
+    rows = np.random.default_rng(seed).choice(len(matrix), REPORT_EMBEDDING_ROWS, replace=False)
+    return matrix[np.sort(rows)]
 
 
 def write_report(reference: pd.DataFrame, current: pd.DataFrame, result: DriftResult, html_path: Path,
@@ -232,8 +242,9 @@ def write_report(reference: pd.DataFrame, current: pd.DataFrame, result: DriftRe
     """Evidently's HTML reports: the judged scalar features, each with its calibrated threshold (so
     the report's drift flags are the verdict's), at ``html_path``; and the embeddings of the
     window's embedding sample (``window_embeddings``, the rows the verdict used) in
-    ``EMBEDDING_REPORT`` beside it. The embedding report is Evidently's MMD, whose kernel bandwidth
-    follows the window, so near its threshold its flag may differ from the verdict's."""
+    ``EMBEDDING_REPORT`` beside it, drawn on at most ``REPORT_EMBEDDING_ROWS`` rows of each side.
+    The embedding report is Evidently's MMD on those rows, whose kernel bandwidth follows them, so
+    near its threshold its flag may differ from the verdict's."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import EmbeddingsDrift, ValueDrift
     from evidently.metrics.embeddings import MMDDriftMethod
@@ -257,9 +268,11 @@ def write_report(reference: pd.DataFrame, current: pd.DataFrame, result: DriftRe
         definition = DataDefinition(numerical_columns=columns, embeddings={EMBEDDING: columns})
         metric = EmbeddingsDrift(embeddings_name=EMBEDDING,
                                  drift_method=MMDDriftMethod(threshold=judged[EMBEDDING]["threshold"]))
+        reference_rows = _report_sample(embedding_matrix(reference), seed=0)
         snapshot = Report([metric]).run(
-            reference_data=Dataset.from_pandas(reference[columns], data_definition=definition),
-            current_data=Dataset.from_pandas(pd.DataFrame(window_embeddings, columns=columns),
+            reference_data=Dataset.from_pandas(pd.DataFrame(reference_rows, columns=columns),
+                                               data_definition=definition),
+            current_data=Dataset.from_pandas(pd.DataFrame(_report_sample(window_embeddings, seed=1), columns=columns),
                                              data_definition=definition))
         snapshot.save_html(str(html_path.with_name(EMBEDDING_REPORT)))
         written.append(html_path.with_name(EMBEDDING_REPORT))

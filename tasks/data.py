@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from serving.text import normalise_text
 from tasks.config import DataConfig
 from tasks.errors import DataError
 from tasks.results import StepResult, StepStatus, staged_dir, write_json_atomic
@@ -22,8 +22,6 @@ _READERS = {
     ".jsonl": lambda path: pd.read_json(path, lines=True),
     ".json": pd.read_json,
 }
-_HTML_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
-_SPACES = re.compile(r"\s+")
 
 
 def load_frame(source: str) -> pd.DataFrame:
@@ -76,10 +74,6 @@ def _load_hf(spec: str) -> pd.DataFrame:
     return dataset.to_pandas()
 
 
-def clean_text(text: str) -> str:
-    return _SPACES.sub(" ", _HTML_BREAK.sub(" ", text)).strip()
-
-
 def normalise(frame: pd.DataFrame, config: DataConfig) -> tuple[pd.DataFrame, list[str]]:
     """Keep text and label columns, clean texts, drop empties and duplicates (the last occurrence of a
     text wins: later files of a data folder are newer), map labels to ids."""
@@ -94,7 +88,7 @@ def normalise(frame: pd.DataFrame, config: DataConfig) -> tuple[pd.DataFrame, li
     )
     frame = frame.dropna()
     frame = frame[frame["text"].map(lambda value: isinstance(value, str))]
-    frame = frame.assign(text=frame["text"].map(clean_text), label_name=frame["label_name"].astype(str))
+    frame = frame.assign(text=frame["text"].map(normalise_text), label_name=frame["label_name"].astype(str))
     frame = frame[frame["text"].str.len() >= config.min_chars]
     frame = frame.drop_duplicates(subset="text", keep="last").reset_index(drop=True)
     found = sorted(frame["label_name"].unique())

@@ -3,6 +3,7 @@ import json
 import pandas as pd
 import pytest
 
+from serving.text import normalise_text
 from tasks import data
 from tasks.config import DataConfig
 from tasks.errors import DataError
@@ -45,7 +46,7 @@ def test_a_newer_file_in_a_data_folder_relabels_the_same_text(tmp_path, frame):
     assert len(normalised) == len(frame) + 2
     by_text = dict(zip(normalised["text"], normalised["label"]))
     neg = labels.index("neg")
-    assert all(by_text[data.clean_text(text)] == neg for text in relabelled["review"])
+    assert all(by_text[normalise_text(text)] == neg for text in relabelled["review"])
     assert by_text["a newly labelled tweet"] == labels.index("pos")
 
 
