@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serving.errors import ServingError
 from serving.model_repository import DEFAULT_MODEL
 from serving.prediction_log import Prediction, PredictionLog
+from serving.text import normalise_text
 
 log = logging.getLogger(__name__)
 
@@ -343,11 +344,12 @@ def invalid_outputs_message(invalid: int, texts: int) -> str:
 
 def _logged_predictions(texts: list[str], result: dict, latency_ms: float,
                         settings: GatewaySettings) -> Iterator[Prediction]:
-    """The prediction log's rows for one answered request (texts only when ``settings.log_texts``)."""
+    """The prediction log's rows for one answered request (texts only when ``settings.log_texts``);
+    the length is the normalised text's (``serving.text``), as the model and the reference see it."""
     served_at = time.time()
     return (
         Prediction(served_at=served_at, model=settings.model, model_version=result["version"],
-                   text_chars=len(text), token_count=result["tokens"][i] if result["tokens"] else None,
+                   text_chars=len(normalise_text(text)), token_count=result["tokens"][i] if result["tokens"] else None,
                    unknown_tokens=result["unknown"][i] if result["unknown"] else None, label=label,
                    probabilities=tuple(probabilities), latency_ms=latency_ms,
                    text=text if settings.log_texts else None)

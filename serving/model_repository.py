@@ -17,6 +17,8 @@ from pathlib import Path
 from serving.errors import ServingError
 
 PYTHON_MODELS_DIR = Path(__file__).parent / "triton_models"
+# The text normalisation the tokenizer model applies (serving/text.py), copied beside its model.py.
+NORMALISER_FILE = Path(__file__).parent / "text.py"
 # The served ensemble's name wherever none is given: the one place it is written (the pipeline's
 # config, the gateway, the monitor, the CLI and the replica sync all read it from here).
 DEFAULT_MODEL = "text_classifier"
@@ -473,7 +475,7 @@ def write_component_versions(repository: Path, ensemble: ClassifierEnsemble, mod
                 {"max_length": str(ensemble.max_length), "pad_token": pad_token(model_dir)},
                 instances=ensemble.instances,
             ),
-            [PYTHON_MODELS_DIR / "tokenizer" / "model.py", model_dir / "tokenizer.json"],
+            [PYTHON_MODELS_DIR / "tokenizer" / "model.py", NORMALISER_FILE, model_dir / "tokenizer.json"],
         ),
         ensemble.postprocess_model: (
             render_python_config(

@@ -10,6 +10,7 @@ import json
 import time
 
 import httpx
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -160,6 +161,38 @@ def test_every_served_prediction_is_in_the_log(gateway_stack, http):
     assert latest["text"] is None
     metrics = http.get("/metrics").text
     assert "prediction_log_written" in metrics and "gateway_request_latency_seconds_bucket" in metrics
+
+
+RAW_TEXTS = (
+    "A fine film.<br /><br />The cast<BR>was great.",
+    "  tabs\tand\n\nnew lines   everywhere  ",
+    "Café crème, naïve façade — déjà vu 🎬",
+    "<br/>",
+    "a very long review " * 400,
+)
+
+
+def test_raw_texts_are_served_as_the_evaluation_reads_them(gateway_stack, http, exported_onnx):
+    """Serving parity: raw texts (HTML breaks, odd whitespace, unicode, very long) through the
+    gateway and Triton give the evaluation's probabilities for the same raw texts, which training
+    and evaluation see normalised by ``serving.text``; the log records the normalised length."""
+    from monitoring.features import softmax
+    from serving.text import normalise_text
+    from tasks.modeling import load_tokenizer
+    from tasks.onnx_model import onnx_logits
+
+    expected = softmax(onnx_logits(exported_onnx / "model.onnx", load_tokenizer(exported_onnx),
+                                   [normalise_text(text) for text in RAW_TEXTS], 32, batch_size=1))
+    served = []
+    for text in RAW_TEXTS:  # one text per request, as the evaluation ran them
+        response = http.post("/v1/classify", json={"texts": [text]})
+        assert response.status_code == 200, response.text
+        served.append([response.json()["predictions"][0]["probabilities"][label] for label in ("negative", "positive")])
+    assert np.abs(np.array(served) - expected).max() < 1e-4
+    engine = plog.create_engine(gateway_stack.settings.prediction_log_url)
+    _log_caught_up(http)
+    logged = plog.read_window(engine, time.time() - 60, time.time() + 1).sort_values("id").tail(len(RAW_TEXTS))
+    assert logged["text_chars"].tolist() == [len(normalise_text(text)) for text in RAW_TEXTS]
 
 
 def _metric_names(text: str) -> set[str]:

@@ -83,6 +83,8 @@ def test_ensemble_versions_are_written_to_every_model_with_one_number(tmp_path):
         assert (repository / model / "config.pbtxt").exists()
     assert (repository / "clf_tokenizer" / "2" / "tokenizer.json").exists()
     assert (repository / "clf_tokenizer" / "2" / "model.py").exists()
+    # The tokenizer model normalises texts with the training's function, shipped beside it.
+    assert (repository / "clf_tokenizer" / "2" / "text.py").read_text() == repo.NORMALISER_FILE.read_text()
     assert (repository / "clf_postprocess" / "2" / "model.py").exists()
     assert (repository / "clf_onnx" / "2" / "model.onnx").exists()
     ensemble_text = (repository / "clf" / "config.pbtxt").read_text()

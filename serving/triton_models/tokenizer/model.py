@@ -3,10 +3,13 @@
 Ships in each version folder next to ``tokenizer.json`` (the fast tokenizer the classifier was
 trained with). A request's texts are padded to the longest of them; a single text is not padded,
 which reproduces the evaluation's batch-1 inputs exactly. ``max_length`` comes from the config's
-``parameters``. Also returns, per text, its token count (after truncation, special tokens included)
-and how many of those are the unknown token, for the prediction log and drift monitoring.
+``parameters``. Texts are normalised first by ``text.py`` beside this file (a copy of
+``serving/text.py``, the function training cleaned its texts with), so the served model reads what
+the evaluated one read. Also returns, per text, its token count (after truncation, special tokens
+included) and how many of those are the unknown token, for the prediction log and drift monitoring.
 """
 
+import importlib.util
 import json
 import os
 
@@ -15,12 +18,23 @@ import triton_python_backend_utils as pb_utils
 from tokenizers import Tokenizer
 
 
+def load_normaliser(folder: str):
+    """``normalise_text`` from the ``text.py`` in ``folder`` (loaded by path: the version folder is
+    not a package, and another model's module of the same name must not be picked up)."""
+    spec = importlib.util.spec_from_file_location(f"text_normaliser_{abs(hash(folder))}", os.path.join(folder, "text.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.normalise_text
+
+
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
         parameters = config.get("parameters", {})
         max_length = int(parameters["max_length"]["string_value"])
-        path = os.path.join(args["model_repository"], args["model_version"], "tokenizer.json")
+        folder = os.path.join(args["model_repository"], args["model_version"])
+        self._normalise = load_normaliser(folder)
+        path = os.path.join(folder, "tokenizer.json")
         self._tokenizer = Tokenizer.from_file(path)
         self._tokenizer.enable_truncation(max_length=max_length)
         pad_token = parameters.get("pad_token", {}).get("string_value", "[PAD]")
@@ -40,7 +54,7 @@ class TritonPythonModel:
             except UnicodeDecodeError as error:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"TEXT is not UTF-8: {error}")))
                 continue
-            encodings = self._tokenizer.encode_batch(texts)
+            encodings = self._tokenizer.encode_batch([self._normalise(text) for text in texts])
             ids = np.array([encoding.ids for encoding in encodings], dtype=np.int64)
             mask = np.array([encoding.attention_mask for encoding in encodings], dtype=np.int64)
             counts = mask.sum(axis=1, keepdims=True).astype(np.int64)
