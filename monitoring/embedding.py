@@ -63,35 +63,43 @@ def token_embeddings(onnx_file: Path, vocab_size: int) -> np.ndarray:
 
 
 def _dequantized(graph, matrix, file_name: str) -> np.ndarray:
-    """An integer embedding matrix as float32: ``(q - zero_point) * scale`` with the scale and zero
-    point of the DequantizeLinear that reads it (directly, or the output of a Gather on it)."""
+    """An integer embedding matrix as float32: ``(q - zero_point) * scale``, with the scale and zero
+    point of the DequantizeLinear that reads it (directly, or the output of a Gather on it), or else
+    those ONNX Runtime's quantizer names after it (``<name>_quantized``: ``<name>_scale``,
+    ``<name>_zero_point``; its output may go straight into an integer MatMul)."""
     from onnx import numpy_helper
 
-    gathered = {node.output[0] for node in graph.node if node.op_type == "Gather" and node.input[0] == matrix.name}
-    readers = [node for node in graph.node if node.op_type == "DequantizeLinear"
-               and (node.input[0] == matrix.name or node.input[0] in gathered)]
     constants = {init.name: init for init in graph.initializer}
-    if not readers or any(name not in constants for name in readers[0].input[1:]):
+    scale_name, zero_name, axis, direct = _quantization_of(graph, matrix.name, constants)
+    if scale_name not in constants or (zero_name and zero_name not in constants):
         raise EmbeddingUnavailable(f"{file_name}: the quantized embedding matrix {matrix.name} has no DequantizeLinear "
                                    "with constant scale and zero point to read it through")
-    reader = readers[0]
-    attributes = {attribute.name: attribute for attribute in reader.attribute}
-    if attributes.get("block_size") is not None and attributes["block_size"].i:
-        raise EmbeddingUnavailable(f"{file_name}: block-quantized embeddings ({matrix.name}) are not read")
     values = numpy_helper.to_array(matrix).astype(np.float64)
-    scale = numpy_helper.to_array(constants[reader.input[1]]).astype(np.float64)
-    zero = numpy_helper.to_array(constants[reader.input[2]]).astype(np.float64) if len(reader.input) > 2 \
-        and reader.input[2] else np.zeros_like(scale)
-    axis = attributes["axis"].i if "axis" in attributes else 1
+    scale = numpy_helper.to_array(constants[scale_name]).astype(np.float64)
+    zero = numpy_helper.to_array(constants[zero_name]).astype(np.float64) if zero_name else np.zeros_like(scale)
     # Per-tensor: scalars. Per-axis: along the rows (axis 0 of the matrix itself) or the hidden units
     # (the last axis, of the matrix or of what the Gather returns).
-    direct = reader.input[0] == matrix.name
     if scale.ndim == 1 and direct and axis == 0 and len(scale) == values.shape[0]:
         scale, zero = scale[:, None], zero[:, None]
-    elif scale.ndim == 1 and len(scale) != values.shape[1]:
-        raise EmbeddingUnavailable(f"{file_name}: cannot apply {len(scale)} scales to the embedding matrix "
-                                   f"{matrix.name} of shape {values.shape}")
+    elif scale.ndim > 1 or (scale.ndim == 1 and len(scale) != values.shape[1]):
+        raise EmbeddingUnavailable(f"{file_name}: cannot apply scales of shape {scale.shape} to the embedding "
+                                   f"matrix {matrix.name} of shape {values.shape}")
     return ((values - zero) * scale).astype(np.float32)
+
+
+def _quantization_of(graph, name: str, constants: dict) -> tuple[str, str, int, bool]:
+    """(scale, zero point or "", axis, whether the matrix itself is dequantized) of matrix ``name``."""
+    gathered = {node.output[0] for node in graph.node if node.op_type == "Gather" and node.input[0] == name}
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and (node.input[0] == name or node.input[0] in gathered):
+            attributes = {attribute.name: attribute.i for attribute in node.attribute}
+            if attributes.get("block_size"):
+                raise EmbeddingUnavailable(f"block-quantized embeddings ({name}) are not read")
+            zero = node.input[2] if len(node.input) > 2 else ""
+            return node.input[1], zero, attributes.get("axis", 1), node.input[0] == name
+    base = name.removesuffix("_quantized")
+    zero = f"{base}_zero_point" if f"{base}_zero_point" in constants else ""
+    return f"{base}_scale", zero, 1, False
 
 
 def fit_table_for(model_file: Path, tokenizer_file: Path, texts: Sequence[str], max_length: int) -> np.ndarray:
@@ -129,6 +137,8 @@ def fit_table(embeddings: np.ndarray, ids: Sequence[np.ndarray], dims: int = DIM
     """The projection table (vocabulary x ``dims``, float32): the token embeddings centred on the
     reference texts' mean pooled embedding and projected on its ``dims`` principal components, each
     scaled to unit variance over the reference texts."""
+    if embeddings.ndim != 2 or embeddings.shape[1] < dims:
+        raise EmbeddingUnavailable(f"token embeddings of shape {embeddings.shape} cannot give {dims} components")
     pooled = mean_pooled(embeddings, ids)
     if len(pooled) <= dims:
         raise EmbeddingUnavailable(f"{len(pooled)} reference texts cannot fit {dims} components")
