@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.errors import ServingError
 from serving.model_repository import DEFAULT_MODEL
-from serving.prediction_log import Prediction, PredictionLog
+from serving.prediction_log import Prediction, PredictionLog, encode_embedding
 from serving.text import normalise_text
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,11 @@ class TritonClassifier:
 
     OUTPUTS = ("LABEL", "PROBABILITIES")
     COUNTS = ("TOKENS", "UNKNOWN_TOKENS")
+    EMBEDDING = "EMBEDDING"
+    # Outputs added after the first release, by group: a version written before a group existed lacks
+    # it. Each is asked for until the serving version turns out to lack it, and again once another
+    # version serves (a promotion or a rollback).
+    OPTIONAL = {"counts": COUNTS, "embedding": (EMBEDDING,)}
 
     def __init__(self, url: str, model: str, timeout_s: float) -> None:
         import tritonclient.grpc.aio as grpcclient
@@ -143,7 +148,8 @@ class TritonClassifier:
         self._client = grpcclient.InferenceServerClient(url)
         self.url, self.model, self.timeout_s = url, model, timeout_s
         self._labels: dict[str, list[str]] = {}
-        self._with_counts = True  # versions written before token counts existed lack them
+        self._lacking: set[str] = set()  # groups of OPTIONAL the serving version lacks
+        self._lacking_version: str | None = None  # the version found to lack them
 
     async def readiness(self) -> str | None:
         """None when Triton is ready and the model is loaded, else the reason."""
@@ -158,13 +164,44 @@ class TritonClassifier:
             return f"Triton at {self.url} is unreachable: {_short(error)}"
         return None
 
-    async def _infer(self, texts: list[str], with_counts: bool):
+    def requested_outputs(self) -> tuple[str, ...]:
+        """The outputs asked for now: the classifier's and the optional ones not known to be lacking."""
+        return self.OUTPUTS + tuple(name for group, names in self.OPTIONAL.items() if group not in self._lacking
+                                    for name in names)
+
+    async def _infer(self, texts: list[str], names: tuple[str, ...]):
         text = self._grpc.InferInput("TEXT", [len(texts), 1], "BYTES")
         text.set_data_from_numpy(np.array([t.encode("utf-8") for t in texts], dtype=object).reshape(-1, 1))
-        names = self.OUTPUTS + (self.COUNTS if with_counts else ())
         # No version: whichever version serves now; the response says which one it was.
         return await self._client.infer(self.model, [text], outputs=[self._grpc.InferRequestedOutput(n) for n in names],
                                         client_timeout=self.timeout_s)
+
+    async def _infer_available(self, texts: list[str]):
+        """Infer with every optional output the serving version has: an error that names one it lacks
+        drops that output's group and asks again."""
+        from tritonclient.utils import InferenceServerException
+
+        while True:
+            try:
+                return await self._infer(texts, self.requested_outputs())
+            except InferenceServerException as error:
+                message = error.message() or ""
+                lacking = [group for group, names in self.OPTIONAL.items()
+                           if group not in self._lacking and any(name in message for name in names)]
+                if not lacking:
+                    raise
+                self._lacking.add(lacking[0])
+                self._lacking_version = None
+
+    def note_version(self, version: str) -> None:
+        """Remember which version lacked optional outputs; forget it when another version answers."""
+        if not self._lacking:
+            return
+        if self._lacking_version is None:
+            self._lacking_version = version
+        elif version != self._lacking_version:
+            self._lacking.clear()
+            self._lacking_version = None
 
     async def _labels_of(self, version: str) -> list[str]:
         if version not in self._labels:
@@ -177,33 +214,36 @@ class TritonClassifier:
         from tritonclient.utils import InferenceServerException
 
         try:
-            try:
-                result = await self._infer(texts, self._with_counts)
-            except InferenceServerException as error:
-                if not (self._with_counts and "TOKENS" in (error.message() or "")):
-                    raise
-                self._with_counts = False
-                result = await self._infer(texts, False)
+            result = await self._infer_available(texts)
             version = result.get_response().model_version
+            self.note_version(version)
             labels = await self._labels_of(version)
         except InferenceServerException as error:
             raise _triton_problem(error, self.model) from error
         except OSError as error:
             raise TritonProblem(503, f"Triton at {self.url} is unreachable: {_short(error)}") from error
-        counts = {name: result.as_numpy(name).reshape(-1).tolist() for name in self.COUNTS} \
-            if self._with_counts else {}
-        return {
-            "version": version,
-            "labels": labels,
-            "label": [item.decode() if isinstance(item, bytes) else str(item)
-                      for item in result.as_numpy("LABEL").reshape(-1)],
-            "probabilities": result.as_numpy("PROBABILITIES").tolist(),
-            "tokens": counts.get("TOKENS"),
-            "unknown": counts.get("UNKNOWN_TOKENS"),
-        }
+        return classified(result, version, labels)
 
     async def close(self) -> None:
         await self._client.close()
+
+
+def classified(result, version: str, labels: list[str]) -> dict:
+    """The gateway's view of one ensemble response (``result.as_numpy(name)``: None for an output
+    the response lacks): labels, probabilities, token counts and logged embeddings per text."""
+    counts = {name: result.as_numpy(name) for name in TritonClassifier.COUNTS}
+    embeddings = result.as_numpy(TritonClassifier.EMBEDDING)
+    return {
+        "version": version,
+        "labels": labels,
+        "label": [item.decode() if isinstance(item, bytes) else str(item)
+                  for item in result.as_numpy("LABEL").reshape(-1)],
+        "probabilities": result.as_numpy("PROBABILITIES").tolist(),
+        "tokens": counts["TOKENS"].reshape(-1).tolist() if counts["TOKENS"] is not None else None,
+        "unknown": counts["UNKNOWN_TOKENS"].reshape(-1).tolist() if counts["UNKNOWN_TOKENS"] is not None else None,
+        # float16 bytes per text; None for a text without one (a version served without a table)
+        "embeddings": [encode_embedding(row) for row in embeddings] if embeddings is not None else None,
+    }
 
 
 def _short(error: BaseException) -> str:
@@ -352,7 +392,8 @@ def _logged_predictions(texts: list[str], result: dict, latency_ms: float,
                    text_chars=len(normalise_text(text)), token_count=result["tokens"][i] if result["tokens"] else None,
                    unknown_tokens=result["unknown"][i] if result["unknown"] else None, label=label,
                    probabilities=tuple(probabilities), latency_ms=latency_ms,
-                   text=text if settings.log_texts else None)
+                   text=text if settings.log_texts else None,
+                   embedding=result["embeddings"][i] if result.get("embeddings") else None)
         for i, (text, label, probabilities) in enumerate(zip(texts, result["label"], result["probabilities"],
                                                              strict=True)))
 

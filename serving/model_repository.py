@@ -399,7 +399,8 @@ def render_ensemble_config(ensemble: ClassifierEnsemble, version: int) -> str:
     num_labels = len(ensemble.labels)
     steps = [
         (ensemble.tokenizer_model, {"TEXT": "TEXT"}, {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                                                      "token_count": "TOKENS", "unknown_count": "UNKNOWN_TOKENS"}),
+                                                      "token_count": "TOKENS", "unknown_count": "UNKNOWN_TOKENS",
+                                                      "embedding": EMBEDDING_OUTPUT.name}),
         (ensemble.onnx_model, {"input_ids": "input_ids", "attention_mask": "attention_mask"}, {"logits": "logits"}),
         (ensemble.postprocess_model, {"logits": "logits"},
          {"LOGITS": "LOGITS", "PROBABILITIES": "PROBABILITIES", "LABEL": "LABEL"}),
@@ -422,10 +423,18 @@ def render_ensemble_config(ensemble: ClassifierEnsemble, version: int) -> str:
 
 TEXT_INPUT = (TensorSpec("TEXT", "string", (1,)),)
 
+# The pooled input embedding the tokenizer model returns per text (for embedding drift monitoring):
+# the mean of a projection table's rows over the text's tokens. The table (vocabulary x
+# EMBEDDING_DIMS, float32, numpy .npy) is fitted at promotion (monitoring.embedding) and lies beside
+# tokenizer.json in the tokenizer's version folder; a version without it returns NaN rows.
+EMBEDDING_TABLE_FILE = "embedding_projection.npy"
+EMBEDDING_DIMS = 16
 
 TOKENIZER_OUTPUTS = (TensorSpec("input_ids", "int64", (-1,)), TensorSpec("attention_mask", "int64", (-1,)),
-                     TensorSpec("token_count", "int64", (1,)), TensorSpec("unknown_count", "int64", (1,)))
+                     TensorSpec("token_count", "int64", (1,)), TensorSpec("unknown_count", "int64", (1,)),
+                     TensorSpec("embedding", "fp32", (EMBEDDING_DIMS,)))
 COUNT_OUTPUTS = (TensorSpec("TOKENS", "int64", (1,)), TensorSpec("UNKNOWN_TOKENS", "int64", (1,)))
+EMBEDDING_OUTPUT = TensorSpec("EMBEDDING", "fp32", (EMBEDDING_DIMS,))
 
 
 def _classifier_outputs(num_labels: int) -> tuple[TensorSpec, ...]:
@@ -435,8 +444,9 @@ def _classifier_outputs(num_labels: int) -> tuple[TensorSpec, ...]:
 
 
 def _ensemble_outputs(num_labels: int) -> tuple[TensorSpec, ...]:
-    """What clients get: the postprocess outputs plus each text's token and unknown-token counts."""
-    return _classifier_outputs(num_labels) + COUNT_OUTPUTS
+    """What clients get: the postprocess outputs plus each text's token and unknown-token counts and
+    its pooled input embedding."""
+    return _classifier_outputs(num_labels) + COUNT_OUTPUTS + (EMBEDDING_OUTPUT,)
 
 
 def ensemble_versions(repository: Path, name: str) -> list[int]:
@@ -450,17 +460,19 @@ def next_ensemble_version(repository: Path, name: str) -> int:
 
 
 def write_component_versions(repository: Path, ensemble: ClassifierEnsemble, model_dir: Path,
-                             model_format: str = "onnx") -> int:
+                             model_format: str = "onnx", tokenizer_files: tuple[Path, ...] = ()) -> int:
     """Write version N of the ensemble's three components (not the ensemble) from a model folder.
 
     ``model_dir`` holds the model file of ``model_format`` (``model.onnx`` + external data, or
     ``model.plan``; see ``CLASSIFIER_WRITERS``) and ``tokenizer.json``. The classifier component keeps
-    its name (``<name>_onnx``) whatever the format. Nothing routes to the new components until
-    ``write_ensemble_step`` adds the ensemble version pinned to them, so they can be loaded beside
-    the serving version first.
+    its name (``<name>_onnx``) whatever the format. ``tokenizer_files`` are copied beside
+    ``tokenizer.json`` in the tokenizer's version (the embedding table, ``EMBEDDING_TABLE_FILE``).
+    Nothing routes to the new components until ``write_ensemble_step`` adds the ensemble version
+    pinned to them, so they can be loaded beside the serving version first.
     """
     writer = classifier_writer(model_format)
     missing = [name for name in (writer.model_file, "tokenizer.json") if not (model_dir / name).exists()]
+    missing += [str(path) for path in tokenizer_files if not Path(path).is_file()]
     if missing:
         raise RepositoryError(f"Could not find {missing} in {model_dir}")
     _check_same_platform(repository / ensemble.onnx_model, writer.platform)
@@ -475,7 +487,8 @@ def write_component_versions(repository: Path, ensemble: ClassifierEnsemble, mod
                 {"max_length": str(ensemble.max_length), "pad_token": pad_token(model_dir)},
                 instances=ensemble.instances,
             ),
-            [PYTHON_MODELS_DIR / "tokenizer" / "model.py", NORMALISER_FILE, model_dir / "tokenizer.json"],
+            [PYTHON_MODELS_DIR / "tokenizer" / "model.py", NORMALISER_FILE, model_dir / "tokenizer.json",
+             *(Path(path) for path in tokenizer_files)],
         ),
         ensemble.postprocess_model: (
             render_python_config(
@@ -549,9 +562,29 @@ def copy_ensemble_components(repository: Path, name: str, source: int) -> int:
     for model in ensemble_models(name)[:-1]:
         folder = repository / model / str(source)
         files = [path for path in folder.iterdir() if path.is_file() and path.name != CONFIG_SNAPSHOT]
-        layout[model] = ((folder / CONFIG_SNAPSHOT).read_text(), files)
+        config_text = (folder / CONFIG_SNAPSHOT).read_text()
+        if model == f"{name}_tokenizer":
+            config_text = with_outputs(config_text, TOKENIZER_OUTPUTS)
+        layout[model] = (config_text, files)
     _write_versions(repository, version, layout)
     return version
+
+
+def with_outputs(config_text: str, outputs: tuple[TensorSpec, ...]) -> str:
+    """``config_text`` with those of ``outputs`` it does not declare added to its ``output`` list.
+
+    A model's config is shared by all its loaded versions. The copy of a tokenizer version written
+    before an output existed (the embedding) keeps declaring it: otherwise its config would reload
+    the serving version without that output while the serving ensemble still maps it, and Triton
+    would refuse that ensemble mid-switch. The older ``model.py`` does not return it, and the older
+    ensemble that routes to the copy never asks for it."""
+    declared = set(re.findall(r'\{ name: "([^"]+)"', config_text))
+    added = tuple(spec for spec in outputs if spec.name not in declared)
+    block = re.search(r"^output \[\n(.*?)\n\]", config_text, flags=re.MULTILINE | re.DOTALL)
+    if not added or block is None:
+        return config_text
+    body = f"{block.group(1)},\n{_tensors(added)}"
+    return config_text[:block.start(1)] + body + config_text[block.end(1):]
 
 
 def repinned_ensemble_config(repository: Path, name: str, source: int, version: int) -> str:

@@ -13,9 +13,13 @@ import json
 import logging
 import time
 from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import sqlalchemy as sa
+
+from serving.model_repository import EMBEDDING_DIMS
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +41,7 @@ PREDICTIONS = sa.Table(
     sa.Column("text", sa.Text, nullable=True),  # only when text logging is on (off by default)
     # Added after the first release (``create_engine`` adds them to an older table):
     sa.Column("prediction_id", sa.String(32), nullable=True, unique=True),  # the id /v1/classify returns
-    sa.Column("embedding", sa.LargeBinary, nullable=True),  # float16 bytes (monitoring.embedding)
+    sa.Column("embedding", sa.LargeBinary, nullable=True),  # float16 bytes (encode_embedding)
 )
 # Columns an older table may lack, added by ``create_engine``: (name, SQL type per dialect).
 ADDED_COLUMNS = {"prediction_id": "VARCHAR(32)", "embedding": {"postgresql": "BYTEA", "default": "BLOB"}}
@@ -56,13 +60,31 @@ class Prediction:
     latency_ms: float
     text: str | None = None
     prediction_id: str | None = None
-    embedding: bytes | None = None  # the pooled input embedding, float16 (monitoring.embedding.encode)
+    embedding: bytes | None = None  # the pooled input embedding, float16 (encode_embedding)
 
     def row(self) -> dict:
         data = asdict(self)
         data["probabilities"] = json.dumps([round(p, 6) for p in self.probabilities])
         data["confidence"] = max(self.probabilities) if self.probabilities else 0.0
         return data
+
+
+def encode_embedding(vector: Sequence[float]) -> bytes | None:
+    """The log's form of one pooled input embedding: its values as float16 bytes (``EMBEDDING_DIMS``
+    of them, 32 bytes); None for a vector with a NaN or an infinity (a version without an embedding
+    table answers NaN rows)."""
+    values = np.asarray(vector, dtype=np.float64)
+    if not np.isfinite(values).all():
+        return None
+    return values.astype(np.float16).tobytes()
+
+
+def decode_embedding(blob: bytes | None, dims: int = EMBEDDING_DIMS) -> np.ndarray:
+    """One logged embedding as float64 (NaN when absent or of another size)."""
+    if blob is None:
+        return np.full(dims, np.nan)
+    values = np.frombuffer(bytes(blob), dtype=np.float16)
+    return values.astype(np.float64) if len(values) == dims else np.full(dims, np.nan)
 
 
 @dataclass

@@ -57,17 +57,19 @@ class TritonClient:
         return sorted(int(item["version"]) for item in index
                       if item.get("name") == model and item.get("state") == "READY" and item.get("version"))
 
-    def classify(self, model: str, texts: list[str], version: int | None = None) -> dict[str, np.ndarray]:
-        """Send raw texts to a classifier ensemble; returns LABEL (str), PROBABILITIES and LOGITS arrays."""
+    def classify(self, model: str, texts: list[str], version: int | None = None,
+                 extra_outputs: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+        """Send raw texts to a classifier ensemble; returns LABEL (str), PROBABILITIES and LOGITS arrays,
+        and the ``extra_outputs`` asked for (e.g. ``("EMBEDDING",)``) as they come."""
         text = self._http.InferInput("TEXT", [len(texts), 1], "BYTES")
         text.set_data_from_numpy(np.array([t.encode("utf-8") for t in texts], dtype=object).reshape(-1, 1))
-        outputs = [self._http.InferRequestedOutput(name) for name in ("LABEL", "PROBABILITIES", "LOGITS")]
+        names = ("LABEL", "PROBABILITIES", "LOGITS") + tuple(extra_outputs)
+        outputs = [self._http.InferRequestedOutput(name) for name in names]
         result = self._client.infer(model, [text], model_version="" if version is None else str(version),
                                     outputs=outputs)
         labels = [item.decode("utf-8") if isinstance(item, bytes) else str(item)
                   for item in result.as_numpy("LABEL").reshape(-1)]
-        return {"LABEL": np.array(labels), "PROBABILITIES": result.as_numpy("PROBABILITIES"),
-                "LOGITS": result.as_numpy("LOGITS")}
+        return {"LABEL": np.array(labels)} | {name: result.as_numpy(name) for name in names[1:]}
 
     def labels(self, model: str, texts: list[str]) -> list[str]:
         """The label served for each text, one text per request (as candidates are evaluated)."""

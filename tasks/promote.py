@@ -62,22 +62,25 @@ def run(config: PromoteConfig, target: PromotionTarget, model_dir: Path, predict
     replicas.wait_ready(timeout_s=30)
     previous = repo.ensemble_versions(repository, ensemble.name)
     with tempfile.TemporaryDirectory(prefix="promote-") as scratch:
-        # Drift monitoring's reference: the evaluation outputs and their features, beside the served version.
+        # Drift monitoring's embedding table (for the tokenizer's version) and reference (the evaluation
+        # outputs and their features, beside the served version).
+        table = fit_embedding_table(model_dir, data_dir, max_length, Path(scratch) / repo.EMBEDDING_TABLE_FILE)
         try:
             reference = write_reference(predictions, data_dir, model_dir, list(labels), max_length,
-                                        Path(scratch) / REFERENCE_FILE)
+                                        Path(scratch) / REFERENCE_FILE, embedding_table=table)
         except Exception as error:  # noqa: BLE001 - reported as a failed promotion; nothing was changed yet
             raise PromotionFailed(
                 f"{ensemble.name}: could not build the drift reference from {predictions.name}: {error}. "
                 f"Nothing was changed; the alias {config.alias!r} is unchanged."
             ) from error
-        version = repo.write_component_versions(repository, ensemble, model_dir, model_format)
+        version = repo.write_component_versions(repository, ensemble, model_dir, model_format,
+                                                tokenizer_files=(table,) if table else ())
         log.info("wrote %s version %d; loading it on %s", ensemble.name, version, ", ".join(replicas.urls))
         try:
             _switch_to(replicas, repository, ensemble.name, version, repo.render_ensemble_config(ensemble, version),
                        (reference,))
-            diff = max(_smoke_test(client, config, ensemble.name, predictions, data_dir, version)
-                       for client in replicas.clients)
+            diff = max(_smoke_test(client, config, ensemble.name, predictions, data_dir, version,
+                                   reference_embeddings(reference)) for client in replicas.clients)
         except Exception as error:  # noqa: BLE001 - whatever failed, the previous version must serve again
             _restore(replicas, repository, ensemble.name, version, previous)
             raise PromotionFailed(
@@ -229,28 +232,72 @@ def _check_serving(client: TritonClient, name: str, version: int) -> None:
         raise PromotionFailed(f"{name} version {version} returned invalid probabilities: {probabilities.tolist()}")
 
 
+# The most training texts the embedding projection is fitted on (the fit is a small SVD, the cost is
+# tokenising them).
+EMBEDDING_FIT_TEXTS = 5000
+# How far a served embedding may be from the offline one (relative to it, at least 1): the reference's
+# are rounded through float16 as the gateway logs them.
+EMBEDDING_SMOKE_TOLERANCE = 1e-2
+
+
+def fit_embedding_table(model_dir: Path, data_dir: Path, max_length: int, target: Path) -> Path | None:
+    """Fit the embedding projection table (``monitoring.embedding``) of ``model_dir``'s ONNX model on
+    the training split's texts (at most ``EMBEDDING_FIT_TEXTS``) and save it at ``target``.
+
+    Embeddings are optional: when the table cannot be fitted (a TensorRT engine, a quantization whose
+    embedding matrix cannot be read), the promotion goes on without it, with a warning. The version
+    then serves NaN embeddings (not logged) and its reference has no embedding columns, so drift
+    monitoring does not judge that feature."""
+    from monitoring import embedding as emb
+
+    try:
+        texts = read_split(data_dir, "train")["text"].head(EMBEDDING_FIT_TEXTS).tolist()
+        table = emb.fit_table_for(model_dir / "model.onnx", model_dir / "tokenizer.json", texts, max_length)
+    except Exception as error:  # noqa: BLE001 - never fail a promotion for the optional embeddings
+        log.warning("%s: no embedding table, so no embedding drift for this version: %s", model_dir, error)
+        return None
+    np.save(target, table)
+    return target
+
+
 def write_reference(predictions: Path, data_dir: Path, model_dir: Path, labels: list[str], max_length: int,
-                    target: Path) -> Path:
+                    target: Path, embedding_table: Path | None = None) -> Path:
     """The evaluation's per-text outputs (label, prediction, logits) plus the monitoring features
-    (confidence, predicted label, text length, token and unknown-token share) of the same test texts."""
+    (confidence, predicted label, text length, token and unknown-token share) of the same test texts,
+    and their embeddings through ``embedding_table`` (a saved table, ``fit_embedding_table``) if given."""
     import pandas as pd
 
     from monitoring.features import reference_features
 
     frame = pd.read_parquet(predictions)
     texts = read_split(data_dir, "test")["text"].tolist()
-    features = reference_features(read_logits(predictions), texts, labels, model_dir / "tokenizer.json", max_length)
+    table = np.load(embedding_table) if embedding_table is not None else None
+    features = reference_features(read_logits(predictions), texts, labels, model_dir / "tokenizer.json", max_length,
+                                  embedding_table=table)
     pd.concat([frame.reset_index(drop=True), features], axis=1).to_parquet(target, index=False)
     return target
 
 
+def reference_embeddings(reference: Path) -> np.ndarray | None:
+    """The embeddings of a reference file (test texts in order), or None when it has none."""
+    import pandas as pd
+
+    from monitoring import embedding as emb
+
+    frame = pd.read_parquet(reference)
+    return frame[list(emb.COLUMNS)].to_numpy(dtype=np.float64) if all(c in frame for c in emb.COLUMNS) else None
+
+
 def _smoke_test(client: TritonClient, config: PromoteConfig, name: str, predictions: Path, data_dir: Path,
-                version: int) -> float:
-    """Send raw test texts through the ensemble; outputs must match the candidate's evaluation outputs."""
+                version: int, expected_embeddings: np.ndarray | None = None) -> float:
+    """Send raw test texts through the ensemble; outputs must match the candidate's evaluation outputs,
+    and the served embeddings the reference's (when it has them)."""
     texts = read_split(data_dir, "test")["text"].head(config.smoke_samples).tolist()
     expected = read_logits(predictions)[: len(texts)]
+    extra = ("EMBEDDING",) if expected_embeddings is not None else ()
     # One text per request, as the evaluation ran them.
-    served = np.concatenate([client.classify(name, [text], version=version)["LOGITS"] for text in texts])
+    answers = [client.classify(name, [text], version=version, extra_outputs=extra) for text in texts]
+    served = np.concatenate([answer["LOGITS"] for answer in answers])
     if not np.isfinite(served).all():
         raise PromotionFailed("Triton returned NaN/Inf logits in the smoke test")
     diff = float(np.abs(served - expected).max())
@@ -258,7 +305,22 @@ def _smoke_test(client: TritonClient, config: PromoteConfig, name: str, predicti
         raise PromotionFailed(
             f"Triton outputs differ from the evaluation outputs by {diff:.2e} (> {config.smoke_tolerance:.0e})"
         )
+    if expected_embeddings is not None:
+        check_embeddings(np.concatenate([answer["EMBEDDING"] for answer in answers]),
+                         expected_embeddings[: len(texts)])
     return diff
+
+
+def check_embeddings(served: np.ndarray, expected: np.ndarray) -> None:
+    """``PromotionFailed`` unless the served embeddings are the offline ones (``EMBEDDING_SMOKE_TOLERANCE``)."""
+    served = np.asarray(served, dtype=np.float64)
+    if served.shape != expected.shape or not np.isfinite(served).all():
+        raise PromotionFailed(f"Triton returned embeddings of shape {served.shape} with non-finite values "
+                              f"{not np.isfinite(served).all()}; expected finite ones of shape {expected.shape}")
+    off = np.abs(served - expected) / np.maximum(1.0, np.abs(expected))
+    if off.max() > EMBEDDING_SMOKE_TOLERANCE:
+        raise PromotionFailed(f"Triton's embeddings differ from the reference's by {off.max():.2e} (relative, > "
+                              f"{EMBEDDING_SMOKE_TOLERANCE:.0e}): the tokenizer's embedding table is not the one fitted")
 
 
 def _restore(replicas: TritonReplicas, repository: Path, name: str, failed: int, previous: list[int]) -> None:

@@ -7,6 +7,12 @@ which reproduces the evaluation's batch-1 inputs exactly. ``max_length`` comes f
 ``serving/text.py``, the function training cleaned its texts with), so the served model reads what
 the evaluated one read. Also returns, per text, its token count (after truncation, special tokens
 included) and how many of those are the unknown token, for the prediction log and drift monitoring.
+
+And each text's pooled input embedding (``embedding``): the mean of the rows of the projection
+table ``embedding_projection.npy`` (vocabulary x dims, fitted at promotion by
+``monitoring.embedding``) over the text's unmasked tokens. A version without the table returns NaN
+rows, which the gateway logs as no embedding. The output is returned only when the config the
+model was loaded with declares it (a config is shared by all loaded versions of the model).
 """
 
 import importlib.util
@@ -16,6 +22,30 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from tokenizers import Tokenizer
+
+TABLE_FILE = "embedding_projection.npy"  # serving.model_repository.EMBEDDING_TABLE_FILE
+EMBEDDING = "embedding"
+
+
+def pooled_embeddings(table: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per row of a padded batch, the mean of ``table``'s rows over its unmasked tokens (float32;
+    zeros for a row without tokens). The same as ``monitoring.embedding.pool_padded``."""
+    weights = mask.astype(np.float32)[..., None]
+    total = (table[ids] * weights).sum(axis=1)
+    return (total / np.maximum(weights.sum(axis=1), 1.0)).astype(np.float32)
+
+
+def load_table(folder: str, vocab_size: int, dims: int) -> np.ndarray | None:
+    """The version's projection table, or None when the version has none (promoted without one)."""
+    path = os.path.join(folder, TABLE_FILE)
+    if not os.path.exists(path):
+        return None
+    table = np.load(path).astype(np.float32)
+    if table.shape != (vocab_size, dims):
+        raise pb_utils.TritonModelException(
+            f"{path} has shape {table.shape}, expected ({vocab_size}, {dims}): the tokenizer's vocabulary by the "
+            f"config's {EMBEDDING} dims; promote the model again to refit it")
+    return table
 
 
 def load_normaliser(folder: str):
@@ -44,6 +74,25 @@ class TritonPythonModel:
         self._tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token)
         unknown = self._tokenizer.model.unk_token if hasattr(self._tokenizer.model, "unk_token") else None
         self._unknown_id = self._tokenizer.token_to_id(unknown) if unknown else None
+        declared = {output["name"]: output for output in config.get("output", [])}
+        self._embedding_dims = int(declared[EMBEDDING]["dims"][-1]) if EMBEDDING in declared else None
+        self._table = load_table(folder, self._tokenizer.get_vocab_size(), self._embedding_dims) \
+            if self._embedding_dims else None
+
+    def _outputs(self, texts: list) -> list:
+        encodings = self._tokenizer.encode_batch([self._normalise(text) for text in texts])
+        ids = np.array([encoding.ids for encoding in encodings], dtype=np.int64)
+        mask = np.array([encoding.attention_mask for encoding in encodings], dtype=np.int64)
+        counts = mask.sum(axis=1, keepdims=True).astype(np.int64)
+        unknown = ((ids == self._unknown_id) & (mask == 1)).sum(axis=1, keepdims=True).astype(np.int64) \
+            if self._unknown_id is not None else np.zeros_like(counts)
+        outputs = [pb_utils.Tensor("input_ids", ids), pb_utils.Tensor("attention_mask", mask),
+                   pb_utils.Tensor("token_count", counts), pb_utils.Tensor("unknown_count", unknown)]
+        if self._embedding_dims:
+            embedding = pooled_embeddings(self._table, ids, mask) if self._table is not None \
+                else np.full((len(texts), self._embedding_dims), np.nan, dtype=np.float32)
+            outputs.append(pb_utils.Tensor(EMBEDDING, embedding))
+        return outputs
 
     def execute(self, requests: list) -> list:
         responses = []
@@ -54,13 +103,5 @@ class TritonPythonModel:
             except UnicodeDecodeError as error:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"TEXT is not UTF-8: {error}")))
                 continue
-            encodings = self._tokenizer.encode_batch([self._normalise(text) for text in texts])
-            ids = np.array([encoding.ids for encoding in encodings], dtype=np.int64)
-            mask = np.array([encoding.attention_mask for encoding in encodings], dtype=np.int64)
-            counts = mask.sum(axis=1, keepdims=True).astype(np.int64)
-            unknown = ((ids == self._unknown_id) & (mask == 1)).sum(axis=1, keepdims=True).astype(np.int64) \
-                if self._unknown_id is not None else np.zeros_like(counts)
-            responses.append(pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor("input_ids", ids), pb_utils.Tensor("attention_mask", mask),
-                pb_utils.Tensor("token_count", counts), pb_utils.Tensor("unknown_count", unknown)]))
+            responses.append(pb_utils.InferenceResponse(output_tensors=self._outputs(texts)))
         return responses
