@@ -49,6 +49,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 SIZES = (100, 200, 400)
 NO_DRIFT = "no drift"
+OVER_REFERENCES = "no drift, over references"
+REFERENCES = 10  # references of the over-references measurement (each with its own calibration)
 TARGETS = {"false_alarm_rate": 0.02, "detection_rate": 0.95, "window_10k_seconds": 60.0, "no_drift_windows": 100}
 LICENCES = Path("/usr/share/common-licenses")
 DOC_MODULES = ("argparse", "asyncio", "collections", "csv", "dataclasses", "datetime", "email", "functools",
@@ -315,6 +317,38 @@ def judge_windows(family: Family, pool: pd.DataFrame, reference: pd.DataFrame, s
             "ms_first_window": 1000 * seconds[0]}
 
 
+def no_drift_over_references(pool: pd.DataFrame, reference_rows: int, size: int, windows: int, seed: int) -> dict:
+    """No-drift windows judged against ``REFERENCES`` references of ``reference_rows`` held-out texts
+    each, the windows drawn from the rest of the pool: the false-alarm rate the calibration states,
+    which is an average over references as well as windows (a reference is itself a sample, and a
+    window is compared with the one it got), with its spread from one reference to another."""
+    rng = np.random.default_rng(seed)
+    results = []
+    for index in range(REFERENCES):
+        rows = rng.choice(len(pool), reference_rows, replace=False)
+        reference = pool.iloc[np.sort(rows)].reset_index(drop=True)
+        rest = pool.drop(pool.index[rows]).reset_index(drop=True)
+        family = Family(OVER_REFERENCES, "held_out", _uniform(len(rest)), shifted=False)
+        results.append(judge_windows(family, rest, reference, size, windows // REFERENCES, {}, seed=seed + index))
+    return combined(results)
+
+
+def combined(results: list[dict]) -> dict:
+    """One row of several ``judge_windows`` results of the same family and size."""
+    from tasks.stats import wilson_interval
+
+    alarms, windows = sum(row["alarms"] for row in results), sum(row["windows"] for row in results)
+    features: dict[str, int] = {}
+    for row in results:
+        for name, count in row["features"].items():
+            features[name] = features.get(name, 0) + count
+    return results[0] | {
+        "windows": windows, "alarms": alarms, "rate": alarms / windows, "interval": list(wilson_interval(alarms, windows)),
+        "kinds": {kind: sum(row["kinds"][kind] for row in results) for kind in results[0]["kinds"]},
+        "features": features, "ms_per_window_median": float(np.median([row["ms_per_window_median"] for row in results])),
+        "per_reference_rates": [row["rate"] for row in results]}
+
+
 def window_10k(reference: pd.DataFrame, pool: pd.DataFrame, texts: list[str], model: Model,
                table: np.ndarray | None, out_dir: Path) -> dict:
     """One monitoring decision over 10,000 predictions with the HTML report, calibration included,
@@ -362,6 +396,10 @@ def measure(profile: Profile, model: Model, work: Path) -> dict:
             windows = profile.no_drift_windows if not family.shifted else profile.shifted_windows
             rows.append(judge_windows(family, pools[family.pool], reference, size, windows, cache, seed=size))
             log.info("%s @%d: %s", family.name, size, rows[-1].get("rate", rows[-1].get("skipped")))
+    for size in SIZES:
+        rows.insert(len(SIZES) + SIZES.index(size), no_drift_over_references(
+            pools["held_out"], len(reference), size, profile.no_drift_windows, seed=1000 + size))
+        log.info("%s @%d: %s", OVER_REFERENCES, size, rows[len(SIZES) + SIZES.index(size)]["rate"])
     big = window_10k(reference, pools["held_out"], pools_texts(model, profile), model, table, work)
     return {"rows": rows, "window_10k": big, "reference_rows": len(reference),
             "pools": {name: len(frame) for name, frame in pools.items()}}
@@ -375,9 +413,9 @@ def pools_texts(model: Model, profile: Profile) -> list[str]:
 
 def target_checks(report: dict) -> list[dict]:
     at_200 = [row for row in report["rows"] if row["size"] == 200 and "rate" in row]
-    no_drift = [row for row in at_200 if not row["shifted"]]
+    no_drift = [row for row in at_200 if row["family"] == OVER_REFERENCES]
     checks = [{"target": f"false alarms <= {TARGETS['false_alarm_rate']:.0%} over >= {TARGETS['no_drift_windows']} "
-                         "no-drift windows of 200",
+                         f"no-drift windows of 200 ({REFERENCES} references)",
                "observed": "; ".join(f"{row['alarms']}/{row['windows']} = {row['rate']:.1%}" for row in no_drift),
                "met": bool(no_drift) and all(row["rate"] <= TARGETS["false_alarm_rate"]
                                              and row["windows"] >= TARGETS["no_drift_windows"] for row in no_drift)}]
@@ -401,6 +439,11 @@ def markdown(report: dict) -> str:
              "bootstrap null of the reference at each window size, min-p across features). Pools (texts scored "
              "once, windows drawn without repeats inside a window): "
              + ", ".join(f"{name} {rows}" for name, rows in report["pools"].items()) + ". Intervals: 95% Wilson.", "",
+             f"A reference is itself a sample: the stated false-alarm rate is an average over references as well "
+             f"as windows, and one reference's own rate is above or below it by its luck. \"{NO_DRIFT}\" judges "
+             f"windows against the one reference promotion wrote; \"{OVER_REFERENCES}\" against {REFERENCES} "
+             f"references of the same size drawn from the held-out reviews (windows from the rest; per-reference "
+             f"rates below the table).", "",
              "| family | window | windows | alarms | rate [95% interval] | output drift | input drift "
              "| features flagged | ms per window (median) |", "|---|---|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
@@ -411,6 +454,9 @@ def markdown(report: dict) -> str:
         lines.append(f"| {row['family']} | {row['size']} | {row['windows']} | {row['alarms']} | {row['rate']:.1%} "
                      f"[{row['interval'][0]:.1%}, {row['interval'][1]:.1%}] | {row['kinds']['output']} | "
                      f"{row['kinds']['input']} | {flagged or '-'} | {row['ms_per_window_median']:.0f} |")
+    lines += [""] + [f"- {row['family']} @{row['size']}: per-reference false-alarm rates "
+              + ", ".join(f"{rate:.0%}" for rate in row["per_reference_rates"]) for row in report["rows"]
+              if "per_reference_rates" in row]
     big = report["window_10k"]
     lookup = f"{big['embedding_lookup_s']:.2f} s" if big["embedding_lookup_s"] is not None else "n/a"
     lines += ["", "## 10,000 predictions", "",
