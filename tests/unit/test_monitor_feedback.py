@@ -111,6 +111,7 @@ def test_without_feedback_or_a_reference_accuracy_nothing_is_judged_on_accuracy(
 def test_the_live_quality_is_logged_to_mlflow(tmp_path, monkeypatch):
     import mlflow
 
+    monkeypatch.chdir(tmp_path)  # the artifacts of a database-backed MLflow go to ./mlruns
     settings = _settings(tmp_path)
     _serve_and_label(settings, 10_000.0, right=90, wrong=10)
     run_id = _window(settings, monkeypatch, 10_000.0, log_to_mlflow=True)["mlflow_run_id"]
