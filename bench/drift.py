@@ -289,7 +289,7 @@ def judge_windows(family: Family, pool: pd.DataFrame, reference: pd.DataFrame, s
                   cache: dict, seed: int) -> dict:
     """Draw ``windows`` windows of ``size`` from the family and judge each; rates and times."""
     from monitoring.drift import DriftConfig, detect, prepare_reference
-    from tasks.stats import wilson_interval
+    from monitoring.stats import wilson_interval
 
     config = DriftConfig()
     prepared = prepare_reference(reference, config)

@@ -9,20 +9,24 @@ Thresholds are derived from the reference for the window's size so that a window
 reference alarms in `false_alarm_rate` of windows (default 1%); `drift_triggers` says which kinds of
 drift are a breach (both by default; the others are reported). It also checks latency (p95/p99
 from the log) and the gateway's 5xx error rate against their SLOs, and counts the texts the model
-answered with non-finite outputs (the gateway's `gateway_invalid_outputs_total`).
+answered with non-finite outputs (the gateway's `gateway_invalid_outputs_total`). When true labels
+arrived in the window (the gateway's `POST /v1/feedback`, by the prediction ids it returns), it
+reports the champion's live accuracy (95% Wilson interval) and macro-F1 (95% bootstrap interval).
 
 Each window carries the kinds of breach it saw: **errors** (error rate over the SLO, or any invalid
-model output), **latency** (p95 or p99 over the SLO), **drift** (output drift on at least
-`min_rows` predictions, of a kind in `drift_triggers`; judged beside the SLOs). A window with too little traffic for drift and
-no SLO breach is reported, not judged. When breaches persist over `persist_windows` judged windows,
+model output), **accuracy** (at least `min_feedback` labels arrived and even the upper end of the
+live accuracy's 95% interval is more than `max_accuracy_drop` below the champion's test accuracy),
+**latency** (p95 or p99 over the SLO), **drift** (output drift on at least `min_rows` predictions,
+of a kind in `drift_triggers`; judged beside the SLOs). A window with too little traffic for drift
+and no other breach is reported, not judged. When breaches persist over `persist_windows` judged windows,
 no optimize_model run is active and the cooldown has passed, it triggers **optimize_model** (run
 id `monitor__<this run id>`) with `trigger_reason`, `trigger_kind` and `trigger_evidence` in its
 conf, plus the params in `retrain_conf` (e.g. the labelled data location to retrain on).
-`trigger_kind` is the kind in every one of those windows, errors before latency before drift (none
-in all: the latest window's first). optimize_model answers each kind its own way:
+`trigger_kind` is the kind in every one of those windows, errors before accuracy before latency before
+drift (none in all: the latest window's first). optimize_model answers each kind its own way:
 
 - **latency**: re-optimize from the champion's lineage within the latency budget;
-- **drift**: retrain on the newest labelled data, or stop SKIPPED when none arrived;
+- **drift** and **accuracy**: retrain on the newest labelled data, or stop SKIPPED when none arrived;
 - **errors**: no retraining; alert, and roll back to `previous_champion` when the model itself
   produced invalid outputs.
 
@@ -57,6 +61,11 @@ PARAMS = {
                         description="SLO: p95 latency (optimize_model's latency gate defaults to it)"),
     "max_p99_ms": Param(200.0, type="number", exclusiveMinimum=0, description="SLO: p99 latency"),
     "max_error_rate": Param(0.01, type="number", minimum=0, maximum=1, description="SLO: share of 5xx responses"),
+    "min_feedback": Param(50, type="integer", minimum=1,
+                          description="accuracy: fewer true labels in the window than this: accuracy not judged"),
+    "max_accuracy_drop": Param(0.05, type="number", minimum=0, exclusiveMaximum=1,
+                               description="accuracy: a breach when even the upper end of the live accuracy's 95% "
+                                           "interval is more than this below the champion's test accuracy"),
     "retrain_conf": Param("", type="string",
                           description="optimize_model params (JSON object) for the runs this monitor triggers, e.g. "
                                       '{"data_source": "/data/labelled"}; empty: PIPELINE_RETRAIN_CONF, else defaults'),
@@ -77,7 +86,7 @@ PARAMS = {
 def monitor_serving():
     @task
     def check_window() -> dict:
-        """Judge the last window (drift, latency, errors) and decide whether to re-optimize."""
+        """Judge the last window (drift, latency, errors, live accuracy) and decide whether to re-optimize."""
         from airflow.sdk import get_current_context
 
         from monitoring import pipeline

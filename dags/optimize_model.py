@@ -45,7 +45,8 @@ The first task, `plan`, acts on why the run started (`trigger_kind`, filled in b
 a **latency** breach re-optimizes without fine-tuning, from the champion's teacher and data logged
 in MLflow, with a more aggressive search and a budget of the SLO minus the serving overhead seen in
 the window, and promotes the most accurate candidate within it (or nothing, saying why); **drift**
-retrains only when new labelled data arrived (otherwise the run stops with that reason); an
+and **accuracy** (live accuracy from label feedback dropped significantly) retrain only when new
+labelled data arrived (otherwise the run stops with that reason); an
 **errors** breach retrains nothing: it is recorded and alerted, and rolls back to
 `previous_champion` when the model itself returned non-finite outputs. A run that stops early says
 why in the `plan` (or `changed_since_champion`) log and on an MLflow run.

@@ -1,1 +1,2 @@
-"""Serving-side monitoring: prediction log, latency, drift, and the re-optimization policy."""
+"""Serving-side monitoring: prediction log, latency, drift, live quality from label feedback, and the
+re-optimization policy."""

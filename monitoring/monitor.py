@@ -1,6 +1,7 @@
 """One monitoring window: read the served predictions, compare them with the champion's reference,
-check the latency and error SLOs, judge the window, decide whether to re-optimize, and record it
-all in MLflow (HTML drift report, JSON summary, metrics)."""
+check the latency and error SLOs, measure live accuracy on the predictions whose true labels arrived
+(label feedback), judge the window, decide whether to re-optimize, and record it all in MLflow (HTML
+drift report, JSON summary, metrics)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import sqlalchemy as sa
 
 from serving import prediction_log as plog
 from monitoring import embedding
 from monitoring.drift import EMBEDDING_REPORT, DriftConfig, detect
 from monitoring.features import FEATURES, REFERENCE_FILE, window_features
-from monitoring.policy import Decision, PolicyConfig, WindowVerdict, decide, judge, serving_breaches
+from monitoring.feedback import feedback_evidence, live_quality, read_reference_accuracy
+from monitoring.policy import Decision, PolicyConfig, WindowVerdict, accuracy_breach, decide, judge, serving_breaches
 
 log = logging.getLogger(__name__)
 
@@ -260,17 +263,31 @@ def token_count_p99(rows: pd.DataFrame) -> float | None:
     return float(np.percentile(counts, 99)) if len(counts) else None
 
 
+def window_quality(engine: sa.Engine, settings: MonitorSettings, version: str, reference_labels: pd.Series,
+                   start: float, end: float) -> tuple[dict, float | None]:
+    """The live quality (``feedback.live_quality``) of the champion's predictions whose true labels
+    arrived in [start, end), and the champion's test accuracy from its reference (None: unknown)."""
+    labelled = plog.read_labelled(engine, start, end)
+    labelled = labelled[labelled["model_version"] == version]
+    labels = sorted(set(reference_labels.astype(str)) | set(labelled["label"].astype(str)))
+    reference = read_reference_accuracy(settings.model_repository / settings.serving_model / version / REFERENCE_FILE)
+    return live_quality(labelled, labels), reference
+
+
 def trigger_conf(decision: Decision, policy: PolicyConfig, latest: dict) -> dict[str, str]:
     """What a trigger passes to optimize_model: ``trigger_reason``, ``trigger_kind`` (the breach kind
     that persisted) and ``trigger_evidence`` (JSON: the kind, the windows behind it, the latency SLO
     and, from ``latest`` (the evidence of the window just judged), the observed p95, the token-count
-    p99 and the champion version; the invalid outputs are summed over the trigger's windows)."""
+    p99, the champion version, the labelled predictions, the live accuracy and its interval, and the
+    reference accuracy; the invalid outputs are summed over the trigger's windows)."""
     windows = decision.evidence.get("windows", [])
     evidence = {
         "kind": decision.kind, "windows": windows, "slo_p95_ms": policy.max_p95_ms,
         "latency_p95_ms": latest.get("latency_p95_ms"), "token_count_p99": latest.get("token_count_p99"),
         "invalid_outputs": sum(int(window.get("evidence", {}).get("invalid_outputs") or 0) for window in windows),
-        "champion_version": latest.get("champion_version"),
+        "champion_version": latest.get("champion_version"), "labelled": latest.get("labelled", 0),
+        "live_accuracy": latest.get("live_accuracy"), "live_accuracy_low": latest.get("live_accuracy_low"),
+        "live_accuracy_high": latest.get("live_accuracy_high"), "reference_accuracy": latest.get("reference_accuracy"),
     }
     return {"trigger_reason": decision.reason, "trigger_kind": decision.kind, "trigger_evidence": json.dumps(evidence)}
 
@@ -288,10 +305,12 @@ def run_window(settings: MonitorSettings, config: MonitorConfig, window_end: flo
     champion_rows = rows[rows["model_version"] == version] if version else rows.iloc[0:0]
     out_dir.mkdir(parents=True, exist_ok=True)
     html = out_dir / "drift_report.html"
-    drift = None
+    drift, quality, reference_accuracy = None, {"labelled": 0}, None
     if version is not None:
         reference = reference_for(settings.model_repository, settings.serving_model, version)
         drift = detect(reference, window_features(champion_rows), config.drift, html_path=html)
+        quality, reference_accuracy = window_quality(engine, settings, version, reference["predicted"], window_start,
+                                                     window_end)
     latencies = rows["latency_ms"].to_numpy(dtype=float)
     p95 = float(np.percentile(latencies, 95)) if len(latencies) else 0.0
     p99 = float(np.percentile(latencies, 99)) if len(latencies) else 0.0
@@ -302,13 +321,14 @@ def run_window(settings: MonitorSettings, config: MonitorConfig, window_end: flo
         "drift": {name: item for name, item in (drift.features.items() if drift else [])},
         "drift_kinds": list(drift.kinds) if drift else [],
         "drift_false_alarm_rate": config.drift.false_alarm_rate,
-        "drift_critical_p": drift.critical_p if drift else None,
+        "drift_critical_p": drift.critical_p if drift else None, **feedback_evidence(quality, reference_accuracy),
     }
     # Latency and error rate only mean something when something was served (or Triton failed);
     # invalid outputs are the model's fault however little was served.
     served = len(rows) > 0 or servers["triton_error_rate"] > 0
     breaches = serving_breaches(p95, p99, evidence["error_rate"] if served else 0.0, config.policy,
                                 invalid_outputs=servers["invalid_outputs"])
+    breaches += [found for found in [accuracy_breach(quality, reference_accuracy, config.policy)] if found]
     verdict = judge(window_end, len(champion_rows), config.drift.min_rows, drift.by_kind() if drift else {},
                     breaches, evidence, config.policy.drift_triggers)
     history = [record.verdict for record in state.before(window_end)] + [verdict]
@@ -346,6 +366,8 @@ def _log_to_mlflow(settings: MonitorSettings, verdict: WindowVerdict, decision: 
                    "invalid_outputs": evidence["invalid_outputs"]}
         metrics |= {f"drift_{name}": item["score"] for name, item in evidence["drift"].items() if "score" in item}
         metrics |= {f"drift_p_{name}": item["p_value"] for name, item in evidence["drift"].items() if "p_value" in item}
+        metrics |= {name: value for name, value in evidence.items()
+                    if (name == "labelled" or name.startswith("live_")) and value is not None}
         mlflow.log_metrics(metrics)
         for path in (out_dir / "summary.json", out_dir / "drift_report.html", out_dir / EMBEDDING_REPORT):
             if path.exists():

@@ -13,7 +13,8 @@ from monitoring.errors import MonitoringConfigError
 from monitoring.monitor import MonitorConfig, MonitorSettings, run_window
 from monitoring.policy import PolicyConfig
 
-POLICY_PARAMS = ("persist_windows", "cooldown_minutes", "max_p95_ms", "max_p99_ms", "max_error_rate")
+POLICY_PARAMS = ("persist_windows", "cooldown_minutes", "max_p95_ms", "max_p99_ms", "max_error_rate", "min_feedback",
+                 "max_accuracy_drop")
 
 
 def config_from_params(params: Mapping[str, Any]) -> MonitorConfig:

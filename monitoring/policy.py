@@ -1,11 +1,11 @@
 """When a window's findings become a re-optimization: persistence, cooldown, and no overlap.
 
 Pure functions over plain data, so every rule is tested without servers: a window is judged
-("ok", "drift", "slo_breach", or "insufficient" when traffic was too low to judge) and carries the
-kinds of breach it saw ("errors", "latency", "drift"); a trigger needs the last ``persist_windows``
-judged windows to be breaches, no optimization run active, and the cooldown since the last trigger
-to have passed. The trigger names the kind that persisted, so optimize_model can answer each kind
-its own way.
+("ok", "drift", "accuracy", "slo_breach", or "insufficient" when traffic was too low to judge) and
+carries the kinds of breach it saw ("errors", "accuracy", "latency", "drift"); a trigger needs the
+last ``persist_windows`` judged windows to be breaches, no optimization run active, and the
+cooldown since the last trigger to have passed. The trigger names the kind that persisted, so
+optimize_model can answer each kind its own way.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from dataclasses import asdict, dataclass, field
 
 from monitoring.drift import DRIFT_KINDS
 
-# Breach kinds, highest priority first: the model's or the server's errors outrank latency, which
-# outranks drift (a re-optimization for drift cannot help a model that fails its requests).
-KINDS = ("errors", "latency", "drift")
-BREACH_STATUSES = ("drift", "slo_breach")
+# Breach kinds, highest priority first: the model's or the server's errors outrank a measured accuracy
+# drop (true labels say the model got worse), which outranks latency, which outranks drift (a sign
+# the model may be getting worse; a re-optimization for drift cannot help a model that fails its requests).
+KINDS = ("errors", "accuracy", "latency", "drift")
+BREACH_STATUSES = ("drift", "accuracy", "slo_breach")
 
 
 # The serving SLO on p95 latency (ms): the monitor judges windows by it, and promotion gates
@@ -34,6 +35,9 @@ class PolicyConfig:
     max_error_rate: float = 0.01
     # Which kinds of drift (monitoring.drift: "output", "input") are a breach; the others are reported only.
     drift_triggers: tuple[str, ...] = DRIFT_KINDS
+    # Live accuracy from label feedback: judged on windows with at least min_feedback true labels.
+    min_feedback: int = 50
+    max_accuracy_drop: float = 0.05
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.drift_triggers) - set(DRIFT_KINDS))
@@ -43,6 +47,8 @@ class PolicyConfig:
             raise ValueError("persist_windows >= 1 and cooldown_minutes >= 0")
         if self.max_p95_ms <= 0 or self.max_p99_ms <= 0 or not 0 <= self.max_error_rate <= 1:
             raise ValueError("latency budgets must be > 0 and max_error_rate in [0, 1]")
+        if self.min_feedback < 1 or not 0 <= self.max_accuracy_drop < 1:
+            raise ValueError("min_feedback >= 1 and max_accuracy_drop in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -60,7 +66,7 @@ class Breach:
 @dataclass(frozen=True)
 class WindowVerdict:
     window_end: float  # unix seconds
-    status: str  # ok | drift | slo_breach | insufficient
+    status: str  # ok | drift | accuracy | slo_breach | insufficient
     reasons: tuple[str, ...] = ()
     evidence: dict = field(default_factory=dict)
     kinds: tuple[str, ...] = ()  # the breach kinds seen, in KINDS order
@@ -92,8 +98,8 @@ class Decision:
 def kinds_of(status: str, reasons: tuple[str, ...]) -> tuple[str, ...]:
     """The breach kinds of a verdict saved without them, read from its status and reasons (empty when
     the reasons do not say)."""
-    if status == "drift":
-        return ("drift",)
+    if status in ("drift", "accuracy"):
+        return (status,)
     if status != "slo_breach":
         return ()
     text = " ".join(reasons)
@@ -118,15 +124,41 @@ def serving_breaches(latency_p95_ms: float, latency_p99_ms: float, error_rate: f
     return breaches
 
 
+def accuracy_breach(quality: dict, reference_accuracy: float | None, config: PolicyConfig) -> Breach | None:
+    """An accuracy breach when true labels show the champion got significantly worse than at promotion.
+
+    The rule: the window has at least ``config.min_feedback`` labelled predictions, and the upper end
+    of the live accuracy's 95% interval (``quality["accuracy_high"]``, Wilson) is below
+    ``reference_accuracy - config.max_accuracy_drop``: even the most favourable accuracy the labels
+    allow is more than the allowed drop below the test accuracy, so the drop is not noise of a small
+    sample. None otherwise, and when the reference accuracy is unknown.
+
+    Args:
+        quality: ``monitoring.feedback.live_quality`` of the window's labelled predictions.
+        reference_accuracy: the champion's accuracy on its test split (its reference).
+    """
+    labelled = int(quality.get("labelled") or 0)
+    if reference_accuracy is None or labelled < config.min_feedback or "accuracy_high" not in quality:
+        return None
+    floor = reference_accuracy - config.max_accuracy_drop
+    if quality["accuracy_high"] >= floor:
+        return None
+    return Breach("accuracy", f"live accuracy {quality['accuracy']:.1%} (95% interval {quality['accuracy_low']:.1%}"
+                              f"-{quality['accuracy_high']:.1%}, {labelled} labels) < {floor:.1%} (test accuracy "
+                              f"{reference_accuracy:.1%} - {config.max_accuracy_drop:.1%})")
+
+
 def judge(window_end: float, rows: int, min_rows: int, drift: dict[str, list[str]], breaches: list[Breach],
           evidence: dict, drift_triggers: tuple[str, ...] = DRIFT_KINDS) -> WindowVerdict:
-    """One window's verdict. Latency and error breaches are judged even on little traffic; drift
-    only on ``min_rows`` predictions or more, and independently of them (one window can carry both).
+    """One window's verdict. Latency, error and accuracy breaches (``breaches``) are judged even on
+    little traffic; drift only on ``min_rows`` predictions or more, and independently of them (one
+    window can carry several).
 
     ``drift`` maps each drift kind found ("output", "input") to its drifted features; the kinds in
     ``drift_triggers`` are a breach, the others are only reported (in ``evidence["drift_noted"]``).
-    The status is "slo_breach" when there is a latency or error breach, else "drift" when a
-    triggering kind drifted; ``kinds`` has every breach kind found.
+    The status is "slo_breach" when there is a latency or error breach, else "accuracy" when there
+    is an accuracy breach, else "drift" when a triggering kind drifted; ``kinds`` has every breach
+    kind found.
     """
     found = list(breaches)
     judged = rows >= min_rows
@@ -139,8 +171,10 @@ def judge(window_end: float, rows: int, min_rows: int, drift: dict[str, list[str
                                     f"{','.join(drift_triggers) or 'none'})"]}
     kinds = tuple(kind for kind in KINDS if any(breach.kind == kind for breach in found))
     reasons = tuple(breach.reason for breach in found)
-    if breaches:
+    if any(breach.kind != "accuracy" for breach in breaches):
         return WindowVerdict(window_end, "slo_breach", reasons, evidence, kinds)
+    if breaches:
+        return WindowVerdict(window_end, "accuracy", reasons, evidence, kinds)
     if not judged:
         return WindowVerdict(window_end, "insufficient", (f"{rows} predictions < {min_rows}: not judged",), evidence)
     if found:

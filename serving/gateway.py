@@ -1,11 +1,14 @@
 """The inference gateway: raw texts in, labels and probabilities out, every prediction logged.
 
-    POST /v1/classify   {"texts": ["...", ...]}  -> labels, probabilities, model and version, latency
+    POST /v1/classify   {"texts": ["...", ...]}  -> labels, probabilities, prediction ids, model and version,
+                        latency
+    POST /v1/feedback   {"items": [{"prediction_id": "...", "label": "..."}, ...]}  -> the true labels of
+                        logged predictions, for live accuracy in monitoring: {"stored": n, "unknown_ids": [...]}
     GET  /healthz       the process is up
     GET  /readyz        Triton is ready and the champion model is loaded (503 with the reason if not)
     GET  /metrics       Prometheus: requests by status, latency, texts per request, in-flight,
                         texts answered with invalid (non-finite) outputs, prediction-log queue
-                        depth, back-pressure and writes
+                        depth, back-pressure and writes; feedback requests by status and labels stored
     GET  /docs, /openapi.json
 
 It talks to Triton over asynchronous gRPC. Bad input is a 4xx with a message that says what is
@@ -22,7 +25,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping
+import uuid
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 import numpy as np
@@ -34,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.errors import ServingError
 from serving.model_repository import DEFAULT_MODEL
-from serving.prediction_log import Prediction, PredictionLog, encode_embedding
+from serving.prediction_log import FeedbackNotStored, Prediction, PredictionLog, encode_embedding
 from serving.text import normalise_text
 
 log = logging.getLogger(__name__)
@@ -54,6 +58,7 @@ class GatewaySettings:
     log_texts: bool = False
     log_queue_size: int = 10_000
     retention_days: float = 30.0
+    max_feedback_items: int = 1000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> GatewaySettings:
@@ -79,6 +84,7 @@ class TextPrediction(BaseModel):
     label: str
     probabilities: dict[str, float]
     tokens: int | None = None
+    prediction_id: str | None = None  # send it to /v1/feedback with the true label, when known
 
 
 class ClassifyResponse(BaseModel):
@@ -86,6 +92,30 @@ class ClassifyResponse(BaseModel):
     model_version: str
     predictions: list[TextPrediction]
     latency_ms: float
+
+
+FEEDBACK_PATH = "/v1/feedback"
+CLASSIFY_EXPECTED = 'a JSON object like {"texts": ["some text"]}'
+FEEDBACK_EXPECTED = 'a JSON object like {"items": [{"prediction_id": "<id from /v1/classify>", "label": "positive"}]}'
+
+
+class FeedbackItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prediction_id: str = Field(..., min_length=1, max_length=32, description="an id /v1/classify returned")
+    label: str = Field(..., min_length=1, max_length=128, description="the true label of that text")
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {"items": [
+        {"prediction_id": "3f2c9a0e5b7d4c1e8a6f0b2d4e6c8a1b", "label": "positive"}]}})
+
+    items: list[FeedbackItem] = Field(..., min_length=1, description="true labels of logged predictions")
+
+
+class FeedbackResponse(BaseModel):
+    stored: int
+    unknown_ids: list[str]  # not in the prediction log (never served, past retention, or not written yet)
 
 
 class ErrorResponse(BaseModel):
@@ -120,6 +150,10 @@ class Metrics:
         self.invalid_outputs = Counter("gateway_invalid_outputs_total",
                                        "Texts the model answered with non-finite probabilities (NaN or Inf; "
                                        "answered 502, not logged)", registry=self.registry)
+        # Apart from gateway_requests_total: the monitor's error-rate SLO is about classify requests.
+        self.feedback_requests = Counter("gateway_feedback_requests_total", "Feedback requests by HTTP status",
+                                         ["status"], registry=self.registry)
+        self.feedback = Counter("gateway_feedback_total", "True labels stored from feedback", registry=self.registry)
         Gauge("prediction_log_queue_depth", "Predictions waiting to be written",
               registry=self.registry).set_function(lambda: prediction_log.queue_depth)
         Gauge("prediction_log_backpressure_waits", "Times a request waited for room in the log queue",
@@ -210,6 +244,23 @@ class TritonClassifier:
             self._labels[version] = config["parameters"]["labels"]["string_value"].split(",")
         return self._labels[version]
 
+    async def known_labels(self) -> set[str] | None:
+        """The label names of the versions served so far (feedback may be about any of them); before
+        the first classify, those of the newest loaded version. None when Triton cannot say."""
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            if not self._labels:
+                metadata = await self._client.get_model_metadata(self.model, as_json=True,
+                                                                 client_timeout=self.timeout_s)
+                versions = sorted(metadata.get("versions") or [], key=int)
+                if versions:
+                    await self._labels_of(versions[-1])
+        except (InferenceServerException, OSError, KeyError, ValueError, TypeError) as error:
+            log.warning("labels of %s unknown (%s): feedback labels are not checked", self.model, _short(error))
+            return None
+        return {label for labels in self._labels.values() for label in labels} or None
+
     async def classify(self, texts: list[str]) -> dict:
         from tritonclient.utils import InferenceServerException
 
@@ -259,7 +310,9 @@ def _triton_problem(error, model: str) -> TritonProblem:
     return TritonProblem(502, f"Triton failed the request: {message}")
 
 
-def create_app(settings: GatewaySettings) -> FastAPI:
+def create_app(settings: GatewaySettings,
+               classifier: Callable[[GatewaySettings], TritonClassifier] | None = None) -> FastAPI:
+    """The gateway app; ``classifier`` builds the Triton client at startup (default: TritonClassifier)."""
     prediction_log = PredictionLog(settings.prediction_log_url, queue_size=settings.log_queue_size,
                                    retention_days=settings.retention_days)
     metrics = Metrics(prediction_log)
@@ -268,7 +321,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         await prediction_log.start()
-        state["triton"] = TritonClassifier(settings.triton_grpc_url, settings.model, settings.triton_timeout_s)
+        state["triton"] = classifier(settings) if classifier else \
+            TritonClassifier(settings.triton_grpc_url, settings.model, settings.triton_timeout_s)
         try:
             yield
         finally:
@@ -283,6 +337,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.state.metrics = metrics
     _add_error_handling(app, settings, metrics)
     _add_classify_route(app, settings, prediction_log, metrics, state)
+    _add_feedback_route(app, settings, prediction_log, metrics, state)
     _add_probe_routes(app, settings, metrics, state)
     return app
 
@@ -295,30 +350,30 @@ def _add_error_handling(app: FastAPI, settings: GatewaySettings, metrics: Metric
         if request.method == "POST":
             declared = request.headers.get("content-length")
             if declared is not None and (not declared.isdigit() or int(declared) > settings.max_body_bytes):
-                return _error(413, f"request body over {settings.max_body_bytes} bytes", metrics)
+                return _error(413, f"request body over {settings.max_body_bytes} bytes", metrics, path=request.url.path)
             body = await request.body()
             if len(body) > settings.max_body_bytes:
-                return _error(413, f"request body over {settings.max_body_bytes} bytes", metrics)
+                return _error(413, f"request body over {settings.max_body_bytes} bytes", metrics, path=request.url.path)
         return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_request(_request: Request, error: RequestValidationError):
+    async def invalid_request(request: Request, error: RequestValidationError):
         details = [{"loc": list(item.get("loc", ())), "msg": item.get("msg", "")} for item in error.errors()]
         json_broken = any(item.get("type") == "json_invalid" for item in error.errors())
-        message = "the body is not valid JSON (UTF-8)" if json_broken else \
-            'expected a JSON object like {"texts": ["some text"]}'
-        return _error(400 if json_broken else 422, message, metrics, details)
+        expected = FEEDBACK_EXPECTED if request.url.path == FEEDBACK_PATH else CLASSIFY_EXPECTED
+        message = "the body is not valid JSON (UTF-8)" if json_broken else f"expected {expected}"
+        return _error(400 if json_broken else 422, message, metrics, details, path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_problem(_request: Request, error: StarletteHTTPException):
+    async def http_problem(request: Request, error: StarletteHTTPException):
         message = str(error.detail)
         if error.status_code == 400 and "parsing the body" in message:
             message = "the body is not valid JSON (UTF-8)"
-        return _error(error.status_code, message, metrics)
+        return _error(error.status_code, message, metrics, path=request.url.path)
 
     @app.exception_handler(TritonProblem)
-    async def triton_problem(_request: Request, error: TritonProblem):
-        return _error(error.status, error.message, metrics)
+    async def triton_problem(request: Request, error: TritonProblem):
+        return _error(error.status, error.message, metrics, path=request.url.path)
 
 
 def _add_classify_route(app: FastAPI, settings: GatewaySettings, prediction_log: PredictionLog, metrics: Metrics,
@@ -344,12 +399,13 @@ def _add_classify_route(app: FastAPI, settings: GatewaySettings, prediction_log:
             metrics.invalid_outputs.inc(len(invalid))
             return _error(502, invalid_outputs_message(len(invalid), len(body.texts)), metrics)
         labels = result["labels"]
+        ids = [uuid.uuid4().hex for _ in body.texts]
         predictions = [
             TextPrediction(label=label, probabilities=dict(zip(labels, probabilities, strict=False)),
-                           tokens=result["tokens"][i] if result["tokens"] else None)
+                           tokens=result["tokens"][i] if result["tokens"] else None, prediction_id=ids[i])
             for i, (label, probabilities) in enumerate(zip(result["label"], result["probabilities"], strict=True))
         ]
-        await prediction_log.record(_logged_predictions(body.texts, result, latency_ms, settings))
+        await prediction_log.record(_logged_predictions(body.texts, result, latency_ms, settings, ids))
         metrics.requests.labels("200").inc()
         metrics.latency.observe(latency_ms / 1000.0)
         metrics.batch.observe(len(body.texts))
@@ -382,8 +438,8 @@ def invalid_outputs_message(invalid: int, texts: int) -> str:
             "(a fault of the serving model version: it needs a rollback or a fix, not a retry)")
 
 
-def _logged_predictions(texts: list[str], result: dict, latency_ms: float,
-                        settings: GatewaySettings) -> Iterator[Prediction]:
+def _logged_predictions(texts: list[str], result: dict, latency_ms: float, settings: GatewaySettings,
+                        prediction_ids: list[str]) -> Iterator[Prediction]:
     """The prediction log's rows for one answered request (texts only when ``settings.log_texts``);
     the length is the normalised text's (``serving.text``), as the model and the reference see it."""
     served_at = time.time()
@@ -392,10 +448,45 @@ def _logged_predictions(texts: list[str], result: dict, latency_ms: float,
                    text_chars=len(normalise_text(text)), token_count=result["tokens"][i] if result["tokens"] else None,
                    unknown_tokens=result["unknown"][i] if result["unknown"] else None, label=label,
                    probabilities=tuple(probabilities), latency_ms=latency_ms,
-                   text=text if settings.log_texts else None,
+                   text=text if settings.log_texts else None, prediction_id=prediction_ids[i],
                    embedding=result["embeddings"][i] if result.get("embeddings") else None)
         for i, (text, label, probabilities) in enumerate(zip(texts, result["label"], result["probabilities"],
                                                              strict=True)))
+
+
+def _add_feedback_route(app: FastAPI, settings: GatewaySettings, prediction_log: PredictionLog, metrics: Metrics,
+                        state: dict) -> None:
+    @app.post(FEEDBACK_PATH, response_model=FeedbackResponse,
+              responses={400: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
+                         503: {"model": ErrorResponse}})
+    async def feedback(body: FeedbackRequest) -> FeedbackResponse | JSONResponse:
+        """Attach true labels to logged predictions by their ids (a later label for an id replaces the
+        earlier one); ids not in the prediction log are returned in ``unknown_ids``, not stored."""
+        problem = unacceptable_feedback(body.items, settings.max_feedback_items, await state["triton"].known_labels(),
+                                        settings.model)
+        if problem:
+            return _error(422, problem, metrics, path=FEEDBACK_PATH)
+        try:
+            stored, unknown = await prediction_log.record_feedback([(i.prediction_id, i.label) for i in body.items])
+        except FeedbackNotStored as error:
+            return _error(503, str(error), metrics, path=FEEDBACK_PATH)
+        metrics.feedback_requests.labels("200").inc()
+        metrics.feedback.inc(stored)
+        return FeedbackResponse(stored=stored, unknown_ids=unknown)
+
+
+def unacceptable_feedback(items: list[FeedbackItem], max_items: int, labels: set[str] | None, model: str) -> str | None:
+    """Why a feedback request cannot be stored (too many items, labels the model does not have), or
+    None. ``labels`` None: the model's labels are unknown now (Triton down), any label is taken."""
+    if len(items) > max_items:
+        return f"{len(items)} items in one request; the limit is {max_items}"
+    not_unicode = [i for i, item in enumerate(items) if not (_encodable(item.label) and _encodable(item.prediction_id))]
+    if not_unicode:
+        return f"items {not_unicode[:10]} are not valid Unicode (lone surrogate escapes)"
+    unknown = sorted({item.label for item in items} - labels) if labels else []
+    if unknown:
+        return f"labels {unknown[:10]} are not labels of {model!r} (its labels: {', '.join(sorted(labels))})"
+    return None
 
 
 def _add_probe_routes(app: FastAPI, settings: GatewaySettings, metrics: Metrics, state: dict) -> None:
@@ -427,8 +518,11 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def _error(status: int, message: str, metrics: Metrics, details: list | None = None) -> JSONResponse:
-    metrics.requests.labels(str(status)).inc()
+def _error(status: int, message: str, metrics: Metrics, details: list | None = None, path: str = "") -> JSONResponse:
+    """An error answer, counted by status: feedback's in gateway_feedback_requests_total, every other
+    request's in gateway_requests_total (the classify error rate the monitor judges)."""
+    counter = metrics.feedback_requests if path == FEEDBACK_PATH else metrics.requests
+    counter.labels(str(status)).inc()
     content: dict = {"error": message}
     if details:
         content["details"] = details

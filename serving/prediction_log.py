@@ -4,6 +4,10 @@ The gateway hands each prediction to ``PredictionLog.record``; a background task
 batches (SQLAlchemy: SQLite by default, Postgres in docker-compose). The queue is bounded: when it
 is full, ``record`` waits for room (back-pressure, counted) instead of dropping anything. A failed
 write is retried with the same rows. Rows older than the retention period are deleted as it goes.
+
+Label feedback: the true label of a logged prediction, sent later by its ``prediction_id``
+(``record_feedback``; a later label for the same id replaces the earlier one), is kept in the
+``feedback`` table and read back joined with its prediction (``read_labelled``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import sqlalchemy as sa
 
+from serving.errors import ServingError
 from serving.model_repository import EMBEDDING_DIMS
 
 log = logging.getLogger(__name__)
@@ -43,6 +48,14 @@ PREDICTIONS = sa.Table(
     sa.Column("prediction_id", sa.String(32), nullable=True, unique=True),  # the id /v1/classify returns
     sa.Column("embedding", sa.LargeBinary, nullable=True),  # float16 bytes (encode_embedding)
 )
+FEEDBACK = sa.Table(
+    "feedback",
+    METADATA,
+    sa.Column("prediction_id", sa.String(32), primary_key=True),  # a predictions.prediction_id
+    sa.Column("label", sa.String(128), nullable=False),  # the true label
+    sa.Column("received_at", sa.Float, nullable=False, index=True),  # unix seconds; a replaced label's is the latest
+)
+PREDICTION_ID_INDEX = "ix_predictions_prediction_id"  # the unique index an upgraded table gets
 # Columns an older table may lack, added by ``create_engine``: (name, SQL type per dialect).
 ADDED_COLUMNS = {"prediction_id": "VARCHAR(32)", "embedding": {"postgresql": "BYTEA", "default": "BLOB"}}
 
@@ -87,6 +100,10 @@ def decode_embedding(blob: bytes | None, dims: int = EMBEDDING_DIMS) -> np.ndarr
     return values.astype(np.float64) if len(values) == dims else np.full(dims, np.nan)
 
 
+class FeedbackNotStored(ServingError):
+    """The prediction log's database failed the feedback write; nothing of it was stored (send it again)."""
+
+
 @dataclass
 class LogStats:
     written: int = 0
@@ -106,7 +123,11 @@ def create_engine(url: str) -> sa.Engine:
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
     METADATA.create_all(engine)
-    add_missing_columns(engine)
+    if "prediction_id" in add_missing_columns(engine):
+        # Feedback looks predictions up by id: the column a new table declares unique needs an index here too.
+        with engine.begin() as connection:
+            connection.execute(sa.text(f"CREATE UNIQUE INDEX IF NOT EXISTS {PREDICTION_ID_INDEX} "
+                                       f"ON {PREDICTIONS.name} (prediction_id)"))
     return engine
 
 
@@ -171,6 +192,17 @@ class PredictionLog:
                 self.stats.backpressure_waits += 1
             await self._queue.put(prediction)
 
+    async def record_feedback(self, items: list[tuple[str, str]]) -> tuple[int, list[str]]:
+        """``record_feedback`` on the log's database in a worker thread; FeedbackNotStored when the
+        database fails the write (the transaction is rolled back: nothing was stored)."""
+        assert self._engine is not None, "PredictionLog.start() was not awaited"
+        try:
+            return await asyncio.to_thread(record_feedback, self._engine, items)
+        except sa.exc.SQLAlchemyError as error:
+            raise FeedbackNotStored(f"the prediction log could not store the feedback "
+                                    f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+                                    "nothing was stored, send it again") from error
+
     async def close(self) -> None:
         """Write everything still queued, then stop."""
         if self._queue is not None:
@@ -227,8 +259,13 @@ class PredictionLog:
 
 
 def delete_older_than(engine: sa.Engine, cutoff: float) -> int:
+    """Delete the predictions served before ``cutoff`` and the feedback of every prediction no longer
+    in the log; returns how many predictions were deleted."""
     with engine.begin() as connection:
-        return connection.execute(PREDICTIONS.delete().where(PREDICTIONS.c.served_at < cutoff)).rowcount
+        deleted = connection.execute(PREDICTIONS.delete().where(PREDICTIONS.c.served_at < cutoff)).rowcount
+        logged = sa.select(PREDICTIONS.c.id).where(PREDICTIONS.c.prediction_id == FEEDBACK.c.prediction_id)
+        connection.execute(FEEDBACK.delete().where(~logged.exists()))
+        return deleted
 
 
 def count(engine: sa.Engine, since: float | None = None) -> int:
@@ -244,6 +281,72 @@ def read_window(engine: sa.Engine, start: float, end: float):
     import pandas as pd
 
     query = sa.select(PREDICTIONS).where(PREDICTIONS.c.served_at >= start, PREDICTIONS.c.served_at < end)
+    with engine.connect() as connection:
+        frame = pd.read_sql(query, connection)
+    frame["probabilities"] = frame["probabilities"].map(json.loads)
+    return frame
+
+
+def _chunks(values: list[str], size: int = 500) -> list[list[str]]:
+    """``values`` in slices of at most ``size`` (the bound parameters of one ``IN`` list)."""
+    return [values[start:start + size] for start in range(0, len(values), size)]
+
+
+def _upsert_feedback(connection: sa.Connection, rows: list[dict]) -> None:
+    """Insert feedback rows, replacing the label of an id that already has one."""
+    dialect = connection.dialect.name
+    if dialect in ("postgresql", "sqlite"):
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        insert = (postgresql if dialect == "postgresql" else sqlite).insert(FEEDBACK)
+        connection.execute(insert.on_conflict_do_update(
+            index_elements=[FEEDBACK.c.prediction_id],
+            set_={"label": insert.excluded.label, "received_at": insert.excluded.received_at}), rows)
+        return
+    for chunk in _chunks([row["prediction_id"] for row in rows]):  # other databases: delete, then insert
+        connection.execute(FEEDBACK.delete().where(FEEDBACK.c.prediction_id.in_(chunk)))
+    connection.execute(FEEDBACK.insert(), rows)
+
+
+def record_feedback(engine: sa.Engine, items: Iterable[tuple[str, str]],
+                    received_at: float | None = None) -> tuple[int, list[str]]:
+    """Store true labels of logged predictions, in one transaction.
+
+    Args:
+        items: (prediction_id, label) pairs; of an id given twice, the last label counts.
+        received_at: unix seconds recorded with each label (default: now).
+
+    Returns:
+        How many labels were stored, and the ids that are not in the prediction log (not stored:
+        never served, deleted by retention, or still queued for writing).
+    """
+    labels = dict(items)
+    if not labels:
+        return 0, []
+    at = time.time() if received_at is None else received_at
+    with engine.begin() as connection:
+        known: set[str] = set()
+        for chunk in _chunks(list(labels)):
+            query = sa.select(PREDICTIONS.c.prediction_id).where(PREDICTIONS.c.prediction_id.in_(chunk))
+            known.update(connection.execute(query).scalars())
+        rows = [{"prediction_id": pid, "label": label, "received_at": at}
+                for pid, label in labels.items() if pid in known]
+        if rows:
+            _upsert_feedback(connection, rows)
+    return len(rows), [pid for pid in labels if pid not in known]
+
+
+def read_labelled(engine: sa.Engine, start: float, end: float):
+    """The predictions whose true label arrived in [start, end), with it as ``true_label`` (a pandas
+    DataFrame with ``read_window``'s columns plus ``true_label`` and ``received_at``).
+
+    The window is the feedback's arrival, not the prediction's serving: labels come hours or days
+    after the prediction, so each label counts once, in the window it arrived in."""
+    import pandas as pd
+
+    query = (sa.select(PREDICTIONS, FEEDBACK.c.label.label("true_label"), FEEDBACK.c.received_at)
+             .join(FEEDBACK, FEEDBACK.c.prediction_id == PREDICTIONS.c.prediction_id)
+             .where(FEEDBACK.c.received_at >= start, FEEDBACK.c.received_at < end))
     with engine.connect() as connection:
         frame = pd.read_sql(query, connection)
     frame["probabilities"] = frame["probabilities"].map(json.loads)

@@ -6,9 +6,9 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 
+from monitoring.stats import paired_comparison
 from tasks.champion import ChampionScore
 from tasks.config import GateConfig
-from tasks.stats import paired_comparison
 
 
 class GateDecision(str, Enum):

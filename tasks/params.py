@@ -21,15 +21,16 @@ RUN_PARAMS: dict[str, dict[str, Any]] = {
     "trigger_reason": {"default": "manual or nightly", "type": "string",
                        "description": "why this run started (monitor_serving fills it in when drift or an SLO breach "
                                       "persisted)"},
-    "trigger_kind": {"default": "", "type": "string", "enum": ["", "errors", "latency", "drift"],
+    "trigger_kind": {"default": "", "type": "string", "enum": ["", "errors", "accuracy", "latency", "drift"],
                      "description": "the breach that triggered this run (monitor_serving fills it in; empty: manual or "
-                                    "nightly): latency re-optimizes, drift retrains on new labels, errors roll back or "
-                                    "alert"},
+                                    "nightly): latency re-optimizes, drift and accuracy retrain on new labels, errors "
+                                    "roll back or alert"},
     "trigger_evidence": {"default": "{}", "type": "string",
                          "description": "the monitoring evidence behind the trigger (JSON)"},
     "force_retrain": {"default": False, "type": "boolean",
                       "description": "train even when the champion was built from the same data, configuration, "
-                                     "teacher and code (or, after drift, from the same labelled data)"},
+                                     "teacher and code (or, after drift or an accuracy drop, from the same labelled "
+                                     "data)"},
 }
 TRIGGER_PARAMS = ("trigger_reason", "trigger_kind", "trigger_evidence")
 

@@ -43,9 +43,9 @@ def plan_run(settings: PipelineSettings, params: dict[str, Any], run_id: str) ->
         plan = latency_plan(settings, config, trigger, run_dir)
     elif trigger.kind is TriggerKind.ERRORS:
         plan = act_on_errors(settings, config, errors_plan(trigger))
-    elif trigger.kind is TriggerKind.DRIFT:
+    elif trigger.kind in (TriggerKind.DRIFT, TriggerKind.ACCURACY):
         plan = RunPlan(trigger.kind.value, Action.RETRAIN.value,
-                       f"drift breach ({trigger.reason}): retrain on the newest labelled data")
+                       f"{trigger.kind.value} breach ({trigger.reason}): retrain on the newest labelled data")
     else:
         plan = RunPlan(trigger.kind.value, Action.TRAIN.value, f"started because: {trigger.reason}")
     write_plan(run_dir, plan)
@@ -99,20 +99,22 @@ def act_on_errors(settings: PipelineSettings, config: PipelineConfig, plan: RunP
 def should_train(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict,
                  force: bool) -> dict[str, Any]:
     """Whether the recipe runs (``{"changed", "reason"}``), by the plan: a re-optimization always
-    does; a drift retrain needs new labels; a normal run needs a change since the champion."""
+    does; a retrain (after drift or an accuracy drop) needs new labels; a normal run needs a change
+    since the champion."""
     plan = read_plan(settings.run_dir(run_id))
     if plan.action == Action.REOPTIMIZE.value:
         return {"changed": True, "reason": f"{plan.reason}: the unchanged-check does not apply"}
     if plan.action == Action.RETRAIN.value and not force:
-        verdict = new_labels(settings, config, data)
+        verdict = new_labels(settings, config, data, breach=plan.kind or TriggerKind.DRIFT.value)
         if not verdict["changed"]:
             record_stop(settings, config, run_id, plan, verdict["reason"])
         return verdict
     return pipeline_step.changed_since_champion(settings, config, data, force)
 
 
-def new_labels(settings: PipelineSettings, config: PipelineConfig, data: dict) -> dict[str, Any]:
-    """Whether labelled data arrived since the champion was trained (its data hash differs)."""
+def new_labels(settings: PipelineSettings, config: PipelineConfig, data: dict, breach: str = "drift") -> dict[str, Any]:
+    """Whether labelled data arrived since the champion was trained (its data hash differs);
+    ``breach`` names what a retrain on the same labels could not fix (drift, an accuracy drop)."""
     uri, model, alias = settings.mlflow_tracking_uri, config.promote.registered_model, config.promote.alias
     found = model_aliases.alias_tags(uri, model, alias)
     data_hash = StepResult.from_dict(data).info["data_hash"]
@@ -122,8 +124,8 @@ def new_labels(settings: PipelineSettings, config: PipelineConfig, data: dict) -
     if trained_on == data_hash:
         return {"changed": False,
                 "reason": f"no labelled data arrived since champion v{champion} was trained (data hash "
-                          f"{data_hash[:12]}): retraining on the same labels cannot fix the drift, so the run stops. "
-                          "Point data_source (or the monitor's retrain_conf) at newer labelled data; the monitor's "
+                          f"{data_hash[:12]}): retraining on the same labels cannot fix the {breach} breach, so the "
+                          "run stops. Point data_source (or the monitor's retrain_conf) at newer labelled data; the monitor's "
                           "cooldown holds its next trigger"}
     return {"changed": True, "reason": f"new labelled data since champion v{champion}: data "
                                        f"{(trained_on or '?')[:12]} -> {data_hash[:12]}"}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from tasks.stats import wilson_interval
+from monitoring.stats import wilson_interval
 
 REFERENCE = "teacher_pytorch"
 REPORT_FILES = ("report.md", "report.html", "pareto.png")

@@ -9,6 +9,8 @@ evidence; nightly and manual runs carry no kind. The first task turns that into 
   a more aggressive search, a latency budget gate, the most accurate candidate within budget wins;
 - ``drift``: **retrain** on the newest labelled data; stop when no labelled data arrived since the
   champion was trained (retraining on the same labels cannot fix drift);
+- ``accuracy``: live accuracy from label feedback dropped significantly below the champion's test
+  accuracy: **retrain** on the newest labelled data, as for drift (and stop the same way);
 - ``errors``: a serving fault, **no retraining**: record and alert, and roll back to
   ``previous_champion`` when the model itself produced invalid (non-finite) outputs.
 
@@ -38,6 +40,7 @@ class TriggerKind(str, Enum):
     LATENCY = "latency"
     ERRORS = "errors"
     DRIFT = "drift"
+    ACCURACY = "accuracy"
 
 
 class Action(str, Enum):

@@ -215,3 +215,24 @@ def test_every_metric_the_dashboard_and_alerts_use_is_exported(gateway_stack, ht
     used = {name for text in texts for name in re.findall(r"\b(?:nv|gateway|prediction_log)_[a-z_]+\b", text)}
     missing = sorted(name for name in used - exported if not name.startswith("nv_gpu_"))
     assert len(used) > 10 and not missing, f"not exported: {missing}"
+
+
+def test_feedback_attaches_true_labels_to_served_predictions(gateway_stack, http):
+    """Ids come back from classify, feedback by those ids is stored against the logged predictions,
+    and labels are checked against the served version's labels (read from Triton)."""
+    response = http.post("/v1/classify", json={"texts": ["good great film", "awful boring plot"]})
+    assert response.status_code == 200, response.text
+    ids = [prediction["prediction_id"] for prediction in response.json()["predictions"]]
+    _log_caught_up(http)
+    stored = http.post("/v1/feedback", json={"items": [{"prediction_id": ids[0], "label": "negative"},
+                                                       {"prediction_id": ids[1], "label": "negative"},
+                                                       {"prediction_id": "f" * 32, "label": "positive"}]})
+    assert stored.status_code == 200, stored.text
+    assert stored.json() == {"stored": 2, "unknown_ids": ["f" * 32]}
+    wrong = http.post("/v1/feedback", json={"items": [{"prediction_id": ids[0], "label": "neutral"}]})
+    assert wrong.status_code == 422 and "not labels of" in wrong.json()["error"]
+    engine = plog.create_engine(gateway_stack.settings.prediction_log_url)
+    labelled = plog.read_labelled(engine, time.time() - 60, time.time() + 1)
+    assert set(labelled["prediction_id"]) == set(ids) and set(labelled["true_label"]) == {"negative"}
+    metrics = http.get("/metrics").text
+    assert 'gateway_feedback_requests_total{status="422"} 1.0' in metrics and "gateway_feedback_total 2.0" in metrics

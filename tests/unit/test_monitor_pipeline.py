@@ -64,3 +64,12 @@ def test_monitoring_does_not_import_the_pipeline():
             elif isinstance(node, ast.Import):
                 imports += [(path.name, alias.name) for alias in node.names]
     assert imports and not [(name, module) for name, module in imports if module.split(".")[0] == "tasks"]
+
+
+def test_the_feedback_params_reach_the_policy():
+    config = pipeline.config_from_params({"min_feedback": 200, "max_accuracy_drop": 0.1})
+    assert (config.policy.min_feedback, config.policy.max_accuracy_drop) == (200, 0.1)
+    defaults = pipeline.config_from_params({}).policy
+    assert (defaults.min_feedback, defaults.max_accuracy_drop) == (50, 0.05)
+    with pytest.raises(ValueError, match="min_feedback"):
+        pipeline.config_from_params({"min_feedback": 0})

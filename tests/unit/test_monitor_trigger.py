@@ -17,7 +17,8 @@ from serving import prediction_log as plog
 
 CONFIG = MonitorConfig(drift=DriftConfig(min_rows=100), policy=PolicyConfig(persist_windows=2, cooldown_minutes=60))
 VERSION = "3"
-EVIDENCE_KEYS = {"kind", "windows", "slo_p95_ms", "latency_p95_ms", "token_count_p99", "invalid_outputs",
+EVIDENCE_KEYS = {"kind", "windows", "slo_p95_ms", "latency_p95_ms", "token_count_p99", "invalid_outputs", "labelled",
+                 "live_accuracy", "live_accuracy_low", "live_accuracy_high", "reference_accuracy",
                  "champion_version"}
 
 

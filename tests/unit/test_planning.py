@@ -92,22 +92,26 @@ def test_no_budget_left_stops_and_says_why_in_mlflow(champion_store, tmp_path):
     assert tags["outcome"] == "skipped" and "no latency budget is left" in tags["outcome_reason"]
 
 
-def test_drift_without_new_labels_stops_with_the_reason(champion_store, tmp_path, prepared_data):
+@pytest.mark.parametrize("kind", ["drift", "accuracy"])
+def test_a_retrain_without_new_labels_stops_with_the_reason(champion_store, tmp_path, prepared_data, kind):
+    """Drift and an accuracy drop from label feedback both retrain on new labels, and stop without them."""
     from tasks.data import result_of
 
     uri, version, data_hash = champion_store
     settings = _settings(uri, tmp_path)
-    params = _params("drift")
-    assert planning.plan_run(settings, params, "run4")["action"] == "retrain"
-    config = planning.config_for_run(params, settings.run_dir("run4"))
-    verdict = planning.should_train(settings, config, "run4", result_of(prepared_data).to_dict(), force=False)
+    params, run = _params(kind), f"run4-{kind}"
+    plan = planning.plan_run(settings, params, run)
+    assert plan["action"] == "retrain" and plan["kind"] == kind and plan["reason"].startswith(f"{kind} breach")
+    config = planning.config_for_run(params, settings.run_dir(run))
+    verdict = planning.should_train(settings, config, run, result_of(prepared_data).to_dict(), force=False)
     assert verdict["changed"] is False
     assert f"no labelled data arrived since champion v{version} was trained (data hash {data_hash[:12]})" \
         in verdict["reason"]
-    assert _outcome(uri, "run4")["outcome"] == "skipped"
+    assert f"cannot fix the {kind} breach" in verdict["reason"]
+    assert _outcome(uri, run)["outcome"] == "skipped"
     newer = result_of(prepared_data).to_dict()
     newer["info"]["data_hash"] = "f" * 64
-    assert planning.should_train(settings, config, "run4", newer, force=False)["changed"] is True
+    assert planning.should_train(settings, config, run, newer, force=False)["changed"] is True
 
 
 def test_an_error_breach_without_invalid_outputs_alerts_and_retrains_nothing(champion_store, tmp_path):

@@ -98,3 +98,7 @@ def test_a_table_of_an_earlier_release_gains_the_new_columns_and_keeps_its_rows(
     frame = plog.read_window(engine, 0.0, 10.0)
     assert frame["prediction_id"].tolist() == [None, "abc"]
     assert frame["embedding"].tolist()[0] is None and bytes(frame["embedding"].tolist()[1]) == b"\x00\x01"
+    # feedback looks predictions up by id: the added column gets the unique index a new table has
+    assert plog.PREDICTION_ID_INDEX in {index["name"] for index in sa.inspect(engine).get_indexes("predictions")}
+    with pytest.raises(sa.exc.IntegrityError), engine.begin() as connection:
+        connection.execute(plog.PREDICTIONS.insert(), [_prediction(2, served_at=3.0).row() | {"prediction_id": "abc"}])

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
+from monitoring.stats import binomial_tail, paired_comparison, wilson_interval
 from tasks import gate
 from tasks.champion import ChampionScore
 from tasks.config import GateConfig
 from tasks.decisions import choose_winner
-from tasks.stats import binomial_tail, paired_comparison, wilson_interval
 
 TEACHER = {"accuracy": 0.9}
 CLEAN = {"nan_outputs": 0.0, "nan_on_edge_inputs": 0.0, "latency_p95_ms": 1.0}

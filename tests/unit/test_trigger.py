@@ -25,6 +25,19 @@ def test_trigger_kind_and_evidence_come_from_the_params():
         parse_trigger({"trigger_evidence": "[1, 2]"})
 
 
+def test_an_accuracy_drop_is_a_trigger_kind_of_its_own():
+    trigger = parse_trigger({"trigger_kind": "accuracy", "trigger_evidence": '{"live_accuracy": 0.7}'})
+    assert trigger.kind is TriggerKind.ACCURACY and trigger.evidence == {"live_accuracy": 0.7}
+
+
+def test_every_breach_kind_the_monitor_names_is_a_trigger_kind_and_a_param_choice():
+    from monitoring.policy import KINDS
+    from tasks.params import RUN_PARAMS
+
+    assert set(KINDS) <= {kind.value for kind in TriggerKind}
+    assert set(RUN_PARAMS["trigger_kind"]["enum"]) == {kind.value for kind in TriggerKind}
+
+
 def test_an_error_breach_never_retrains_and_rolls_back_only_for_invalid_model_outputs():
     serving_fault = errors_plan(parse_trigger({"trigger_kind": "errors",
                                                "trigger_evidence": json.dumps({"invalid_outputs": 0})}))
