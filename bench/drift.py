@@ -335,7 +335,7 @@ def no_drift_over_references(pool: pd.DataFrame, reference_rows: int, size: int,
 
 def combined(results: list[dict]) -> dict:
     """One row of several ``judge_windows`` results of the same family and size."""
-    from tasks.stats import wilson_interval
+    from monitoring.stats import wilson_interval
 
     alarms, windows = sum(row["alarms"] for row in results), sum(row["windows"] for row in results)
     features: dict[str, int] = {}
