@@ -216,12 +216,13 @@ def test_the_gateway_logs_each_texts_embedding_as_float16_and_nan_rows_as_none()
     embedding = np.stack([vector, np.full(repo.EMBEDDING_DIMS, np.nan, dtype=np.float32)])
     result = classified(_response(embedding), "3", ["negative", "positive"])
     assert result["tokens"] == [5, 7] and result["unknown"] == [0, 1] and result["label"] == ["positive", "negative"]
-    rows = list(_logged_predictions(["a b", "c d e"], result, 4.0, GatewaySettings()))
+    rows = list(_logged_predictions(["a b", "c d e"], result, 4.0, GatewaySettings(), ["id1", "id2"]))
     assert len(rows[0].embedding) == 2 * repo.EMBEDDING_DIMS and rows[1].embedding is None
+    assert [row.prediction_id for row in rows] == ["id1", "id2"]
     assert np.allclose(plog.decode_embedding(rows[0].embedding), vector, atol=2e-3)
     without = classified(_response(None), "1", ["negative", "positive"])
     assert without["embeddings"] is None
-    assert [row.embedding for row in _logged_predictions(["a", "b"], without, 4.0, GatewaySettings())] == [None, None]
+    assert [row.embedding for row in _logged_predictions(["a", "b"], without, 4.0, GatewaySettings(), ["id3", "id4"])] == [None, None]
 
 
 def test_the_gateway_drops_an_output_the_serving_version_lacks_until_another_version_serves():
