@@ -50,7 +50,9 @@ RESULTS_DIR = REPO_ROOT / "bench" / "results"
 SIZES = (100, 200, 400)
 NO_DRIFT = "no drift"
 OVER_REFERENCES = "no drift, over references"
-REFERENCES = 10  # references of the over-references measurement (each with its own calibration)
+# References of the over-references measurement, each with its own calibration: many references
+# with few windows each, since the rate varies more between references than between windows.
+REFERENCES = 40
 TARGETS = {"false_alarm_rate": 0.02, "detection_rate": 0.95, "window_10k_seconds": 60.0, "no_drift_windows": 100}
 LICENCES = Path("/usr/share/common-licenses")
 DOC_MODULES = ("argparse", "asyncio", "collections", "csv", "dataclasses", "datetime", "email", "functools",
@@ -329,7 +331,8 @@ def no_drift_over_references(pool: pd.DataFrame, reference_rows: int, size: int,
         reference = pool.iloc[np.sort(rows)].reset_index(drop=True)
         rest = pool.drop(pool.index[rows]).reset_index(drop=True)
         family = Family(OVER_REFERENCES, "held_out", _uniform(len(rest)), shifted=False)
-        results.append(judge_windows(family, rest, reference, size, windows // REFERENCES, {}, seed=seed + index))
+        results.append(judge_windows(family, rest, reference, size, max(1, windows // REFERENCES), {},
+                                     seed=seed + index))
     return combined(results)
 
 
@@ -442,8 +445,8 @@ def markdown(report: dict) -> str:
              f"A reference is itself a sample: the stated false-alarm rate is an average over references as well "
              f"as windows, and one reference's own rate is above or below it by its luck. \"{NO_DRIFT}\" judges "
              f"windows against the one reference promotion wrote; \"{OVER_REFERENCES}\" against {REFERENCES} "
-             f"references of the same size drawn from the held-out reviews (windows from the rest; per-reference "
-             f"rates below the table).", "",
+             f"references of the same size drawn from the held-out reviews (windows from the rest; how the rate "
+             f"spreads over the references below the table).", "",
              "| family | window | windows | alarms | rate [95% interval] | output drift | input drift "
              "| features flagged | ms per window (median) |", "|---|---|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
@@ -454,9 +457,10 @@ def markdown(report: dict) -> str:
         lines.append(f"| {row['family']} | {row['size']} | {row['windows']} | {row['alarms']} | {row['rate']:.1%} "
                      f"[{row['interval'][0]:.1%}, {row['interval'][1]:.1%}] | {row['kinds']['output']} | "
                      f"{row['kinds']['input']} | {flagged or '-'} | {row['ms_per_window_median']:.0f} |")
-    lines += [""] + [f"- {row['family']} @{row['size']}: per-reference false-alarm rates "
-              + ", ".join(f"{rate:.0%}" for rate in row["per_reference_rates"]) for row in report["rows"]
-              if "per_reference_rates" in row]
+    lines += [""] + [f"- {row['family']} @{row['size']}: {sum(rate > 0 for rate in row['per_reference_rates'])} of "
+                     f"{len(row['per_reference_rates'])} references had a false alarm; the highest per-reference rate "
+                     f"was {max(row['per_reference_rates']):.0%}" for row in report["rows"]
+                     if "per_reference_rates" in row]
     big = report["window_10k"]
     lookup = f"{big['embedding_lookup_s']:.2f} s" if big["embedding_lookup_s"] is not None else "n/a"
     lines += ["", "## 10,000 predictions", "",

@@ -25,10 +25,10 @@ def test_a_tiny_run_judges_every_family_and_checks_the_targets(tmp_path):
     assert all(row["rate"] >= 0.9 for row in rows if row["shifted"] and row["size"] == 400)
     assert report["window_10k"]["embedding_judged"]
     checks = {check["target"].split(":")[0]: check["met"] for check in report["targets"]}
-    assert checks["false alarms <= 2% over >= 100 no-drift windows of 200 (10 references)"] is False  # 30: not shown
+    assert checks[f"false alarms <= 2% over >= 100 no-drift windows of 200 ({drift.REFERENCES} references)"] is False
     over = [row for row in no_drift if row["family"] == drift.OVER_REFERENCES]
-    assert [row["windows"] for row in over] == [30] * len(drift.SIZES)
+    assert [row["windows"] for row in over] == [drift.REFERENCES * max(1, 30 // drift.REFERENCES)] * len(drift.SIZES)
     assert all(len(row["per_reference_rates"]) == drift.REFERENCES for row in over)
     markdown = (tmp_path / "results" / "drift-tiny.md").read_text()
-    assert "| no drift | 200 | 30 |" in markdown and "| no drift, over references | 200 | 30 |" in markdown
+    assert "| no drift | 200 | 30 |" in markdown and "| no drift, over references | 200 | 40 |" in markdown
     assert "## Targets" in markdown
