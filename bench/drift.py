@@ -193,32 +193,22 @@ def served_features(model: Model, texts: list[str], table: np.ndarray | None) ->
     """What the prediction log records of these raw texts, as monitoring reads it: the model's
     outputs (ONNX Runtime), lengths, token counts and pooled embeddings, all of the normalised text
     (``serving.text``), as the served path computes them."""
-    from monitoring import embedding as emb
     from monitoring.features import reference_features
     from serving.text import normalise_text
     from tasks.modeling import load_tokenizer
     from tasks.onnx_model import onnx_logits
 
-    tokenizer_file = model.onnx_dir / "tokenizer.json"
     texts = [normalise_text(text) for text in texts]
     logits = onnx_logits(model.onnx_dir / "model.onnx", load_tokenizer(model.onnx_dir), texts, model.max_length)
-    features = reference_features(logits, texts, model.labels, tokenizer_file, model.max_length)
-    if table is not None:
-        vectors = emb.reference_embeddings(table, tokenizer_file, texts, model.max_length)
-        features = features.join(pd.DataFrame(vectors, columns=list(emb.COLUMNS)))
-    return features
+    return reference_features(logits, texts, model.labels, model.onnx_dir / "tokenizer.json", model.max_length,
+                              embedding_table=table)
 
 
 def embedding_table(model: Model, texts: list[str]) -> np.ndarray:
     """The projection table promotion fits (monitoring.embedding) on ``texts``."""
-    from tokenizers import Tokenizer
-
     from monitoring import embedding as emb
 
-    tokenizer_file = model.onnx_dir / "tokenizer.json"
-    vocab = Tokenizer.from_file(str(tokenizer_file)).get_vocab_size()
-    matrix = emb.token_embeddings(model.onnx_dir / "model.onnx", vocab)
-    return emb.fit_table(matrix, emb.token_ids(tokenizer_file, texts, model.max_length))
+    return emb.fit_table_for(model.onnx_dir / "model.onnx", model.onnx_dir / "tokenizer.json", texts, model.max_length)
 
 
 # -- pools and families of windows -------------------------------------------------------------------
