@@ -5,9 +5,7 @@ response and its log rows, the log's encoding, and the monitor's decoding of a w
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
-import sys
 import types
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import pytest
 from monitoring import embedding as emb
 from serving import model_repository as repo
 from serving import prediction_log as plog
+from tests.python_backend import loaded_with_stub
 
 TOKENIZER_MODEL = Path(__file__).resolve().parents[2] / "serving" / "triton_models" / "tokenizer" / "model.py"
 
@@ -47,18 +46,8 @@ def tokenizer_model():
     stub.Tensor, stub.InferenceResponse, stub.TritonModelException = _Tensor, _Response, _ModelException
     stub.TritonError = str
     stub.get_input_tensor_by_name = lambda request, name: _Tensor(name, request[name])
-    saved = sys.modules.get(stub.__name__)
-    sys.modules[stub.__name__] = stub
-    try:
-        spec = importlib.util.spec_from_file_location("tokenizer_model", TOKENIZER_MODEL)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    with loaded_with_stub(TOKENIZER_MODEL, "tokenizer_model", stub) as module:
         yield module
-    finally:
-        if saved is None:
-            sys.modules.pop(stub.__name__, None)
-        else:
-            sys.modules[stub.__name__] = saved
 
 
 def _version_folder(tmp_path: Path, tiny_model: Path, table: np.ndarray | None) -> Path:

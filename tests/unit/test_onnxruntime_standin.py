@@ -3,13 +3,13 @@ which requests run together and how outputs are cut back per request."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.python_backend import loaded_with_stub
 
 BACKEND = Path(__file__).resolve().parents[2] / "serving" / "triton_backends" / "onnxruntime" / "model.py"
 
@@ -19,18 +19,8 @@ def backend():
     # The module imports Triton's python-backend utilities, which exist only inside a Triton stub;
     # the functions tested here do not use them.
     placeholder = types.ModuleType("triton_python_backend_utils")
-    saved = sys.modules.get(placeholder.__name__)
-    sys.modules[placeholder.__name__] = placeholder
-    try:
-        spec = importlib.util.spec_from_file_location("onnxruntime_standin", BACKEND)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    with loaded_with_stub(BACKEND, "onnxruntime_standin", placeholder) as module:
         yield module
-    finally:
-        if saved is None:
-            sys.modules.pop(placeholder.__name__, None)
-        else:
-            sys.modules[placeholder.__name__] = saved
 
 
 def _shapes(*rows_and_lengths):
