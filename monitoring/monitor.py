@@ -328,7 +328,9 @@ def run_window(settings: MonitorSettings, config: MonitorConfig, window_end: flo
     served = len(rows) > 0 or servers["triton_error_rate"] > 0
     breaches = serving_breaches(p95, p99, evidence["error_rate"] if served else 0.0, config.policy,
                                 invalid_outputs=servers["invalid_outputs"])
-    breaches += [found for found in [accuracy_breach(quality, reference_accuracy, config.policy)] if found]
+    accuracy = accuracy_breach(quality, reference_accuracy, config.policy)
+    if accuracy is not None:
+        breaches.append(accuracy)
     verdict = judge(window_end, len(champion_rows), config.drift.min_rows, drift.by_kind() if drift else {},
                     breaches, evidence, config.policy.drift_triggers)
     history = [record.verdict for record in state.before(window_end)] + [verdict]
