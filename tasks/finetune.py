@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from tasks.config import FinetuneConfig
@@ -17,6 +19,14 @@ from tasks.training import EarlyStopping, accuracy, seed_everything, steps_for
 from tasks.training import train as train_loop
 
 log = logging.getLogger(__name__)
+
+
+def chance_level(labels: pd.Series) -> float:
+    """The validation accuracy early stopping must beat before it may stop: always answering the most
+    common label, plus two standard errors of that share on this many texts (a model within it has
+    not started learning; stopping would keep a useless model)."""
+    majority = float(labels.value_counts(normalize=True).max())
+    return majority + 2.0 * math.sqrt(majority * (1.0 - majority) / len(labels))
 
 
 def run(config: FinetuneConfig, data_dir: Path, out_dir: Path, progress_every: int = 10) -> StepResult:
@@ -40,7 +50,8 @@ def run(config: FinetuneConfig, data_dir: Path, out_dir: Path, progress_every: i
                                  patience=config.early_stopping_patience,
                                  # Never before one epoch and half the planned steps: validation often
                                  # sits at chance until warm-up ends and the head has learned something.
-                                 min_steps=max(epoch_steps, total_steps // 2))
+                                 min_steps=max(epoch_steps, total_steps // 2),
+                                 floor=chance_level(validation["label"]))
     trained = train_loop(
         model, tokenizer, train["text"].tolist(),
         lambda batch, index: model(**batch, labels=targets[index]).loss,

@@ -37,14 +37,17 @@ class TrainingRun:
 @dataclass(frozen=True)
 class EarlyStopping:
     """Score the model every ``every`` steps with ``score`` (higher is better); stop after ``patience``
-    scores without improvement, never before ``min_steps`` (early plateaus during warm-up are common),
-    and restore the best weights. ``patience`` 0 scores but never stops."""
+    scores without improvement, never before ``min_steps`` (early plateaus during warm-up are common)
+    and never while the best score is at or below ``floor`` (a classifier still scoring what always
+    answering the most common label scores has not started learning: stopping would keep a useless
+    model), and restore the best weights. ``patience`` 0 scores but never stops."""
 
     score: Callable[[], float]
     every: int
     patience: int = 2
     min_steps: int = 0
     min_delta: float = 0.0
+    floor: float = -math.inf
 
 
 @dataclass
@@ -225,7 +228,8 @@ def _score_and_decide(model: torch.nn.Module, stopping: EarlyStopping, step: int
     else:
         best.misses += 1
     log.info("%s step %d validation score %.4f (best %.4f at step %d)", name, step, score, best.score, best.step)
-    if stopping.patience and best.misses >= stopping.patience and step >= stopping.min_steps:
+    if (stopping.patience and best.misses >= stopping.patience and step >= stopping.min_steps
+            and best.score > stopping.floor):
         log.info("%s: no improvement in %d validation scores, stopping early", name, best.misses)
         return True
     return False

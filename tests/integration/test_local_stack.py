@@ -102,10 +102,13 @@ def test_scheduler_runs_optimize_model_and_restart_keeps_state(tmp_path, tiny_mo
         state = _wait_run(api, run_id, timeout_s=600)
         assert state == "success", f"{api.task_states('optimize_model', run_id)}\n" + \
             stack.manager.log_tail("airflow-scheduler", 60)
+        tasks = api.task_states("optimize_model", run_id)
+        assert tasks.get("promote") == "success", f"{tasks}\n" + "\n".join(
+            _task_log(settings, run_id, task_id)[-3000:] for task_id in ("plan", "changed_since_champion", "gate", "promote"))
         promoted = api.xcom("optimize_model", run_id, "promote")
         assert promoted["status"] == "success"
         mlflow_version = promoted["info"]["mlflow_version"]
-        _assert_switched_off_run(settings, api.task_states("optimize_model", run_id), mlflow_version)
+        _assert_switched_off_run(settings, tasks, mlflow_version)
     finally:
         stack.down(progress=messages.append)
     assert not any(_alive(pid) for pid in pids.values())

@@ -55,3 +55,31 @@ def test_early_stopping_stops_after_patience_and_restores_the_best_weights(tiny_
     assert run.validation_scores == (0.5, 0.9, 0.6, 0.4)
     assert run.best_step == 4
     assert torch.equal(model.classifier.weight, snapshots[1])
+
+
+def test_early_stopping_waits_while_the_best_score_is_at_chance(tiny_model):
+    """A model still scoring the majority share has not started learning: patience does not run out
+    then (a CI scheduler run once kept a tiny teacher that stopped at chance one validation before it learned)."""
+    model = load_classifier(tiny_model)
+    scores = iter([0.5, 0.5, 0.5, 0.5, 1.0, 1.0, 0.9, 0.9, 0.9, 0.9])
+    texts = ["good movie", "bad film"] * 8
+    labels = torch.tensor([1, 0] * 8)
+    from tasks.modeling import load_tokenizer
+
+    run = training.train(model, load_tokenizer(tiny_model), texts,
+                         lambda batch, index: model(**batch, labels=labels[index]).loss,
+                         total_steps=20, batch_size=4, learning_rate=1e-2, weight_decay=0.0, warmup_ratio=0.0,
+                         max_length=16, seed=0, name="test",
+                         early_stopping=training.EarlyStopping(lambda: next(scores), every=2, patience=2,
+                                                               min_steps=4, floor=0.5))
+    assert run.validation_scores == (0.5, 0.5, 0.5, 0.5, 1.0, 1.0, 0.9)
+    assert run.stopped_early and run.best_step == 10
+
+
+def test_chance_level_is_the_majority_share_plus_two_standard_errors():
+    import pandas as pd
+
+    from tasks.finetune import chance_level
+
+    assert chance_level(pd.Series([0, 1] * 50)) == pytest.approx(0.5 + 2 * 0.05)
+    assert chance_level(pd.Series([0] * 90 + [1] * 10)) == pytest.approx(0.9 + 2 * 0.03)
