@@ -133,7 +133,8 @@ def print_summary(settings: StackSettings, dag_id: str, run_id: str, summary: di
     print(f"== {dag_id} run {run_id}: success")
     print(f"{'candidate':18s} {'accuracy':>9s} {'macro F1':>9s} {'p50 ms':>8s} {'p95 ms':>8s} {'texts/s':>8s} "
           f"{'size MB':>8s} {'peak MB':>8s}  MLflow version")
-    from tasks.recipe import OPTIMIZE_MODEL
+    from tasks.recipe import OPTIMIZE_MODEL, REFERENCE_CANDIDATE
+    from tasks.report import version_of
 
     switched_off = summary.get("switched_off") or {}
     for name in OPTIMIZE_MODEL.candidates:
@@ -141,11 +142,11 @@ def print_summary(settings: StackSettings, dag_id: str, run_id: str, summary: di
             print(f"{name:18s} switched off: {switched_off[name]}")
             continue
         metrics = summary["candidates"][name]
-        version = summary["versions"].get(name) or "-"
+        version = version_of(summary, name)
         print(f"{name:18s} {metrics['accuracy']:9.4f} {metrics['macro_f1']:9.4f} {metrics['latency_p50_ms']:8.2f} "
               f"{metrics['latency_p95_ms']:8.2f} {metrics.get('throughput_per_s', 0):8.0f} "
               f"{metrics['size_bytes'] / 1e6:8.2f} {metrics.get('peak_memory_mb', 0):8.0f}  {version}")
-    teacher = summary["candidates"]["teacher_pytorch"]
+    teacher = summary["candidates"][REFERENCE_CANDIDATE]
     for name in ("onnx_int8", "student_int8", "pruned_int8"):
         if name not in summary["candidates"]:
             continue

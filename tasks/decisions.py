@@ -21,7 +21,7 @@ from tasks.config import GateConfig, PipelineConfig
 from tasks.errors import PipelineError, PromotionFailed
 from tasks.pipeline import DECISIONS, RECIPE, candidate_metrics, not_built_candidates, switched_off_candidates
 from tasks.predictions import majority_share, read_correct
-from tasks.recipe import Target
+from tasks.recipe import REFERENCE_CANDIDATE, Target
 from tasks.results import StepResult, StepStatus, write_json_atomic
 from tasks.settings import PipelineSettings
 from tasks.trigger import read_plan
@@ -94,10 +94,10 @@ def gate_candidates(settings: PipelineSettings, config: PipelineConfig, run_id: 
                     registered: dict, champion: dict | None) -> dict:
     """Gate every registered candidate, record each gate on its model version, choose the winner and
     say in every other version's description why it was not chosen. Writes ``decisions/gates.json``."""
-    teacher = StepResult.from_dict(evaluations["teacher_pytorch"]).metrics
+    teacher = StepResult.from_dict(evaluations[REFERENCE_CANDIDATE]).metrics
     answers = tuple(map(bool, champion["correct"])) if champion and "correct" in champion else None
     score = None if champion is None else ChampionScore(champion["accuracy"], champion["note"], answers)
-    teacher_predictions = _predictions(evaluations["teacher_pytorch"])
+    teacher_predictions = _predictions(evaluations[REFERENCE_CANDIDATE])
     majority = majority_share(teacher_predictions) if teacher_predictions else None
     model_name, uri = config.promote.registered_model, settings.mlflow_tracking_uri
     gates: dict[str, list[gate_step.GateCheck]] = {}
@@ -127,6 +127,7 @@ def gate_candidates(settings: PipelineSettings, config: PipelineConfig, run_id: 
         "mlflow_parent_run_id": registered["parent_run_id"],
         "registered_model": model_name,
         "versions": registered["versions"],
+        "reference_version": registered.get("reference_version"),
         "candidates": {name: StepResult.from_dict(value).metrics for name, value in evaluations.items()},
         "switched_off": switched_off_candidates(config) | not_built_candidates(settings, config, run_id, evaluations),
         "target": resolution.to_dict() if resolution is not None else None,

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 RUN_TAG = "pipeline_run_id"
 ROLE_TAG = "pipeline_role"
 CANDIDATE_TAG = "candidate"
+VERSION_ROLE_TAG = "role"  # on model versions: "candidate" (gated, may be served) or "reference" (the teacher)
 # The formats registered as MLflow model versions: ONNX models with the ONNX flavour, TensorRT engines
 # as their folder (an engine is only valid for the GPU model and TensorRT version it was built with,
 # which its version's tags name).
@@ -41,6 +42,9 @@ class Candidate:
     metrics: dict[str, float]
     technique: str  # human-readable chain, e.g. "finetune > onnx export > dynamic int8"
     registrable: bool = True  # for a folder without a manifest; a manifest decides (see is_registrable)
+    # The run's FP32 PyTorch teacher: registered as a version too (its folder), tagged as the reference
+    # that every candidate's accuracy and speed-up are measured against; never gated, never served.
+    reference: bool = False
 
 
 def is_registrable(candidate: Candidate) -> bool:
@@ -91,7 +95,8 @@ def _version_of_run(client, registered_model: str, run_id: str) -> str | None:
 
 def log_candidate(tracking_uri: str, experiment: str, parent_id: str, pipeline_run_id: str, registered_model: str,
                   candidate: Candidate, lineage: dict[str, str]) -> str | None:
-    """Log one candidate as a nested run; register ONNX candidates. Returns the model version (or None).
+    """Log one candidate as a nested run; register ONNX candidates, engines and the reference teacher.
+    Returns the model version (or None).
 
     Idempotent: a retry finds the nested run of an earlier attempt (by its tags) and the version
     registered from that run, so neither is created twice, even when the earlier attempt stopped
@@ -114,21 +119,33 @@ def log_candidate(tracking_uri: str, experiment: str, parent_id: str, pipeline_r
                 mlflow.log_metrics(candidate.metrics)
                 if not is_registrable(candidate):
                     _log_model_files(candidate)
-                    return None
-                version = (_register_engine(client, registered_model, candidate) if _is_engine(candidate)
-                           else _log_onnx(registered_model, candidate))
-    tags |= engine_tags(candidate.model_dir)
+                    if not candidate.reference:
+                        return None
+                    version = _create_version(client, registered_model, MODEL_FILES_ARTIFACT)
+                elif _is_engine(candidate):
+                    mlflow.log_artifacts(str(candidate.model_dir), ENGINE_ARTIFACT)
+                    version = _create_version(client, registered_model, ENGINE_ARTIFACT)
+                else:
+                    version = _log_onnx(registered_model, candidate)
+    tags |= engine_tags(candidate.model_dir) | {VERSION_ROLE_TAG: "reference" if candidate.reference else "candidate"}
     for key, value in (tags | {CANDIDATE_TAG: candidate.name}).items():
         client.set_model_version_tag(registered_model, version, key, value)
     for key, value in candidate.metrics.items():
         client.set_model_version_tag(registered_model, version, f"metric.{key}", f"{value:.6g}")
-    client.update_model_version(
-        registered_model, version,
-        description=f"{candidate.name}: {candidate.technique}. Accuracy {candidate.metrics.get('accuracy', float('nan')):.4f}, "
-                    f"p95 latency {candidate.metrics.get('latency_p95_ms', float('nan')):.2f} ms "
-                    f"(batch 1, {'GPU' if 'gpu_memory_mb' in candidate.metrics else 'CPU'}).",
-    )
+    client.update_model_version(registered_model, version, description=_description(candidate))
     return version
+
+
+def _description(candidate: Candidate) -> str:
+    """A version's description in the registry: what it is, how it was built and what it measured."""
+    if candidate.reference:
+        return (f"{candidate.name}: {candidate.technique}. The reference of this run: every candidate's accuracy "
+                f"and speed-up are measured against it (accuracy {candidate.metrics.get('accuracy', float('nan')):.4f}, "
+                f"p50 latency {candidate.metrics.get('latency_p50_ms', float('nan')):.2f} ms at batch 1). "
+                "PyTorch FP32 model folder: never gated and never served by Triton.")
+    return (f"{candidate.name}: {candidate.technique}. Accuracy {candidate.metrics.get('accuracy', float('nan')):.4f}, "
+            f"p95 latency {candidate.metrics.get('latency_p95_ms', float('nan')):.2f} ms "
+            f"(batch 1, {'GPU' if 'gpu_memory_mb' in candidate.metrics else 'CPU'}).")
 
 
 def _log_onnx(registered_model: str, candidate: Candidate) -> str:
@@ -157,18 +174,17 @@ def _is_engine(candidate: Candidate) -> bool:
     return manifest is not None and manifest.format is ModelFormat.TENSORRT_PLAN
 
 
-def _register_engine(client, registered_model: str, candidate: Candidate) -> str:
-    """Log a TensorRT engine's folder (engine, tokenizer, manifest, profile) in the active run and
-    register that folder as a version."""
+def _create_version(client, registered_model: str, artifact: str) -> str:
+    """Register a folder the active run logged under ``artifact`` as a version: a TensorRT engine's
+    folder (engine, tokenizer, manifest, profile) or the reference teacher's model folder."""
     import mlflow
 
     run = mlflow.active_run()
-    mlflow.log_artifacts(str(candidate.model_dir), ENGINE_ARTIFACT)
     try:
         client.get_registered_model(registered_model)
     except Exception:  # noqa: BLE001 - MLflow raises RestException when the model does not exist yet
         client.create_registered_model(registered_model)
-    created = client.create_model_version(registered_model, source=f"{run.info.artifact_uri}/{ENGINE_ARTIFACT}",
+    created = client.create_model_version(registered_model, source=f"{run.info.artifact_uri}/{artifact}",
                                           run_id=run.info.run_id)
     return str(created.version)
 

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from tasks.errors import PipelineError
+from tasks.recipe import REFERENCE_CANDIDATE
 from tasks.registry import CANDIDATE_TAG, DATA_ARTIFACT, MODEL_FILES_ARTIFACT, ROLE_TAG, RUN_TAG
 
-TEACHER_CANDIDATE = "teacher_pytorch"  # the candidate whose folder is the teacher a re-optimization reuses
 # Maximum lengths a re-optimization may shorten to (tokens); the served texts' p99 must fit.
 LENGTH_STEPS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 HEAD_STEP, FFN_STEP = 0.17, 0.15
@@ -142,7 +142,7 @@ def find_origin(tracking_uri: str, experiment: str, registered_model: str, alias
     runs = {run.data.tags.get(ROLE_TAG) + ":" + run.data.tags.get(CANDIDATE_TAG, ""): run for run in
             client.search_runs([found.experiment_id], filter_string=f"tags.{RUN_TAG} = '{run_id}'", max_results=100)
             if run.data.tags.get(ROLE_TAG)}
-    parent, teacher = runs.get("parent:"), runs.get(f"candidate:{TEACHER_CANDIDATE}")
+    parent, teacher = runs.get("parent:"), runs.get(f"candidate:{REFERENCE_CANDIDATE}")
     if parent is None or teacher is None:
         raise PipelineError(f"the MLflow runs of pipeline run {run_id} (which built {registered_model} v{version}) "
                             "are incomplete: no parent run or no teacher run")

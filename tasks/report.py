@@ -14,19 +14,27 @@ import html
 from pathlib import Path
 
 from monitoring.stats import wilson_interval
+from tasks.recipe import REFERENCE_CANDIDATE
 
-REFERENCE = "teacher_pytorch"
 REPORT_FILES = ("report.md", "report.html", "pareto.png")
+
+
+def version_of(summary: dict, candidate: str) -> str:
+    """The candidate's MLflow version as the report shows it ("-" when it was not registered); the
+    reference teacher's is marked as such (it is never gated or served)."""
+    if candidate == REFERENCE_CANDIDATE and summary.get("reference_version"):
+        return f"{summary['reference_version']} (reference)"
+    return summary["versions"].get(candidate) or "-"
 
 
 def candidate_rows(summary: dict) -> list[dict]:
     """One row per candidate with its ratios against the PyTorch teacher, in the run's order."""
-    reference = summary["candidates"][REFERENCE]
+    reference = summary["candidates"][REFERENCE_CANDIDATE]
     rows = []
     for name, metrics in summary["candidates"].items():
         throughput = metrics.get("throughput_per_s") or float("nan")
         rows.append({
-            "name": name, "version": summary["versions"].get(name) or "-",
+            "name": name, "version": version_of(summary, name),
             "accuracy": metrics["accuracy"], "retention": metrics["accuracy"] / reference["accuracy"],
             "size_mb": metrics["size_bytes"] / 1e6, "smaller": reference["size_bytes"] / metrics["size_bytes"],
             "p50": metrics["latency_p50_ms"], "p95": metrics["latency_p95_ms"],

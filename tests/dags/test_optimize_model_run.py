@@ -110,7 +110,15 @@ def test_dag_test_runs_every_task_and_promotes(local_services, airflow_env, tiny
     assert int8_tags["source_version"] == summary["versions"]["onnx_fp32"]
     assert all(int8_tags[key] for key in ("data_hash", "config_hash", "teacher_id", "code_version", "technique"))
     assert any(key.startswith("gate.") for key in int8_tags)
-    assert int8_tags["candidate"] == "onnx_int8"
+    assert int8_tags["candidate"] == "onnx_int8" and int8_tags["role"] == "candidate"
+    # The FP32 teacher is registered too, as the reference every candidate's lineage names; never gated.
+    reference = summary["reference_version"]
+    assert reference and reference not in summary["versions"].values() and "teacher_pytorch" not in summary["gates"]
+    reference_tags = model_aliases.version_tags(settings.mlflow_url, "dagtest-model", reference)
+    assert reference_tags["role"] == "reference" and reference_tags["candidate"] == "teacher_pytorch"
+    assert int8_tags["reference_version"] == reference
+    fp32_tags = model_aliases.version_tags(settings.mlflow_url, "dagtest-model", summary["versions"]["onnx_fp32"])
+    assert fp32_tags["source_version"] == reference
     # Reviewers find the readable report and the Pareto plot on the run's parent run.
     import mlflow
 

@@ -32,8 +32,11 @@ def champion_store(tmp_path_factory, trained_teacher: Path, exported_onnx: Path,
     registry.log_data(uri, parent, prepared_data)
     data_hash = json.loads((prepared_data / META_FILENAME).read_text())["data_hash"]
     lineage = {"data_hash": data_hash}
-    assert registry.log_candidate(uri, "optimize_model", parent, "run1", MODEL, registry.Candidate(
-        "teacher_pytorch", trained_teacher, {"accuracy": 0.9, "latency_p95_ms": 80.0}, "finetune"), lineage) is None
+    reference = registry.log_candidate(uri, "optimize_model", parent, "run1", MODEL, registry.Candidate(
+        "teacher_pytorch", trained_teacher, {"accuracy": 0.9, "latency_p50_ms": 70.0, "latency_p95_ms": 80.0},
+        "finetune", reference=True), lineage)
+    assert model_aliases.version_tags(uri, MODEL, reference)[registry.VERSION_ROLE_TAG] == "reference"
+    lineage |= {"reference_version": reference}
     version = registry.log_candidate(uri, "optimize_model", parent, "run1", MODEL, registry.Candidate(
         "onnx_fp32", exported_onnx, {"accuracy": 0.9, "latency_p50_ms": 50.0, "latency_p95_ms": 90.0}, "finetune > onnx"),
         lineage)
