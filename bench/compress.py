@@ -606,8 +606,24 @@ def compute_markdown(report: dict) -> list[str]:
 
 
 def machine() -> dict:
-    return {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+    return {"processor": processor_name(), "cpus": os.cpu_count(),
             "python": sys.version.split()[0], "platform": platform.platform()}
+
+
+INT8_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")  # what INT8 speed depends on
+
+
+def processor_name() -> str:
+    """The CPU's model name and its INT8-relevant instruction sets (from /proc/cpuinfo on Linux),
+    else what the platform module says."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), platform.machine())
+    flags = next((set(line.split(":", 1)[1].split()) for line in info if line.startswith("flags")), set())
+    present = [feature for feature in INT8_FEATURES if feature in flags]
+    return f"{name} ({', '.join(present) or 'no AVX2'})"
 
 
 def reuse_models(profile: Profile, work: Path, last_report: Path) -> tuple[list[Row], dict[str, dict], str]:

@@ -307,6 +307,11 @@ class QuantizeMode(str, Enum):
     FP16 = "fp16"
 
 
+class ActivationScales(str, Enum):
+    PER_TOKEN = "per_token"
+    PER_TENSOR = "per_tensor"
+
+
 class CalibrationMethod(str, Enum):
     MINMAX = "minmax"
     PERCENTILE = "percentile"
@@ -325,6 +330,9 @@ class QuantizeConfig:
             and pruned student, per-tensor scales lost 0.8 accuracy points on both validation and test
             texts that per-channel scales kept, at the same speed; per tensor is Optimum's preset).
         reduce_range: 7-bit weights, for CPUs without VNNI.
+        activation_scales: dynamic INT8's activation scales: "per_token" (each token's own; a text's
+            answer does not depend on the texts Triton batches it with) or "per_tensor" (ONNX
+            Runtime's own: one scale over the whole batch, padding included).
         calibration_samples: training texts used to calibrate static INT8.
         calibration_method: "percentile" (clips outliers; default), "entropy", or "minmax" (naive
             MinMax was measured to wreck BERT logits).
@@ -341,6 +349,7 @@ class QuantizeConfig:
     mode: str = QuantizeMode.DYNAMIC_INT8.value
     per_channel: bool = True
     reduce_range: bool = False
+    activation_scales: str = ActivationScales.PER_TOKEN.value
     calibration_samples: int = 128
     calibration_method: str = CalibrationMethod.PERCENTILE.value
     exclude_activation_matmuls: bool = True
@@ -354,6 +363,8 @@ class QuantizeConfig:
     def __post_init__(self) -> None:
         _require(self.mode in {m.value for m in QuantizeMode},
                  f"quantize.mode must be one of {[m.value for m in QuantizeMode]}, got {self.mode!r}")
+        _require(self.activation_scales in {m.value for m in ActivationScales},
+                 f"quantize.activation_scales must be one of {[m.value for m in ActivationScales]}")
         _require(self.calibration_method in {m.value for m in CalibrationMethod},
                  f"quantize.calibration_method must be one of {[m.value for m in CalibrationMethod]}")
         _require(1 <= self.calibration_samples <= 100_000, "quantize.calibration_samples must be in 1..100000")
@@ -519,6 +530,9 @@ class PromoteConfig:
         alias: MLflow alias that marks the serving version.
         smoke_samples: test texts sent through Triton and compared with the evaluation outputs.
         smoke_tolerance: largest allowed |logit difference| between Triton and the evaluation.
+        smoke_batch: the same texts are sent again in requests of this many (padded to the longest
+            of each, as Triton serves a multi-text request): a text's answer must not depend on the
+            texts it is batched with (0 = only one text per request).
     """
 
     registered_model: str = field(default=REGISTERED_MODEL, metadata=param(
@@ -528,6 +542,7 @@ class PromoteConfig:
     alias: str = "champion"
     smoke_samples: int = 16
     smoke_tolerance: float = 1e-3
+    smoke_batch: int = 8
 
     def __post_init__(self) -> None:
         _require(bool(self.registered_model), "promote.registered_model is empty")
@@ -537,6 +552,7 @@ class PromoteConfig:
         )
         _require(self.alias not in ("latest", ""), "promote.alias must name an alias other than 'latest'")
         _require(self.smoke_samples >= 1, "promote.smoke_samples must be >= 1")
+        _require(self.smoke_batch >= 0, "promote.smoke_batch must be >= 0")
 
 
 @dataclass(frozen=True)

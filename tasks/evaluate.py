@@ -17,7 +17,7 @@ from tasks.errors import PipelineError
 from tasks.manifest import ArtifactManifest, read_manifest
 from tasks.modeling import load_classifier, load_tokenizer
 from tasks.hardware import gpu_names, onnxruntime_gpu_providers, tensorrt_missing, tensorrt_version
-from tasks.onnx_model import (ENGINE_FILENAME, INPUT_NAMES, MODEL_FILENAME, OUTPUT_NAME, TORCH_INT8_FILENAME,
+from tasks.onnx_model import (ENGINE_FILENAME, compare_logits, INPUT_NAMES, MODEL_FILENAME, OUTPUT_NAME, TORCH_INT8_FILENAME,
                               model_size_bytes)
 from tasks.results import ModelFormat, StepResult, StepStatus, staged_dir, write_json_atomic
 from tasks.splits import read_split
@@ -233,23 +233,35 @@ def timed_logits(predict: Predictor, tokenizer, texts: list[str], config: Evalua
     return np.concatenate(logits), timings
 
 
-def batch_throughput(predict: Predictor, tokenizer, texts: list[str], config: EvaluateConfig) -> dict[str, float]:
+def batch_throughput(predict: Predictor, tokenizer, texts: list[str], config: EvaluateConfig,
+                     alone: np.ndarray | None = None) -> dict[str, float]:
     """Latency of batches of ``config.batch_size`` texts (padded to the longest in each) and the texts
-    per second they give, after one untimed batch."""
+    per second they give, after one untimed batch. With ``alone`` (the same texts' logits sent one
+    at a time), also how much batching changed the answers (``batch_invariance``)."""
     if not config.batch_size or not texts:
         return {}
     inputs = throughput_inputs(tokenizer, texts, config)
     predict(inputs[0])
-    timings = np.empty(len(inputs))
+    timings, outputs = np.empty(len(inputs)), []
     for index, batch in enumerate(inputs):
         start = time.perf_counter()
-        predict(batch)
+        outputs.append(predict(batch))
         timings[index] = time.perf_counter() - start
+    batched = np.concatenate(outputs)
     return {
         "batch_size": float(config.batch_size),
         "latency_batch_p50_ms": float(np.percentile(timings, 50) * 1000.0),
-        "throughput_per_s": float(sum(len(batch["input_ids"]) for batch in inputs) / timings.sum()),
-    }
+        "throughput_per_s": float(len(batched) / timings.sum()),
+    } | (batch_invariance(alone[:len(batched)], batched) if alone is not None else {})
+
+
+def batch_invariance(alone: np.ndarray, batched: np.ndarray) -> dict[str, float]:
+    """How much a text's answer depends on the texts it is batched (and padded) with: the share of
+    texts whose label flips and the largest change of any logit, alone versus batched. Dynamic INT8
+    computes its activation scales over the whole input tensor, so it is not zero there."""
+    compared = compare_logits(alone, batched)
+    return {"batch_label_flip_rate": 1.0 - compared["label_agreement"],
+            "batch_max_logit_change": compared["max_abs_diff"], "batch_compared_texts": float(len(alone))}
 
 
 def throughput_inputs(tokenizer, texts: list[str], config: EvaluateConfig) -> list[dict[str, np.ndarray]]:
@@ -311,7 +323,7 @@ def run(config: EvaluateConfig, candidate: str, model_dir: Path, model_format: M
         "nan_outputs": float(not np.isfinite(logits).all()),
         "nan_on_edge_inputs": float(non_finite_on_edge_inputs(predict, tokenizer, config.max_length)),
         "test_rows": float(len(texts)),
-    } | batch_throughput(predict, tokenizer, texts, config)
+    } | batch_throughput(predict, tokenizer, texts, config, alone=logits)
     if free_before is not None:
         metrics["gpu_memory_mb"] = max(0, free_before - (gpu_free_bytes() or free_before)) / 2**20
     frame = pd.DataFrame({"label": labels, "prediction": predictions})

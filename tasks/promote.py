@@ -290,8 +290,9 @@ def reference_embeddings(reference: Path) -> np.ndarray | None:
 
 def _smoke_test(client: TritonClient, config: PromoteConfig, name: str, predictions: Path, data_dir: Path,
                 version: int, expected_embeddings: np.ndarray | None = None) -> float:
-    """Send raw test texts through the ensemble; outputs must match the candidate's evaluation outputs,
-    and the served embeddings the reference's (when it has them)."""
+    """Send raw test texts through the ensemble, one per request and then batched; outputs must match
+    the candidate's evaluation outputs either way, and the served embeddings the reference's (when it
+    has them)."""
     texts = read_split(data_dir, "test")["text"].head(config.smoke_samples).tolist()
     expected = read_logits(predictions)[: len(texts)]
     extra = ("EMBEDDING",) if expected_embeddings is not None else ()
@@ -308,6 +309,25 @@ def _smoke_test(client: TritonClient, config: PromoteConfig, name: str, predicti
     if expected_embeddings is not None:
         check_embeddings(np.concatenate([answer["EMBEDDING"] for answer in answers]),
                          expected_embeddings[: len(texts)])
+    return max(diff, _batched_smoke_test(client, config, name, texts, expected, version))
+
+
+def _batched_smoke_test(client: TritonClient, config: PromoteConfig, name: str, texts: list[str],
+                        expected: np.ndarray, version: int) -> float:
+    """The same texts in requests of ``config.smoke_batch``: a batch-variant model (one whose answer
+    to a text depends on the texts padded and batched with it) fails here."""
+    size = config.smoke_batch
+    if size < 2 or len(texts) < 2:
+        return 0.0
+    served = np.concatenate([client.classify(name, texts[start:start + size], version=version)["LOGITS"]
+                             for start in range(0, len(texts), size)])
+    diff = float(np.abs(served - expected).max()) if np.isfinite(served).all() else float("inf")
+    if diff > config.smoke_tolerance:
+        raise PromotionFailed(
+            f"batched {size} texts per request, Triton's outputs differ from the evaluation's (one text at a time) "
+            f"by {diff:.2e} (> {config.smoke_tolerance:.0e}): the model's answer to a text depends on the texts "
+            "served with it (dynamic INT8 with per-tensor activation scales does this; quantize with "
+            "activation_scales per_token)")
     return diff
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.config import QuantizeConfig, QuantizeMode
+from tasks.config import ActivationScales, QuantizeConfig, QuantizeMode
 from tasks.manifest import ModelSource, Precision, write_manifest
 from tasks.modeling import load_classifier, load_tokenizer
 from tasks.onnx_model import (INPUT_NAMES, MODEL_FILENAME, TORCH_INT8_FILENAME, compare_logits, copy_tokenizer_files,
@@ -22,7 +22,39 @@ log = logging.getLogger(__name__)
 
 
 def quantize_dynamic_int8(source: Path, target: Path, config: QuantizeConfig) -> Path:
-    """Write an INT8-weight, dynamically quantized copy of ``source`` to ``target``."""
+    """Write an INT8-weight, dynamically quantized copy of ``source`` to ``target``; with
+    ``config.activation_scales`` "per_token", each token's activations get their own scale."""
+    import onnx
+
+    per_token = config.activation_scales == ActivationScales.PER_TOKEN.value
+    with tempfile.TemporaryDirectory(prefix="quantize-") as scratch:
+        source = with_opset(source, PER_TOKEN_OPSET, Path(scratch) / "source.onnx") if per_token else source
+        _quantize_dynamic(source, target, config)
+    if per_token:
+        model = onnx.load(str(target))
+        log.info("per-token activation scales: %d dynamic quantizations rewritten", per_token_scales(model.graph))
+        onnx.save(model, str(target))
+    return target
+
+
+# Blocked QuantizeLinear (a block of a whole row: one scale per token) arrived in opset 21.
+PER_TOKEN_OPSET = 21
+
+
+def with_opset(source: Path, opset: int, target: Path) -> Path:
+    """``source`` converted to ``opset`` (written to ``target``) when it imports an older one."""
+    import onnx
+    from onnx import version_converter
+
+    model = onnx.load(str(source))
+    current = next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
+    if current >= opset:
+        return source
+    onnx.save(version_converter.convert_version(model, opset), str(target))
+    return target
+
+
+def _quantize_dynamic(source: Path, target: Path, config: QuantizeConfig) -> None:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -35,7 +67,124 @@ def quantize_dynamic_int8(source: Path, target: Path, config: QuantizeConfig) ->
         # Fused contrib ops (Attention, SkipLayerNormalization) defeat shape inference: name the type.
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
     )
-    return target
+
+
+def per_token_scales(graph) -> int:
+    """Rewrite every ``DynamicQuantizeLinear`` of ``graph`` that feeds only weight ``MatMulInteger``
+    nodes (in place) so that each token, i.e. each row along the last axis, gets its own scale and
+    zero point instead of one pair for the whole input tensor.
+
+    ONNX Runtime's dynamic quantization computes one scale and zero point over the whole tensor it
+    quantizes: with Triton batching requests (and padding a request's texts to its longest), a
+    text's answer then depends on the texts it shares a batch with. Per token, it cannot: every row
+    is quantized from its own values only, and padded rows never reach a real token's scale.
+
+    Each row is quantized as ``DynamicQuantizeLinear`` quantizes a tensor (uint8, its range widened
+    to hold 0, scale = range / 255, zero point = round(-min / scale)). ``MatMulInteger`` takes one
+    zero point for its first input, so it gets 0, and the row's zero point times the weight's column
+    sums is subtracted from its int32 output (exact: sum((q - z) * w) = sum(q * w) - z * sum(w)).
+    The products of scales after it broadcast the per-row scales unchanged. The graph must import
+    opset 21 or later (blocked ``QuantizeLinear``). Returns how many nodes were rewritten; the
+    others keep per-tensor scales, with a warning."""
+    from onnx import numpy_helper
+
+    weights = {initializer.name: initializer for initializer in graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    rewritten, nodes = 0, []
+    for node in graph.node:
+        if node.op_type != "DynamicQuantizeLinear" or not _feeds_weight_matmuls_only(node, consumers, weights):
+            nodes.append(node)
+            continue
+        nodes += _per_token_quantize(graph, node, int(weights[consumers[node.output[0]][0].input[1]].dims[0]))
+        for matmul in consumers[node.output[0]]:
+            nodes.append(matmul)
+            nodes += _zero_point_correction(graph, matmul, f"{node.output[0]}_row_zero_point",
+                                            numpy_helper.to_array(weights[matmul.input[1]]),
+                                            numpy_helper.to_array(weights[matmul.input[3]]) if len(matmul.input) > 3
+                                            and matmul.input[3] else None, consumers)
+        rewritten += 1
+    ordered = _dedupe(nodes)  # a rewritten MatMulInteger moved up to its quantizer; nodes stay topological
+    del graph.node[:]
+    graph.node.extend(ordered)
+    kept = sum(node.op_type == "DynamicQuantizeLinear" for node in graph.node)
+    if kept:
+        log.warning("%d dynamic quantizations feed fused operators (QAttention, ...) that take one scale only: they "
+                    "keep per-tensor scales, and this model's answers depend on the batch (the promotion's batched "
+                    "smoke test will say so); export without graph optimization for a batch-invariant INT8 model",
+                    kept)
+    return rewritten
+
+
+def _dedupe(nodes: list) -> list:
+    """``nodes`` in order, each once (a rewritten ``MatMulInteger`` is appended after its quantizer
+    and skipped where it stood)."""
+    seen, out = set(), []
+    for node in nodes:
+        if id(node) not in seen:
+            seen.add(id(node))
+            out.append(node)
+    return out
+
+
+def _per_token_quantize(graph, node, width: int) -> list:
+    """The nodes that quantize ``node``'s input per row (rows of ``width`` values), writing its
+    quantized and scale outputs and ``<quantized>_row_zero_point`` (int32, one per row); its
+    zero-point output becomes a constant 0. The quantizing itself is one blocked ``QuantizeLinear``
+    (opset 21: a block of the whole row), so the rewrite adds two reductions over the input and a
+    few operations on one value per row."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    x, (quantized, scale, zero_point), p = node.input[0], node.output, node.output[0]
+    constants = {f"{p}_eps": np.float32(1e-8), f"{p}_zero": np.float32(0.0), f"{p}_levels": np.float32(255.0)}
+    graph.initializer.extend(numpy_helper.from_array(np.array(value), name) for name, value in constants.items())
+    graph.initializer.append(numpy_helper.from_array(np.array(0, dtype=np.uint8), zero_point))
+    graph.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), f"{p}_axes"))
+    return [
+        helper.make_node("ReduceMin", [x, f"{p}_axes"], [f"{p}_min"], keepdims=1),
+        helper.make_node("ReduceMax", [x, f"{p}_axes"], [f"{p}_max"], keepdims=1),
+        helper.make_node("Min", [f"{p}_min", f"{p}_zero"], [f"{p}_low"]),  # the range holds 0, as ONNX Runtime's
+        helper.make_node("Max", [f"{p}_max", f"{p}_zero"], [f"{p}_high"]),
+        helper.make_node("Sub", [f"{p}_high", f"{p}_low"], [f"{p}_span"]),
+        helper.make_node("Max", [f"{p}_span", f"{p}_eps"], [f"{p}_range"]),
+        helper.make_node("Div", [f"{p}_range", f"{p}_levels"], [scale]),
+        helper.make_node("Div", [f"{p}_low", scale], [f"{p}_low_scaled"]),
+        helper.make_node("Neg", [f"{p}_low_scaled"], [f"{p}_neg_low"]),
+        helper.make_node("Round", [f"{p}_neg_low"], [f"{p}_zp_rounded"]),
+        helper.make_node("Clip", [f"{p}_zp_rounded", f"{p}_zero", f"{p}_levels"], [f"{p}_zp_float"]),
+        helper.make_node("Cast", [f"{p}_zp_float"], [f"{p}_zp_uint8"], to=TensorProto.UINT8),
+        helper.make_node("Cast", [f"{p}_zp_float"], [f"{p}_row_zero_point"], to=TensorProto.INT32),
+        helper.make_node("QuantizeLinear", [x, scale, f"{p}_zp_uint8"], [quantized], axis=-1, block_size=width),
+    ]
+
+
+def _zero_point_correction(graph, matmul, row_zero_point: str, weight: np.ndarray, weight_zero_point, consumers) -> list:
+    """Nodes that subtract ``row_zero_point * column sums of the weight`` from ``matmul``'s int32
+    output, rewiring its consumers to the corrected tensor."""
+    from onnx import helper, numpy_helper
+
+    centred = weight.astype(np.int64) - (0 if weight_zero_point is None else weight_zero_point.astype(np.int64))
+    column_sums, out = f"{matmul.output[0]}_column_sums", matmul.output[0]
+    graph.initializer.append(numpy_helper.from_array(centred.sum(axis=0).astype(np.int32), column_sums))
+    for consumer in consumers.get(out, []):
+        for index, name in enumerate(consumer.input):
+            if name == out:
+                consumer.input[index] = f"{out}_corrected"
+    return [helper.make_node("Mul", [row_zero_point, column_sums], [f"{out}_offset"]),
+            helper.make_node("Sub", [out, f"{out}_offset"], [f"{out}_corrected"])]
+
+
+def _feeds_weight_matmuls_only(node, consumers: dict[str, list], weights: dict) -> bool:
+    """Whether a ``DynamicQuantizeLinear``'s outputs reach only ``MatMulInteger`` nodes with a 2-D
+    weight (values and zero point) and the scale products after them, which take a per-row scale."""
+    quantized, scale, zero_point = node.output
+    matmuls = consumers.get(quantized, [])
+    return (bool(matmuls) and all(m.op_type == "MatMulInteger" and m.input[0] == quantized and m.input[1] in weights
+                                  and len(weights[m.input[1]].dims) == 2 for m in matmuls)
+            and {m.op_type for m in consumers.get(zero_point, [])} <= {"MatMulInteger"}
+            and {m.op_type for m in consumers.get(scale, [])} <= {"Mul"})
 
 
 def activation_matmuls(model_path: Path) -> list[str]:

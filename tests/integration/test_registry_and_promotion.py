@@ -195,6 +195,35 @@ def test_smoke_test_mismatch_is_not_promoted(local_services, exported_onnx, eval
     assert champion_score(_target(settings), config, prepared_data) is None
 
 
+def test_batched_smoke_test_refuses_a_model_whose_answers_depend_on_the_batch(local_services, exported_onnx,
+                                                                             prepared_data, tmp_path):
+    """The smoke test sends its texts batched too: dynamic INT8 with per-tensor activation scales answers
+    a text differently when Triton pads and batches it with others, and is refused; per-token scales
+    answer the same either way and are served."""
+    from tasks.quantize import run as quantize
+    from tasks.config import QuantizeConfig
+
+    settings = local_services.settings
+    config = PromoteConfig(registered_model="batch-model", triton_model="batch_model", smoke_samples=16,
+                           smoke_batch=8, smoke_tolerance=1e-5)
+    for scales in ("per_tensor", "per_token"):
+        model_dir = tmp_path / scales
+        quantize(QuantizeConfig(activation_scales=scales), exported_onnx, prepared_data, model_dir, max_length=32)
+        evaluation = evaluate(EvaluateConfig(warmup=1, max_length=32), scales, model_dir, ModelFormat.ONNX,
+                              prepared_data, tmp_path / f"eval_{scales}")
+        version = _register(settings, "batch-model", f"run-{scales}", model_dir, evaluation.metrics)
+        if scales == "per_tensor":
+            with pytest.raises(PromotionFailed, match="depends on the texts served with it"):
+                promote(config, _target(settings), model_dir, Path(evaluation.uri("predictions")), prepared_data,
+                        version, max_length=32)
+            assert model_aliases.alias_version(settings.mlflow_url, "batch-model", "champion") is None
+        else:
+            result = promote(config, _target(settings), model_dir, Path(evaluation.uri("predictions")),
+                             prepared_data, version, max_length=32)
+            assert result.metrics["smoke_max_abs_diff"] <= 1e-5
+            assert model_aliases.alias_version(settings.mlflow_url, "batch-model", "champion") == version
+
+
 @pytest.fixture(scope="module")
 def second_replica(local_services, tmp_path_factory):
     """A second Triton serving the stack's model repository (as replicas share a volume in production).

@@ -50,7 +50,7 @@ def test_dynamic_int8_quantizes_matmuls_and_shrinks_the_file(exported_onnx, prep
     result = quantize.run(QuantizeConfig(), exported_onnx, prepared_data, tmp_path / "int8", max_length=32)
     ops = Counter(node.op_type for node in onnx.load(str(tmp_path / "int8" / "model.onnx")).graph.node)
     fp32_ops = Counter(node.op_type for node in onnx.load(str(exported_onnx / "model.onnx")).graph.node)
-    assert ops["DynamicQuantizeLinear"] > 0
+    assert ops["DynamicQuantizeLinear"] == 0 and ops["ReduceMax"] > 0  # per-token scales, the default
     assert ops["MatMulInteger"] > 0
     assert ops["MatMul"] < fp32_ops["MatMul"]
     assert result.metrics["size_bytes"] < model_size_bytes(exported_onnx)
@@ -58,6 +58,40 @@ def test_dynamic_int8_quantizes_matmuls_and_shrinks_the_file(exported_onnx, prep
     assert (tmp_path / "int8" / "tokenizer.json").exists()
     _assert_manifest(tmp_path / "int8", ModelFormat.ONNX, Precision.INT8, Backend.ONNXRUNTIME, "model.onnx",
                      quantization="dynamic_int8", source=exported_onnx)
+
+
+def test_per_token_dynamic_int8_answers_a_text_the_same_alone_or_batched(exported_onnx, prepared_data, tmp_path):
+    """ONNX Runtime's per-tensor scales span the whole batch (padding included), so a text's logits move
+    with its neighbours; per-token scales keep each token's own, and batching changes nothing."""
+    from tasks.modeling import load_tokenizer
+    from tasks.splits import read_split
+
+    texts = read_split(prepared_data, "test")["text"].head(24).tolist()
+    tokenizer = load_tokenizer(exported_onnx)
+    changes = {}
+    for scales in ("per_tensor", "per_token"):
+        out = tmp_path / scales
+        quantize.run(QuantizeConfig(activation_scales=scales), exported_onnx, prepared_data, out, max_length=32)
+        predict = evaluate.onnx_predictor(out, threads=1)
+        alone = np.concatenate([predict(evaluate.tokenize(tokenizer, [text], 32)) for text in texts])
+        batched = np.concatenate([predict(evaluate.tokenize(tokenizer, texts[start:start + 8], 32))
+                                  for start in range(0, len(texts), 8)])
+        changes[scales] = evaluate.batch_invariance(alone, batched)
+        ops = Counter(node.op_type for node in onnx.load(str(out / "model.onnx")).graph.node)
+        if scales == "per_tensor":
+            rewritten = ops["DynamicQuantizeLinear"]
+        else:
+            assert ops["DynamicQuantizeLinear"] == 0 and ops["ReduceMax"] == rewritten > 0
+    assert changes["per_tensor"]["batch_max_logit_change"] > 1e-5  # the neighbours move the answer...
+    assert changes["per_token"]["batch_max_logit_change"] < 1e-5  # ...not with a scale per token
+    assert changes["per_token"]["batch_label_flip_rate"] == 0.0 and changes["per_token"]["batch_compared_texts"] == 24
+
+
+def test_evaluation_measures_batch_invariance(exported_onnx, prepared_data, tmp_path):
+    config = EvaluateConfig(warmup=1, max_length=32, batch_size=8, throughput_batches=2)
+    metrics = evaluate.run(config, "onnx_fp32", exported_onnx, ModelFormat.ONNX, prepared_data, tmp_path / "e").metrics
+    assert metrics["batch_compared_texts"] == 16
+    assert metrics["batch_label_flip_rate"] == 0.0 and metrics["batch_max_logit_change"] < 1e-4
 
 
 def _assert_manifest(folder, model_format, precision, backend, model_file, source, **details):
