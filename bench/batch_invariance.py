@@ -134,14 +134,16 @@ def measure_source(source: Path, work: Path, data: Texts, calibration: list[str]
     requests, same_length = random_requests(len(data.texts), batch, seed), equal_length_batches(lengths, batch)
     singles = [tokenize(tokenizer, [text], data.max_length) for text in data.texts]
     padded = [tokenize(tokenizer, [data.texts[i] for i in group], data.max_length) for group in requests]
-    rows, predictors = {}, {}
-    for fmt in FORMATS:
+    rows, predictors, fp32_labels = {}, {}, None
+    for fmt in FORMATS:  # fp32 first: the others' label agreement is with it
         log.info("%s: %s", source.name, fmt)
         model_dir = build_format(source, fmt, work / f"{source.name}_{fmt}", calibration, data.max_length)
         predict = predictors[fmt] = onnx_predictor(model_dir, threads=0)
         alone = np.concatenate([predict(single) for single in singles])
+        fp32_labels = alone.argmax(axis=1) if fp32_labels is None else fp32_labels
         rows[fmt] = {
             "accuracy_alone": float((alone.argmax(axis=1) == data.labels).mean()),
+            "agreement_with_fp32": float((alone.argmax(axis=1) == fp32_labels).mean()),
             "padded_requests": compare(alone, logits_of(predict, tokenizer, data.texts, requests, data.max_length)),
             "equal_length_batches": compare(alone, logits_of(predict, tokenizer, data.texts, same_length,
                                                              data.max_length)),
@@ -171,9 +173,9 @@ def markdown(report: dict) -> str:
         "Flip: the text's label differs from its label when sent alone. Padded requests: random texts padded to "
         "the longest; equal-length batches: texts of the same token count, no padding (what Triton's dynamic "
         "batcher joins). Batch-1 time per text and batched throughput: medians over interleaved rounds.", "",
-        "| model | format | accuracy alone | flips, padded requests (95%) | max logit change | flips, equal-length "
-        "batches (95%) | max logit change | batch-1 ms | batched texts/s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | format | accuracy alone | labels as FP32 | flips, padded requests (95%) | max logit change | "
+        "flips, equal-length batches (95%) | max logit change | batch-1 ms | batched texts/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for source, measured in report["models"].items():
         for fmt, row in measured["formats"].items():
@@ -186,7 +188,8 @@ def markdown(report: dict) -> str:
                 low, high = figures["flip_rate_95"]
                 cells += [f"{figures['flips']}/{figures['texts']} = {figures['flip_rate']:.1%} [{low:.1%}, {high:.1%}]",
                           f"{figures['max_logit_change']:.2g}"]
-            lines.append(f"| {source} | {fmt} | {row['accuracy_alone']:.4f} | " + " | ".join(cells)
+            lines.append(f"| {source} | {fmt} | {row['accuracy_alone']:.4f} | {row['agreement_with_fp32']:.1%} | "
+                         + " | ".join(cells)
                          + f" | {row['batch1_ms']:.2f} | {row['batched_texts_per_s']:.0f} |")
     lines += ["", "Per-token over per-tensor dynamic INT8, time per text, per round (1.00 = as fast):", ""]
     for source, measured in report["models"].items():

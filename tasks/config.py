@@ -346,10 +346,17 @@ class QuantizeConfig:
             candidates).
     """
 
-    mode: str = QuantizeMode.DYNAMIC_INT8.value
+    mode: str = field(default=QuantizeMode.DYNAMIC_INT8.value, metadata=param(
+        "quantize_mode", "INT8 of the CPU candidates: dynamic_int8 (activations quantized per call) or static_int8 "
+                         "(calibrated QDQ: invariant to batching and faster here, slightly less faithful; "
+                         "bench/results/batch-invariance.md)", enum=[QuantizeMode.DYNAMIC_INT8.value,
+                                                                      QuantizeMode.STATIC_INT8.value]))
     per_channel: bool = True
     reduce_range: bool = False
-    activation_scales: str = ActivationScales.PER_TOKEN.value
+    activation_scales: str = field(default=ActivationScales.PER_TOKEN.value, metadata=param(
+        "activation_scales", "dynamic INT8's activation scales: per_token (a text's answer does not depend on the "
+                             "texts Triton batches it with) or per_tensor (ONNX Runtime's own: faster, but answers move "
+                             "with the batch; the promotion's batched smoke test refuses a model whose answers move)", enum=[m.value for m in ActivationScales]))
     calibration_samples: int = 128
     calibration_method: str = CalibrationMethod.PERCENTILE.value
     exclude_activation_matmuls: bool = True

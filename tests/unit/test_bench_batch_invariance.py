@@ -22,6 +22,7 @@ def test_the_bench_measures_every_format_and_writes_its_figures(exported_onnx, p
     assert per_tensor["padded_requests"]["max_logit_change"] > per_token["padded_requests"]["max_logit_change"]
     assert per_token["padded_requests"]["max_logit_change"] < 1e-5 and per_token["padded_requests"]["texts"] == 40
     assert formats["fp32"]["padded_requests"]["flips"] == 0 and report["met"]
+    assert formats["fp32"]["agreement_with_fp32"] == 1.0 and per_token["agreement_with_fp32"] >= 0.8
     assert 0 < per_token["equal_length_batches"]["texts"] <= 40
     assert all(len(ratios) == 1 for ratios in report["models"]["onnx_fp32"]["per_token_over_per_tensor"].values())
     assert json.loads((tmp_path / "results" / "batch-invariance.json").read_text())["met"] is True

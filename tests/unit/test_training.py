@@ -33,6 +33,18 @@ def test_parameter_groups_cover_every_parameter_once_with_depth_rates(tiny_model
     assert id(model.bert.embeddings.LayerNorm.weight) in no_decay and id(model.classifier.bias) in no_decay
 
 
+def _train_with_early_stopping(tiny_model, model, score, **stopping):
+    """20 steps on two repeated texts, scored every 2 steps with patience 2, never before step 4."""
+    from tasks.modeling import load_tokenizer
+
+    texts, labels = ["good movie", "bad film"] * 8, torch.tensor([1, 0] * 8)
+    return training.train(model, load_tokenizer(tiny_model), texts,
+                          lambda batch, index: model(**batch, labels=labels[index]).loss,
+                          total_steps=20, batch_size=4, learning_rate=1e-2, weight_decay=0.0, warmup_ratio=0.0,
+                          max_length=16, seed=0, name="test",
+                          early_stopping=training.EarlyStopping(score, every=2, patience=2, min_steps=4, **stopping))
+
+
 def test_early_stopping_stops_after_patience_and_restores_the_best_weights(tiny_model):
     model = load_classifier(tiny_model)
     scores = iter([0.5, 0.9, 0.6, 0.4, 0.3, 0.2])
@@ -42,15 +54,7 @@ def test_early_stopping_stops_after_patience_and_restores_the_best_weights(tiny_
         snapshots.append(model.classifier.weight.detach().clone())
         return next(scores)
 
-    texts = ["good movie", "bad film"] * 8
-    labels = torch.tensor([1, 0] * 8)
-    from tasks.modeling import load_tokenizer
-
-    run = training.train(model, load_tokenizer(tiny_model), texts,
-                         lambda batch, index: model(**batch, labels=labels[index]).loss,
-                         total_steps=20, batch_size=4, learning_rate=1e-2, weight_decay=0.0, warmup_ratio=0.0,
-                         max_length=16, seed=0, name="test",
-                         early_stopping=training.EarlyStopping(score, every=2, patience=2, min_steps=4))
+    run = _train_with_early_stopping(tiny_model, model, score)
     assert run.stopped_early and run.steps == 8
     assert run.validation_scores == (0.5, 0.9, 0.6, 0.4)
     assert run.best_step == 4
@@ -59,19 +63,9 @@ def test_early_stopping_stops_after_patience_and_restores_the_best_weights(tiny_
 
 def test_early_stopping_waits_while_the_best_score_is_at_chance(tiny_model):
     """A model still scoring the majority share has not started learning: patience does not run out
-    then (a CI scheduler run once kept a tiny teacher that stopped at chance one validation before it learned)."""
-    model = load_classifier(tiny_model)
+    then (the likely cause of a CI scheduler run whose tiny teacher stayed at chance and promoted nothing)."""
     scores = iter([0.5, 0.5, 0.5, 0.5, 1.0, 1.0, 0.9, 0.9, 0.9, 0.9])
-    texts = ["good movie", "bad film"] * 8
-    labels = torch.tensor([1, 0] * 8)
-    from tasks.modeling import load_tokenizer
-
-    run = training.train(model, load_tokenizer(tiny_model), texts,
-                         lambda batch, index: model(**batch, labels=labels[index]).loss,
-                         total_steps=20, batch_size=4, learning_rate=1e-2, weight_decay=0.0, warmup_ratio=0.0,
-                         max_length=16, seed=0, name="test",
-                         early_stopping=training.EarlyStopping(lambda: next(scores), every=2, patience=2,
-                                                               min_steps=4, floor=0.5))
+    run = _train_with_early_stopping(tiny_model, load_classifier(tiny_model), lambda: next(scores), floor=0.5)
     assert run.validation_scores == (0.5, 0.5, 0.5, 0.5, 1.0, 1.0, 0.9)
     assert run.stopped_early and run.best_step == 10
 

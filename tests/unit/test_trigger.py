@@ -90,6 +90,7 @@ def test_the_search_is_more_aggressive_than_the_champions_run():
     assert overrides["prune"]["head_fraction"] == 0.5 and overrides["prune"]["ffn_fraction"] == 0.75
     assert overrides["finetune"] == {"max_length": 64}
     assert overrides["gate"] == {"max_p95_latency_ms": 70.0, "max_champion_regression": 0.98}
+    assert overrides["quantize"] == {"enabled": True, "mode": "static_int8"}  # the faster batch-invariant INT8
     again = reoptimize.aggressive_overrides(
         champion | {"distill.student_layers": "1", "prune.head_fraction": "0.7", "prune.ffn_fraction": "0.85"},
         teacher_layers=6, token_p99=None, budget=budget)
@@ -105,3 +106,4 @@ def test_the_overrides_make_a_valid_config():
     config = config_from_params({"overrides": overrides})
     assert config.gate.max_p95_latency_ms == 80.0 and config.distill.student_layers == 1
     assert config.finetune.max_length == config.evaluate.max_length == config.distill.max_length == 32
+    assert config.quantize.mode == "static_int8"
