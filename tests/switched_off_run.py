@@ -28,7 +28,8 @@ def assert_switched_off_run(tasks: dict[str, str], run_dir: Path, task_log: Call
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary["candidates"]) == {"teacher_pytorch", "onnx_fp32"}
-    assert set(summary["versions"]) == {"teacher_pytorch", "onnx_fp32"} and summary["versions"]["onnx_fp32"]
+    assert set(summary["versions"]) == {"onnx_fp32"} and summary["versions"]["onnx_fp32"]
+    assert summary["reference_version"] not in (None, summary["versions"]["onnx_fp32"])  # the teacher, registered
     assert summary["switched_off"]["student_int8"] == "distill and quantize switched off in the run's params"
     assert set(summary["switched_off"]) == {"onnx_int8", "student_onnx_fp32", "student_int8", "pruned_onnx_fp32",
                                             "pruned_int8", "sparse_onnx_fp32"} | GPU_CANDIDATES

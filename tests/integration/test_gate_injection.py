@@ -56,14 +56,14 @@ def _register(settings: PipelineSettings, config: PipelineConfig, run_id: str,
               evaluations: dict[str, StepResult]) -> dict:
     uri, model = settings.mlflow_tracking_uri, config.promote.registered_model
     parent = registry.parent_run_id(uri, settings.experiment, run_id, {"test": "gate-injection"})
-    versions = {"teacher_pytorch": None}
+    versions = {}
     for name, result in evaluations.items():
-        if name != "teacher_pytorch":
+        if name != "teacher_pytorch":  # the reference: not a gated candidate (not registered here)
             versions[name] = registry.log_candidate(
                 uri, settings.experiment, parent, run_id, model,
                 registry.Candidate(name, Path(result.uri("model")), result.metrics, f"injected: {name}"),
                 {"data_hash": "test"})
-    return {"parent_run_id": parent, "versions": versions}
+    return {"parent_run_id": parent, "versions": versions, "reference_version": None}
 
 
 def _promote(settings: PipelineSettings, config: PipelineConfig, run_id: str, data_dir: Path,
