@@ -33,14 +33,11 @@ RESULTS_DIR = Path(__file__).resolve().parent.parent / "bench" / "results"
 IMPLEMENTATIONS = ("eager", "sdpa")
 
 
-def _timed(call, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+def _timed(call) -> float:
+    """Seconds one call of ``call`` takes."""
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
 
 
 def workloads(teacher: Path, texts: list[str], max_length: int) -> dict:
@@ -98,7 +95,7 @@ def run(run_dir: Path, results: Path, rounds: int) -> dict:
         for workload in ("batch1_per_text", "batch32", "train_step32"):
             for name in IMPLEMENTATIONS:
                 call, per = built[name][workload]
-                times[name].setdefault(workload, []).append(_timed(call, 1) / per)
+                times[name].setdefault(workload, []).append(_timed(call) / per)
     ratios = {workload: [e / s for e, s in zip(times["eager"][workload], times["sdpa"][workload])]
               for workload in times["eager"]}
     report = {"run": run_dir.name, "machine": machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -356,7 +356,8 @@ class QuantizeConfig:
     activation_scales: str = field(default=ActivationScales.PER_TOKEN.value, metadata=param(
         "activation_scales", "dynamic INT8's activation scales: per_token (a text's answer does not depend on the "
                              "texts Triton batches it with) or per_tensor (ONNX Runtime's own: faster, but answers move "
-                             "with the batch; the promotion's batched smoke test refuses a model whose answers move)", enum=[m.value for m in ActivationScales]))
+                             "with the batch; the promotion's batched smoke test refuses a model whose answers move)",
+        enum=[m.value for m in ActivationScales]))
     calibration_samples: int = 128
     calibration_method: str = CalibrationMethod.PERCENTILE.value
     exclude_activation_matmuls: bool = True

@@ -17,8 +17,8 @@ from tasks.errors import PipelineError
 from tasks.manifest import ArtifactManifest, read_manifest
 from tasks.modeling import load_classifier, load_tokenizer
 from tasks.hardware import gpu_names, onnxruntime_gpu_providers, tensorrt_missing, tensorrt_version
-from tasks.onnx_model import (ENGINE_FILENAME, compare_logits, INPUT_NAMES, MODEL_FILENAME, OUTPUT_NAME, TORCH_INT8_FILENAME,
-                              model_size_bytes)
+from tasks.onnx_model import (ENGINE_FILENAME, INPUT_NAMES, MODEL_FILENAME, OUTPUT_NAME, TORCH_INT8_FILENAME,
+                              compare_logits, model_size_bytes)
 from tasks.results import ModelFormat, StepResult, StepStatus, staged_dir, write_json_atomic
 from tasks.splits import read_split
 

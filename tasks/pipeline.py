@@ -322,30 +322,22 @@ def register_candidates(settings: PipelineSettings, config: PipelineConfig, run_
     for candidate, reason in off.items():
         log.info("%s switched off, not registered: %s", candidate, reason)
     versions: dict[str, str | None] = {}
-    reference_version = None
-
-    def source_version(source: str | None) -> str:
-        if source is None:
-            return "-"
-        return (reference_version if source == REFERENCE_CANDIDATE else versions.get(source)) or "not registered"
-
     for candidate in (name for name in RECIPE.candidates if name in evaluations):  # sources come first
         stage = RECIPE.producer(candidate)
         evaluation = StepResult.from_dict(evaluations[candidate])
         source = SOURCE_OF.get(candidate)
         is_reference = candidate == REFERENCE_CANDIDATE
-        version = registry.log_candidate(
+        versions[candidate] = registry.log_candidate(
             settings.mlflow_tracking_uri, settings.experiment, parent, run_id, config.promote.registered_model,
             registry.Candidate(candidate, Path(evaluation.uri("model")), candidate_metrics(evaluations, candidate),
                                RECIPE.technique_chain(stage.id),
                                registrable=stage.model_format is ModelFormat.ONNX, reference=is_reference),
-            built_from | {"source_candidate": source or "-", "source_version": source_version(source),
-                          "reference_version": "-" if is_reference else reference_version or "not registered"},
+            built_from | {"source_candidate": source or "-",
+                          "source_version": (versions.get(source) or "not registered") if source else "-",
+                          "reference_version": "-" if is_reference
+                          else versions.get(REFERENCE_CANDIDATE) or "not registered"},
         )
-        if is_reference:
-            reference_version = version
-        else:
-            versions[candidate] = version
     # The reference stays out of `versions`: those are the candidates the gates judge.
-    return {"parent_run_id": parent, "versions": versions, "reference_version": reference_version}
+    return {"parent_run_id": parent, "reference_version": versions.pop(REFERENCE_CANDIDATE, None),
+            "versions": versions}
 

@@ -21,6 +21,10 @@ from tasks.splits import read_split
 log = logging.getLogger(__name__)
 
 
+# Blocked QuantizeLinear (a block of a whole row: one scale per token) arrived in opset 21.
+PER_TOKEN_OPSET = 21
+
+
 def quantize_dynamic_int8(source: Path, target: Path, config: QuantizeConfig) -> Path:
     """Write an INT8-weight, dynamically quantized copy of ``source`` to ``target``; with
     ``config.activation_scales`` "per_token", each token's activations get their own scale."""
@@ -35,10 +39,6 @@ def quantize_dynamic_int8(source: Path, target: Path, config: QuantizeConfig) ->
         log.info("per-token activation scales: %d dynamic quantizations rewritten", per_token_scales(model.graph))
         onnx.save(model, str(target))
     return target
-
-
-# Blocked QuantizeLinear (a block of a whole row: one scale per token) arrived in opset 21.
-PER_TOKEN_OPSET = 21
 
 
 def with_opset(source: Path, opset: int, target: Path) -> Path:
@@ -86,29 +86,27 @@ def per_token_scales(graph) -> int:
     The products of scales after it broadcast the per-row scales unchanged. The graph must import
     opset 21 or later (blocked ``QuantizeLinear``). Returns how many nodes were rewritten; the
     others keep per-tensor scales, with a warning."""
-    from onnx import numpy_helper
-
     weights = {initializer.name: initializer for initializer in graph.initializer}
     consumers: dict[str, list] = {}
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    rewritten, nodes = 0, []
+    rewritten, nodes, moved = 0, [], set()
     for node in graph.node:
+        if id(node) in moved:  # a rewritten MatMulInteger, placed after its quantizer already
+            continue
         if node.op_type != "DynamicQuantizeLinear" or not _feeds_weight_matmuls_only(node, consumers, weights):
             nodes.append(node)
             continue
-        nodes += _per_token_quantize(graph, node, int(weights[consumers[node.output[0]][0].input[1]].dims[0]))
-        for matmul in consumers[node.output[0]]:
-            nodes.append(matmul)
-            nodes += _zero_point_correction(graph, matmul, f"{node.output[0]}_row_zero_point",
-                                            numpy_helper.to_array(weights[matmul.input[1]]),
-                                            numpy_helper.to_array(weights[matmul.input[3]]) if len(matmul.input) > 3
-                                            and matmul.input[3] else None, consumers)
+        matmuls = consumers[node.output[0]]
+        nodes += _per_token_quantize(graph, node, int(weights[matmuls[0].input[1]].dims[0]))
+        for matmul in matmuls:  # they follow their quantizer, so the nodes stay in topological order
+            moved.add(id(matmul))
+            nodes += [matmul, *_zero_point_correction(graph, matmul, f"{node.output[0]}_row_zero_point", weights,
+                                                      consumers)]
         rewritten += 1
-    ordered = _dedupe(nodes)  # a rewritten MatMulInteger moved up to its quantizer; nodes stay topological
     del graph.node[:]
-    graph.node.extend(ordered)
+    graph.node.extend(nodes)
     kept = sum(node.op_type == "DynamicQuantizeLinear" for node in graph.node)
     if kept:
         log.warning("%d dynamic quantizations feed fused operators (QAttention, ...) that take one scale only: they "
@@ -116,17 +114,6 @@ def per_token_scales(graph) -> int:
                     "smoke test will say so); export without graph optimization for a batch-invariant INT8 model",
                     kept)
     return rewritten
-
-
-def _dedupe(nodes: list) -> list:
-    """``nodes`` in order, each once (a rewritten ``MatMulInteger`` is appended after its quantizer
-    and skipped where it stood)."""
-    seen, out = set(), []
-    for node in nodes:
-        if id(node) not in seen:
-            seen.add(id(node))
-            out.append(node)
-    return out
 
 
 def _per_token_quantize(graph, node, width: int) -> list:
@@ -160,12 +147,14 @@ def _per_token_quantize(graph, node, width: int) -> list:
     ]
 
 
-def _zero_point_correction(graph, matmul, row_zero_point: str, weight: np.ndarray, weight_zero_point, consumers) -> list:
-    """Nodes that subtract ``row_zero_point * column sums of the weight`` from ``matmul``'s int32
-    output, rewiring its consumers to the corrected tensor."""
+def _zero_point_correction(graph, matmul, row_zero_point: str, weights: dict, consumers: dict[str, list]) -> list:
+    """Nodes that subtract ``row_zero_point * column sums of the weight`` (less its zero point) from
+    ``matmul``'s int32 output, rewiring its consumers to the corrected tensor."""
     from onnx import helper, numpy_helper
 
-    centred = weight.astype(np.int64) - (0 if weight_zero_point is None else weight_zero_point.astype(np.int64))
+    weight = numpy_helper.to_array(weights[matmul.input[1]]).astype(np.int64)
+    has_zero_point = len(matmul.input) > 3 and matmul.input[3]
+    centred = weight - (numpy_helper.to_array(weights[matmul.input[3]]).astype(np.int64) if has_zero_point else 0)
     column_sums, out = f"{matmul.output[0]}_column_sums", matmul.output[0]
     graph.initializer.append(numpy_helper.from_array(centred.sum(axis=0).astype(np.int32), column_sums))
     for consumer in consumers.get(out, []):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tasks.config import QuantizeMode
 from tasks.errors import PipelineError
 from tasks.recipe import REFERENCE_CANDIDATE
 from tasks.registry import CANDIDATE_TAG, DATA_ARTIFACT, MODEL_FILES_ARTIFACT, ROLE_TAG, RUN_TAG
@@ -103,7 +104,7 @@ def aggressive_overrides(champion_params: dict[str, str], teacher_layers: int, t
                   "ffn_fraction": round(min(MAX_FFN_FRACTION, ffn + FFN_STEP), 2)},
         # Static INT8 (calibrated QDQ): batch-invariant like the default per-token dynamic INT8 and
         # faster than it on the demo's models (bench/results/batch-invariance.md).
-        "quantize": {"enabled": True, "mode": "static_int8"},
+        "quantize": {"enabled": True, "mode": QuantizeMode.STATIC_INT8.value},
         # The champion breaches the SLO: holding candidates to its accuracy would block every fix. The
         # accuracy gate against the teacher (max_relative_accuracy_drop) still holds them.
         "gate": {"max_p95_latency_ms": round(budget.budget_ms, 3), "max_champion_regression": RELAXED_REGRESSION},
