@@ -122,7 +122,8 @@ def _cmd_classify(settings: StackSettings, args: argparse.Namespace) -> int:
 
 def _cmd_rollback(settings: StackSettings, args: argparse.Namespace) -> int:
     from tasks.config import PromoteConfig
-    from tasks.promote import PromotionTarget, rollback
+    from tasks.promote import PromotionTarget
+    from tasks.reconcile import rollback
 
     config = PromoteConfig(registered_model=args.registered_model, triton_model=args.triton_model)
     target = PromotionTarget(settings.triton_http_url, settings.triton_model_repository, settings.mlflow_url)

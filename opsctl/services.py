@@ -110,6 +110,19 @@ def gateway_spec(settings: StackSettings, env: dict[str, str]) -> ServiceSpec:
     )
 
 
+def reconcile_spec(settings: StackSettings, env: dict[str, str]) -> ServiceSpec:
+    """The loop that makes Triton serve the version the MLflow alias names (tasks/reconcile.py)."""
+    return ServiceSpec(
+        name="reconcile",
+        argv=[str(settings.venv / "bin" / "python"), "-m", "tasks.reconcile", "--mlflow", settings.mlflow_url,
+              "--triton", settings.triton_http_url, "--repository", str(settings.triton_model_repository),
+              "--registered-model", settings.registered_model, "--triton-model", settings.serving_model,
+              "--interval", str(settings.reconcile_interval_s)],
+        env=env,
+        cwd=settings.repo_root,
+    )
+
+
 def airflow_environment(settings: StackSettings, env: dict[str, str]) -> dict[str, str]:
     """Airflow 3 on SQLite with LocalExecutor, simple auth manager, loopback only."""
     secrets = load_or_create_secrets(settings.home / "secrets.json")
@@ -212,14 +225,14 @@ class LocalStack:
 
     @property
     def service_names(self) -> list[str]:
-        return ["mlflow", "triton", "gateway", *[f"airflow-{c}" for c in AIRFLOW_COMPONENTS]]
+        return ["mlflow", "triton", "gateway", "reconcile", *[f"airflow-{c}" for c in AIRFLOW_COMPONENTS]]
 
     def up(self, *, with_airflow: bool = True, progress=print) -> None:
         """Start every service not yet running and wait until each is healthy (idempotent)."""
         self.settings.home.mkdir(parents=True, exist_ok=True)
         triton_running = self.manager.state("triton").running
         specs = [mlflow_spec(self.settings, self._env), triton_spec(self.settings, self._env, prepare=not triton_running),
-                 gateway_spec(self.settings, self._env)]
+                 gateway_spec(self.settings, self._env), reconcile_spec(self.settings, self._env)]
         if with_airflow:
             airflow_env = airflow_environment(self.settings, self._env)
             if not all(self.manager.state(spec.name).running for spec in airflow_specs(self.settings, airflow_env)):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serving.model_repository import DEFAULT_MODEL
+from tasks.config import REGISTERED_MODEL
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,6 +58,8 @@ class StackSettings:
     airflow_port: int = 8080
     gateway_port: int = 8090
     serving_model: str = DEFAULT_MODEL
+    registered_model: str = REGISTERED_MODEL  # the MLflow registered model whose alias the reconcile loop follows
+    reconcile_interval_s: float = 15.0
     airflow_parallelism: int = 2
     assets_cache: Path = Path.home() / ".cache" / "transformer-optimization-pipeline"
     venv: Path = REPO_ROOT / ".venv"
@@ -76,6 +79,8 @@ class StackSettings:
             airflow_port=_int(env, "PIPELINE_AIRFLOW_PORT", 8080),
             gateway_port=_int(env, "PIPELINE_GATEWAY_PORT", 8090),
             serving_model=env.get("PIPELINE_SERVING_MODEL") or DEFAULT_MODEL,
+            registered_model=env.get("PIPELINE_REGISTERED_MODEL") or REGISTERED_MODEL,
+            reconcile_interval_s=float(env.get("PIPELINE_RECONCILE_INTERVAL_S") or 15.0),
             assets_cache=Path(cache).resolve() if cache else cls.assets_cache,
         )
 

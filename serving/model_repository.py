@@ -460,7 +460,8 @@ def next_ensemble_version(repository: Path, name: str) -> int:
 
 
 def write_component_versions(repository: Path, ensemble: ClassifierEnsemble, model_dir: Path,
-                             model_format: str = "onnx", tokenizer_files: tuple[Path, ...] = ()) -> int:
+                             model_format: str = "onnx", tokenizer_files: tuple[Path, ...] = (),
+                             min_version: int = 1) -> int:
     """Write version N of the ensemble's three components (not the ensemble) from a model folder.
 
     ``model_dir`` holds the model file of ``model_format`` (``model.onnx`` + external data, or
@@ -468,7 +469,9 @@ def write_component_versions(repository: Path, ensemble: ClassifierEnsemble, mod
     its name (``<name>_onnx``) whatever the format. ``tokenizer_files`` are copied beside
     ``tokenizer.json`` in the tokenizer's version (the embedding table, ``EMBEDDING_TABLE_FILE``).
     Nothing routes to the new components until ``write_ensemble_step`` adds the ensemble version
-    pinned to them, so they can be loaded beside the serving version first.
+    pinned to them, so they can be loaded beside the serving version first. The version is the next
+    free one, at least ``min_version`` (a repository rebuilt while Triton still serves a version from
+    memory must not reuse its number).
     """
     writer = classifier_writer(model_format)
     missing = [name for name in (writer.model_file, "tokenizer.json") if not (model_dir / name).exists()]
@@ -476,7 +479,7 @@ def write_component_versions(repository: Path, ensemble: ClassifierEnsemble, mod
     if missing:
         raise RepositoryError(f"Could not find {missing} in {model_dir}")
     _check_same_platform(repository / ensemble.onnx_model, writer.platform)
-    version = next_ensemble_version(repository, ensemble.name)
+    version = max(next_ensemble_version(repository, ensemble.name), min_version)
     num_labels = len(ensemble.labels)
     layout = {
         ensemble.onnx_model: (writer.render(classifier_component_config(ensemble, model_dir, model_format)),
@@ -549,6 +552,30 @@ def write_ensemble_version(repository: Path, ensemble: ClassifierEnsemble, model
     version = write_component_versions(repository, ensemble, model_dir, model_format)
     write_ensemble_step(repository, ensemble.name, version, render_ensemble_config(ensemble, version))
     return version
+
+
+# In each ensemble version folder: which registered model version its files are (written by a
+# promotion; the reconcile loop finds a version's files by it).
+REGISTERED_VERSION_FILE = "registered_version.json"
+
+
+def write_registered_version(folder: Path, registered_model: str, version: str) -> Path:
+    """The marker file naming ``registered_model`` ``version``, in ``folder`` (to be copied into an
+    ensemble version folder)."""
+    path = folder / REGISTERED_VERSION_FILE
+    path.write_text(json.dumps({"registered_model": registered_model, "version": str(version)}))
+    return path
+
+
+def registered_version(repository: Path, name: str, version: int) -> tuple[str, str] | None:
+    """(registered model, version) whose files ensemble ``name`` version ``version`` holds, or None for
+    a folder without the marker (written before markers, or by hand)."""
+    path = repository / name / str(version) / REGISTERED_VERSION_FILE
+    try:
+        data = json.loads(path.read_text())
+        return str(data["registered_model"]), str(data["version"])
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def copy_ensemble_components(repository: Path, name: str, source: int) -> int:

@@ -57,6 +57,15 @@ class TritonClient:
         return sorted(int(item["version"]) for item in index
                       if item.get("name") == model and item.get("state") == "READY" and item.get("version"))
 
+    def loaded_versions(self, model: str) -> list[int]:
+        """The versions Triton holds in memory for ``model`` (its metadata), even when the repository no
+        longer has their folders (the repository index lists what is on disk); [] when none."""
+        try:
+            metadata = self._client.get_model_metadata(model)
+        except Exception:  # noqa: BLE001 - not loaded, or Triton down
+            return []
+        return sorted(int(version) for version in metadata.get("versions", []) if str(version).isdigit())
+
     def classify(self, model: str, texts: list[str], version: int | None = None,
                  extra_outputs: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
         """Send raw texts to a classifier ensemble; returns LABEL (str), PROBABILITIES and LOGITS arrays,

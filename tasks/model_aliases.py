@@ -29,6 +29,13 @@ def delete_alias(tracking_uri: str, registered_model: str, alias: str) -> None:
     mlflow_client(tracking_uri).delete_registered_model_alias(registered_model, alias)
 
 
+def delete_version_tag(tracking_uri: str, registered_model: str, version: str, key: str) -> None:
+    """Remove a version tag if it is there."""
+    client = mlflow_client(tracking_uri)
+    if key in client.get_model_version(registered_model, version).tags:
+        client.delete_model_version_tag(registered_model, version, key)
+
+
 def tag_version(tracking_uri: str, registered_model: str, version: str, tags: dict[str, str]) -> None:
     client = mlflow_client(tracking_uri)
     for key, value in tags.items():

@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from tasks import model_aliases, registry, reoptimize
+from tasks import model_aliases, reconcile, registry, reoptimize
 from tasks import pipeline as pipeline_step
 from tasks import promote as promote_step
 from tasks.config import PipelineConfig
@@ -86,7 +86,7 @@ def act_on_errors(settings: PipelineSettings, config: PipelineConfig, plan: RunP
     target = promote_step.PromotionTarget(settings.triton_url, settings.triton_model_repository,
                                           settings.mlflow_tracking_uri)
     try:
-        result = promote_step.rollback(config.promote, target)
+        result = reconcile.rollback(config.promote, target)
     except PromotionFailed as error:
         log.error("ALERT: %s; the rollback failed: %s", plan.reason, error)
         raise

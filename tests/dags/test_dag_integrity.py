@@ -28,7 +28,16 @@ def dagbag(no_network):
 
 def test_every_dag_imports_without_errors(dagbag):
     assert dagbag.import_errors == {}
-    assert {"optimize_model", "monitor_serving"} <= set(dagbag.dag_ids)
+    assert {"optimize_model", "monitor_serving", "rollback_model"} <= set(dagbag.dag_ids)
+
+
+def test_rollback_model_is_manual_and_one_call(dagbag):
+    dag = dagbag.dags["rollback_model"]
+    assert dag.schedule is None or str(dag.timetable.summary) in ("None", "")
+    assert [task.task_id for task in dag.tasks] == ["roll_back"]
+    assert set(dag.params) == {"registered_model", "triton_model"}
+    page = (DAGS_FOLDER.parent / "docs" / "dags" / "rollback_model.md").read_text()
+    assert all(f"`{name}`" in page for name in dag.params)
 
 
 def _edges(dag) -> set[tuple[str, str]]:

@@ -19,8 +19,9 @@ from tasks import model_aliases, registry
 from tasks.config import EvaluateConfig, PromoteConfig
 from tasks.errors import PromotionFailed
 from tasks.evaluate import run as evaluate
-from tasks.promote import PREVIOUS_ALIAS, PromotionTarget, champion_score, rollback
+from tasks.promote import PREVIOUS_ALIAS, PromotionTarget, champion_score
 from tasks.promote import run as promote
+from tasks.reconcile import rollback
 from tasks.results import ModelFormat
 
 pytestmark = pytest.mark.integration

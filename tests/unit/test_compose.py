@@ -70,6 +70,19 @@ def test_long_running_services_restart_and_have_health_checks():
         assert check.get("test") and check.get("interval") and check.get("retries"), f"{name} has no health check"
 
 
+def test_the_reconcile_loop_follows_the_alias_on_the_shared_repository():
+    """The loop's command and health check parse with the flags the module takes, on the repository
+    volume the Airflow workers promote to."""
+    from tasks.reconcile import parse_args
+
+    service = _compose()["services"]["reconcile"]
+    loop = parse_args(service["command"][3:], {})
+    probe = parse_args(service["healthcheck"]["test"][4:], {})
+    assert (loop.mlflow, loop.triton, str(loop.repository), loop.once, probe.once) == (
+        "http://mlflow:5000", "triton:8000", "/models", False, True)
+    assert "triton-models:/models" in service["volumes"]
+
+
 def test_airflow_runs_the_celery_executor_with_redis_and_scalable_workers():
     services = _compose()["services"]
     for name in ("airflow-api-server", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer",

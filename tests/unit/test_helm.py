@@ -131,6 +131,26 @@ def test_triton_scales_out_and_promotions_reach_every_replica():
     assert parser_calls[1].once and {m["mountPath"] for m in sidecar["volumeMounts"]} == {"/models"}
 
 
+def test_the_reconcile_loop_runs_once_against_every_replica():
+    """One writer follows the MLflow alias for all replicas (the headless Service), with the flags the
+    module really takes, on the repository the promotions write (read-write)."""
+    from tasks.reconcile import parse_args
+
+    docs = {(doc["kind"], doc["metadata"]["name"]): doc for doc in _serving()}
+    spec = docs[("Deployment", "reconcile")]["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"]["type"] == "Recreate"
+    container = spec["template"]["spec"]["containers"][0]
+    loop, probe = (parse_args(command[3:], {}) for command in
+                   (container["command"], container["readinessProbe"]["exec"]["command"]))
+    assert container["command"][:3] == ["python", "-m", "tasks.reconcile"]
+    assert (loop.triton, str(loop.repository), loop.once, probe.once) == ("dns:triton-replicas:8000", "/models",
+                                                                          False, True)
+    mount = container["volumeMounts"][0]
+    assert mount["mountPath"] == "/models" and not mount.get("readOnly")
+    claims = {volume["persistentVolumeClaim"]["claimName"] for volume in spec["template"]["spec"]["volumes"]}
+    assert claims == {"triton-models"}
+
+
 # What the chart's helpers print (chart/templates/_helpers.yaml: the env helpers' lines start with two
 # spaces and a newline, the mount helper's with "- "), so the GPU pod template's indentation can be
 # checked without helm: `_render` applies `tpl`'s few constructs the template uses the way Go does.
