@@ -5,7 +5,7 @@ tokenizer model, its pad token) serves the logits the promoted ONNX file gives i
 
 ``make test`` runs XLM-RoBERTa (a SentencePiece family: Unigram pieces, pad id 1 and RoBERTa's position
 ids) and DistilBERT (the most different module layout); the others are marked ``slow`` (``make
-test-slow``): a run takes 65-90 s on this 2-core machine."""
+test-slow``): a run takes 65-115 s on this 2-core machine."""
 
 from __future__ import annotations
 
