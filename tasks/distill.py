@@ -11,7 +11,7 @@ import torch
 
 from tasks.config import DistillConfig
 from tasks.manifest import ModelSource, Precision, write_manifest
-from tasks.modeling import build_student, encoder_layers, load_classifier, load_tokenizer, parameter_count
+from tasks.modeling import build_student, encoder_depth, load_classifier, load_tokenizer, parameter_count, unsupported_family
 from tasks.results import ModelFormat, StepResult, StepStatus, staged_dir, write_json_atomic
 from tasks.splits import read_split
 from tasks.training import accuracy, distillation_loss, steps_for
@@ -31,21 +31,9 @@ def hidden_state_loss(student_hidden: tuple[torch.Tensor, ...], teacher_hidden: 
     return torch.stack(losses).mean()
 
 
-def run(config: DistillConfig, teacher_dir: Path, data_dir: Path, out_dir: Path, progress_every: int = 10) -> StepResult:
-    """Distill the fine-tuned teacher in ``teacher_dir`` into a smaller student saved to ``out_dir``."""
-    torch.manual_seed(config.seed)
-    train = read_split(data_dir, "train")
-    validation = read_split(data_dir, "validation")
-    tokenizer = load_tokenizer(teacher_dir)
-    teacher = load_classifier(teacher_dir).eval()
-    teacher_layers = len(encoder_layers(teacher))
-    wanted = config.student_layers or max(1, teacher_layers // 2)
-    student, chosen = build_student(teacher, wanted)
-    log.info("student keeps teacher layers %s of %d", chosen, teacher_layers)
-
-    total_steps = steps_for(len(train), config.batch_size, config.epochs)
-    targets = torch.tensor(train["label"].to_numpy())
-
+def _distillation_loss(teacher: torch.nn.Module, student: torch.nn.Module, targets: torch.Tensor, chosen: list[int],
+                       config: DistillConfig):
+    """``loss_fn(batch, index)``: soft and hard targets, plus the hidden-state term when ``hidden_weight``."""
     transfer_hidden = config.hidden_weight > 0
 
     def loss_fn(batch: dict[str, torch.Tensor], index: list[int]) -> torch.Tensor:
@@ -58,6 +46,32 @@ def run(config: DistillConfig, teacher_dir: Path, data_dir: Path, out_dir: Path,
             loss = loss + config.hidden_weight * hidden_state_loss(
                 student_out.hidden_states, teacher_out.hidden_states, chosen, batch["attention_mask"])
         return loss
+
+    return loss_fn
+
+
+def run(config: DistillConfig, teacher_dir: Path, data_dir: Path, out_dir: Path, progress_every: int = 10) -> StepResult:
+    """Distill the fine-tuned teacher in ``teacher_dir`` into a smaller student saved to ``out_dir``.
+
+    SKIPPED, with the reason, when the teacher's encoder family is not supported (``tasks.families``)."""
+    unsupported = unsupported_family(teacher_dir)
+    if unsupported is not None:
+        log.warning("distillation SKIPPED: %s", unsupported)
+        return StepResult(step="distill", status=StepStatus.SKIPPED, reason=unsupported)
+    torch.manual_seed(config.seed)
+    train = read_split(data_dir, "train")
+    validation = read_split(data_dir, "validation")
+    tokenizer = load_tokenizer(teacher_dir)
+    teacher = load_classifier(teacher_dir).eval()
+    teacher_layers = encoder_depth(teacher)
+    wanted = config.student_layers or max(1, teacher_layers // 2)
+    student, chosen = build_student(teacher, wanted)
+    log.info("student keeps teacher layers %s of %d", chosen, teacher_layers)
+
+    total_steps = steps_for(len(train), config.batch_size, config.epochs)
+    targets = torch.tensor(train["label"].to_numpy())
+
+    loss_fn = _distillation_loss(teacher, student, targets, chosen, config)
 
     trained = train_loop(
         student, tokenizer, train["text"].tolist(), loss_fn, total_steps=total_steps,

@@ -10,7 +10,7 @@ import torch
 from tasks.config import ExportConfig
 from tasks.errors import ConfigError, ExportError
 from tasks.manifest import ModelSource, Precision, write_manifest
-from tasks.modeling import encoder_layers, load_classifier, load_tokenizer
+from tasks.modeling import block_parts, load_classifier, load_tokenizer
 from tasks.onnx_model import INPUT_NAMES, MODEL_FILENAME, OUTPUT_NAME, compare_logits, model_size_bytes, onnx_logits
 from tasks.results import ModelFormat, StepResult, StepStatus, staged_dir, write_json_atomic
 from tasks.splits import read_split
@@ -59,10 +59,10 @@ def attention_shape(model: torch.nn.Module) -> tuple[int, int] | None:
     hidden size), else None: ONNX Runtime's attention fusion takes one head count for the graph."""
     hidden, heads = model.config.hidden_size, model.config.num_attention_heads
     try:
-        layers = encoder_layers(model)
-    except ConfigError:  # not a BERT-style encoder: let the optimizer fuse what it recognises
+        parts = block_parts(model)
+    except ConfigError:  # not a supported encoder family: let the optimizer fuse what it recognises
         return heads, hidden
-    if all(layer.attention.self.query.out_features == hidden for layer in layers):
+    if all(part.query.out_features == hidden for part in parts):
         return heads, hidden
     return None
 

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tasks.errors import ConfigError
+from tasks.families import EncoderFamily, family_of, unsupported_reason
 
 PLAN_FILENAME = "pruning_plan.json"
 
@@ -54,15 +55,46 @@ def load_classifier(source: str | Path, labels: list[str] | None = None, attenti
     return AutoModelForSequenceClassification.from_pretrained(str(source), **kwargs)
 
 
+def _resolve(root: torch.nn.Module, path: str) -> torch.nn.Module:
+    """The submodule at a dotted ``path`` (list indices as digits: ``albert_layer_groups.0``)."""
+    module = root
+    for name in path.split("."):
+        module = getattr(module, name)
+    return module
+
+
+def _replace(root: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(_resolve(root, parent) if parent else root, name, module)
+
+
 def encoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The transformer blocks of a BERT-style encoder (``<base>.encoder.layer``)."""
-    layers = getattr(getattr(model.base_model, "encoder", None), "layer", None)
+    """The transformer blocks of the model's encoder, where its family keeps them (``tasks.families``);
+    for a family that shares one block across its depth (ALBERT), the unique blocks."""
+    family = family_of(model.config)
+    try:
+        layers = _resolve(model.base_model, family.layers)
+    except AttributeError:
+        layers = None
     if not isinstance(layers, torch.nn.ModuleList):
-        raise ConfigError(
-            f"{type(model).__name__} has no <base>.encoder.layer list: layer-copy initialisation supports "
-            "BERT-style encoders (BERT, MiniLM, RoBERTa, MPNet)"
-        )
+        raise ConfigError(f"{type(model).__name__} ({family.name}) has no <base>.{family.layers} list of blocks; "
+                          "was it built by a transformers version with another module layout?")
     return layers
+
+
+def encoder_depth(model: torch.nn.Module) -> int:
+    """How many transformer blocks an input passes through (a shared block counts once per application)."""
+    if family_of(model.config).shared_layers:
+        return int(model.config.num_hidden_layers)
+    return len(encoder_layers(model))
+
+
+def unsupported_family(source: str | Path) -> str | None:
+    """Why the model in ``source`` (a folder or hub id) is no encoder family that distillation and
+    structured pruning support (None: it is one), read from its config alone."""
+    from transformers import AutoConfig
+
+    return unsupported_reason(AutoConfig.from_pretrained(str(source)))
 
 
 def parameter_count(model: torch.nn.Module) -> int:
@@ -81,19 +113,23 @@ def student_layer_map(teacher_layers: int, student_layers: int) -> list[int]:
 
 
 def build_student(teacher: torch.nn.Module, student_layers: int) -> tuple[torch.nn.Module, list[int]]:
-    """A copy of ``teacher`` keeping only the mapped encoder layers (embeddings, pooler and head kept)."""
-    chosen = student_layer_map(len(encoder_layers(teacher)), student_layers)
+    """A copy of ``teacher`` keeping only the mapped encoder layers (embeddings, pooler and head kept).
+
+    A family with one shared block (ALBERT) keeps that block and applies it ``student_layers`` times.
+    """
+    family = family_of(teacher.config)
+    chosen = student_layer_map(encoder_depth(teacher), student_layers)
     student = copy.deepcopy(teacher)
-    layers = encoder_layers(student)
-    kept = torch.nn.ModuleList([layers[index] for index in chosen])
-    student.base_model.encoder.layer = kept
+    if not family.shared_layers:
+        layers = encoder_layers(student)
+        _replace(student.base_model, family.layers, torch.nn.ModuleList([layers[index] for index in chosen]))
     student.config.num_hidden_layers = student_layers
     return student, chosen
 
 
 @dataclass(frozen=True)
 class LayerParts:
-    """The linear layers of one BERT-style encoder block that pruning resizes."""
+    """The linear layers of one encoder block that pruning resizes (``intermediate``/``output``: the FFN's in and out)."""
 
     attention: torch.nn.Module
     query: torch.nn.Linear
@@ -122,17 +158,25 @@ class PruningPlan:
                    tuple(tuple(n) for n in data["neurons"]))
 
 
-def layer_parts(layer: torch.nn.Module) -> LayerParts:
+def layer_parts(layer: torch.nn.Module, family: EncoderFamily) -> LayerParts:
+    """The linear layers of one block of ``family`` that structured pruning resizes."""
     try:
-        attention = layer.attention.self
-        return LayerParts(attention, attention.query, attention.key, attention.value, layer.attention.output.dense,
-                          layer.intermediate.dense, layer.output.dense)
+        attention = _resolve(layer, family.attention)
+        return LayerParts(attention, _resolve(attention, family.query), _resolve(attention, family.key),
+                          _resolve(attention, family.value), _resolve(layer, family.attention_output),
+                          _resolve(layer, family.ffn_in), _resolve(layer, family.ffn_out))
     except AttributeError:
         raise ConfigError(
-            f"{type(layer).__name__} is not a BERT-style block (attention.self.query/key/value, "
-            "attention.output.dense, intermediate.dense, output.dense): structured pruning supports BERT, "
-            "MiniLM and RoBERTa encoders"
+            f"{type(layer).__name__} lacks the {family.name} modules ({family.attention}.{family.query}/"
+            f"{family.key}/{family.value}, {family.attention_output}, {family.ffn_in}, {family.ffn_out}) that "
+            "structured pruning resizes; see tasks/families.py"
         ) from None
+
+
+def block_parts(model: torch.nn.Module) -> list[LayerParts]:
+    """``layer_parts`` of every (unique) encoder block of ``model``."""
+    family = family_of(model.config)
+    return [layer_parts(layer, family) for layer in encoder_layers(model)]
 
 
 def head_size_of(model: torch.nn.Module) -> int:
@@ -154,21 +198,23 @@ def _select(linear: torch.nn.Linear, index: torch.Tensor, dim: int) -> torch.nn.
 
 def apply_plan(model: torch.nn.Module, plan: PruningPlan) -> None:
     """Resize every encoder block of ``model`` in place to the heads and neurons the plan keeps."""
+    family = family_of(model.config)
     layers = encoder_layers(model)
     if len(layers) != len(plan.heads) or len(layers) != len(plan.neurons):
         raise ConfigError(f"pruning plan has {len(plan.heads)} layers, the model {len(layers)}")
     for layer, heads, neurons in zip(layers, plan.heads, plan.neurons):
-        parts = layer_parts(layer)
+        parts = layer_parts(layer, family)
         rows = torch.tensor([head * plan.head_size + offset for head in heads for offset in range(plan.head_size)])
-        parts.attention.query = _select(parts.query, rows, 0)
-        parts.attention.key = _select(parts.key, rows, 0)
-        parts.attention.value = _select(parts.value, rows, 0)
-        layer.attention.output.dense = _select(parts.attention_output, rows, 1)
-        parts.attention.num_attention_heads = len(heads)
-        parts.attention.all_head_size = len(heads) * plan.head_size
+        for path, linear in ((family.query, parts.query), (family.key, parts.key), (family.value, parts.value)):
+            _replace(parts.attention, path, _select(linear, rows, 0))
+        _replace(layer, family.attention_output, _select(parts.attention_output, rows, 1))
+        for name in family.head_count:
+            setattr(parts.attention, name, len(heads))
+        for name in family.head_width:
+            setattr(parts.attention, name, len(heads) * plan.head_size)
         kept = torch.tensor(neurons)
-        layer.intermediate.dense = _select(parts.intermediate, kept, 0)
-        layer.output.dense = _select(parts.output, kept, 1)
+        _replace(layer, family.ffn_in, _select(parts.intermediate, kept, 0))
+        _replace(layer, family.ffn_out, _select(parts.output, kept, 1))
 
 
 def load_pruned(model_dir: Path, attention: str = "eager") -> torch.nn.Module:
@@ -188,47 +234,109 @@ def load_pruned(model_dir: Path, attention: str = "eager") -> torch.nn.Module:
     return model.eval()
 
 
-def build_tiny_model(target: Path, labels: tuple[str, ...] = ("negative", "positive"), seed: int = 0) -> Path:
-    """Save a tiny random BERT classifier with a word-piece tokenizer into ``target``.
+TINY_FAMILIES = ("bert", "distilbert", "roberta", "electra", "xlm-roberta", "albert")
+# Special tokens in each family's order (the pad id matters: RoBERTa's position ids count from it).
+_WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+_ROBERTA_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+_ALBERT_SPECIALS = ["<pad>", "<unk>", "[CLS]", "[SEP]", "[MASK]"]
 
-    No download: the vocabulary is trained on generated sentences. Used by tests and quick runs.
-    """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
-    rng = random.Random(seed)
-    corpus = [" ".join(rng.choice(TINY_WORDS) for _ in range(12)) for _ in range(200)]
+def _tiny_backend(family: str, corpus: list[str]):
+    """A ``tokenizers.Tokenizer`` of the family's kind trained on ``corpus``: word-piece (BERT, DistilBERT,
+    ELECTRA), byte-level BPE (RoBERTa) or SentencePiece-style Unigram (XLM-RoBERTa, ALBERT)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    if family == "roberta":
+        backend = Tokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        backend.train_from_iterator(corpus, trainers.BpeTrainer(
+            vocab_size=400, special_tokens=_ROBERTA_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        backend.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+        return backend
+    if family in ("xlm-roberta", "albert"):
+        specials = _ROBERTA_SPECIALS if family == "xlm-roberta" else _ALBERT_SPECIALS
+        backend = Tokenizer(models.Unigram(_unigram_vocab(specials, corpus), unk_id=specials.index("<unk>")))
+        if family == "albert":
+            backend.normalizer = normalizers.Lowercase()
+        backend.pre_tokenizer = pre_tokenizers.Metaspace()
+        backend.decoder = decoders.Metaspace()
+        cls, sep = ("<s>", "</s>") if family == "xlm-roberta" else ("[CLS]", "[SEP]")
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B {sep}",
+            special_tokens=[(cls, backend.token_to_id(cls)), (sep, backend.token_to_id(sep))])
+        return backend
     backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     backend.normalizer = normalizers.BertNormalizer(lowercase=True)
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-    backend.train_from_iterator(corpus, trainer)
-    cls_id, sep_id = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
+    backend.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=200, special_tokens=_WORDPIECE_SPECIALS))
     backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-        model_max_length=512,
-    )
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", backend.token_to_id("[CLS]")), ("[SEP]", backend.token_to_id("[SEP]"))])
+    return backend
+
+
+def _unigram_vocab(specials: list[str], corpus: list[str]) -> list[tuple[str, float]]:
+    """A SentencePiece-style Unigram vocabulary: the specials, every corpus word as one ``▁word`` piece
+    (log-probability by count) and single characters as the fallback. Written out rather than trained:
+    the Unigram trainer prunes a 200-sentence corpus down to characters."""
+    import math
+    from collections import Counter
+
+    words = Counter(word for text in corpus for word in text.split())
+    total = sum(words.values())
+    pieces = [(token, 0.0) for token in specials]
+    pieces += [(f"\u2581{word}", math.log(count / total)) for word, count in sorted(words.items())]
+    characters = sorted({character for word in words for character in word} | {"\u2581"})
+    return pieces + [(character, -20.0) for character in characters]
+
+
+def _tiny_tokenizer(family: str, backend) -> PreTrainedTokenizerBase:
+    from transformers import PreTrainedTokenizerFast
+
+    if family in ("roberta", "xlm-roberta"):
+        names = dict(bos_token="<s>", eos_token="</s>", cls_token="<s>", sep_token="</s>", unk_token="<unk>",
+                     pad_token="<pad>", mask_token="<mask>")
+    elif family == "albert":
+        names = dict(cls_token="[CLS]", sep_token="[SEP]", unk_token="<unk>", pad_token="<pad>", mask_token="[MASK]")
+    else:
+        names = dict(cls_token="[CLS]", sep_token="[SEP]", unk_token="[UNK]", pad_token="[PAD]", mask_token="[MASK]")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=512, **names)
+
+
+def _tiny_config(family: str, vocab_size: int, pad_id: int, labels: tuple[str, ...]):
+    """Two layers of two heads, hidden size 32, FFN 64 (ELECTRA and ALBERT with 16-wide embeddings)."""
+    from transformers import AutoConfig
+
+    shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    extra: dict = {"max_position_embeddings": 512}
+    if family == "distilbert":
+        shape = dict(dim=32, n_layers=2, n_heads=2, hidden_dim=64)
+    elif family in ("roberta", "xlm-roberta"):  # positions start after the pad id, as in the released models
+        extra = {"max_position_embeddings": 514, "type_vocab_size": 1, "bos_token_id": 0, "eos_token_id": 2}
+    elif family in ("electra", "albert"):
+        extra["embedding_size"] = 16
+    return AutoConfig.for_model(family, vocab_size=vocab_size, pad_token_id=pad_id, num_labels=len(labels),
+                                id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)},
+                                **shape, **extra)
+
+
+def build_tiny_model(target: Path, labels: tuple[str, ...] = ("negative", "positive"), seed: int = 0,
+                     family: str = "bert") -> Path:
+    """Save a tiny random classifier of ``family`` (a ``model_type`` in ``TINY_FAMILIES``) with a tokenizer
+    of that family's kind into ``target``.
+
+    No download: the vocabulary is trained on generated sentences. Used by tests and quick runs.
+    """
+    if family not in TINY_FAMILIES:
+        raise ConfigError(f"no tiny {family!r} model; families: {', '.join(TINY_FAMILIES)}")
+    rng = random.Random(seed)
+    corpus = [" ".join(rng.choice(TINY_WORDS) for _ in range(12)) for _ in range(200)]
+    backend = _tiny_backend(family, corpus)
+    tokenizer = _tiny_tokenizer(family, backend)
     torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=backend.get_vocab_size(),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={name: index for index, name in enumerate(labels)},
-    )
-    model = BertForSequenceClassification(config)
+    config = _tiny_config(family, backend.get_vocab_size(), tokenizer.pad_token_id, labels)
+    model = AutoModelForSequenceClassification.from_config(config)
     target.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)

@@ -110,6 +110,16 @@ def record_skip(settings: PipelineSettings, run_id: str, stage_id: str, reason: 
     (folder / f"{stage_id}.txt").write_text(reason)
 
 
+def recorded_skip(settings: PipelineSettings, run_id: str, stage: Stage) -> str | None:
+    """Why the stage or one upstream of it ended SKIPPED, as recorded (None: none did), e.g. a
+    distillation SKIPPED because the teacher's encoder family is not supported."""
+    folder = settings.run_dir(run_id) / DECISIONS / "skipped"
+    for upstream in RECIPE.lineage(stage.id):
+        if (folder / f"{upstream.id}.txt").exists():
+            return f"{upstream.id} SKIPPED: {(folder / f'{upstream.id}.txt').read_text()}"
+    return None
+
+
 def not_built_reason(settings: PipelineSettings, run_id: str, stage: Stage,
                      config: PipelineConfig | None = None) -> str:
     """Why the stage (or one upstream of it) built nothing, as recorded, else the run's GPU resolution
@@ -117,9 +127,9 @@ def not_built_reason(settings: PipelineSettings, run_id: str, stage: Stage,
     folder = settings.run_dir(run_id) / DECISIONS / "skipped"
     if stage.candidate and (folder / f"evaluate_{stage.candidate}.txt").exists():
         return f"not evaluated: {(folder / f'evaluate_{stage.candidate}.txt').read_text()}"
-    for upstream in RECIPE.lineage(stage.id):
-        if (folder / f"{upstream.id}.txt").exists():
-            return f"{upstream.id} SKIPPED: {(folder / f'{upstream.id}.txt').read_text()}"
+    recorded = recorded_skip(settings, run_id, stage)
+    if recorded is not None:
+        return recorded
     resolution = hardware.read_resolution(settings.run_dir(run_id) / DECISIONS)
     if resolution is not None and not resolution.gpu_branch:
         return resolution.reason
@@ -129,10 +139,12 @@ def not_built_reason(settings: PipelineSettings, run_id: str, stage: Stage,
 
 def not_built_candidates(settings: PipelineSettings, config: PipelineConfig, run_id: str,
                          evaluations: dict[str, dict]) -> dict[str, str]:
-    """The switched-on GPU candidates that were not built or evaluated on this run's worker, with why."""
+    """The switched-on candidates that were not built or evaluated, with why: GPU candidates on a worker
+    that could not build them, and those whose stage (or one upstream) ended SKIPPED."""
     return {name: not_built_reason(settings, run_id, RECIPE.producer(name), config)
             for name in enabled_candidates(config)
-            if name not in evaluations and RECIPE.producer(name).target is Target.GPU}
+            if name not in evaluations and (RECIPE.producer(name).target is Target.GPU
+                                            or recorded_skip(settings, run_id, RECIPE.producer(name)))}
 
 
 def switched_off_candidates(config: PipelineConfig) -> dict[str, str]:
@@ -276,7 +288,8 @@ def evaluate_candidates(settings: PipelineSettings, config: PipelineConfig, run_
     for candidate in enabled_candidates(config):
         stage = RECIPE.producer(candidate)
         device = "cuda" if stage.target is Target.GPU else "cpu"
-        if produced.get(stage.id) is None and device == "cuda":  # the worker could not build it: say why
+        # The worker could not build it, or its stage (or one upstream) ended SKIPPED: say why.
+        if produced.get(stage.id) is None and (device == "cuda" or recorded_skip(settings, run_id, stage)):
             log.info("%s not built, not evaluated: %s", candidate, not_built_reason(settings, run_id, stage, config))
             continue
         if produced.get(stage.id) is None:

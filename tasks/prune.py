@@ -17,8 +17,9 @@ import torch
 
 from tasks.config import PruneConfig
 from tasks.manifest import ModelSource, Precision, Structure, write_manifest
-from tasks.modeling import (PLAN_FILENAME, LayerParts, PruningPlan, apply_plan, encoder_layers, head_size_of,
-                            layer_parts, load_classifier, load_tokenizer, parameter_count)
+from tasks.modeling import (PLAN_FILENAME, LayerParts, PruningPlan, apply_plan, block_parts, encoder_layers,
+                            head_size_of, load_classifier, load_tokenizer, parameter_count,
+                            unsupported_family)
 from tasks.results import ModelFormat, StepResult, StepStatus, staged_dir, write_json_atomic
 from tasks.splits import read_split
 from tasks.training import accuracy, batches, distillation_loss, seed_everything, steps_for
@@ -59,8 +60,7 @@ def full_plan(model: torch.nn.Module) -> PruningPlan:
     """The plan that keeps everything (the model's current shape)."""
     head_size = head_size_of(model)
     heads, neurons = [], []
-    for layer in encoder_layers(model):
-        parts = layer_parts(layer)
+    for parts in block_parts(model):
         heads.append(tuple(range(parts.query.out_features // head_size)))
         neurons.append(tuple(range(parts.intermediate.out_features)))
     return PruningPlan(head_size, tuple(heads), tuple(neurons))
@@ -70,7 +70,7 @@ def importance_plan(model: torch.nn.Module, loss_batches, head_fraction: float, 
     """Score heads and neurons over ``loss_batches`` (an iterable of zero-argument callables that
     return a loss) and keep the most important ones per layer."""
     head_size = head_size_of(model)
-    layers = [layer_parts(layer) for layer in encoder_layers(model)]
+    layers = block_parts(model)
     head_scores = [torch.zeros(parts.query.out_features // head_size) for parts in layers]
     neuron_scores = [torch.zeros(parts.intermediate.out_features) for parts in layers]
     model.train()
@@ -146,9 +146,9 @@ def sparsity(weights: list[torch.nn.Parameter]) -> float:
 
 
 def count_structure(model: torch.nn.Module) -> tuple[int, int]:
-    """Attention heads and feed-forward neurons over all encoder layers."""
+    """Attention heads and feed-forward neurons over all encoder layers (a shared block counted once)."""
     head_size = head_size_of(model)
-    parts = [layer_parts(layer) for layer in encoder_layers(model)]
+    parts = block_parts(model)
     return (sum(p.query.out_features // head_size for p in parts), sum(p.intermediate.out_features for p in parts))
 
 
@@ -206,9 +206,28 @@ def pruned_structure(config: PruneConfig) -> Structure:
     return Structure.SPARSE if config.unstructured_sparsity else Structure.DENSE
 
 
+def _save(model: torch.nn.Module, tokenizer, plan: PruningPlan, config: PruneConfig, student_dir: Path,
+          teacher_dir: Path, out_dir: Path) -> None:
+    with staged_dir(out_dir) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        write_json_atomic(staging / PLAN_FILENAME, plan.to_dict())
+        write_json_atomic(staging / "prune_config.json", asdict(config))
+        write_manifest(staging, format=ModelFormat.PYTORCH, precision=Precision.FP32, step="prune",
+                       created_by=__name__, source=ModelSource(str(student_dir), ModelFormat.PYTORCH), config=config,
+                       config_file="prune_config.json", structure=pruned_structure(config),
+                       details={"teacher": str(teacher_dir), "pruning_plan": PLAN_FILENAME})
+
+
 def run(config: PruneConfig, student_dir: Path, teacher_dir: Path, data_dir: Path, out_dir: Path,
         progress_every: int = 10) -> StepResult:
-    """Prune the model in ``student_dir``, recover it by distilling from ``teacher_dir``, save to ``out_dir``."""
+    """Prune the model in ``student_dir``, recover it by distilling from ``teacher_dir``, save to ``out_dir``.
+
+    SKIPPED, with the reason, when the model's encoder family is not supported (``tasks.families``)."""
+    unsupported = unsupported_family(student_dir)
+    if unsupported is not None:
+        log.warning("pruning SKIPPED: %s", unsupported)
+        return StepResult(step="prune", status=StepStatus.SKIPPED, reason=unsupported)
     seed_everything(config.seed, deterministic=True)
     train = read_split(data_dir, "train")
     validation = read_split(data_dir, "validation")
@@ -231,15 +250,7 @@ def run(config: PruneConfig, student_dir: Path, teacher_dir: Path, data_dir: Pat
     achieved = sparsity(prunable_weights(model))
     accuracy_after = accuracy(model, tokenizer, validation, config.max_length)
     teacher_accuracy = accuracy(teacher, tokenizer, validation, config.max_length)
-    with staged_dir(out_dir) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        write_json_atomic(staging / PLAN_FILENAME, plan.to_dict())
-        write_json_atomic(staging / "prune_config.json", asdict(config))
-        write_manifest(staging, format=ModelFormat.PYTORCH, precision=Precision.FP32, step="prune",
-                       created_by=__name__, source=ModelSource(str(student_dir), ModelFormat.PYTORCH), config=config,
-                       config_file="prune_config.json", structure=pruned_structure(config),
-                       details={"teacher": str(teacher_dir), "pruning_plan": PLAN_FILENAME})
+    _save(model, tokenizer, plan, config, student_dir, teacher_dir, out_dir)
     return StepResult(
         step="prune",
         status=StepStatus.SUCCESS,

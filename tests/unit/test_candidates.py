@@ -128,3 +128,28 @@ def test_technique_chains_follow_the_model_inputs():
         "finetune > distill > prune > ONNX export (FP32) > dynamic INT8")
     assert OPTIMIZE_MODEL.technique_chain("export_sparse") == (
         "finetune > distill > unstructured sparsity > ONNX export (FP32)")
+
+
+def test_candidates_of_a_stage_that_ended_skipped_are_not_built_with_its_reason(monkeypatch, tmp_path, caplog):
+    """distill_student SKIPPED by its step (say, the teacher's encoder family is not supported): the
+    student's and the pruned student's candidates are left out with that reason, the rest evaluated."""
+    measured = []
+
+    def fake_run_isolated(config, candidate, model_dir, model_format, data_dir, out_dir, device="cpu"):
+        measured.append(candidate)
+        return StepResult("evaluate", StepStatus.SUCCESS, metrics={"accuracy": 0.8, "latency_p50_ms": 1.0,
+                                                                   "latency_p95_ms": 2.0})
+
+    monkeypatch.setattr(pipeline.evaluate_step, "run_isolated", fake_run_isolated)
+    settings = type("Settings", (), {"run_dir": lambda self, run_id: tmp_path / run_id})()
+    config = config_from_params({"target": "cpu"})
+    pipeline.record_skip(settings, "run", "distill_student", "model_type 'deberta-v2' is not a supported encoder family")
+    produced = {"finetune_teacher": _result("finetune", tmp_path), "export_onnx": _result("export", tmp_path),
+                "quantize_int8": _result("quantize", tmp_path)}
+    with caplog.at_level("INFO", logger="tasks.pipeline"):
+        evaluations = pipeline.evaluate_candidates(settings, config, "run", _result("data", tmp_path), produced)
+    assert measured == list(evaluations) == ["teacher_pytorch", "onnx_fp32", "onnx_int8"]
+    assert "pruned_int8 not built, not evaluated: distill_student SKIPPED: model_type 'deberta-v2'" in caplog.text
+    not_built = pipeline.not_built_candidates(settings, config, "run", evaluations)
+    assert set(not_built) == {"student_onnx_fp32", "student_int8", "pruned_onnx_fp32", "pruned_int8"}
+    assert all("deberta-v2" in reason for reason in not_built.values())

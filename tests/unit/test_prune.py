@@ -38,7 +38,7 @@ def test_a_head_with_zero_weights_is_the_one_removed(trained_teacher, prepared_d
     model = load_classifier(trained_teacher)
     tokenizer = load_tokenizer(trained_teacher)
     head_size = modeling.head_size_of(model)
-    parts = modeling.layer_parts(modeling.encoder_layers(model)[0])
+    parts = modeling.block_parts(model)[0]
     with torch.no_grad():  # head 0 of layer 0 contributes nothing
         for linear in (parts.query, parts.key, parts.value):
             linear.weight[:head_size] = 0
