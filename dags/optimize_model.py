@@ -51,6 +51,12 @@ labelled data arrived (otherwise the run stops with that reason); an
 `previous_champion` when the model itself returned non-finite outputs. A run that stops early says
 why in the `plan` (or `changed_since_champion`) log and on an MLflow run.
 
+Param `approval` (default `auto`) decides who puts the winner into service. `auto`: `promote` serves
+it and moves the `champion` alias. `manual`: `promote` makes it the `challenger` (its serving files
+logged in MLflow) and `await_approval` waits, deferred between checks so it holds no worker slot,
+until a reviewer points `champion` at it in the MLflow UI (it is then served through the safe switch),
+tags it `rejected`, or `approval_timeout_hours` pass (SKIPPED with the reason either way).
+
 Every task writes under `$PIPELINE_RUNS_DIR/<run id>/`; re-running a task overwrites its output and
 does not create duplicate MLflow model versions. The run's `summary.json` is logged to MLflow.
 """
@@ -58,9 +64,10 @@ does not create duplicate MLflow model versions. The run's `summary.json` is log
 from __future__ import annotations
 
 import os
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
+from typing import Any
 
-from airflow.sdk import CronTriggerTimetable, Param, TriggerRule, dag, task
+from airflow.sdk import BaseOperator, CronTriggerTimetable, Param, TriggerRule, dag, task
 
 from tasks import params as pipeline_params  # stdlib only, like the three below: cheap at parse time
 from tasks.cost import record_task_cost
@@ -102,6 +109,46 @@ def _plan(settings, run_id: str):
     from tasks.trigger import read_plan
 
     return read_plan(settings.run_dir(run_id))
+
+
+# Seconds between checks of the MLflow registry while a run waits (tests use 1).
+CHECK_SECONDS = float(os.environ.get("PIPELINE_APPROVAL_CHECK_S", "60"))
+
+
+class AwaitApproval(BaseOperator):
+    """Wait until a reviewer approves (points ``champion`` at the challenger), rejects (tag
+    ``rejected``) or the deadline passes; then serve it (approved) or end SKIPPED with the reason."""
+
+    def __init__(self, *, check_every: timedelta = timedelta(seconds=CHECK_SECONDS), **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.check_every = check_every
+
+    def execute(self, context: Any) -> dict | None:
+        return self._check(context)
+
+    def execute_complete(self, context: Any, event: Any = None) -> dict | None:
+        return self._check(context)
+
+    def _check(self, context: Any) -> dict | None:
+        from airflow.providers.standard.triggers.temporal import TimeDeltaTrigger
+        from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+        from tasks import decisions
+        from tasks.planning import config_for_run
+        from tasks.settings import PipelineSettings
+
+        settings = PipelineSettings.from_env(os.environ)
+        run_id = context["run_id"]
+        config = config_for_run(dict(context["params"]), settings.run_dir(run_id))
+        record = decisions.await_approval(settings, config, run_id, datetime.now(timezone.utc))
+        if record is None:
+            self.log.info("waiting for a reviewer; next check in %s", self.check_every)
+            self.defer(trigger=TimeDeltaTrigger(self.check_every), method_name="execute_complete")
+        if record["status"] == "failed":
+            raise AirflowFailException(record["reason"])
+        if record["status"] == "skipped":
+            raise AirflowSkipException(record["reason"])
+        return record
 
 
 @dag(
@@ -267,7 +314,7 @@ def optimize_model():
     champion = score_champion(data)
     registered >> champion  # scored after the evaluation: no Triton traffic while latencies are measured
     promoted = promote(data, evaluations, gate(evaluations, registered, champion))
-    promoted >> report()
+    promoted >> AwaitApproval(task_id="await_approval", doc_md=AwaitApproval.__doc__) >> report()
 
 
 optimize_model()

@@ -548,6 +548,14 @@ class PromoteConfig:
     triton_model: str = field(default=SERVED_MODEL, metadata=param(
         "triton_model", "Triton model name", pattern="^[A-Za-z0-9_-]+$"))
     alias: str = "champion"
+    approval: str = field(default="auto", metadata=param(
+        "approval", "auto: the winner is served and becomes the champion at once; manual: it becomes the "
+                    "'challenger' and the run waits (deferred, no worker slot) until a reviewer points 'champion' "
+                    "at it in the MLflow UI (then it is served) or tags it 'rejected'",
+        enum=["auto", "manual"]))
+    approval_timeout_hours: float = field(default=72.0, metadata=param(
+        "approval_timeout_hours", "manual approval: hours the run waits for a reviewer before it gives up",
+        exclusiveMinimum=0))
     smoke_samples: int = 16
     smoke_tolerance: float = 1e-3
     smoke_batch: int = 8
@@ -559,6 +567,8 @@ class PromoteConfig:
             f"promote.triton_model {self.triton_model!r} must be letters, digits, '_' or '-'",
         )
         _require(self.alias not in ("latest", ""), "promote.alias must name an alias other than 'latest'")
+        _require(self.approval in ("auto", "manual"), f"promote.approval must be auto or manual, not {self.approval!r}")
+        _require(self.approval_timeout_hours > 0, "promote.approval_timeout_hours must be > 0")
         _require(self.smoke_samples >= 1, "promote.smoke_samples must be >= 1")
         _require(self.smoke_batch >= 0, "promote.smoke_batch must be >= 0")
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 from tasks import gate as gate_step
-from tasks import hardware, model_aliases, registry, report
+from tasks import approval, hardware, model_aliases, registry, report
 from tasks import promote as promote_step
 from tasks.champion import ChampionScore
 from tasks.config import GateConfig, PipelineConfig
@@ -165,6 +166,8 @@ def promote_winner(settings: PipelineSettings, config: PipelineConfig, run_id: s
         return result.to_dict()
     uri, model_name, version = settings.mlflow_tracking_uri, config.promote.registered_model, decisions["versions"][winner]
     candidate = StepResult.from_dict(evaluations[winner])
+    if config.promote.approval == "manual":
+        return _propose(settings, config, run_id, data, candidate, winner, version, record_path)
     try:
         result = promote_step.run(config.promote, _promotion_target(settings), model_dir=Path(candidate.uri("model")),
                                   predictions=Path(candidate.uri("predictions")),
@@ -183,6 +186,47 @@ def promote_winner(settings: PipelineSettings, config: PipelineConfig, run_id: s
         f"serving as Triton "
         f"{config.promote.triton_model} version {int(result.metrics['triton_version'])} with alias "
         f"{config.promote.alias!r}.")
+    write_json_atomic(record_path, result.to_dict())
+    return result.to_dict()
+
+
+def _propose(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict, candidate: StepResult,
+             winner: str, version: str, record_path: Path) -> dict:
+    """Manual approval: the winner becomes the challenger; the record says the run waits for a reviewer."""
+    proposal = approval.propose(config.promote, _promotion_target(settings), Path(candidate.uri("model")),
+                                Path(candidate.uri("predictions")), Path(StepResult.from_dict(data).uri("data")),
+                                version, config.evaluate.max_length, config.evaluate.threads,
+                                datetime.now(timezone.utc))
+    waiting = proposal.describe(config.promote)
+    registry.describe_decision(settings.mlflow_tracking_uri, config.promote.registered_model, version,
+                               f"every gate passed in run {run_id}; {waiting}.")
+    result = StepResult(step="promote", status=StepStatus.SKIPPED, reason=waiting,
+                        info={"candidate": winner, "mlflow_version": version, "approval": "pending",
+                              "deadline": proposal.deadline.isoformat()})
+    write_json_atomic(record_path, result.to_dict())
+    return result.to_dict()
+
+
+def await_approval(settings: PipelineSettings, config: PipelineConfig, run_id: str, now: datetime) -> dict | None:
+    """One check of a run waiting for a reviewer: None while nobody decided (and the deadline is ahead),
+    else the final promotion record (also written for the report). A run that did not wait (approval
+    auto, no winner, a failed promotion) gets its promotion record back at once."""
+    record_path = settings.run_dir(run_id) / DECISIONS / "promotion.json"
+    record = json.loads(record_path.read_text()) if record_path.exists() else None
+    if record is None or record.get("info", {}).get("approval") != "pending":
+        return record
+    proposal = approval.Proposal(record["info"]["mlflow_version"], datetime.fromisoformat(record["info"]["deadline"]))
+    outcome = approval.decision(settings.mlflow_tracking_uri, config.promote, proposal, now)
+    if outcome == "pending":
+        return None
+    try:
+        result = approval.conclude(config.promote, _promotion_target(settings), proposal, outcome)
+    except PromotionFailed as error:
+        result = StepResult(step="promote", status=StepStatus.FAILED, reason=f"approved, but not served: {error}",
+                            info={"mlflow_version": proposal.version, "approval": outcome})
+    result = replace(result, info=result.info | {"candidate": record["info"]["candidate"]})
+    registry.describe_decision(settings.mlflow_tracking_uri, config.promote.registered_model, proposal.version,
+                               f"{outcome} after review: {result.reason}")
     write_json_atomic(record_path, result.to_dict())
     return result.to_dict()
 

@@ -53,7 +53,7 @@ def test_optimize_model_edges_equal_the_recipe(dagbag):
     first = {stage.id for stage in OPTIMIZE_MODEL.stages if not stage.inputs}
     decisions = {("evaluate", "register"), ("register", "score_champion"), ("register", "gate"),
                  ("evaluate", "gate"), ("score_champion", "gate"), ("gate", "promote"), ("evaluate", "promote"),
-                 ("promote", "report")}
+                 ("promote", "await_approval"), ("await_approval", "report")}
     data = {("prepare_data", task) for task in ("changed_since_champion", *stages, "evaluate", "register",
                                                 "score_champion", "promote")}
     # The GPU branch starts after resolve_target, which skips it when the worker cannot or should not build it.
