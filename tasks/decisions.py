@@ -18,10 +18,11 @@ from tasks import gate as gate_step
 from tasks import approval, hardware, model_aliases, registry, report
 from tasks import promote as promote_step
 from tasks.champion import ChampionScore
-from tasks.config import GateConfig, PipelineConfig
+from monitoring.stats import paired_bootstrap_macro_f1, paired_comparison, per_class_scores
+from tasks.config import GateConfig, PipelineConfig, PrimaryMetric
 from tasks.errors import PipelineError, PromotionFailed
 from tasks.pipeline import DECISIONS, RECIPE, candidate_metrics, not_built_candidates, switched_off_candidates
-from tasks.predictions import majority_share, read_correct
+from tasks.predictions import class_shares, majority_share, read_answers, read_logits
 from tasks.recipe import REFERENCE_CANDIDATE, Target
 from tasks.results import StepResult, StepStatus, write_json_atomic
 from tasks.settings import PipelineSettings
@@ -29,7 +30,8 @@ from tasks.trigger import read_plan
 
 log = logging.getLogger(__name__)
 
-FASTEST = "fastest (the most accurate within the latency noise margin)"
+FASTEST = "fastest (the best primary metric within the latency noise margin)"
+PER_TEXT = ("correct", "predicted")  # the champion record's per-text lists, left out of logs and the summary
 
 
 def score_champion(settings: PipelineSettings, config: PipelineConfig, run_id: str, data: dict) -> dict | None:
@@ -39,19 +41,22 @@ def score_champion(settings: PipelineSettings, config: PipelineConfig, run_id: s
     record = None if score is None else {"accuracy": score.accuracy, "note": score.note}
     if score is not None and score.correct is not None:  # per test text, for the paired comparison
         record["correct"] = [int(value) for value in score.correct]
+    if score is not None and score.predicted is not None:  # the answers, for macro-F1's
+        record["predicted"] = [int(value) for value in score.predicted]
     write_json_atomic(settings.run_dir(run_id) / DECISIONS / "champion.json", {"champion": record})
-    log.info("champion: %s", {key: value for key, value in record.items() if key != "correct"} if record
+    log.info("champion: %s", {key: value for key, value in record.items() if key not in PER_TEXT} if record
              else "nothing serves yet")
     return record
 
 
 def choose_winner(gated: dict[str, tuple[bool, dict[str, float]]], objective: str = "fastest",
-                  preferred: frozenset[str] = frozenset(), noise_margin: float = 0.0) -> str | None:
-    """Among the candidates that passed every gate (name -> (passed, metrics)): the most accurate of
-    those whose batch-1 p50 is within ``noise_margin`` of the fastest one's (latencies that close are
-    one speed within measurement noise), the faster of equals; with ``objective`` "most_accurate" (a
-    re-optimization within a latency budget) the most accurate of all. When any of the ``preferred``
-    candidates (the GPU ones, for target gpu) passed, the choice is among those."""
+                  preferred: frozenset[str] = frozenset(), noise_margin: float = 0.0,
+                  metric: str = PrimaryMetric.ACCURACY.value) -> str | None:
+    """Among the candidates that passed every gate (name -> (passed, metrics)): the best by ``metric``
+    (the run's primary metric) of those whose batch-1 p50 is within ``noise_margin`` of the fastest
+    one's (latencies that close are one speed within measurement noise), the faster of equals; with
+    ``objective`` "most_accurate" (a re-optimization within a latency budget) the best of all. When any
+    of the ``preferred`` candidates (the GPU ones, for target gpu) passed, the choice is among those."""
     passing = [(metrics, name) for name, (ok, metrics) in gated.items() if ok]
     if any(name in preferred for _, name in passing):
         passing = [(metrics, name) for metrics, name in passing if name in preferred]
@@ -60,17 +65,39 @@ def choose_winner(gated: dict[str, tuple[bool, dict[str, float]]], objective: st
     if objective != "most_accurate":
         fastest = min(metrics["latency_p50_ms"] for metrics, _ in passing)
         passing = [item for item in passing if item[0]["latency_p50_ms"] <= fastest * (1.0 + noise_margin)]
-    return min(passing, key=lambda item: (-item[0]["accuracy"], item[0]["latency_p50_ms"], item[1]))[1]
+    return min(passing, key=lambda item: (-item[0][metric], item[0]["latency_p50_ms"], item[1]))[1]
 
 
-def no_winner_reason(config: GateConfig, candidates: dict[str, dict[str, float]], teacher_accuracy: float) -> str:
-    """Why nothing is promoted, plainly: the budget and accuracy asked for, and the fastest candidate."""
+def no_winner_reason(config: GateConfig, candidates: dict[str, dict[str, float]], teacher_score: float) -> str:
+    """Why nothing is promoted, plainly: the budget and primary metric asked for (``teacher_score``: the
+    teacher's primary metric), and the fastest candidate."""
+    metric = config.primary_metric
     fastest = min(candidates, key=lambda name: candidates[name]["latency_p95_ms"])
     metrics = candidates[fastest]
     budget = (f"{gate_step.latency_limit(config):.1f} ms p95 at " if config.max_p95_latency_ms > 0 else "")
-    return (f"no candidate meets {budget}>= {gate_step.required_accuracy(config, teacher_accuracy):.3f} accuracy "
-            f"(and the other gates); the fastest was {fastest} at {metrics['latency_p95_ms']:.1f} ms p95 with "
-            f"accuracy {metrics['accuracy']:.3f}")
+    return (f"no candidate meets {budget}>= {gate_step.required_accuracy(config, teacher_score):.3f} "
+            f"{gate_step.METRIC_NAMES[metric]} (and the other gates); the fastest was {fastest} at "
+            f"{metrics['latency_p95_ms']:.1f} ms p95 with {gate_step.METRIC_NAMES[metric]} {metrics[metric]:.3f}")
+
+
+def judge_candidates(config: GateConfig, evaluations: dict[str, dict], names: list[str],
+                     champion: dict | None) -> dict[str, list[gate_step.GateCheck]]:
+    """Every gate of each candidate in ``names`` (evaluation results as plain dicts, the reference
+    teacher's included), against the champion's record (``score_champion``; None: nothing serves)."""
+    teacher = StepResult.from_dict(evaluations[REFERENCE_CANDIDATE]).metrics
+    correct = tuple(map(bool, champion["correct"])) if champion and "correct" in champion else None
+    predicted = tuple(map(int, champion["predicted"])) if champion and "predicted" in champion else None
+    score = None if champion is None else ChampionScore(champion["accuracy"], champion["note"], correct, predicted)
+    teacher_predictions = _predictions(evaluations[REFERENCE_CANDIDATE])
+    shares = (class_shares(teacher_predictions, len(label_names(evaluations)))
+              if teacher_predictions else None)
+    gates = {}
+    for name in names:
+        predictions = _predictions(evaluations[name])
+        gates[name] = gate_step.evaluate_gates(config, candidate_metrics(evaluations, name), teacher, score,
+                                               class_shares=shares,
+                                               candidate_answers=read_answers(predictions) if predictions else None)
+    return gates
 
 
 def _describe_losers(settings: PipelineSettings, config: PipelineConfig, run_id: str, versions: dict,
@@ -82,8 +109,9 @@ def _describe_losers(settings: PipelineSettings, config: PipelineConfig, run_id:
         if name == winner:
             continue
         reasons = gate_step.failure_reasons(checks)
-        better = ("more accurate" if objective == "most_accurate" else
-                  f"faster, or as fast within {config.gate.latency_noise_margin:.0%} and more accurate")
+        metric = gate_step.METRIC_NAMES[config.gate.primary_metric]
+        better = (f"better by {metric}" if objective == "most_accurate" else
+                  f"faster, or as fast within {config.gate.latency_noise_margin:.0%} and better by {metric}")
         if not reasons and preferred and name not in preferred:
             better = "a GPU candidate (target gpu prefers them)"
         why = "; ".join(reasons) if reasons else f"passed every gate but {winner} was {better}"
@@ -96,30 +124,22 @@ def gate_candidates(settings: PipelineSettings, config: PipelineConfig, run_id: 
     """Gate every registered candidate, record each gate on its model version, choose the winner and
     say in every other version's description why it was not chosen. Writes ``decisions/gates.json``."""
     teacher = StepResult.from_dict(evaluations[REFERENCE_CANDIDATE]).metrics
-    answers = tuple(map(bool, champion["correct"])) if champion and "correct" in champion else None
-    score = None if champion is None else ChampionScore(champion["accuracy"], champion["note"], answers)
-    teacher_predictions = _predictions(evaluations[REFERENCE_CANDIDATE])
-    majority = majority_share(teacher_predictions) if teacher_predictions else None
     model_name, uri = config.promote.registered_model, settings.mlflow_tracking_uri
-    gates: dict[str, list[gate_step.GateCheck]] = {}
-    for name, version in registered["versions"].items():
-        if version is None:
-            continue
-        predictions = _predictions(evaluations[name])
-        answers = read_correct(predictions) if predictions else None
-        gates[name] = gate_step.evaluate_gates(config.gate, candidate_metrics(evaluations, name), teacher, score,
-                                               answers, majority)
-        model_aliases.tag_version(uri, model_name, version,
-                                  {f"gate.{c.name}": f"{c.decision.value}: {c.detail}" for c in gates[name]})
+    gates = judge_candidates(config.gate, evaluations,
+                             [name for name, version in registered["versions"].items() if version is not None],
+                             champion)
+    for name, checks in gates.items():
+        model_aliases.tag_version(uri, model_name, registered["versions"][name],
+                                  {f"gate.{c.name}": f"{c.decision.value}: {c.detail}" for c in checks})
     plan = read_plan(settings.run_dir(run_id))
     resolution = hardware.read_resolution(settings.run_dir(run_id) / DECISIONS)
     preferred = frozenset(name for name in gates if resolution is not None and resolution.prefer_gpu
                           and RECIPE.producer(name).target is Target.GPU)
     winner = choose_winner({name: (gate_step.passed(checks), evaluations[name]["metrics"])
                             for name, checks in gates.items()}, plan.objective, preferred,
-                           config.gate.latency_noise_margin)
+                           config.gate.latency_noise_margin, config.gate.primary_metric)
     registered_metrics = {name: evaluations[name]["metrics"] for name in gates}
-    no_winner = (no_winner_reason(config.gate, registered_metrics, teacher["accuracy"])
+    no_winner = (no_winner_reason(config.gate, registered_metrics, teacher[config.gate.primary_metric])
                  if winner is None and registered_metrics else None)
     _describe_losers(settings, config, run_id, registered["versions"], gates, winner,
                      plan.objective, preferred if winner in preferred else frozenset())
@@ -133,15 +153,16 @@ def gate_candidates(settings: PipelineSettings, config: PipelineConfig, run_id: 
         "switched_off": switched_off_candidates(config) | not_built_candidates(settings, config, run_id, evaluations),
         "target": resolution.to_dict() if resolution is not None else None,
         "champion_before": None if champion is None else {key: value for key, value in champion.items()
-                                                          if key != "correct"},
-        "majority_share": majority,
+                                                          if key not in PER_TEXT},
+        "primary_metric": config.gate.primary_metric,
+        "majority_share": _majority(evaluations),
         "gates": {name: [{"name": c.name, "decision": c.decision.value, "detail": c.detail} for c in checks]
                   for name, checks in gates.items()},
         "winner": winner,
         "objective": plan.objective,
         "plan": plan.to_dict(),
         "no_winner_reason": no_winner,
-    }
+    } | quality_record(evaluations, config.gate.primary_metric)
     write_json_atomic(settings.run_dir(run_id) / DECISIONS / "gates.json", decisions)
     log.info("winner: %s", winner or f"none: {no_winner}; the champion stays")
     return {"winner": winner, "no_winner_reason": no_winner}
@@ -253,8 +274,47 @@ def write_report(settings: PipelineSettings, run_id: str) -> dict:
     reports = report.write_reports(summary, settings.run_dir(run_id) / "report")
     registry.log_run_summary(settings.mlflow_tracking_uri, summary["mlflow_parent_run_id"], [summary_path, *reports],
                              {f"{name}.{key}": value for name, value in summary["candidates"].items()
-                              for key, value in value.items() if key in ("accuracy", "latency_p95_ms")})
+                              for key, value in value.items() if key in ("accuracy", "macro_f1", "latency_p95_ms")})
     return {"summary": str(summary_path), "winner": summary["winner"], "promotion": summary["promotion"]}
+
+
+def label_names(evaluations: dict[str, dict]) -> list[str]:
+    """The run's label names in class-id order, from the fine-tuned teacher's model config (its
+    evaluation's class ids when the config names none; empty without either)."""
+    reference = StepResult.from_dict(evaluations[REFERENCE_CANDIDATE])
+    config_path = Path(reference.uris.get("model", "")) / "config.json"
+    id2label = json.loads(config_path.read_text()).get("id2label", {}) if config_path.is_file() else {}
+    if id2label:
+        return [str(id2label[key]) for key in sorted(id2label, key=int)]
+    predictions = _predictions(evaluations[REFERENCE_CANDIDATE])
+    return [str(index) for index in range(read_logits(predictions).shape[1])] if predictions else []
+
+
+def quality_record(evaluations: dict[str, dict], metric: str) -> dict:
+    """The per-class table (precision, recall, F1, support) of every evaluated candidate, and each
+    candidate's paired comparison with the teacher on ``metric`` (a candidate better than its
+    teacher beyond the noise says the teacher is under-trained), for the report."""
+    answers = {name: read_answers(path) for name, value in evaluations.items()
+               if (path := _predictions(value)) is not None}
+    if REFERENCE_CANDIDATE not in answers:
+        return {"labels": [], "per_class": {}, "versus_teacher": {}}
+    names = label_names(evaluations)
+    as_text = {name: ([names[i] for i in found.truth], [names[i] for i in found.predicted])
+               for name, found in answers.items()}
+    truth, teacher = as_text[REFERENCE_CANDIDATE]
+    versus = {}
+    for name, (_, predicted) in as_text.items():
+        if name != REFERENCE_CANDIDATE:
+            versus[name] = (paired_bootstrap_macro_f1(truth, predicted, teacher, names)
+                            if metric == PrimaryMetric.MACRO_F1.value else
+                            paired_comparison(answers[name].correct, answers[REFERENCE_CANDIDATE].correct)).to_dict()
+    return {"labels": names, "versus_teacher": versus,
+            "per_class": {name: per_class_scores(found[0], found[1], names) for name, found in as_text.items()}}
+
+
+def _majority(evaluations: dict[str, dict]) -> float | None:
+    predictions = _predictions(evaluations[REFERENCE_CANDIDATE])
+    return majority_share(predictions) if predictions else None
 
 
 def _predictions(evaluation: dict) -> Path | None:

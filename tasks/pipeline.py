@@ -22,7 +22,7 @@ from tasks import finetune as finetune_step
 from tasks import prune as prune_step
 from tasks import quantize as quantize_step
 from tasks import hardware, lineage, model_aliases, params, registry
-from tasks.assets import fetch_demo_assets
+from tasks.assets import DATASETS, fetch_dataset, fetch_demo_assets
 from tasks.config import PipelineConfig
 from tasks.errors import ConfigError, PipelineError
 from tasks.onnx_model import compare_logits
@@ -37,6 +37,8 @@ RECIPE = OPTIMIZE_MODEL
 DECISIONS = "decisions"  # the run's records of what it decided and why (tasks/decisions.py writes most)
 DEMO_PREFIX = "demo:"
 DEMO_SOURCES = {"demo:imdb": "imdb", "demo:tweets": "tweets", "demo:minilm": "teacher"}
+# Multi-class data sets, fetched only when a run names them (demo:reuters8, demo:newsgroups20).
+DEMO_DATASETS = {f"{DEMO_PREFIX}{name}": name for name in DATASETS}
 
 # The form's params (generated from the config fields' metadata) and where each goes in the config.
 PARAM_PATHS = {name: (spec.section, spec.key) for name, spec in params.pipeline_params().items()}
@@ -163,8 +165,10 @@ def resolve_source(source: str, settings: PipelineSettings) -> str:
     """Replace ``demo:*`` names with the cached demo asset paths (fetched once)."""
     if not source.startswith(DEMO_PREFIX):
         return source
+    if source in DEMO_DATASETS:
+        return str(fetch_dataset(DEMO_DATASETS[source], settings.assets_cache, progress=log.info))
     if source not in DEMO_SOURCES:
-        raise ConfigError(f"unknown demo asset {source!r}; known: {sorted(DEMO_SOURCES)}")
+        raise ConfigError(f"unknown demo asset {source!r}; known: {sorted(DEMO_SOURCES | DEMO_DATASETS)}")
     assets = fetch_demo_assets(settings.assets_cache, progress=log.info)
     return assets.as_dict()[DEMO_SOURCES[source]]
 

@@ -224,7 +224,8 @@ def champion_score(target: PromotionTarget, config: PromoteConfig, data_dir: Pat
                                    f"data does not have ({labels})")
     truth = [labels[index] for index in test["label"]]
     correct = tuple(bool(guess == true) for guess, true in zip(served, truth))
-    return ChampionScore(float(np.mean(correct)), f"Triton {config.triton_model} v{version}", correct)
+    return ChampionScore(float(np.mean(correct)), f"Triton {config.triton_model} v{version}", correct,
+                         tuple(labels.index(guess) for guess in served))
 
 
 def switch_to(replicas: TritonReplicas, repository: Path, name: str, version: int, ensemble_config: str,

@@ -36,6 +36,7 @@ def candidate_rows(summary: dict) -> list[dict]:
         rows.append({
             "name": name, "version": version_of(summary, name),
             "accuracy": metrics["accuracy"], "retention": metrics["accuracy"] / reference["accuracy"],
+            "macro_f1": metrics.get("macro_f1", float("nan")),
             "size_mb": metrics["size_bytes"] / 1e6, "smaller": reference["size_bytes"] / metrics["size_bytes"],
             "p50": metrics["latency_p50_ms"], "p95": metrics["latency_p95_ms"],
             "p99": metrics.get("latency_p99_ms", float("nan")),
@@ -46,6 +47,11 @@ def candidate_rows(summary: dict) -> list[dict]:
             "gates": _gate_verdict(summary["gates"].get(name)),
         })
     return rows
+
+
+def _score(value: float) -> str:
+    """A metric to four places, "-" where the summary has none (written before it was measured)."""
+    return "-" if value != value else f"{value:.4f}"  # NaN is the one value unequal to itself
 
 
 def _gate_verdict(checks: list[dict] | None) -> str:
@@ -107,6 +113,44 @@ def _statistics_line(summary: dict) -> str:
     return line + (f"; against the champion: {champion['detail']}." if champion else "; no champion to compare with.")
 
 
+def primary_line(summary: dict) -> str:
+    """Which metric the gates and the winner rule judged (accuracy for summaries written before the choice)."""
+    metric = summary.get("primary_metric", "accuracy")
+    return (f"Primary metric: `{metric}` (the accuracy gates, the champion comparison and the winner rule judge it; "
+            "param `primary_metric`).")
+
+
+def teacher_warning(summary: dict) -> str | None:
+    """A warning when a candidate beats its own teacher beyond the noise (the lower end of the paired
+    comparison's 95% interval above zero): the teacher is under-trained, and every gate that measures
+    candidates against it asks too little."""
+    better = {name: found for name, found in (summary.get("versus_teacher") or {}).items() if found["low"] > 0}
+    if not better:
+        return None
+    metric = summary.get("primary_metric", "accuracy")
+    return ("**Warning: the teacher is beaten beyond the noise** by " + "; ".join(
+        f"{name} ({metric} {found['difference']:+.4f}, 95% interval {found['low']:+.4f} to {found['high']:+.4f}, "
+        f"{found['test']})" for name, found in better.items())
+        + ". The teacher looks under-trained: fine-tune it longer (param `epochs`) before trusting the "
+          "teacher-relative gate.")
+
+
+def per_class_lines(summary: dict) -> list[str]:
+    """The per-class table (precision, recall, F1, support) of the winner and the teacher, as Markdown."""
+    per_class = summary.get("per_class") or {}
+    shown = [name for name in (summary.get("winner"), REFERENCE_CANDIDATE) if name and name in per_class]
+    if not shown:
+        return []
+    header = "| class | support | " + " | ".join(f"{name} {what}" for name in shown
+                                                for what in ("precision", "recall", "F1")) + " |"
+    lines = [f"Per class on the test split ({', '.join(shown)}):", "", header,
+             "|" + "---|" * (2 + 3 * len(shown))]
+    for index, row in enumerate(per_class[shown[0]]):
+        cells = [f"{per_class[name][index][key]:.3f}" for name in shown for key in ("precision", "recall", "f1")]
+        lines.append(f"| {row['label']} | {row['support']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(summary: dict) -> str:
     rows = candidate_rows(summary)
     lines = [
@@ -114,14 +158,17 @@ def markdown(summary: dict) -> str:
         _outcome(summary), "",
         _champion_line(summary.get("champion_before")), "",
         _statistics_line(summary), "",
+        primary_line(summary), "",
+        *([warning, ""] if (warning := teacher_warning(summary)) else []),
         _switched_off_line(summary), "",
-        "| candidate | MLflow version | accuracy | retention | size MB | smaller | p50 ms | p95 ms | p99 ms | "
-        "faster (p50) | texts/s @32 | cost per text | peak MB | gates |",
-        "|" + "---|" * 14,
+        "| candidate | MLflow version | accuracy | macro-F1 | retention | size MB | smaller | p50 ms | p95 ms | "
+        "p99 ms | faster (p50) | texts/s @32 | cost per text | peak MB | gates |",
+        "|" + "---|" * 15,
     ]
     for row in rows:
         lines.append(
-            f"| {row['name']} | {row['version']} | {row['accuracy']:.4f} | {row['retention']:.1%} | "
+            f"| {row['name']} | {row['version']} | {row['accuracy']:.4f} | {_score(row['macro_f1'])} | "
+            f"{row['retention']:.1%} | "
             f"{row['size_mb']:.1f} | {row['smaller']:.1f}x | {row['p50']:.2f} | {row['p95']:.2f} | {row['p99']:.2f} | "
             f"{row['faster']:.1f}x | {row['throughput']:.0f} | {-row['cost_reduction']:+.0%} | {row['peak_mb']:.0f} | "
             f"{row['gates']} |")
@@ -129,6 +176,7 @@ def markdown(summary: dict) -> str:
     lines += ["", "Ratios are against the FP32 PyTorch teacher of this run; cost per text is the inverse of "
               "throughput on the same cores.", "",
               f"Pareto front (no candidate is both faster and more accurate): {', '.join(pareto_front(points))}.", "",
+              *per_class_lines(summary), "",
               "![latency vs accuracy](pareto.png)", ""]
     return "\n".join(lines)
 
@@ -140,13 +188,14 @@ def html_page(summary: dict) -> str:
         failed = row["gates"].startswith("FAIL")
         cells.append(
             "<tr>" + "".join(f"<td>{html.escape(str(value))}</td>" for value in (
-                row["name"], row["version"], f"{row['accuracy']:.4f}", f"{row['retention']:.1%}", f"{row['size_mb']:.1f}",
+                row["name"], row["version"], f"{row['accuracy']:.4f}", _score(row["macro_f1"]),
+                f"{row['retention']:.1%}", f"{row['size_mb']:.1f}",
                 f"{row['smaller']:.1f}x", f"{row['p50']:.2f}", f"{row['p95']:.2f}", f"{row['p99']:.2f}",
                 f"{row['faster']:.1f}x", f"{row['throughput']:.0f}", f"{-row['cost_reduction']:+.0%}",
                 f"{row['peak_mb']:.0f}"))
             + f"<td class=\"{'fail' if failed else 'pass'}\">{html.escape(row['gates'])}</td></tr>")
     header = "".join(f"<th>{name}</th>" for name in (
-        "candidate", "MLflow version", "accuracy", "retention", "size MB", "smaller", "p50 ms", "p95 ms", "p99 ms",
+        "candidate", "MLflow version", "accuracy", "macro-F1", "retention", "size MB", "smaller", "p50 ms", "p95 ms", "p99 ms",
         "faster (p50)", "texts/s @32", "cost per text", "peak MB", "gates"))
     outcome = html.escape(_outcome(summary)).replace("**", "")
     return f"""<!doctype html>
@@ -157,15 +206,29 @@ padding:4px 8px;text-align:right}}td:first-child,td:last-child{{text-align:left}
 <h1>optimize_model run {html.escape(summary['run_id'])}</h1>
 <p>{outcome}</p>
 <p>{html.escape(_statistics_line(summary))}</p>
+<p>{html.escape(primary_line(summary))}</p>
+{f"<p class=fail>{html.escape(warning.replace('**', ''))}</p>" if (warning := teacher_warning(summary)) else ""}
 <p>{html.escape(_switched_off_line(summary))}</p>
 <table><thead><tr>{header}</tr></thead><tbody>
 {chr(10).join(cells)}
 </tbody></table>
 <p>Ratios are against the FP32 PyTorch teacher of this run; cost per text is the inverse of throughput on the
 same cores.</p>
+{per_class_html(summary)}
 <img src="pareto.png" alt="latency vs accuracy of every candidate">
 </body></html>
 """
+
+
+def per_class_html(summary: dict) -> str:
+    """The per-class table of the winner and the teacher as an HTML table (empty without one)."""
+    lines = per_class_lines(summary)
+    if not lines:
+        return ""
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:] if not line.startswith("|-")]
+    head = "".join(f"<th>{html.escape(cell)}</th>" for cell in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows[1:])
+    return f"<p>{html.escape(lines[0])}</p><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def pareto_plot(summary: dict, target: Path) -> Path:

@@ -93,7 +93,7 @@ def test_no_winner_reason_names_budget_accuracy_and_the_fastest_candidate():
 
     config = GateConfig(max_relative_accuracy_drop=0.05, max_p95_latency_ms=40.0, latency_noise_margin=0.0)
     candidates = {"slow": {"latency_p95_ms": 80.0, "accuracy": 0.9}, "quick": {"latency_p95_ms": 52.0, "accuracy": 0.8}}
-    assert no_winner_reason(config, candidates, teacher_accuracy=0.9) == (
+    assert no_winner_reason(config, candidates, teacher_score=0.9) == (
         "no candidate meets 40.0 ms p95 at >= 0.855 accuracy (and the other gates); the fastest was quick at "
         "52.0 ms p95 with accuracy 0.800")
     assert "ms p95 at" not in no_winner_reason(GateConfig(max_p95_latency_ms=0.0), candidates, 0.9)

@@ -38,7 +38,11 @@ def test_rows_carry_ratios_against_the_teacher_and_the_gate_verdicts():
 def test_markdown_and_html_say_what_was_promoted_and_why_others_were_not():
     page = report.markdown(_summary())
     assert "Promoted **pruned_int8**: MLflow m version 20 (alias `champion`), Triton t version 4." in page
-    assert "| pruned_int8 | 3 | 0.7800 | 97.5% | 15.0 | 6.0x | 3.00 |" in page
+    assert "| pruned_int8 | 3 | 0.7800 | - | 97.5% | 15.0 | 6.0x | 3.00 |" in page  # no macro-F1 in this summary
+    with_f1 = _summary()
+    with_f1["candidates"]["pruned_int8"]["macro_f1"] = 0.7712
+    assert "| pruned_int8 | 3 | 0.7800 | 0.7712 | 97.5% |" in report.markdown(with_f1)
+    assert "Primary metric: `accuracy`" in page
     assert "FAIL: champion_regression" in page and "Pareto front" in page and "accuracy 0.7860" in page
     assert "Every candidate was built: no technique was switched off." in page
     skipped = report.markdown(_summary(promoted=False))
