@@ -6,13 +6,14 @@
                         logged predictions, for live accuracy in monitoring: {"stored": n, "unknown_ids": [...]}
     GET  /healthz       the process is up
     GET  /readyz        Triton is ready and the champion model is loaded (503 with the reason if not)
-    GET  /metrics       Prometheus: requests by status, latency, texts per request, in-flight,
+    GET  /metrics       Prometheus (this replica's own counters): requests by status, latency, texts per request, in-flight,
                         texts answered with invalid (non-finite) outputs, prediction-log queue
                         depth, back-pressure and writes; feedback requests by status and labels stored
     GET  /docs, /openapi.json
 
 It talks to Triton over asynchronous gRPC. Bad input is a 4xx with a message that says what is
-wrong (never a 500); Triton down or the model not loaded is a 503 with the reason, and the gateway
+wrong (never a 500); an unexpected exception is a 500 ``{"error": ...}``, counted like every other
+error status; Triton down or the model not loaded is a 503 with the reason, and the gateway
 recovers by itself when Triton is back (the gRPC channel reconnects). A model that returns NaN or
 infinite probabilities gets a 502 that says so; those predictions are not logged but counted
 (``gateway_invalid_outputs_total``), and the monitor judges them as errors.
@@ -343,7 +344,17 @@ def create_app(settings: GatewaySettings,
 
 
 def _add_error_handling(app: FastAPI, settings: GatewaySettings, metrics: Metrics) -> None:
-    """The body size limit, and every error answered as ``{"error": ...}`` with a 4xx or 5xx status."""
+    """The body size limit, and every error answered as ``{"error": ...}`` with a 4xx or 5xx status,
+    counted: an exception no handler below takes is a counted 500 (logged with its traceback)."""
+
+    @app.middleware("http")
+    async def unhandled_is_500(request: Request, call_next):
+        try:
+            return await call_next(request)
+        except Exception as error:  # noqa: BLE001 - the last resort: answered and counted, never a bare 500
+            log.exception("%s %s failed", request.method, request.url.path)
+            return _error(500, f"internal error ({type(error).__name__}); it is logged, try again", metrics,
+                          path=request.url.path)
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):

@@ -137,6 +137,20 @@ def test_every_required_variable_is_in_the_example_env_file():
     assert "infra/airflow/passwords.json" in (ROOT / ".gitignore").read_text().split()
 
 
+def test_the_monitor_reads_each_gateway_replica_on_its_own():
+    """Docker's DNS gives one address per replica of the scaled gateway (as Prometheus finds them);
+    through nginx the monitor's scrapes would land on any replica and mix their counters."""
+    from monitoring.monitor import metrics_urls
+
+    compose = _compose()
+    url = compose["services"]["airflow-scheduler"]["environment"]["PIPELINE_GATEWAY_URL"]
+    assert url == "dns:gateway:8090"
+    addresses = {"gateway": ["172.18.0.7", "172.18.0.6"]}
+    resolved = metrics_urls(url, "gateway", lambda host, port, family, kind: [
+        (family, kind, 6, "", (address, port)) for address in addresses[host]])
+    assert resolved == ["http://172.18.0.6:8090/metrics", "http://172.18.0.7:8090/metrics"]
+
+
 def test_named_volumes_are_declared():
     compose = _compose()
     used = {volume.split(":")[0] for service in compose["services"].values() for volume in service.get("volumes", [])
