@@ -50,6 +50,9 @@ def test_gateway_replicas_sit_behind_nginx():
     assert gateway["deploy"]["replicas"] >= 2 and not gateway.get("ports")  # only reachable through nginx
     assert "serving.gateway:app_from_env" in gateway["command"]
     assert gateway["environment"]["GATEWAY_PREDICTION_LOG_URL"].startswith("postgresql")
+    # Each replica's prediction journal on its own volume, made in the image (owned by its user).
+    assert gateway["volumes"] == [gateway["environment"]["GATEWAY_JOURNAL_DIR"]]
+    assert f"mkdir -p {gateway['volumes'][0]}" in (ROOT / "infra" / "project" / "Dockerfile").read_text()
     assert nginx["ports"] == ["127.0.0.1:8090:8090"] and "healthcheck" in nginx and "healthcheck" in gateway
     config = (ROOT / "infra" / "nginx" / "nginx.conf").read_text()
     assert "server gateway:8090 resolve" in config and "proxy_next_upstream" in config
@@ -153,8 +156,9 @@ def test_the_monitor_reads_each_gateway_replica_on_its_own():
 
 def test_named_volumes_are_declared():
     compose = _compose()
+    # Bind mounts (./...) and anonymous volumes (/...) need no declaration.
     used = {volume.split(":")[0] for service in compose["services"].values() for volume in service.get("volumes", [])
-            if not volume.startswith(".")}
+            if not volume.startswith((".", "/"))}
     assert used == set(compose["volumes"])
 
 

@@ -150,6 +150,18 @@ def test_the_monitor_reads_each_gateway_and_triton_replica_on_its_own():
     assert metrics_urls(env["PIPELINE_TRITON_METRICS_URL"], "Triton", resolve) == ["http://10.1.0.9:8002/metrics"]
 
 
+def test_each_gateway_pod_keeps_its_prediction_journal_on_a_volume():
+    docs = {(doc["kind"], doc["metadata"]["name"]): doc for doc in _serving()}
+    pod = docs[("Deployment", "gateway")]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    assert mounts["prediction-journal"] == env["GATEWAY_JOURNAL_DIR"] and "emptyDir" in volumes["prediction-journal"]
+    size_limit = volumes["prediction-journal"]["emptyDir"]["sizeLimit"]
+    assert int(env["GATEWAY_JOURNAL_MAX_BYTES"]) < int(size_limit.removesuffix("Gi")) << 30
+
+
 def test_the_reconcile_loop_runs_once_against_every_replica():
     """One writer follows the MLflow alias for all replicas (the headless Service), with the flags the
     module really takes, on the repository the promotions write (read-write)."""
