@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,6 +22,7 @@ import pandas as pd
 import sqlalchemy as sa
 
 from serving import prediction_log as plog
+from serving.replicas import ReplicasUnresolved, resolve_replicas
 from monitoring import embedding
 from monitoring.drift import EMBEDDING_REPORT, DriftConfig, detect
 from monitoring.features import FEATURES, REFERENCE_FILE, window_features
@@ -40,6 +45,7 @@ class MonitorSettings:
     serving_model: str
     mlflow_tracking_uri: str
     state_dir: Path
+    # Each replica is read on its own (``metrics_urls``): URLs joined by commas, or dns:<host>:<port>.
     gateway_url: str | None = None
     triton_metrics_url: str | None = None
     retrain_conf: str = ""  # optimize_model params (JSON object) for triggered runs when the param is empty
@@ -55,10 +61,12 @@ class MonitorConfig:
 @dataclass(frozen=True)
 class WindowRecord:
     """What the state keeps of one window: its verdict, the counters read at its end (by source:
-    ``gateway``, ``triton``; a source that could not be read is absent) and whether it triggered."""
+    ``gateway``, ``triton``, then by replica's metrics URL; a source that could not be read is
+    absent; a state saved before replicas were read one by one has one flat reading per source)
+    and whether it triggered."""
 
     verdict: WindowVerdict
-    counters: dict[str, dict[str, float]] = field(default_factory=dict)
+    counters: dict[str, dict] = field(default_factory=dict)
     triggered: bool = False
 
     @property
@@ -117,11 +125,23 @@ class MonitorState:
         """The records of the windows that ended before ``window_end`` (a retry's own record excluded)."""
         return [record for record in self.windows if record.window_end < window_end]
 
-    def baseline(self, window_end: float, source: str) -> dict[str, float]:
-        """The ``source`` counters read at the end of the latest earlier window that could read them
-        (empty when none did: the counters count from the server's start)."""
-        return next((record.counters[source] for record in reversed(self.before(window_end))
-                     if source in record.counters), {})
+    def replica_baseline(self, window_end: float, source: str,
+                         current: dict[str, dict[str, float]] | None = None) -> dict[str, dict[str, float]]:
+        """Each replica's ``source`` counters as the latest earlier window that read that replica
+        saw them. A window saved before replicas were read one by one holds one flat reading: it
+        stands for the replica read now when only one is (``current``), else for none."""
+        baseline: dict[str, dict[str, float]] = {}
+        for record in reversed(self.before(window_end)):
+            values = record.counters.get(source)
+            if not values:
+                continue
+            if not all(isinstance(counters, dict) for counters in values.values()):
+                if current and len(current) == 1 and not baseline:
+                    baseline[next(iter(current))] = values
+                break  # the earlier layout: every older record has it too
+            for replica, counters in values.items():
+                baseline.setdefault(replica, counters)
+        return baseline
 
     def last_trigger_before(self, window_end: float) -> float | None:
         return next((record.window_end for record in reversed(self.before(window_end)) if record.triggered), None)
@@ -160,100 +180,169 @@ def reference_for(repository: Path, model: str, version: str) -> pd.DataFrame:
     return frame[list(FEATURES) + [column for column in embedding.COLUMNS if column in frame]]
 
 
-def _scrape(url: str | None) -> str | None:
-    """A Prometheus text page, or None when not configured or unreachable."""
-    if not url:
-        return None
+def _scrape(url: str) -> str | None:
+    """A Prometheus text page, or None when unreachable."""
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - loopback only
+        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - configured endpoints only
             return response.read().decode()
     except (urllib.error.URLError, OSError):
         return None
 
 
-def triton_counts(metrics_url: str | None, model: str) -> dict[str, float] | None:
-    """Triton's own view of the ensemble: ``success`` and ``failure`` request counters (all versions
-    summed) and the ``p99_us`` request-latency quantile (``summary_latencies``, newest version)."""
-    text = _scrape(metrics_url)
-    return None if text is None else parse_triton_metrics(text, model)
+def metrics_urls(spec: str, service: str, resolve: Callable = socket.getaddrinfo) -> list[str]:
+    """The metrics page of every replica ``spec`` names: URLs joined by commas, ``/metrics`` added
+    to one without a path, or ``dns:host:port`` for ``http://<address>:port/metrics`` of every
+    address the name resolves to (``serving.replicas``: a headless Service, a scaled compose service)."""
+    urls = []
+    for entry in resolve_replicas(spec, service, resolve):
+        url = entry if "://" in entry else f"http://{entry}"
+        urls.append(url if urllib.parse.urlsplit(url).path not in ("", "/") else f"{url.rstrip('/')}/metrics")
+    return urls
+
+
+def replica_counts(spec: str | None, service: str, parse: Callable[[str], dict[str, float]],
+                   resolve: Callable = socket.getaddrinfo) -> dict[str, dict[str, float]] | None:
+    """Each replica's counters (``parse`` of its own page) by its metrics URL, read one replica at
+    a time, never through a load balancer that would mix them. None when ``spec`` is empty or no
+    replica could be read; a replica that could not be read is absent (logged)."""
+    if not spec:
+        return None
+    try:
+        urls = metrics_urls(spec, service, resolve)
+    except ReplicasUnresolved as error:
+        log.warning("%s counters not read: %s", service, error)
+        return None
+    counts: dict[str, dict[str, float]] = {}
+    for url in urls:
+        text = _scrape(url)
+        try:
+            counts[url] = parse(text) if text is not None else None
+        except ValueError as error:  # not a Prometheus text page
+            log.warning("%s metrics at %s unreadable: %s", service, url, error)
+            counts[url] = None
+    missing = [url for url, values in counts.items() if values is None]
+    if missing:
+        log.warning("%s replicas %s could not be read: what they served since they were last read counts in "
+                    "the first window that reads them again", service, missing)
+    return {url: values for url, values in counts.items() if values is not None} or None
+
+
+def _samples(text: str) -> Iterator[tuple[str, dict[str, str], float]]:
+    """(name, labels, value) of each sample of a Prometheus text page (``prometheus_client``'s
+    parser; ValueError for a page that is none). A counter's samples are named without ``_total``
+    (the parser adds it to a declared counter's, not to an undeclared one's)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            yield sample.name.removesuffix("_total"), sample.labels, sample.value
+
+
+def triton_counts(metrics_url: str | None, model: str) -> dict[str, dict[str, float]] | None:
+    """Each Triton replica's view of the ensemble (``parse_triton_metrics``) by its metrics URL."""
+    return replica_counts(metrics_url, "Triton", lambda text: parse_triton_metrics(text, model))
 
 
 def parse_triton_metrics(text: str, model: str) -> dict[str, float]:
+    """``success`` and ``failure`` request counters of ``model`` (all versions summed) and the
+    ``p99_us`` request-latency quantile (``summary_latencies``; the newest version's on the page)."""
     counts = {"success": 0.0, "failure": 0.0}
-    for line in text.splitlines():
-        if f'model="{model}"' not in line:
+    for name, labels, value in _samples(text):
+        if labels.get("model") != model:
             continue
-        value = float(line.rsplit(" ", 1)[1])
-        if line.startswith("nv_inference_request_success{"):
+        if name == "nv_inference_request_success":
             counts["success"] += value
-        elif line.startswith("nv_inference_request_failure{"):
+        elif name == "nv_inference_request_failure":
             counts["failure"] += value
-        elif line.startswith("nv_inference_request_summary_us{") and 'quantile="0.99"' in line and value == value:
+        elif name == "nv_inference_request_summary_us" and labels.get("quantile") == "0.99" and not math.isnan(value):
             counts["p99_us"] = value
     return counts
 
 
-def gateway_counts(gateway_url: str | None) -> dict[str, float] | None:
-    """``gateway_requests_total`` by status and, under ``INVALID_OUTPUTS``, the texts the model
-    answered with non-finite outputs, from the gateway's /metrics (None when unreachable)."""
-    text = _scrape(f"{gateway_url}/metrics" if gateway_url else None)
-    return None if text is None else parse_gateway_metrics(text)
+def gateway_counts(gateway_url: str | None) -> dict[str, dict[str, float]] | None:
+    """Each gateway replica's counters (``parse_gateway_metrics``) by its metrics URL; None when
+    none could be read. ``gateway_url``: ``PIPELINE_GATEWAY_URL`` (see ``metrics_urls``)."""
+    return replica_counts(gateway_url, "gateway", parse_gateway_metrics)
 
 
 INVALID_OUTPUTS = "invalid_outputs"  # the gateway counters' key of gateway_invalid_outputs_total
 
 
 def parse_gateway_metrics(text: str) -> dict[str, float]:
+    """``gateway_requests_total`` by status and, under ``INVALID_OUTPUTS``, the texts the model
+    answered with non-finite outputs."""
     counts = {}
-    for line in text.splitlines():
-        if line.startswith("gateway_requests_total{"):
-            status = line.split('status="', 1)[1].split('"', 1)[0]
-            counts[status] = float(line.rsplit(" ", 1)[1])
-        elif line.startswith("gateway_invalid_outputs_total "):
-            counts[INVALID_OUTPUTS] = float(line.rsplit(" ", 1)[1])
+    for name, labels, value in _samples(text):
+        if name == "gateway_requests" and "status" in labels:
+            counts[labels["status"]] = value
+        elif name == "gateway_invalid_outputs":
+            counts[INVALID_OUTPUTS] = value
     return counts
 
 
-def error_rate(previous: dict[str, float], current: dict[str, float]) -> tuple[float, int]:
-    """Share of server-side failures (5xx) among the requests since the previous window; client errors
+def counter_deltas(previous: dict[str, float], current: dict[str, float]) -> dict[str, float]:
+    """How much each counter of one replica grew since ``previous``; every current value when one
+    went down (the replica restarted: its counters began again)."""
+    delta = {name: value - previous.get(name, 0.0) for name, value in current.items()}
+    restarted = any(value < 0 for value in delta.values()) or any(name not in current for name in previous)
+    return dict(current) if restarted else delta
+
+
+def replica_deltas(previous: dict[str, dict[str, float]], current: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The counters' growth summed over the replicas read now, each against its own previous
+    reading (a replica never read before: everything it counted since it started)."""
+    total: dict[str, float] = {}
+    for replica, counters in current.items():
+        for name, value in counter_deltas(previous.get(replica, {}), counters).items():
+            total[name] = total.get(name, 0.0) + value
+    return total
+
+
+def failure_share(deltas: dict[str, float]) -> tuple[float, int]:
+    """Share of server-side failures (5xx) among the requests counted in ``deltas``; client errors
     (4xx) are the callers' problem and do not count against the SLO. Only HTTP statuses count."""
-    delta = {status: current.get(status, 0.0) - previous.get(status, 0.0) for status in current if status.isdigit()}
-    if any(value < 0 for value in delta.values()):  # the gateway restarted: its counters began again
-        delta = {status: value for status, value in current.items() if status.isdigit()}
-    total = sum(delta.values())
-    failures = sum(value for status, value in delta.items() if status.startswith("5"))
+    statuses = {status: value for status, value in deltas.items() if status.isdigit()}
+    total = sum(statuses.values())
+    failures = sum(value for status, value in statuses.items() if status.startswith("5"))
     return (failures / total if total else 0.0), int(total)
 
 
-def counter_delta(previous: dict[str, float], current: dict[str, float], name: str) -> int:
-    """How much counter ``name`` grew since the previous window (its whole value after a restart)."""
-    now, before = current.get(name, 0.0), previous.get(name, 0.0)
-    return int(now - before if now >= before else now)
+def error_rate(previous: dict[str, float], current: dict[str, float]) -> tuple[float, int]:
+    """``failure_share`` of one replica's requests since ``previous``."""
+    return failure_share(counter_deltas(previous, current))
+
+
+TRITON_COUNTERS = ("success", "failure")  # of parse_triton_metrics' keys; ``p99_us`` is a gauge
+
+
+def _counters_only(replicas: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    return {replica: {name: values[name] for name in TRITON_COUNTERS if name in values}
+            for replica, values in replicas.items()}
 
 
 def server_evidence(settings: MonitorSettings, state: MonitorState,
-                    window_end: float) -> tuple[dict, dict[str, dict[str, float]]]:
-    """The window's evidence from the gateway's and Triton's counters, and the counters read (by
-    source, for the next window's deltas; a source that could not be read is absent)."""
-    # Deltas against the counters read at the end of the window before this one, not against what an
-    # earlier attempt of this same window saved: a retry sees the same baseline.
-    counts = gateway_counts(settings.gateway_url)
-    gateway_before = state.baseline(window_end, "gateway")
-    errors, requests = error_rate(gateway_before, counts) if counts is not None else (0.0, 0)
+                    window_end: float) -> tuple[dict, dict[str, dict[str, dict[str, float]]]]:
+    """The window's evidence from the gateway's and Triton's counters, replica by replica, and the
+    counters read (by source, then replica, for the next window's deltas; a source that could not
+    be read is absent)."""
+    # Deltas against the counters read before this window, not against what an earlier attempt of
+    # this same window saved: a retry sees the same baseline.
+    gateway = gateway_counts(settings.gateway_url)
+    gateway_delta = replica_deltas(state.replica_baseline(window_end, "gateway", gateway), gateway or {})
+    errors, requests = failure_share(gateway_delta)
     triton = triton_counts(settings.triton_metrics_url, settings.serving_model)
-    triton_errors = 0.0
-    if triton is not None:
-        before = state.baseline(window_end, "triton")
-        triton_errors, _ = error_rate({"200": before.get("success", 0.0), "500": before.get("failure", 0.0)},
-                                      {"200": triton["success"], "500": triton["failure"]})
+    triton_delta = replica_deltas(_counters_only(state.replica_baseline(window_end, "triton", triton)),
+                                  _counters_only(triton or {}))
+    triton_errors, _ = failure_share({"200": triton_delta.get("success", 0.0), "500": triton_delta.get("failure", 0.0)})
+    p99s = [values["p99_us"] for values in (triton or {}).values() if "p99_us" in values]
     evidence = {
         "error_rate": max(errors, triton_errors), "requests": requests,
-        "invalid_outputs": counter_delta(gateway_before, counts, INVALID_OUTPUTS) if counts is not None else 0,
-        "gateway_metrics": counts is not None, "triton_metrics": triton is not None,
-        "triton_error_rate": triton_errors,
-        "triton_p99_ms": triton["p99_us"] / 1000.0 if triton and "p99_us" in triton else None,
+        "invalid_outputs": int(gateway_delta.get(INVALID_OUTPUTS, 0.0)),
+        "gateway_metrics": gateway is not None, "gateway_replicas": len(gateway or {}),
+        "triton_metrics": triton is not None, "triton_error_rate": triton_errors,
+        "triton_p99_ms": max(p99s) / 1000.0 if p99s else None,  # the slowest replica's
     }
-    counters = {source: values for source, values in (("gateway", counts), ("triton", triton)) if values is not None}
+    counters = {source: values for source, values in (("gateway", gateway), ("triton", triton)) if values is not None}
     return evidence, counters
 
 

@@ -6,16 +6,20 @@
                         logged predictions, for live accuracy in monitoring: {"stored": n, "unknown_ids": [...]}
     GET  /healthz       the process is up
     GET  /readyz        Triton is ready and the champion model is loaded (503 with the reason if not)
-    GET  /metrics       Prometheus: requests by status, latency, texts per request, in-flight,
-                        texts answered with invalid (non-finite) outputs, prediction-log queue
-                        depth, back-pressure and writes; feedback requests by status and labels stored
+    GET  /metrics       Prometheus (this replica's own counters): requests by status, latency, texts per request, in-flight,
+                        texts answered with invalid (non-finite) outputs, the prediction journal
+                        (bytes, bound, refusals) and the database writes behind it; feedback
+                        requests by status and labels stored
     GET  /docs, /openapi.json
 
 It talks to Triton over asynchronous gRPC. Bad input is a 4xx with a message that says what is
-wrong (never a 500); Triton down or the model not loaded is a 503 with the reason, and the gateway
+wrong (never a 500); an unexpected exception is a 500 ``{"error": ...}``, counted like every other
+error status; Triton down or the model not loaded is a 503 with the reason, and the gateway
 recovers by itself when Triton is back (the gRPC channel reconnects). A model that returns NaN or
 infinite probabilities gets a 502 that says so; those predictions are not logged but counted
-(``gateway_invalid_outputs_total``), and the monitor judges them as errors.
+(``gateway_invalid_outputs_total``), and the monitor judges them as errors. Predictions are logged
+through a durable local journal (``serving.prediction_log``): a database outage never stalls
+serving; a full journal is a 503 that says so (nothing served that is not logged).
 
 Run: ``uvicorn serving.gateway:app_from_env --factory`` with the ``GATEWAY_*`` settings below.
 """
@@ -29,6 +33,8 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.errors import ServingError
+from serving.journal import JournalError
 from serving.model_repository import DEFAULT_MODEL
 from serving.prediction_log import FeedbackNotStored, Prediction, PredictionLog, encode_embedding
 from serving.shadow import ShadowMirror
@@ -57,7 +64,8 @@ class GatewaySettings:
     max_body_bytes: int = 1 << 20
     triton_timeout_s: float = 10.0
     log_texts: bool = False
-    log_queue_size: int = 10_000
+    journal_dir: str = ""  # empty: serving.prediction_log.default_journal_dir(prediction_log_url)
+    journal_max_bytes: int = 512 << 20
     retention_days: float = 30.0
     max_feedback_items: int = 1000
     shadow_copies: int = 1  # copies to a shadow challenger in flight at once (serving/shadow.py); 0 = never copy
@@ -156,14 +164,24 @@ class Metrics:
         self.feedback_requests = Counter("gateway_feedback_requests_total", "Feedback requests by HTTP status",
                                          ["status"], registry=self.registry)
         self.feedback = Counter("gateway_feedback_total", "True labels stored from feedback", registry=self.registry)
-        Gauge("prediction_log_queue_depth", "Predictions waiting to be written",
-              registry=self.registry).set_function(lambda: prediction_log.queue_depth)
-        Gauge("prediction_log_backpressure_waits", "Times a request waited for room in the log queue",
-              registry=self.registry).set_function(lambda: prediction_log.stats.backpressure_waits)
-        Gauge("prediction_log_written", "Predictions written to the log",
-              registry=self.registry).set_function(lambda: prediction_log.stats.written)
-        Gauge("prediction_log_write_failures", "Failed (and retried) log writes",
-              registry=self.registry).set_function(lambda: prediction_log.stats.write_failures)
+        journal, stats = prediction_log.journal, prediction_log.stats
+        gauges = {
+            "prediction_log_queue_depth": ("Predictions in the journal, not yet in the database",
+                                           lambda: prediction_log.queue_depth),
+            "prediction_log_written": ("Predictions written to the database", lambda: stats.written),
+            "prediction_log_write_failures": ("Failed (and retried) database writes", lambda: stats.write_failures),
+            "prediction_log_replayed_duplicates": ("Journal records the database already had (skipped)",
+                                                   lambda: stats.replayed_duplicates),
+            "prediction_journal_bytes": ("Bytes of the prediction journal on disk", lambda: journal.size_bytes),
+            "prediction_journal_max_bytes": ("The journal's bound: at it, classify answers 503",
+                                             lambda: journal.max_bytes),
+            "prediction_journal_rejected": ("Predictions the journal refused (full or unwritable; answered 503)",
+                                            lambda: stats.rejected),
+            "prediction_journal_unreadable": ("Journal records skipped as unreadable (torn by a failed write)",
+                                              lambda: journal.unreadable_lines + stats.unreadable_records),
+        }
+        for name, (description, read) in gauges.items():
+            Gauge(name, description, registry=self.registry).set_function(read)
 
 
 class TritonClassifier:
@@ -315,8 +333,8 @@ def _triton_problem(error, model: str) -> TritonProblem:
 def create_app(settings: GatewaySettings,
                classifier: Callable[[GatewaySettings], TritonClassifier] | None = None) -> FastAPI:
     """The gateway app; ``classifier`` builds the Triton client at startup (default: TritonClassifier)."""
-    prediction_log = PredictionLog(settings.prediction_log_url, queue_size=settings.log_queue_size,
-                                   retention_days=settings.retention_days)
+    prediction_log = PredictionLog(settings.prediction_log_url, Path(settings.journal_dir) if settings.journal_dir
+                                   else None, settings.journal_max_bytes, retention_days=settings.retention_days)
     metrics = Metrics(prediction_log)
     state: dict = {}
 
@@ -348,7 +366,17 @@ def create_app(settings: GatewaySettings,
 
 
 def _add_error_handling(app: FastAPI, settings: GatewaySettings, metrics: Metrics) -> None:
-    """The body size limit, and every error answered as ``{"error": ...}`` with a 4xx or 5xx status."""
+    """The body size limit, and every error answered as ``{"error": ...}`` with a 4xx or 5xx status,
+    counted: an exception no handler below takes is a counted 500 (logged with its traceback)."""
+
+    @app.middleware("http")
+    async def unhandled_is_500(request: Request, call_next):
+        try:
+            return await call_next(request)
+        except Exception as error:  # noqa: BLE001 - the last resort: answered and counted, never a bare 500
+            log.exception("%s %s failed", request.method, request.url.path)
+            return _error(500, f"internal error ({type(error).__name__}); it is logged, try again", metrics,
+                          path=request.url.path)
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
@@ -379,6 +407,12 @@ def _add_error_handling(app: FastAPI, settings: GatewaySettings, metrics: Metric
     @app.exception_handler(TritonProblem)
     async def triton_problem(request: Request, error: TritonProblem):
         return _error(error.status, error.message, metrics, path=request.url.path)
+
+    @app.exception_handler(JournalError)
+    async def not_logged(request: Request, error: JournalError):
+        # Not served: a prediction that cannot be logged is not given out (never a silent loss).
+        return _error(503, f"{error}; the prediction was not served, try again later", metrics,
+                      path=request.url.path)
 
 
 def _add_classify_route(app: FastAPI, settings: GatewaySettings, prediction_log: PredictionLog, metrics: Metrics,

@@ -1,9 +1,13 @@
 """The prediction log: every served prediction, written off the request path.
 
-The gateway hands each prediction to ``PredictionLog.record``; a background task writes them in
-batches (SQLAlchemy: SQLite by default, Postgres in docker-compose). The queue is bounded: when it
-is full, ``record`` waits for room (back-pressure, counted) instead of dropping anything. A failed
-write is retried with the same rows. Rows older than the retention period are deleted as it goes.
+The gateway hands each request's predictions to ``PredictionLog.record``, which puts them in a
+durable local journal (``serving.journal``) and returns: serving never waits for the database. A
+background task writes the journal to the database in batches (SQLAlchemy: SQLite by default,
+Postgres in docker-compose), in order, retrying while the database is down, and checkpoints the
+journal past what the database committed; a restart replays the rest, and a replayed prediction
+the database already has is skipped (rows are keyed by ``prediction_id``). A full journal refuses
+the request's predictions (``JournalFull``, answered 503): nothing is dropped silently. Rows older
+than the retention period are deleted as it goes.
 
 Label feedback: the true label of a logged prediction, sent later by its ``prediction_id``
 (``record_feedback``; a later label for the same id replaces the earlier one), is kept in the
@@ -13,17 +17,21 @@ Label feedback: the true label of a logged prediction, sent later by its ``predi
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import time
+import uuid
 from collections.abc import Iterable
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import sqlalchemy as sa
 
 from serving.errors import ServingError
+from serving.journal import Entry, Journal, JournalError
 from serving.model_repository import EMBEDDING_DIMS
 
 log = logging.getLogger(__name__)
@@ -106,10 +114,34 @@ class FeedbackNotStored(ServingError):
 
 @dataclass
 class LogStats:
-    written: int = 0
-    backpressure_waits: int = 0
-    write_failures: int = 0
+    written: int = 0  # rows inserted into the database
+    replayed_duplicates: int = 0  # journal records the database already had (skipped: never written twice)
+    write_failures: int = 0  # failed (and retried) database writes
+    rejected: int = 0  # predictions the journal refused (full or unwritable): their requests got a 503
+    unreadable_records: int = 0  # journal records that do not make a prediction (logged, skipped)
     deleted_by_retention: int = 0
+
+
+def journal_record(prediction: Prediction) -> dict:
+    """One prediction as a journal record (JSON: the embedding's bytes in base64)."""
+    record = asdict(prediction)
+    record["probabilities"] = list(prediction.probabilities)
+    record["embedding"] = base64.b64encode(prediction.embedding).decode() if prediction.embedding else None
+    return record
+
+
+def prediction_from_record(record: dict) -> Prediction:
+    """The prediction a journal record holds (``journal_record``'s inverse)."""
+    embedding = record.get("embedding")
+    return Prediction(**{**record, "probabilities": tuple(record["probabilities"]),
+                         "embedding": base64.b64decode(embedding) if embedding else None})
+
+
+def default_journal_dir(url: str) -> Path:
+    """Where the journal lives unless told: beside a SQLite file (``<file>.journal``), else
+    ``prediction-journal`` in the working directory."""
+    database = sa.engine.make_url(url).database if url.startswith("sqlite") else None
+    return Path(f"{database}.journal") if database and database != ":memory:" else Path("prediction-journal")
 
 
 def create_engine(url: str) -> sa.Engine:
@@ -150,112 +182,219 @@ def add_missing_columns(engine: sa.Engine) -> list[str]:
 
 
 class PredictionLog:
-    """Batched, bounded, never-dropping writer of predictions.
+    """Never-dropping, never-stalling writer of predictions: a durable local journal first, the
+    database from it.
+
+    ``record`` returns once the predictions are in the journal (appended and ``fsync``-ed, one
+    ``fsync`` for every request waiting at that moment): it never waits for the database. A
+    background task writes the journal's records to the database in order, in batches, retrying a
+    failed write with the same rows for as long as the database is down, and moves the journal's
+    checkpoint past each batch committed. Rows are keyed by ``prediction_id``: a record the
+    database already has (a crash between its commit and the checkpoint) is skipped, so a replay
+    never writes a prediction twice. On start, what the journal holds beyond its checkpoint is
+    written (a restart replays it). A full journal refuses the request's predictions
+    (``JournalFull``), counted; nothing is dropped silently.
 
     Args:
         url: SQLAlchemy URL (``sqlite:///path.db``, ``postgresql+psycopg://...``).
-        queue_size: predictions waiting to be written before ``record`` starts to wait.
+        journal_dir: the journal's folder, one per process (default: ``default_journal_dir(url)``).
+        journal_max_bytes: the journal's bound on disk.
         batch_size: most rows per insert.
-        flush_interval_s: longest time a prediction waits before its batch is written.
+        flush_interval_s: how long a prediction may wait for others to share its insert.
         retention_days: rows older than this are deleted (0 = keep everything).
+        drain_timeout_s: how long ``close`` keeps writing what the journal holds (the rest waits
+            in the journal for the next start).
     """
 
-    def __init__(self, url: str, queue_size: int = 10_000, batch_size: int = 256, flush_interval_s: float = 0.2,
-                 retention_days: float = 30.0) -> None:
-        if queue_size < 1 or batch_size < 1 or flush_interval_s <= 0 or retention_days < 0:
-            raise ValueError("queue_size >= 1, batch_size >= 1, flush_interval_s > 0, retention_days >= 0")
+    def __init__(self, url: str, journal_dir: Path | None = None, journal_max_bytes: int = 512 << 20,
+                 batch_size: int = 256, flush_interval_s: float = 0.2, retention_days: float = 30.0,
+                 drain_timeout_s: float = 5.0) -> None:
+        if batch_size < 1 or flush_interval_s <= 0 or retention_days < 0 or drain_timeout_s < 0:
+            raise ValueError("batch_size >= 1, flush_interval_s > 0, retention_days >= 0, drain_timeout_s >= 0")
         self.url = url
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
         self.retention_days = retention_days
+        self.drain_timeout_s = drain_timeout_s
+        self.journal = Journal(journal_dir or default_journal_dir(url), journal_max_bytes)
         self.stats = LogStats()
-        self._queue_size = queue_size
-        self._queue: asyncio.Queue[Prediction] | None = None
         self._engine: sa.Engine | None = None
-        self._writer: asyncio.Task | None = None
+        self._waiting: list[tuple[list[dict], asyncio.Future]] = []  # groups for the next journal append
+        self._appended: asyncio.Event | None = None  # groups are waiting
+        self._journaled: asyncio.Event | None = None  # the journal has records the writer may not have read
+        self._tasks: list[asyncio.Task] = []
         self._last_retention = 0.0
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize() if self._queue is not None else 0
+        """Predictions in the journal, not yet in the database."""
+        return self.journal.pending
 
     async def start(self) -> None:
-        self._engine = await asyncio.to_thread(create_engine, self.url)
-        self._queue = asyncio.Queue(maxsize=self._queue_size)
-        self._writer = asyncio.create_task(self._write_forever(), name="prediction-log-writer")
+        """Open the journal (replaying what it holds) and start writing; a database that is down
+        now is connected to when it is back."""
+        await asyncio.to_thread(self.journal.open)
+        if self.journal.pending:
+            log.info("prediction log: %d predictions in the journal %s are written first", self.journal.pending,
+                     self.journal.directory)
+        self._appended, self._journaled = asyncio.Event(), asyncio.Event()
+        self._journaled.set()
+        try:
+            await asyncio.to_thread(self._connect)
+        except sa.exc.SQLAlchemyError as error:
+            log.warning("prediction log database unreachable (%s); serving goes on, predictions wait in the journal",
+                        _first_line(error))
+        self._tasks = [asyncio.create_task(self._journal_forever(), name="prediction-journal"),
+                       asyncio.create_task(self._write_forever(), name="prediction-log-writer")]
+        for task in self._tasks:
+            task.add_done_callback(_report_crash)
 
     async def record(self, predictions: Iterable[Prediction]) -> None:
-        """Queue predictions for writing; waits (and counts it) while the queue is full."""
-        assert self._queue is not None, "PredictionLog.start() was not awaited"
-        for prediction in predictions:
-            if self._queue.full():
-                self.stats.backpressure_waits += 1
-            await self._queue.put(prediction)
+        """Put predictions in the journal; returns once they are durable there. JournalError when
+        the journal cannot take them (full, or its disk failed): none of them is logged."""
+        assert self._appended is not None, "PredictionLog.start() was not awaited"
+        records = [journal_record(p if p.prediction_id else replace(p, prediction_id=uuid.uuid4().hex))
+                   for p in predictions]
+        if not records:
+            return
+        done = asyncio.get_running_loop().create_future()
+        self._waiting.append((records, done))
+        self._appended.set()
+        await done
 
     async def record_feedback(self, items: list[tuple[str, str]]) -> tuple[int, list[str]]:
         """``record_feedback`` on the log's database in a worker thread; FeedbackNotStored when the
         database fails the write (the transaction is rolled back: nothing was stored)."""
-        assert self._engine is not None, "PredictionLog.start() was not awaited"
+        assert self._appended is not None, "PredictionLog.start() was not awaited"
         try:
-            return await asyncio.to_thread(record_feedback, self._engine, items)
+            return await asyncio.to_thread(lambda: record_feedback(self._connect(), items))
         except sa.exc.SQLAlchemyError as error:
             raise FeedbackNotStored(f"the prediction log could not store the feedback "
-                                    f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+                                    f"({type(error).__name__}: {_first_line(error)}); "
                                     "nothing was stored, send it again") from error
 
     async def close(self) -> None:
-        """Write everything still queued, then stop."""
-        if self._queue is not None:
-            await self._queue.join()
-        if self._writer is not None:
-            self._writer.cancel()
-            await asyncio.gather(self._writer, return_exceptions=True)
+        """Write what the journal holds for up to ``drain_timeout_s``, then stop (the rest stays in
+        the journal for the next start)."""
+        deadline = time.monotonic() + self.drain_timeout_s
+        while self._tasks and (self._waiting or self.journal.pending) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.journal.pending:
+            log.warning("prediction log: %d predictions stay in the journal %s until the next start",
+                        self.journal.pending, self.journal.directory)
+        await asyncio.to_thread(self.journal.close)
         if self._engine is not None:
             self._engine.dispose()
 
-    async def _write_forever(self) -> None:
-        assert self._queue is not None
+    def _connect(self) -> sa.Engine:
+        if self._engine is None:
+            self._engine = create_engine(self.url)
+        return self._engine
+
+    async def _journal_forever(self) -> None:
+        """Append the waiting groups, one ``fsync`` for all, and answer each group's ``record``."""
+        assert self._appended is not None and self._journaled is not None
         while True:
-            batch = [await self._queue.get()]
-            deadline = time.monotonic() + self.flush_interval_s
-            while len(batch) < self.batch_size:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except TimeoutError:
-                    break
-            await self._write_with_retry(batch)
-            for _ in batch:
-                self._queue.task_done()
+            await self._appended.wait()
+            self._appended.clear()
+            groups, self._waiting = self._waiting, []
+            try:
+                outcomes = await asyncio.to_thread(self.journal.append, [records for records, _ in groups])
+            except (OSError, TypeError, ValueError) as error:  # its disk failed, or a record is no JSON
+                outcomes = [JournalError(f"the prediction journal {self.journal.directory} cannot be written "
+                                         f"({error}); nothing of this request was logged")] * len(groups)
+            for (records, done), outcome in zip(groups, outcomes, strict=True):
+                if isinstance(outcome, JournalError):
+                    self.stats.rejected += len(records)
+                if not done.done():
+                    done.set_exception(outcome) if isinstance(outcome, JournalError) else done.set_result(None)
+            self._journaled.set()
+
+    async def _write_forever(self) -> None:
+        """Write the journal's records to the database in order, batch by batch, and checkpoint."""
+        assert self._journaled is not None
+        while True:
+            self._journaled.clear()
+            try:
+                entries = await asyncio.to_thread(self.journal.read, self.batch_size)
+                if entries:
+                    await self._write_with_retry(entries)
+                    await asyncio.to_thread(self.journal.commit, entries[-1].seq)
+            except OSError as error:  # the journal's disk: the records stay there, tried again
+                log.error("prediction journal %s: %s; trying again in 1 s", self.journal.directory, error)
+                await asyncio.sleep(1.0)
+                continue
+            if not entries:
+                await self._journaled.wait()
+                await asyncio.sleep(self.flush_interval_s)  # let a batch gather
+                continue
             await self._apply_retention()
 
-    async def _write_with_retry(self, batch: list[Prediction]) -> None:
-        rows = [prediction.row() for prediction in batch]
+    async def _write_with_retry(self, entries: list[Entry]) -> None:
+        rows = []
+        for entry in entries:
+            try:
+                rows.append(prediction_from_record(entry.record).row())
+            except (TypeError, KeyError, ValueError) as error:
+                self.stats.unreadable_records += 1
+                log.error("prediction journal record %d is unreadable (%s): skipped", entry.seq, error)
         delay = 0.1
         while True:
             try:
-                await asyncio.to_thread(self._insert, rows)
-                self.stats.written += len(rows)
+                inserted = await asyncio.to_thread(self._insert, rows)
+                self.stats.written += inserted
+                self.stats.replayed_duplicates += len(rows) - inserted
                 return
             except sa.exc.SQLAlchemyError as error:
                 self.stats.write_failures += 1
-                log.warning("prediction log write of %d rows failed (%s); retrying in %.1fs", len(rows), error, delay)
+                log.warning("prediction log write of %d rows failed (%s); retrying in %.1fs", len(rows),
+                            _first_line(error), delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _insert(self, rows: list[dict]) -> None:
-        assert self._engine is not None
-        with self._engine.begin() as connection:
-            connection.execute(PREDICTIONS.insert(), rows)
+    def _insert(self, rows: list[dict]) -> int:
+        """Insert the rows the database does not have yet (by ``prediction_id``); how many were new."""
+        with self._connect().begin() as connection:
+            return insert_new_rows(connection, rows)
 
     async def _apply_retention(self) -> None:
         if not self.retention_days or time.monotonic() - self._last_retention < 60:
             return
         self._last_retention = time.monotonic()
         cutoff = time.time() - self.retention_days * 86400
-        self.stats.deleted_by_retention += await asyncio.to_thread(delete_older_than, self._engine, cutoff)
+        try:
+            self.stats.deleted_by_retention += await asyncio.to_thread(delete_older_than, self._connect(), cutoff)
+        except sa.exc.SQLAlchemyError as error:  # done at the next chance
+            log.warning("prediction log retention failed (%s)", _first_line(error))
+
+
+def _report_crash(task: asyncio.Task) -> None:
+    """A background task that ended other than by ``close``: a bug; say so loudly (the journal
+    keeps what was not written, and its metrics and alert show it growing)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("prediction log task %s stopped: %r; predictions stay in the journal until a restart",
+                  task.get_name(), task.exception(), exc_info=task.exception())
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0][:200]
+
+
+def insert_new_rows(connection: sa.Connection, rows: list[dict]) -> int:
+    """Insert the prediction rows whose ``prediction_id`` is not in the table (a replayed journal
+    record may already be there); returns how many were inserted."""
+    present: set[str] = set()
+    for chunk in _chunks([row["prediction_id"] for row in rows if row.get("prediction_id")]):
+        query = sa.select(PREDICTIONS.c.prediction_id).where(PREDICTIONS.c.prediction_id.in_(chunk))
+        present.update(connection.execute(query).scalars())
+    new = [row for row in rows if row.get("prediction_id") not in present]
+    new = list({row["prediction_id"]: row for row in new}.values())  # once each, even within the batch
+    if new:
+        connection.execute(PREDICTIONS.insert(), new)
+    return len(new)
 
 
 def delete_older_than(engine: sa.Engine, cutoff: float) -> int:

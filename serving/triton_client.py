@@ -10,6 +10,7 @@ from collections.abc import Callable
 import numpy as np
 
 from serving.errors import ServingError
+from serving.replicas import ReplicasUnresolved, resolve_replicas
 
 
 class TritonUnavailable(ServingError):
@@ -88,9 +89,6 @@ class TritonClient:
         self._client.close()
 
 
-DNS_PREFIX = "dns:"
-
-
 def replica_urls(spec: str, resolve: Callable = socket.getaddrinfo) -> list[str]:
     """The Triton servers ``PIPELINE_TRITON_URL`` names, as ``host:port`` URLs.
 
@@ -98,24 +96,10 @@ def replica_urls(spec: str, resolve: Callable = socket.getaddrinfo) -> list[str]
     address ``host`` resolves to when asked, e.g. a Kubernetes headless Service, which lists one
     address per ready Triton pod, so a promotion reaches the pods an autoscaler added.
     """
-    urls: list[str] = []
-    for entry in (part.strip() for part in spec.split(",")):
-        if not entry:
-            continue
-        if not entry.startswith(DNS_PREFIX):
-            urls.append(entry)
-            continue
-        host, _, port = entry[len(DNS_PREFIX):].rpartition(":")
-        if not host or not port.isdigit():
-            raise TritonUnavailable(f"{entry!r}: expected dns:<host>:<port>")
-        try:
-            records = resolve(host, int(port), socket.AF_INET, socket.SOCK_STREAM)
-        except OSError as error:
-            raise TritonUnavailable(f"cannot resolve the Triton replicas of {entry!r}: {error}") from error
-        urls.extend(f"{address}:{port}" for address in sorted({record[4][0] for record in records}))
-    if not urls:
-        raise TritonUnavailable(f"no Triton server in {spec!r}")
-    return list(dict.fromkeys(urls))
+    try:
+        return resolve_replicas(spec, "Triton", resolve)
+    except ReplicasUnresolved as error:
+        raise TritonUnavailable(str(error)) from error
 
 
 class TritonReplicas:

@@ -47,7 +47,10 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
     ("Queueing", "short", [
         ("sum(gateway_in_flight_requests)", "gateway requests in flight"),
         (f"sum(nv_inference_pending_request_count{{{MODEL}}})", "Triton pending requests"),
-        ("sum(prediction_log_queue_depth)", "prediction log queue"),
+        ("sum(prediction_log_queue_depth)", "predictions in the journals, not yet in the database"),
+    ]),
+    ("Prediction journal (share of its bound, per gateway)", "percentunit", [
+        ("max by (instance) (prediction_journal_bytes / prediction_journal_max_bytes)", "{{instance}}"),
     ]),
 ]
 

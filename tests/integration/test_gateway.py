@@ -213,7 +213,7 @@ def test_every_metric_the_dashboard_and_alerts_use_is_exported(gateway_stack, ht
     exported |= _metric_names(httpx.get(f"http://{settings.host}:{settings.triton_metrics_port}/metrics").text)
     texts = [(root / "infra" / "grafana" / "dashboards" / "serving.json").read_text(),
              (root / "infra" / "prometheus" / "alerts.yml").read_text()]
-    used = {name for text in texts for name in re.findall(r"\b(?:nv|gateway|prediction_log)_[a-z_]+\b", text)}
+    used = {name for text in texts for name in re.findall(r"\b(?:nv|gateway|prediction_log|prediction_journal)_[a-z_]+\b", text)}
     missing = sorted(name for name in used - exported if not name.startswith("nv_gpu_"))
     assert len(used) > 10 and not missing, f"not exported: {missing}"
 

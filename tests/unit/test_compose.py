@@ -50,6 +50,9 @@ def test_gateway_replicas_sit_behind_nginx():
     assert gateway["deploy"]["replicas"] >= 2 and not gateway.get("ports")  # only reachable through nginx
     assert "serving.gateway:app_from_env" in gateway["command"]
     assert gateway["environment"]["GATEWAY_PREDICTION_LOG_URL"].startswith("postgresql")
+    # Each replica's prediction journal on its own volume, made in the image (owned by its user).
+    assert gateway["volumes"] == [gateway["environment"]["GATEWAY_JOURNAL_DIR"]]
+    assert f"mkdir -p {gateway['volumes'][0]}" in (ROOT / "infra" / "project" / "Dockerfile").read_text()
     assert nginx["ports"] == ["127.0.0.1:8090:8090"] and "healthcheck" in nginx and "healthcheck" in gateway
     config = (ROOT / "infra" / "nginx" / "nginx.conf").read_text()
     assert "server gateway:8090 resolve" in config and "proxy_next_upstream" in config
@@ -137,10 +140,25 @@ def test_every_required_variable_is_in_the_example_env_file():
     assert "infra/airflow/passwords.json" in (ROOT / ".gitignore").read_text().split()
 
 
+def test_the_monitor_reads_each_gateway_replica_on_its_own():
+    """Docker's DNS gives one address per replica of the scaled gateway (as Prometheus finds them);
+    through nginx the monitor's scrapes would land on any replica and mix their counters."""
+    from monitoring.monitor import metrics_urls
+
+    compose = _compose()
+    url = compose["services"]["airflow-scheduler"]["environment"]["PIPELINE_GATEWAY_URL"]
+    assert url == "dns:gateway:8090"
+    addresses = {"gateway": ["172.18.0.7", "172.18.0.6"]}
+    resolved = metrics_urls(url, "gateway", lambda host, port, family, kind: [
+        (family, kind, 6, "", (address, port)) for address in addresses[host]])
+    assert resolved == ["http://172.18.0.6:8090/metrics", "http://172.18.0.7:8090/metrics"]
+
+
 def test_named_volumes_are_declared():
     compose = _compose()
+    # Bind mounts (./...) and anonymous volumes (/...) need no declaration.
     used = {volume.split(":")[0] for service in compose["services"].values() for volume in service.get("volumes", [])
-            if not volume.startswith(".")}
+            if not volume.startswith((".", "/"))}
     assert used == set(compose["volumes"])
 
 

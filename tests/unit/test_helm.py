@@ -131,6 +131,37 @@ def test_triton_scales_out_and_promotions_reach_every_replica():
     assert parser_calls[1].once and {m["mountPath"] for m in sidecar["volumeMounts"]} == {"/models"}
 
 
+def test_the_monitor_reads_each_gateway_and_triton_replica_on_its_own():
+    """Through the load-balancing Services a scrape lands on any replica; the headless Services list
+    one address per ready pod, and the monitor reads each one's /metrics."""
+    from monitoring.monitor import metrics_urls
+
+    docs = {(doc["kind"], doc["metadata"]["name"]): doc for doc in _serving()}
+    headless = docs[("Service", "gateway-replicas")]["spec"]
+    assert headless["clusterIP"] == "None" and headless["selector"] == docs[("Service", "gateway")]["spec"]["selector"]
+    env = {item["name"]: item["value"] for item in yaml.safe_load(
+        (ROOT / "infra" / "helm" / "airflow-values.yaml").read_text())["env"]}
+    pods = {"gateway-replicas": ["10.1.0.4", "10.1.0.3"], "triton-replicas": ["10.1.0.9"]}
+
+    def resolve(host, port, family, kind):
+        return [(family, kind, 6, "", (address, port)) for address in pods[host]]
+    assert metrics_urls(env["PIPELINE_GATEWAY_URL"], "gateway", resolve) == [
+        "http://10.1.0.3:8090/metrics", "http://10.1.0.4:8090/metrics"]
+    assert metrics_urls(env["PIPELINE_TRITON_METRICS_URL"], "Triton", resolve) == ["http://10.1.0.9:8002/metrics"]
+
+
+def test_each_gateway_pod_keeps_its_prediction_journal_on_a_volume():
+    docs = {(doc["kind"], doc["metadata"]["name"]): doc for doc in _serving()}
+    pod = docs[("Deployment", "gateway")]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    assert mounts["prediction-journal"] == env["GATEWAY_JOURNAL_DIR"] and "emptyDir" in volumes["prediction-journal"]
+    size_limit = volumes["prediction-journal"]["emptyDir"]["sizeLimit"]
+    assert int(env["GATEWAY_JOURNAL_MAX_BYTES"]) < int(size_limit.removesuffix("Gi")) << 30
+
+
 def test_the_reconcile_loop_runs_once_against_every_replica():
     """One writer follows the MLflow alias for all replicas (the headless Service), with the flags the
     module really takes, on the repository the promotions write (read-write)."""

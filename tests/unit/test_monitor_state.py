@@ -10,6 +10,7 @@ from monitoring.monitor import HISTORY_KEPT, MonitorConfig, MonitorSettings, Mon
 from monitoring.policy import PolicyConfig, WindowVerdict
 
 CONFIG = MonitorConfig(policy=PolicyConfig(persist_windows=2, cooldown_minutes=60))
+GATEWAY, TRITON = "http://10.0.0.5:8090/metrics", "http://triton:8002/metrics"
 
 
 @pytest.fixture()
@@ -20,10 +21,11 @@ def settings(tmp_path) -> MonitorSettings:
 
 
 def _counters(monkeypatch, gateway: dict[str, float] | None, triton: tuple[float, float] | None) -> None:
-    """What the next window's scrapes read: the gateway's counters by status, Triton's (success, failure)."""
-    monkeypatch.setattr(monitor, "gateway_counts", lambda url: gateway)
+    """What the next window's scrapes read: the gateway's counters by status, Triton's (success, failure),
+    each of one replica."""
+    monkeypatch.setattr(monitor, "gateway_counts", lambda url: None if gateway is None else {GATEWAY: gateway})
     monkeypatch.setattr(monitor, "triton_counts", lambda url, model: None if triton is None else
-                        {"success": triton[0], "failure": triton[1]})
+                        {TRITON: {"success": triton[0], "failure": triton[1]}})
 
 
 def _window(settings: MonitorSettings, end: float) -> dict:
@@ -55,8 +57,8 @@ def test_a_retry_takes_its_deltas_against_the_counters_from_before_its_window(se
         evidence = result["verdict"]["evidence"]
         assert evidence["requests"] == 100 and evidence["triton_error_rate"] == pytest.approx(50 / 150)
         assert result["verdict"]["status"] == "slo_breach"
-    assert _state(settings).windows[-1].counters == {"gateway": {"200": 150.0, "503": 50.0},
-                                                     "triton": {"success": 1100.0, "failure": 50.0}}
+    assert _state(settings).windows[-1].counters == {"gateway": {GATEWAY: {"200": 150.0, "503": 50.0}},
+                                                     "triton": {TRITON: {"success": 1100.0, "failure": 50.0}}}
 
 
 def test_a_window_without_counters_keeps_the_earlier_baseline(settings, monkeypatch):
@@ -84,7 +86,8 @@ def test_two_windows_count_as_two_and_a_retry_decides_as_its_first_attempt(setti
 
 
 def _record(minute: int, triggered: bool = False) -> WindowRecord:
-    return WindowRecord(WindowVerdict(minute * 60.0, "ok"), {"gateway": {"200": float(minute)}}, triggered)
+    return WindowRecord(WindowVerdict(minute * 60.0, "ok"), {"gateway": {GATEWAY: {"200": float(minute)}}},
+                        triggered)
 
 
 def test_old_windows_are_pruned_but_the_last_trigger_is_kept(tmp_path):
@@ -97,7 +100,8 @@ def test_old_windows_are_pruned_but_the_last_trigger_is_kept(tmp_path):
     state.save(path)
     loaded = MonitorState.load(path)
     assert loaded == state and loaded.last_trigger_before(1e9) == 600
-    assert loaded.baseline(60 * 60, "gateway") == {"200": 59.0} and loaded.baseline(0, "gateway") == {}
+    assert loaded.replica_baseline(60 * 60, "gateway") == {GATEWAY: {"200": 59.0}}
+    assert loaded.replica_baseline(0, "gateway") == {}
 
 
 def test_a_state_file_of_the_earlier_layout_is_read(tmp_path):
@@ -108,7 +112,10 @@ def test_a_state_file_of_the_earlier_layout_is_read(tmp_path):
                                 "last_trigger_at": 1800.0, "gateway_counts": {"200": 5.0}, "triton_counts": {}}))
     state = MonitorState.load(path)
     assert [(r.window_end, r.triggered) for r in state.windows] == [(900.0, False), (1800.0, True)]
-    assert state.baseline(2700, "gateway") == {"200": 5.0} and state.baseline(2700, "triton") == {}
+    # The one flat reading stands for the replica read now when only one is, else for none.
+    assert state.replica_baseline(2700, "gateway", {GATEWAY: {}}) == {GATEWAY: {"200": 5.0}}
+    assert state.replica_baseline(2700, "gateway", {GATEWAY: {}, "http://10.0.0.6:8090/metrics": {}}) == {}
+    assert state.replica_baseline(2700, "triton", {TRITON: {}}) == {}
 
 
 def test_verdicts_saved_before_they_had_kinds_load_with_kinds_from_their_reasons(tmp_path):
