@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 SHADOW_SUFFIX = "_shadow"
 POLL_S = 2.0
+# Copies sent once a shadow appears before any is recorded: the challenger's first calls are cold
+# (its instances load lazily and allocate), and would be compared with a warm champion.
+WARMUP_COPIES = 3
 
 METADATA = sa.MetaData()
 COMPARISONS = sa.Table(
@@ -143,17 +146,20 @@ class ShadowMirror:
         self.max_in_flight, self.poll_s = max_in_flight, poll_s
         self.active = False
         self.copied = self.skipped = self.failed = 0
+        self.warmup_left = WARMUP_COPIES
         self._tasks: set[asyncio.Task] = set()
         self._poller: asyncio.Task | None = None
         self._client = None
         self._engine: sa.Engine | None = None
+        self._table_ready = False
 
     async def start(self) -> None:
         import tritonclient.grpc.aio as grpcclient
 
         self._grpc = grpcclient
         self._client = grpcclient.InferenceServerClient(self.url)
-        await asyncio.to_thread(create_table, self.database_url)
+        # The database may be down now (the prediction journal absorbs that): its table is created
+        # with the first comparison written.
         self._engine = sa.create_engine(self.database_url)
         self._poller = asyncio.create_task(self._poll())
 
@@ -177,6 +183,7 @@ class ShadowMirror:
                 ready = False
             if ready != self.active:
                 log.info("shadow %s %s", self.shadow, "loaded: copying answered requests" if ready else "gone")
+                self.warmup_left = WARMUP_COPIES
             self.active = bool(ready)
             await asyncio.sleep(self.poll_s)
 
@@ -196,6 +203,9 @@ class ShadowMirror:
         started = time.perf_counter()
         try:
             labels, version = await self._labels(texts)
+            if self.warmup_left > 0:  # a warm-up copy: its answer counted nowhere (a failure still is)
+                self.warmup_left -= 1
+                return
             comparison = Comparison(champion_version, version, len(texts), agreement(champion_labels, labels),
                                     champion_ms, (time.perf_counter() - started) * 1000.0)
             self.copied += 1
@@ -204,6 +214,9 @@ class ShadowMirror:
             comparison = Comparison(champion_version, "?", len(texts), 0, champion_ms, None, str(error) or
                                     type(error).__name__)
         try:
+            if not self._table_ready:
+                await asyncio.to_thread(METADATA.create_all, self._engine)
+                self._table_ready = True
             await asyncio.to_thread(write_comparison, self._engine, self.model, comparison)
         except Exception as error:  # noqa: BLE001 - losing a comparison only shortens the shadow's sample
             log.warning("shadow comparison not written: %s", error)

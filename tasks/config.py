@@ -599,8 +599,8 @@ class PromoteConfig:
         "shadow_min_agreement", "shadow: least share of texts on which the challenger gives the champion's label",
         minimum=0, maximum=1))
     shadow_max_latency_ratio: float = field(default=1.5, metadata=param(
-        "shadow_max_latency_ratio", "shadow: the challenger's p95 call latency may be at most this times the "
-                                    "champion's on the same requests", exclusiveMinimum=0))
+        "shadow_max_latency_ratio", "shadow: the challenger's median call latency may be at most this times the "
+                                    "champion's on the same requests (both p95s are recorded)", exclusiveMinimum=0))
     rollback_window_minutes: float = field(default=60.0, metadata=param(
         "rollback_window_minutes", "after a switch: a latency or error-rate breach the monitor reports within this "
                                    "many minutes rolls back to previous_champion instead of re-optimizing (0 = never)",

@@ -313,4 +313,4 @@ def test_a_shadow_is_judged_on_copied_live_traffic_and_a_failed_one_blocks_the_s
     assert set(traffic.statuses) == {200}
     assert triton.ready_versions(MODEL) == [served_before[-1] + 1] and not triton.is_ready(shadow_model(MODEL))
     assert model_aliases.alias_version(settings.mlflow_url, "shadow-model", "champion") == first
-    assert "p95 call latency" in model_aliases.version_tags(settings.mlflow_url, "shadow-model", second)["shadow"]
+    assert "median call latency" in model_aliases.version_tags(settings.mlflow_url, "shadow-model", second)["shadow"]

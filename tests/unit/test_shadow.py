@@ -50,12 +50,12 @@ def test_the_summary_pools_texts_and_counts_failed_copies():
 def test_a_shadow_passes_only_when_every_threshold_holds():
     config = PromoteConfig(shadow_requests=20, shadow_min_agreement=0.95, shadow_max_latency_ratio=1.5)
     passed = judge(config, ShadowSummary.of(_comparisons(20)))
-    assert passed.passed and passed.reason.startswith("shadow passed: 20 requests, 80 texts, agreement 100.0%")
+    assert passed.passed and passed.reason.startswith("shadow passed: 20 requests, 80 texts, agreement 100.0%, p50/p95")
     cases = {
         "agreed with the champion on 75.0% of 80 texts": _comparisons(20, agreed=3),
         "only 5 of 20 requests were copied": _comparisons(5),
         "failed 1 of 21 copied requests": _comparisons(20) + [Comparison("3", "?", 4, 0, 10.0, None, "boom")],
-        "p95 call latency was 31.0 ms": _comparisons(20, shadow_ms=30.0),
+        "median call latency was 30.5 ms": _comparisons(20, shadow_ms=30.0),
     }
     for problem, comparisons in cases.items():
         verdict = judge(config, ShadowSummary.of(comparisons))
