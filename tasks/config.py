@@ -128,7 +128,11 @@ class FinetuneConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     layer_lr_decay: float = 0.9
-    layer_learning_rates: tuple[float, ...] = ()
+    layer_learning_rates: tuple[float, ...] = field(default=(), metadata=param(
+        "layer_learning_rates", "three learning rates for the bottom, middle and top third of the teacher's layers "
+                                "(the reference's [1e-5, 5e-5, 1e-4]); they replace learning_rate and the layer-wise "
+                                "decay. Empty: learning_rate at the top, decaying by 0.9 per layer below",
+        maxItems=3))
     evaluations_per_epoch: int = 2
     early_stopping_patience: int = 2
     attention: str = "sdpa"

@@ -101,6 +101,13 @@ def test_dag_test_runs_every_task_and_promotes(local_services, airflow_env, tiny
     assert summary["candidates"][winner]["accuracy"] == max(summary["candidates"][name]["accuracy"] for name in as_fast)
     assert {gate["name"] for gate in summary["gates"][winner]} >= {"accuracy", "accuracy_floor", "finite_outputs"}
     assert "95% interval" in (summary_path.parent / "report" / "report.md").read_text()
+    # make bench-full measures what the DAG built and promoted, from the run folder (one latency round here).
+    from bench import full
+
+    measured = full.measure_run(summary_path.parent, conf, max_length=32, rounds=1, progress=lambda _: None)
+    assert measured["winner"] == winner and measured["accuracy"]["test_texts"] > 0
+    assert measured["accuracy"]["winner_accuracy"] == pytest.approx(summary["candidates"][winner]["accuracy"])
+    assert measured["latency"]["one_thread"]["speedup"] > 0 and set(measured["targets"]) == set(full.TARGETS)
 
     from serving.triton_client import TritonClient
     from tasks import model_aliases
