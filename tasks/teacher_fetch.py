@@ -115,7 +115,8 @@ def _read_config(folder: Path, label: str):
     try:
         model_type = json.loads((folder / CONFIG_FILE).read_text()).get("model_type")
     except (OSError, ValueError, AttributeError) as error:
-        raise TeacherError(f"teacher {label!r}: {folder / CONFIG_FILE} is not a readable JSON object ({error})") from None
+        raise TeacherError(f"teacher {label!r}: {folder / CONFIG_FILE} is not a readable JSON object "
+                           f"({error})") from None
     try:
         return AutoConfig.from_pretrained(str(folder))
     except (ValueError, KeyError, OSError) as error:
@@ -123,7 +124,7 @@ def _read_config(folder: Path, label: str):
 
         raise TeacherError(
             f"teacher {label!r}: model_type {model_type!r} is not a model family transformers "
-            f"{transformers.__version__} knows ({str(error).splitlines()[0][:200]}). The teacher must be a text encoder; "
+            f"{transformers.__version__} knows ({_first_line(error)}). The teacher must be a text encoder; "
             f"distillation and pruning support {supported_families()}") from None
 
 

@@ -135,11 +135,12 @@ def test_a_hub_id_is_tried_last_and_fails_clearly_without_the_hub(tmp_path):
 # MLflow: what a pipeline run logs for its teacher, and a transformers-flavour model.
 
 @pytest.fixture(scope="module")
-def mlflow_store(tmp_path_factory, tiny_model):
-    """A real MLflow store with the tiny model as a run's teacher (a folder of Hugging Face files,
-    registered as registry.log_candidate registers the reference teacher: version 1, alias 'teacher'),
-    an ONNX-like candidate version 2 that names version 1 as its run's teacher, and a transformers-flavour
-    model (version 3)."""
+def mlflow_store(tmp_path_factory, trained_teacher, exported_onnx, tiny_model):
+    """A real MLflow store holding what a pipeline run registers (``registry.log_candidate``): its
+    fine-tuned teacher (version 1, the reference: its folder as artifacts ``model_files``; alias 'teacher')
+    and its ONNX candidate (version 2, tagged with the reference's version); plus a transformers-flavour
+    model of the tiny model (version 3). Returns the tracking URI, the teacher's run id and the logged
+    model's URI."""
     import mlflow
 
     from tasks import registry
@@ -149,40 +150,28 @@ def mlflow_store(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("teacher-mlflow")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     client = mlflow_client(uri)
-    experiment = client.create_experiment("teachers", artifact_location=str(root / "artifacts"))
-    with mlflow.start_run(experiment_id=experiment) as run:
-        mlflow.log_artifacts(str(tiny_model), registry.MODEL_FILES_ARTIFACT)
-        client.create_registered_model(MODEL)
-        client.create_model_version(MODEL, source=f"{run.info.artifact_uri}/{registry.MODEL_FILES_ARTIFACT}",
-                                    run_id=run.info.run_id)
-        client.set_registered_model_alias(MODEL, "teacher", "1")
-        candidate = mlflow.pyfunc.log_model(name="candidate", python_model=_echo_model(), pip_requirements=[],
-                                            registered_model_name=MODEL)
-        client.set_model_version_tag(MODEL, str(candidate.registered_model_version),
-                                     teacher_fetch.REFERENCE_VERSION_TAG, "1")
+    client.create_experiment("optimize_model", artifact_location=str(root / "artifacts"))
+    parent = registry.parent_run_id(uri, "optimize_model", "run1", {})
+    metrics = {"accuracy": 0.5, "latency_p50_ms": 1.0, "latency_p95_ms": 1.0}
+    teacher = registry.log_candidate(uri, "optimize_model", parent, "run1", MODEL, registry.Candidate(
+        "teacher_pytorch", trained_teacher, metrics, "finetune", registrable=False, reference=True), {})
+    registry.log_candidate(uri, "optimize_model", parent, "run1", MODEL, registry.Candidate(
+        "onnx_fp32", exported_onnx, metrics, "finetune > onnx"), {teacher_fetch.REFERENCE_VERSION_TAG: teacher})
+    client.set_registered_model_alias(MODEL, "teacher", teacher)
+    with mlflow.start_run(experiment_id=client.get_experiment_by_name("optimize_model").experiment_id):
         flavoured = mlflow.transformers.log_model(
             {"model": load_classifier(tiny_model), "tokenizer": load_tokenizer(tiny_model)}, name="hf",
             task="text-classification", pip_requirements=["transformers"], registered_model_name=MODEL)
-    return uri, run.info.run_id, flavoured.model_uri
+    assert (teacher, str(flavoured.registered_model_version)) == ("1", "3")
+    return uri, client.get_model_version(MODEL, teacher).run_id, flavoured.model_uri
 
 
-def _echo_model():
-    """A python_function model (a flavour that is no teacher)."""
-    import mlflow.pyfunc
-
-    class Echo(mlflow.pyfunc.PythonModel):
-        def predict(self, context, model_input, params=None):
-            return model_input
-
-    return Echo()
-
-
-def test_a_runs_teacher_is_reused_by_version_alias_and_run_artifact(mlflow_store, tiny_model, tmp_path):
+def test_a_runs_teacher_is_reused_by_version_alias_and_run_artifact(mlflow_store, trained_teacher, tmp_path):
     uri, run_id, _ = mlflow_store
-    by_version = teacher_fetch.resolve_teacher(f"models:/{MODEL}/1", tmp_path, uri, progress=lambda _: None)
-    _same_model(by_version, tiny_model)
+    by_version = _resolve(f"models:/{MODEL}/1", tmp_path, uri)
+    _same_model(by_version, trained_teacher)
     assert _resolve(f"models:/{MODEL}@teacher", tmp_path, uri) == by_version  # the same version, cached once
-    _same_model(_resolve(f"runs:/{run_id}/model_files", tmp_path, uri), tiny_model)
+    _same_model(_resolve(f"runs:/{run_id}/model_files", tmp_path, uri), trained_teacher)
 
 
 def test_a_transformers_flavour_model_becomes_a_folder_of_its_weights_and_tokenizer(mlflow_store, tiny_model,
@@ -209,7 +198,7 @@ def test_an_mlflow_uri_that_does_not_exist_names_the_uri_and_the_tracking_server
 
 
 def test_a_candidate_version_is_no_teacher_and_the_error_names_its_runs_teacher(mlflow_store, tmp_path):
-    with pytest.raises(TeacherError, match=rf"flavour\(s\) \['python_function'\].*teacher=models:/{MODEL}/1"):
+    with pytest.raises(TeacherError, match=rf"flavour\(s\) \['onnx', 'python_function'\].*teacher=models:/{MODEL}/1"):
         _resolve(f"models:/{MODEL}/2", tmp_path, mlflow_store[0])
 
 
