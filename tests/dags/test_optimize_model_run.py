@@ -194,3 +194,21 @@ def test_dag_test_with_techniques_switched_off_still_evaluates_and_registers(loc
     assert state == "success", output[-4000:]
     summary = assert_switched_off_run(tasks, settings.runs_dir / safe_name(run_id), lambda _task_id: output)
     assert model_aliases.alias_version(settings.mlflow_url, "dagtest-lite", "champion") == summary["versions"]["onnx_fp32"]
+
+
+@pytest.mark.slow
+def test_a_teacher_that_cannot_be_fetched_fails_the_task_that_fetches_it_saying_why(airflow_env, labelled_csv,
+                                                                                    tmp_path):
+    """No folder at the teacher's path and no champion yet (so `changed_since_champion` compares nothing):
+    `finetune_teacher` fails at once, without a retry, with the one-line reason, and nothing after it runs.
+    In `make test-slow` only: tests/unit/test_teacher_source.py checks every error itself."""
+    missing = tmp_path / "no-such-teacher"
+    conf = {"data_source": str(labelled_csv), "teacher": str(missing), "registered_model": "dagtest-no-teacher",
+            "triton_model": "dagtest_no_teacher", "target": "cpu"}
+    state, _, tasks, output = _run_dag(airflow_env, conf)
+    assert state == "failed", output[-4000:]
+    assert (tasks["plan"], tasks["changed_since_champion"], tasks["finetune_teacher"]) == (
+        "success", "success", "failed"), (tasks, output[-4000:])
+    assert {tasks[task] for task in ("export_onnx", "distill_student", "evaluate", "promote")} == {"upstream_failed"}
+    assert f"teacher '{missing}': no such folder on this worker" in output, output[-4000:]
+    assert "up_for_retry" not in output.lower(), output[-4000:]
