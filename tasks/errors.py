@@ -27,3 +27,7 @@ class PromotionFailed(PipelineError):
 
 class CompileError(PipelineError):
     """A TensorRT engine could not be built from the ONNX model."""
+
+
+class TeacherError(PipelineError):
+    """The run's teacher cannot be fetched, or is not a model the pipeline can fine-tune."""

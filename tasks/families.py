@@ -83,6 +83,11 @@ def supported_model_types() -> list[str]:
     return [model_type for family in FAMILIES for model_type in family.model_types]
 
 
+def supported_families() -> str:
+    """The supported families as the docs name them, each with its model_types: "BERT (bert), ..."."""
+    return ", ".join(f"{family.name} ({'/'.join(family.model_types)})" for family in FAMILIES)
+
+
 def family_of(config: Any) -> EncoderFamily:
     """The family of a Hugging Face config (by ``model_type``); ConfigError for one not supported."""
     reason = unsupported_reason(config)
@@ -97,9 +102,8 @@ def unsupported_reason(config: Any) -> str | None:
     model_type = getattr(config, "model_type", None) or "unknown"
     family = next((family for family in FAMILIES if model_type in family.model_types), None)
     if family is None:
-        supported = ", ".join(f"{family.name} ({'/'.join(family.model_types)})" for family in FAMILIES)
         return (f"model_type {model_type!r} is not a supported encoder family for layer-copy distillation and "
-                f"structured pruning; supported: {supported}. Add its module paths to tasks/families.py")
+                f"structured pruning; supported: {supported_families()}. Add its module paths to tasks/families.py")
     if family.shared_layers and (getattr(config, "num_hidden_groups", 1), getattr(config, "inner_group_num", 1)) != (1, 1):
         return (f"{family.name} with num_hidden_groups={config.num_hidden_groups} and inner_group_num="
                 f"{config.inner_group_num}: only one shared layer (1 and 1, as every released checkpoint) is supported")

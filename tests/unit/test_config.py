@@ -158,3 +158,17 @@ def test_the_serving_default_name_is_defined_once():
     from tasks.config import SERVED_MODEL
 
     assert PromoteConfig().triton_model == SERVED_MODEL == DEFAULT_MODEL
+
+
+def test_layer_learning_rates_are_a_list_param_of_the_form():
+    from tasks.params import form
+
+    entry = form()["layer_learning_rates"]
+    assert entry["type"] == "array" and entry["default"] == [] and entry["items"] == {"type": "number"}
+    chosen = config_from_params({"layer_learning_rates": [1e-5, 5e-5, 1e-4]})
+    assert chosen.finetune.layer_learning_rates == (1e-5, 5e-5, 1e-4)
+    assert config_from_params({}).finetune.layer_learning_rates == ()
+    with pytest.raises(ConfigError, match="three rates"):
+        config_from_params({"layer_learning_rates": [1e-5, 1e-4]})
+    with pytest.raises(ConfigError, match="list of numbers"):
+        config_from_params({"layer_learning_rates": ["fast", "slow", "slower"]})
