@@ -46,6 +46,7 @@ from serving.errors import ServingError
 from serving.journal import JournalError
 from serving.model_repository import DEFAULT_MODEL
 from serving.prediction_log import FeedbackNotStored, Prediction, PredictionLog, encode_embedding
+from serving.shadow import ShadowMirror
 from serving.text import normalise_text
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class GatewaySettings:
     journal_max_bytes: int = 512 << 20
     retention_days: float = 30.0
     max_feedback_items: int = 1000
+    shadow_copies: int = 1  # copies to a shadow challenger in flight at once (serving/shadow.py); 0 = never copy
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> GatewaySettings:
@@ -341,9 +343,12 @@ def create_app(settings: GatewaySettings,
         await prediction_log.start()
         state["triton"] = classifier(settings) if classifier else \
             TritonClassifier(settings.triton_grpc_url, settings.model, settings.triton_timeout_s)
+        state["shadow"] = await _start_shadow(settings)
         try:
             yield
         finally:
+            if state["shadow"] is not None:
+                await state["shadow"].close()
             await prediction_log.close()
             await state["triton"].close()
 
@@ -440,12 +445,28 @@ def _add_classify_route(app: FastAPI, settings: GatewaySettings, prediction_log:
             for i, (label, probabilities) in enumerate(zip(result["label"], result["probabilities"], strict=True))
         ]
         await prediction_log.record(_logged_predictions(body.texts, result, latency_ms, settings, ids))
+        if state.get("shadow") is not None:  # a challenger shadowing: it answers a copy, after the client
+            state["shadow"].offer(body.texts, result["label"], result["version"], latency_ms)
         metrics.requests.labels("200").inc()
         metrics.latency.observe(latency_ms / 1000.0)
         metrics.batch.observe(len(body.texts))
         metrics.predictions.inc(len(body.texts))
         return ClassifyResponse(model=settings.model, model_version=result["version"], predictions=predictions,
                                 latency_ms=latency_ms)
+
+
+async def _start_shadow(settings: GatewaySettings) -> ShadowMirror | None:
+    """The mirror that copies answered requests to a shadow challenger while one is loaded (None: off)."""
+    if settings.shadow_copies <= 0:
+        return None
+    mirror = ShadowMirror(settings.triton_grpc_url, settings.model, settings.prediction_log_url,
+                          settings.triton_timeout_s, max_in_flight=settings.shadow_copies)
+    try:
+        await mirror.start()
+    except Exception as error:  # noqa: BLE001 - serving goes on without shadows; promotions asking for one fail
+        log.warning("shadow copies off: %s", error)
+        return None
+    return mirror
 
 
 def _unacceptable_texts(texts: list[str], settings: GatewaySettings) -> str | None:

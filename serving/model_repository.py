@@ -545,6 +545,22 @@ def write_ensemble_step(repository: Path, name: str, version: int, config_text: 
     _write_versions(repository, version, {name: (config_text, list(files))})
 
 
+def write_shadow_ensemble(repository: Path, ensemble: ClassifierEnsemble, version: int) -> str:
+    """An ensemble named ``<name>_shadow`` over component version N, which loads beside the serving
+    ones without taking any traffic from the ensemble itself (``serving/shadow.py``); its name."""
+    from serving.shadow import shadow_model
+
+    name = shadow_model(ensemble.name)
+    config = render_ensemble_config(ensemble, version).replace(f'name: "{ensemble.name}"', f'name: "{name}"', 1)
+    _write_versions(repository, version, {name: (config, [])})
+    return name
+
+
+def remove_model(repository: Path, model: str) -> None:
+    """Delete a model's folder (a shadow ensemble after its shadow)."""
+    shutil.rmtree(repository / model, ignore_errors=True)
+
+
 def write_ensemble_version(repository: Path, ensemble: ClassifierEnsemble, model_dir: Path,
                            model_format: str = "onnx") -> int:
     """Write version N of the ensemble and its three components in one go (for a repository that

@@ -581,6 +581,8 @@ class PromoteConfig:
         smoke_batch: the same texts are sent again in requests of this many (padded to the longest
             of each, as Triton serves a multi-text request): a text's answer must not depend on the
             texts it is batched with (0 = only one text per request).
+        shadow_*: shadow before switching (``tasks/shadow.py``).
+        rollback_window_minutes: a serving breach this soon after a switch rolls back (``tasks/planning.py``).
     """
 
     registered_model: str = field(default=REGISTERED_MODEL, metadata=param(
@@ -596,6 +598,23 @@ class PromoteConfig:
     approval_timeout_hours: float = field(default=72.0, metadata=param(
         "approval_timeout_hours", "manual approval: hours the run waits for a reviewer before it gives up",
         exclusiveMinimum=0))
+    shadow_requests: int = field(default=0, metadata=param(
+        "shadow_requests", "shadow before switching: live requests the challenger answers beside the champion "
+                           "(copied by the gateway, never answered to clients) before the switch; 0 = no shadow",
+        minimum=0, maximum=100_000))
+    shadow_minutes: float = field(default=10.0, metadata=param(
+        "shadow_minutes", "shadow: the longest wait for those requests; with fewer by then the switch is blocked",
+        exclusiveMinimum=0, maximum=120))
+    shadow_min_agreement: float = field(default=0.95, metadata=param(
+        "shadow_min_agreement", "shadow: least share of texts on which the challenger gives the champion's label",
+        minimum=0, maximum=1))
+    shadow_max_latency_ratio: float = field(default=1.5, metadata=param(
+        "shadow_max_latency_ratio", "shadow: the challenger's median call latency may be at most this times the "
+                                    "champion's on the same requests (both p95s are recorded)", exclusiveMinimum=0))
+    rollback_window_minutes: float = field(default=60.0, metadata=param(
+        "rollback_window_minutes", "after a switch: a latency or error-rate breach the monitor reports within this "
+                                   "many minutes rolls back to previous_champion instead of re-optimizing (0 = never)",
+        minimum=0))
     smoke_samples: int = 16
     smoke_tolerance: float = 1e-3
     smoke_batch: int = 8
@@ -611,6 +630,11 @@ class PromoteConfig:
         _require(self.approval_timeout_hours > 0, "promote.approval_timeout_hours must be > 0")
         _require(self.smoke_samples >= 1, "promote.smoke_samples must be >= 1")
         _require(self.smoke_batch >= 0, "promote.smoke_batch must be >= 0")
+        _require(0 <= self.shadow_requests <= 100_000, "promote.shadow_requests must be in 0..100000")
+        _require(0 < self.shadow_minutes <= 120, "promote.shadow_minutes must be in (0, 120]")
+        _require(0 <= self.shadow_min_agreement <= 1, "promote.shadow_min_agreement must be in [0, 1]")
+        _require(self.shadow_max_latency_ratio > 0, "promote.shadow_max_latency_ratio must be > 0")
+        _require(self.rollback_window_minutes >= 0, "promote.rollback_window_minutes must be >= 0")
 
 
 @dataclass(frozen=True)

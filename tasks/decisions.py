@@ -325,4 +325,4 @@ def _predictions(evaluation: dict) -> Path | None:
 
 def _promotion_target(settings: PipelineSettings) -> promote_step.PromotionTarget:
     return promote_step.PromotionTarget(settings.triton_url, settings.triton_model_repository,
-                                        settings.mlflow_tracking_uri)
+                                        settings.mlflow_tracking_uri, settings.prediction_log_url)

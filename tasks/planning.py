@@ -8,6 +8,7 @@ the run's params for every task after the plan.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from tasks.errors import PromotionFailed
 from tasks.results import StepResult
 from tasks.settings import PipelineSettings
 from tasks.trigger import Action, RunPlan, Trigger, TriggerKind, errors_plan, merge_overrides, parse_trigger
+from tasks.trigger import rollback_after_switch
 from tasks.trigger import read_plan, write_plan
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,10 @@ def plan_run(settings: PipelineSettings, params: dict[str, Any], run_id: str) ->
     trigger = parse_trigger(params)
     config = pipeline_step.config_from_params(params)
     run_dir = settings.run_dir(run_id)
-    if trigger.kind is TriggerKind.LATENCY:
+    after_switch = recent_switch_rollback(settings, config, trigger)
+    if after_switch is not None:
+        plan = act_on_errors(settings, config, after_switch)
+    elif trigger.kind is TriggerKind.LATENCY:
         plan = latency_plan(settings, config, trigger, run_dir)
     elif trigger.kind is TriggerKind.ERRORS:
         plan = act_on_errors(settings, config, errors_plan(trigger))
@@ -78,13 +83,27 @@ def latency_plan(settings: PipelineSettings, config: PipelineConfig, trigger: Tr
                    overrides=overrides, reused={name: str(path) for name, path in folders.items()})
 
 
+def recent_switch_rollback(settings: PipelineSettings, config: PipelineConfig, trigger: Trigger) -> RunPlan | None:
+    """The rollback plan when a serving breach came soon after the champion's switch (``rollback_after_switch``)."""
+    if trigger.kind not in (TriggerKind.LATENCY, TriggerKind.ERRORS) or config.promote.rollback_window_minutes <= 0:
+        return None
+    uri, model = settings.mlflow_tracking_uri, config.promote.registered_model
+    found = model_aliases.alias_tags(uri, model, config.promote.alias)
+    if found is None:
+        return None
+    switched_at = found[1].get(promote_step.SWITCHED_AT_TAG)
+    previous = model_aliases.alias_version(uri, model, promote_step.PREVIOUS_ALIAS)
+    return rollback_after_switch(trigger, found[0], float(switched_at) if switched_at else None, previous,
+                                 config.promote.rollback_window_minutes, time.time())
+
+
 def act_on_errors(settings: PipelineSettings, config: PipelineConfig, plan: RunPlan) -> RunPlan:
     """Roll back (when the plan says so) or only alert; a failed rollback is recorded, then raised."""
     if plan.action != Action.ROLLBACK.value:
         log.error("ALERT: %s", plan.reason)
         return plan
     target = promote_step.PromotionTarget(settings.triton_url, settings.triton_model_repository,
-                                          settings.mlflow_tracking_uri)
+                                          settings.mlflow_tracking_uri, settings.prediction_log_url)
     try:
         result = reconcile.rollback(config.promote, target)
     except PromotionFailed as error:

@@ -27,7 +27,7 @@ import fcntl
 import logging
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,12 +49,17 @@ from tasks.splits import read_meta, read_split
 
 log = logging.getLogger(__name__)
 
+# Runs between loading a new version's components and switching to it (a shadow; raises to stop).
+BeforeSwitch = Callable[[repo.ClassifierEnsemble, int], None]
+
 PREVIOUS_ALIAS = "previous_champion"
 # Version tags: why the reconcile loop could not serve a version the alias named (it does not try it
 # again until the tag is deleted), and that a rollback replaced a version (it does not become the
 # previous champion, so a second rollback cannot bring it back).
 SERVING_ERROR_TAG = "serving_error"
 ROLLED_BACK_TAG = "rolled_back"
+# When the version last became the one served (unix seconds): a serving breach soon after rolls back.
+SWITCHED_AT_TAG = "switched_at"
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ class PromotionTarget:
     triton_url: str  # one or more Triton replicas: serving.triton_client.replica_urls
     model_repository: Path
     tracking_uri: str
+    prediction_log_url: str | None = None  # where gateways write shadow comparisons (tasks/shadow.py)
 
 
 def run(config: PromoteConfig, target: PromotionTarget, model_dir: Path, predictions: Path, data_dir: Path,
@@ -76,7 +82,8 @@ def run(config: PromoteConfig, target: PromotionTarget, model_dir: Path, predict
         bundle = build_bundle(config, model_dir, predictions, data_dir, max_length, intra_op_threads, Path(scratch))
         log_bundle(target.tracking_uri, config.registered_model, mlflow_version, bundle)
         with serving_lock(target.model_repository, config.triton_model):
-            version, diff = serve_bundle(bundle, config, replicas, target.model_repository, mlflow_version)
+            version, diff = serve_bundle(bundle, config, replicas, target.model_repository, mlflow_version,
+                                         before_switch=shadow_step(config, target, replicas, mlflow_version))
             make_champion(target.tracking_uri, config, mlflow_version, version)
     log.info("promoted MLflow %s v%s as %r -> Triton %s v%d", config.registered_model, mlflow_version,
              config.alias, config.triton_model, version)
@@ -111,11 +118,28 @@ def build_bundle(config: PromoteConfig, model_dir: Path, predictions: Path, data
                          embedding_table=table, intra_op_threads=intra_op_threads)
 
 
+def shadow_step(config: PromoteConfig, target: PromotionTarget, replicas: TritonReplicas,
+                mlflow_version: str) -> BeforeSwitch | None:
+    """The shadow the promotion runs before its switch (param ``shadow_requests``), or None."""
+    if config.shadow_requests <= 0:
+        return None
+    from tasks import shadow
+
+    def before_switch(ensemble: repo.ClassifierEnsemble, version: int) -> None:
+        shadow.run_shadow(config, replicas, target.model_repository, ensemble, version, target.prediction_log_url,
+                          target.tracking_uri, mlflow_version)
+
+    return before_switch
+
+
 def serve_bundle(bundle: ServingBundle, config: PromoteConfig, replicas: TritonReplicas, repository: Path,
-                 mlflow_version: str, min_version: int = 1) -> tuple[int, float]:
+                 mlflow_version: str, min_version: int = 1,
+                 before_switch: BeforeSwitch | None = None) -> tuple[int, float]:
     """Write ``bundle`` as the next version (at least ``min_version``) of the ensemble, switch every
     replica to it and smoke-test it; on any failure the version before serves again. The caller holds
-    ``serving_lock``. Returns the Triton version and the smoke test's largest logit difference."""
+    ``serving_lock``. ``before_switch(ensemble, version)`` runs once the new components are loaded
+    and a version serves (a shadow; it raises to stop the switch). Returns the Triton version and
+    the smoke test's largest logit difference."""
     ensemble = repo.ClassifierEnsemble(config.triton_model, bundle.labels, bundle.max_length,
                                        intra_op_threads=bundle.intra_op_threads, **gpu_serving(bundle.model_dir))
     previous = repo.ensemble_versions(repository, ensemble.name)
@@ -126,8 +150,11 @@ def serve_bundle(bundle: ServingBundle, config: PromoteConfig, replicas: TritonR
     try:
         with tempfile.TemporaryDirectory(prefix="marker-") as scratch:
             marker = repo.write_registered_version(Path(scratch), config.registered_model, mlflow_version)
+            check = (lambda: before_switch(ensemble, version)) if before_switch and previous else None
+            if before_switch and not previous:
+                log.info("%s: nothing serves yet, so there is no champion to shadow; switching", ensemble.name)
             switch_to(replicas, repository, ensemble.name, version, repo.render_ensemble_config(ensemble, version),
-                       (bundle.reference, marker))
+                      (bundle.reference, marker), before_switch=check)
         expected_embeddings = reference_embeddings(bundle.reference)
         diff = max(_smoke_test(client, config, ensemble.name, bundle, version, expected_embeddings)
                    for client in replicas.clients)
@@ -155,7 +182,7 @@ def record_served(tracking_uri: str, config: PromoteConfig, mlflow_version: str,
     """Tag ``mlflow_version`` as served by Triton ``triton_version``; clear a refusal or rollback mark."""
     model_aliases.tag_version(tracking_uri, config.registered_model, mlflow_version,
                               {"triton_model": config.triton_model, "triton_version": str(triton_version),
-                               "promoted": "true"})
+                               "promoted": "true", SWITCHED_AT_TAG: f"{time.time():.0f}"})
     for tag in (SERVING_ERROR_TAG, ROLLED_BACK_TAG):
         model_aliases.delete_version_tag(tracking_uri, config.registered_model, mlflow_version, tag)
 
@@ -229,10 +256,12 @@ def champion_score(target: PromotionTarget, config: PromoteConfig, data_dir: Pat
 
 
 def switch_to(replicas: TritonReplicas, repository: Path, name: str, version: int, ensemble_config: str,
-              ensemble_files: tuple[Path, ...]) -> None:
-    """Load component version N beside the serving one on every replica, then add ensemble version N
-    and load it on each replica in turn (the switch)."""
+              ensemble_files: tuple[Path, ...], before_switch: Callable[[], None] | None = None) -> None:
+    """Load component version N beside the serving one on every replica, run ``before_switch`` (it
+    raises to stop), then add ensemble version N and load it on each replica in turn (the switch)."""
     load_and_wait(replicas, repo.ensemble_models(name)[:-1], version)
+    if before_switch is not None:
+        before_switch()
     repo.write_ensemble_step(repository, name, version, ensemble_config, ensemble_files)
     load_and_wait(replicas, (name,), version)
 

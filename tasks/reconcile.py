@@ -36,8 +36,8 @@ from serving.triton_client import TritonReplicas, TritonUnavailable, load_and_wa
 from tasks import model_aliases
 from tasks.config import PromoteConfig
 from tasks.errors import PipelineError, PromotionFailed
-from tasks.promote import (PREVIOUS_ALIAS, ROLLED_BACK_TAG, SERVING_ERROR_TAG, PromotionTarget, check_serving,
-                           restore_serving, switch_to, record_served, serve_bundle, serving_lock)
+from tasks.promote import (PREVIOUS_ALIAS, ROLLED_BACK_TAG, SERVING_ERROR_TAG, SWITCHED_AT_TAG, PromotionTarget,
+                           check_serving, restore_serving, switch_to, record_served, serve_bundle, serving_lock)
 from tasks.registry import VERSION_ROLE_TAG
 from tasks.results import StepResult, StepStatus
 from tasks.serving_bundle import download_bundle
@@ -203,7 +203,8 @@ def rollback(config: PromoteConfig, target: PromotionTarget) -> StepResult:
             _undo_rollback(uri, config, current, previous)
             raise PromotionFailed(f"rollback of {model} to version {previous} failed: {error}; the aliases are "
                                   "unchanged") from error
-    model_aliases.tag_version(uri, model, previous, {"rolled_back_from": current or ""})
+    # A rollback is no fresh switch: a breach after it is not blamed on it (no second rollback).
+    model_aliases.tag_version(uri, model, previous, {"rolled_back_from": current or "", SWITCHED_AT_TAG: ""})
     log.info("rolled back %s to MLflow v%s (Triton v%s)", model, previous, result.triton_version)
     return StepResult(step="rollback", status=StepStatus.SUCCESS, metrics={"triton_version": float(result.triton_version)},
                       info={"registered_model": model, "mlflow_version": previous, "replaced_version": current or "",

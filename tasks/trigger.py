@@ -117,6 +117,24 @@ def errors_plan(trigger: Trigger) -> RunPlan:
                    stop="error-rate breach is a serving fault: recorded and alerted, nothing is retrained")
 
 
+def rollback_after_switch(trigger: Trigger, champion: str, switched_at: float | None, previous: str | None,
+                          window_minutes: float, now: float) -> RunPlan | None:
+    """A latency or error-rate breach within ``window_minutes`` of the switch to ``champion``: roll back
+    to ``previous`` (the switch is the likeliest cause). None: older switch, no previous version, or off."""
+    if trigger.kind not in (TriggerKind.LATENCY, TriggerKind.ERRORS) or window_minutes <= 0:
+        return None
+    if switched_at is None or previous is None or previous == champion:
+        return None
+    minutes = (now - switched_at) / 60.0
+    if not 0 <= minutes <= window_minutes:
+        return None
+    return RunPlan(trigger.kind.value, Action.ROLLBACK.value,
+                   f"{trigger.kind.value} breach ({trigger.reason}) {minutes:.0f} min after the switch to v{champion} "
+                   f"(rollback_window_minutes {window_minutes:g}): roll back to previous_champion v{previous}",
+                   stop="a serving breach right after a switch is handled by a rollback; nothing is retrained",
+                   champion_version=champion)
+
+
 def plan_path(run_dir: Path) -> Path:
     return run_dir / PLAN_FILE
 

@@ -8,6 +8,7 @@ about four minutes here); `make browser-deps` installs the browser.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -17,6 +18,12 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+RECONCILE_INTERVAL_S = 5.0
+
+
+def run_conf(tiny_model, labelled_csv, **extra) -> dict:
+    return {"data_source": str(labelled_csv), "teacher": str(tiny_model), "epochs": 3.0, "learning_rate": 5e-3,
+            "max_length": 32, "student_layers": 1, "distill_epochs": 3.0, **extra}
 SHOTS = REPO_ROOT / "test-artifacts" / "browser"
 RUN_ID = "browser_test_run"
 
@@ -30,19 +37,19 @@ def stack(tmp_path_factory, tiny_model, labelled_csv):
     from opsctl.settings import StackSettings
 
     home = tmp_path_factory.mktemp("browser-stack")
-    env = {"PIPELINE_HOME": str(home), "PIPELINE_ASSETS_CACHE": str(home / "assets")}
+    env = {"PIPELINE_HOME": str(home), "PIPELINE_ASSETS_CACHE": str(home / "assets"),
+           "PIPELINE_RECONCILE_INTERVAL_S": str(RECONCILE_INTERVAL_S)}
     env.update({f"PIPELINE_{name}_PORT": str(free_port())
                 for name in ("MLFLOW", "TRITON_HTTP", "TRITON_GRPC", "TRITON_METRICS", "AIRFLOW", "GATEWAY")})
-    local = LocalStack(StackSettings.from_env(env))
+    # The waiting approval task checks the registry every 5 s here (60 s by default).
+    local = LocalStack(StackSettings.from_env(env), inherited_env=dict(os.environ, PIPELINE_APPROVAL_CHECK_S="5"))
     local.up(progress=lambda _: None)
     try:
         api = AirflowApi(local.settings.airflow_url, "admin", local.airflow_admin_password())
         for dag_id in ("optimize_model", "monitor_serving"):
             api.wait_for_dag(dag_id)
         api.unpause("optimize_model")
-        conf = {"data_source": str(labelled_csv), "teacher": str(tiny_model), "epochs": 3.0, "learning_rate": 5e-3,
-                "max_length": 32, "student_layers": 1, "distill_epochs": 3.0}
-        api.trigger("optimize_model", conf, run_id=RUN_ID)
+        api.trigger("optimize_model", run_conf(tiny_model, labelled_csv), run_id=RUN_ID)
         deadline = time.monotonic() + 900
         while api.run_state("optimize_model", RUN_ID) not in ("success", "failed") and time.monotonic() < deadline:
             time.sleep(3)
@@ -124,3 +131,84 @@ def test_mlflow_shows_the_registered_model_with_the_champion_alias(stack, browse
     page = _wait_for_text(browser, "text-classifier", "champion", "Version 1")
     assert "candidate" in page  # the version's lineage tags are on the page
     _shot(browser, "mlflow-registered-model")
+
+
+def _set_alias_in_the_ui(browser, mlflow_url: str, model: str, version: str, alias: str = "champion") -> None:
+    """What a reviewer does: the version's page, Aliases > Add, type the alias, Save aliases."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    browser.get(f"{mlflow_url}/#/models/{model}/versions/{version}")
+    _wait_for_text(browser, f"Version {version}", "Aliases")
+    browser.find_element(By.CSS_SELECTOR, "[data-component-id$='modelversionviewaliaseditor.tsx_29']").click()
+    dialog = browser.find_element(By.CSS_SELECTOR, "[role=dialog]")
+    box = dialog.find_element(By.CSS_SELECTOR, "input[role=combobox]")
+    box.send_keys(alias)
+    time.sleep(0.5)
+    box.send_keys(Keys.ENTER)
+    _wait_for_text(browser, f"Add/Edit alias for model version {version}")
+    _shot(browser, f"mlflow-set-{alias}-on-v{version}")
+    dialog.find_element(By.CSS_SELECTOR, "[data-component-id='mlflow.edit-aliases-modal.save-button']").click()
+
+
+def _served_registered_version(triton, repository: Path, served: str) -> str | None:
+    """The MLflow version whose files Triton's newest ready version holds."""
+    from serving import model_repository as repo
+
+    ready = triton.ready_versions(served)
+    found = repo.registered_version(repository, served, ready[-1]) if ready else None
+    return found[1] if found else None
+
+
+def _until(condition, timeout_s: float, what: str) -> float:
+    """Seconds until ``condition()`` held (AssertionError naming ``what`` after ``timeout_s``)."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout_s, f"{what} did not happen within {timeout_s:.0f} s"
+        time.sleep(0.5)
+    return time.monotonic() - started
+
+
+def test_a_reviewer_approves_in_the_mlflow_ui_and_moves_the_alias_back(stack, browser, tiny_model, labelled_csv):
+    """approval=manual: the run waits (deferred) with the winner as 'challenger'; pointing 'champion' at it in
+    the MLflow UI serves it within the reconcile interval with no failed request, and the run ends approved;
+    pointing 'champion' back at the version before serves that one again."""
+    from opsctl.airflow_api import AirflowApi
+    from serving.triton_client import TritonClient
+    from tasks import model_aliases
+    from tests.integration.test_registry_and_promotion import RequestStream
+
+    settings, model, served = stack.settings, "text-classifier", "text_classifier"
+    api = AirflowApi(settings.airflow_url, "admin", stack.airflow_admin_password())
+    before = model_aliases.alias_version(settings.mlflow_url, model, "champion")
+    run_id = "browser_approval_run"
+    api.trigger("optimize_model", run_conf(tiny_model, labelled_csv, approval="manual", force_retrain=True),
+                run_id=run_id)
+    _until(lambda: model_aliases.alias_version(settings.mlflow_url, model, "challenger") is not None
+           or api.run_state("optimize_model", run_id) in ("success", "failed"), 900, "a challenger")
+    challenger = model_aliases.alias_version(settings.mlflow_url, model, "challenger")
+    assert challenger and challenger != before, api.task_states("optimize_model", run_id)
+    assert api.task_states("optimize_model", run_id)["await_approval"] == "deferred"
+    triton = TritonClient(settings.triton_http_url)
+    assert _served_registered_version(triton, settings.triton_model_repository, served) == before
+
+    _log_in_to_airflow(browser, settings.airflow_url, stack.airflow_admin_password())
+    with RequestStream(settings.triton_http_url, served) as approving:
+        _set_alias_in_the_ui(browser, settings.mlflow_url, model, challenger)
+        took = _until(lambda: _served_registered_version(triton, settings.triton_model_repository, served)
+                      == challenger, 120, f"Triton serving the approved v{challenger}")
+    print(f"approved v{challenger} served {took:.1f} s after Save (reconcile interval {RECONCILE_INTERVAL_S:g} s)")
+    assert approving.failures == [] and approving.sent > 10
+    _until(lambda: api.run_state("optimize_model", run_id) in ("success", "failed"), 180, "the run's end")
+    assert api.run_state("optimize_model", run_id) == "success", api.task_states("optimize_model", run_id)
+    tags = model_aliases.version_tags(settings.mlflow_url, model, challenger)
+    assert tags["approval"].startswith("approved"), tags
+    assert model_aliases.alias_version(settings.mlflow_url, model, "challenger") is None
+
+    with RequestStream(settings.triton_http_url, served) as going_back:
+        _set_alias_in_the_ui(browser, settings.mlflow_url, model, before)
+        _until(lambda: _served_registered_version(triton, settings.triton_model_repository, served) == before,
+               120, f"Triton serving v{before} again")
+    assert going_back.failures == [] and going_back.sent > 10
+    assert model_aliases.alias_version(settings.mlflow_url, model, "previous_champion") == challenger
+    _shot(browser, "mlflow-champion-moved-back")

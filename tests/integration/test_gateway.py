@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from serving import prediction_log as plog
 from serving import model_repository as repo
+from tests.integration.test_registry_and_promotion import evaluated  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.integration
 MODEL = "gw_model"
@@ -236,3 +237,80 @@ def test_feedback_attaches_true_labels_to_served_predictions(gateway_stack, http
     assert set(labelled["prediction_id"]) == set(ids) and set(labelled["true_label"]) == {"negative"}
     metrics = http.get("/metrics").text
     assert 'gateway_feedback_requests_total{status="422"} 1.0' in metrics and "gateway_feedback_total 2.0" in metrics
+
+
+class GatewayTraffic:
+    """Single-text classify requests through the gateway in a thread until stopped (at most 120 s)."""
+
+    def __init__(self, url: str) -> None:
+        import threading
+
+        self.url, self.statuses = url, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        started = time.monotonic()
+        with httpx.Client(base_url=self.url, timeout=30) as client:
+            while not self._stop.is_set() and time.monotonic() - started < 120:
+                self.statuses.append(client.post("/v1/classify", json={"texts": ["good great film"]}).status_code)
+                time.sleep(0.05)
+
+    def __enter__(self) -> GatewayTraffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+
+def test_a_shadow_is_judged_on_copied_live_traffic_and_a_failed_one_blocks_the_switch(gateway_stack, http,
+                                                                                       exported_onnx, evaluated,
+                                                                                       prepared_data):
+    """Runs last in this module: it promotes new versions of the gateway's model."""
+    from pathlib import Path
+
+    import mlflow
+
+    from serving.shadow import shadow_model
+    from serving.triton_client import TritonClient
+    from tasks import model_aliases
+    from tasks.config import PromoteConfig
+    from tasks.errors import PromotionFailed
+    from tasks.promote import PromotionTarget
+    from tasks.promote import run as promote
+    from tests.integration.test_registry_and_promotion import _register
+
+    settings = gateway_stack.settings
+    target = PromotionTarget(settings.triton_http_url, settings.triton_model_repository, settings.mlflow_url,
+                             settings.prediction_log_url)
+    config = PromoteConfig(registered_model="shadow-model", triton_model=MODEL, smoke_samples=4, shadow_requests=6,
+                           shadow_minutes=2)
+    predictions, triton = Path(evaluated.uri("predictions")), TritonClient(settings.triton_http_url)
+    served_before = triton.ready_versions(MODEL)
+    first = _register(settings, "shadow-model", "shadow-1", exported_onnx, evaluated.metrics)
+    with GatewayTraffic(settings.gateway_url) as traffic:
+        promote(config, target, exported_onnx, predictions, prepared_data, first, max_length=32)
+    assert set(traffic.statuses) == {200}
+    assert triton.ready_versions(MODEL) == [served_before[-1] + 1]
+    assert not triton.is_ready(shadow_model(MODEL))
+    assert not (settings.triton_model_repository / shadow_model(MODEL)).exists()
+    run = mlflow.MlflowClient(settings.mlflow_url).get_run(
+        mlflow.MlflowClient(settings.mlflow_url).get_model_version("shadow-model", first).run_id)
+    # The same model shadowed itself: full agreement, both latencies side by side.
+    assert run.data.metrics["shadow_requests"] >= 6 and run.data.metrics["shadow_agreement"] == 1.0
+    assert run.data.metrics["shadow_p95_ms"] > 0 and run.data.metrics["shadow_champion_p95_ms"] > 0
+    tags = model_aliases.version_tags(settings.mlflow_url, "shadow-model", first)
+    assert tags["shadow"].startswith("shadow passed") and "switched_at" in tags
+
+    # A challenger held to an impossible latency ratio: the shadow fails and nothing switches.
+    second = _register(settings, "shadow-model", "shadow-2", exported_onnx, evaluated.metrics)
+    strict = PromoteConfig(registered_model="shadow-model", triton_model=MODEL, smoke_samples=4, shadow_requests=3,
+                           shadow_minutes=2, shadow_max_latency_ratio=1e-6)
+    with GatewayTraffic(settings.gateway_url) as traffic, pytest.raises(PromotionFailed, match="shadow failed"):
+        promote(strict, target, exported_onnx, predictions, prepared_data, second, max_length=32)
+    assert set(traffic.statuses) == {200}
+    assert triton.ready_versions(MODEL) == [served_before[-1] + 1] and not triton.is_ready(shadow_model(MODEL))
+    assert model_aliases.alias_version(settings.mlflow_url, "shadow-model", "champion") == first
+    assert "median call latency" in model_aliases.version_tags(settings.mlflow_url, "shadow-model", second)["shadow"]

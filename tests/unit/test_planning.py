@@ -132,3 +132,26 @@ def test_an_error_breach_with_invalid_outputs_and_nothing_to_roll_back_to_fails_
     uri, _, _ = champion_store
     with pytest.raises(PromotionFailed, match="no 'previous_champion' alias"):
         planning.plan_run(_settings(uri, tmp_path), _params("errors", invalid_outputs=3), "run6")
+
+
+def test_a_latency_breach_right_after_a_switch_plans_a_rollback(champion_store, tmp_path):
+    import time
+
+    from tasks.promote import PREVIOUS_ALIAS, SWITCHED_AT_TAG
+    from tasks.trigger import parse_trigger
+
+    uri, version, _ = champion_store
+    settings = _settings(uri, tmp_path)
+    config = planning.pipeline_step.config_from_params({"registered_model": MODEL})
+    trigger = parse_trigger(_params("latency", slo_p95_ms=100.0, latency_p95_ms=150.0))
+    reference = model_aliases.version_tags(uri, MODEL, version)["reference_version"]
+    model_aliases.set_alias(uri, MODEL, PREVIOUS_ALIAS, reference)
+    try:
+        assert planning.recent_switch_rollback(settings, config, trigger) is None  # no switch time recorded
+        model_aliases.tag_version(uri, MODEL, version, {SWITCHED_AT_TAG: f"{time.time() - 300:.0f}"})
+        plan = planning.recent_switch_rollback(settings, config, trigger)
+        assert plan.action == "rollback" and f"previous_champion v{reference}" in plan.reason
+        model_aliases.tag_version(uri, MODEL, version, {SWITCHED_AT_TAG: ""})  # what a rollback leaves
+        assert planning.recent_switch_rollback(settings, config, trigger) is None
+    finally:
+        model_aliases.mlflow_client(uri).delete_registered_model_alias(MODEL, PREVIOUS_ALIAS)

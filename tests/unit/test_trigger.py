@@ -107,3 +107,24 @@ def test_the_overrides_make_a_valid_config():
     assert config.gate.max_p95_latency_ms == 80.0 and config.distill.student_layers == 1
     assert config.finetune.max_length == config.evaluate.max_length == config.distill.max_length == 32
     assert config.quantize.mode == "static_int8"
+
+
+def test_a_serving_breach_soon_after_a_switch_rolls_back_and_nothing_else_does():
+    from tasks.trigger import Trigger, rollback_after_switch
+
+    latency = Trigger(TriggerKind.LATENCY, "2 windows over the SLO", {})
+    now = 10_000.0
+    plan = rollback_after_switch(latency, "5", now - 600, "4", 60.0, now)
+    assert plan.action == Action.ROLLBACK.value and plan.stop and plan.champion_version == "5"
+    assert "10 min after the switch to v5" in plan.reason and "previous_champion v4" in plan.reason
+    errors = Trigger(TriggerKind.ERRORS, "5% errors", {})
+    assert rollback_after_switch(errors, "5", now - 60, "4", 60.0, now).action == Action.ROLLBACK.value
+    # Too long after the switch, no switch recorded (a rollback clears it), nothing to go back to, switched off,
+    # or a breach the model's switch cannot explain: the usual plan decides.
+    assert rollback_after_switch(latency, "5", now - 61 * 60, "4", 60.0, now) is None
+    assert rollback_after_switch(latency, "5", None, "4", 60.0, now) is None
+    assert rollback_after_switch(latency, "5", now - 60, None, 60.0, now) is None
+    assert rollback_after_switch(latency, "5", now - 60, "5", 60.0, now) is None
+    assert rollback_after_switch(latency, "5", now - 60, "4", 0.0, now) is None
+    drift = Trigger(TriggerKind.DRIFT, "drift", {})
+    assert rollback_after_switch(drift, "5", now - 60, "4", 60.0, now) is None
