@@ -100,7 +100,7 @@ def _inputs():
     from tasks.settings import PipelineSettings
 
     context = get_current_context()
-    settings = PipelineSettings.from_env(os.environ)
+    settings = PipelineSettings.in_airflow_task(os.environ)
     config = config_for_run(dict(context["params"]), settings.run_dir(context["run_id"]))
     return settings, config, context["run_id"]
 
@@ -137,7 +137,7 @@ class AwaitApproval(BaseOperator):
         from tasks.planning import config_for_run
         from tasks.settings import PipelineSettings
 
-        settings = PipelineSettings.from_env(os.environ)
+        settings = PipelineSettings.in_airflow_task(os.environ)
         run_id = context["run_id"]
         config = config_for_run(dict(context["params"]), settings.run_dir(run_id))
         record = decisions.await_approval(settings, config, run_id, datetime.now(timezone.utc))
@@ -179,7 +179,7 @@ def optimize_model():
         from tasks.settings import PipelineSettings
 
         context = get_current_context()
-        planned = planning.plan_run(PipelineSettings.from_env(os.environ), dict(context["params"]), context["run_id"])
+        planned = planning.plan_run(PipelineSettings.in_airflow_task(os.environ), dict(context["params"]), context["run_id"])
         logging.getLogger(__name__).info("%s: %s", planned["action"], planned["reason"])
         if planned["stop"]:
             logging.getLogger(__name__).info("the run stops here: %s", planned["stop"])
@@ -284,7 +284,7 @@ def optimize_model():
         from tasks.errors import PipelineError
         from tasks.settings import PipelineSettings
 
-        settings = PipelineSettings.from_env(os.environ)
+        settings = PipelineSettings.in_airflow_task(os.environ)
         try:
             written = decisions.write_report(settings, get_current_context()["run_id"])
         except PipelineError as error:

@@ -27,3 +27,7 @@ class PromotionFailed(PipelineError):
 
 class CompileError(PipelineError):
     """A TensorRT engine could not be built from the ONNX model."""
+
+
+class RegistryAccessDenied(PipelineError):
+    """MLflow refused the credentials this process sent (or it sent none)."""
