@@ -119,10 +119,13 @@ def provision_accounts(url: str, admin_password: str, passwords: Mapping[str, st
     session.auth = (ADMIN, admin_password)
     created = []
     for username, grants in account_grants(registered_model).items():
-        if _call(session, "GET", url + GET_USER, timeout_s, params={"username": username}).status_code == 404:
+        found = _call(session, "GET", url + GET_USER, timeout_s, params={"username": username})
+        if "RESOURCE_DOES_NOT_EXIST" in found.text:
             _expect_ok(_call(session, "POST", url + CREATE_USER, timeout_s,
                              json={"username": username, "password": passwords[username]}), f"create {username}")
             created.append(username)
+        else:
+            _expect_ok(found, f"look up {username}")
         for grant in grants:
             response = _call(session, "POST", url + GRANT_PERMISSION, timeout_s,
                              json={"username": username, "resource_type": grant.resource_type,
@@ -144,6 +147,9 @@ def _call(session: requests.Session, method: str, url: str, timeout_s: float, **
 
 
 def _expect_ok(response: requests.Response, what: str) -> None:
+    if response.status_code == 404:
+        raise AuthSetupError(f"MLflow has no accounts API at {response.url}: it runs without authentication (a "
+                             "server started before authentication was on? stop it and start it again)")
     if response.status_code != 200:
         raise AuthSetupError(f"MLflow could not {what}: {response.status_code} {response.text[:300]}")
 

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from opsctl import mlflow_auth
-from opsctl.process import ProcessManager, free_port
+from opsctl.process import ProcessManager, ServiceError, free_port
 from opsctl.services import base_environment, mlflow_secrets, mlflow_spec, provision_mlflow_accounts
 from opsctl.settings import StackSettings
 from tasks import model_aliases
@@ -142,3 +142,9 @@ def test_secrets_stay_owner_only_out_of_the_logs_and_a_restart_makes_no_accounts
     log = (settings.logs_dir / "mlflow.log").read_text(errors="replace")
     assert "basic-auth" in log and not any(secret in log for secret in secrets.values())
     assert provision_mlflow_accounts(settings, secrets) == []
+
+
+def test_an_admin_password_that_no_longer_matches_says_what_to_do(stack):
+    settings, secrets, _ = stack
+    with pytest.raises(ServiceError, match="refused the admin password.*mlflow-credentials.json.*basic_auth.db"):
+        provision_mlflow_accounts(settings, secrets | {"admin": "not-the-admin-password"})

@@ -111,3 +111,12 @@ def test_the_reviewer_may_move_aliases_of_the_served_model_only():
     assert {grant.permission for grant in grants["reviewer"] if grant.resource_id == "*"} == {"READ"}
     assert mlflow_auth.Grant("registered_model", "text-classifier", "EDIT") in grants["reviewer"]
     assert all(grant.permission == "MANAGE" for grant in grants["pipeline"])
+
+
+def test_the_compose_one_shot_names_the_passwords_it_lacks(monkeypatch, capsys):
+    for name in ("MLFLOW_AUTH_ADMIN_PASSWORD", "PIPELINE_MLFLOW_PASSWORD", "PIPELINE_MLFLOW_REVIEWER_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PIPELINE_MLFLOW_PASSWORD", "pipeline-password")
+    assert mlflow_auth.main(["--url", "http://127.0.0.1:9", "--registered-model", "m"]) == 2
+    error = capsys.readouterr().err
+    assert "MLFLOW_AUTH_ADMIN_PASSWORD, PIPELINE_MLFLOW_REVIEWER_PASSWORD" in error and "pipeline-password" not in error
