@@ -149,16 +149,16 @@ def reconcile_spec(settings: StackSettings, env: dict[str, str]) -> ServiceSpec:
 
 
 def airflow_environment(settings: StackSettings, env: dict[str, str],
-                        mlflow_secrets: dict[str, str] | None = None) -> dict[str, str]:
+                        mlflow_credentials: dict[str, str] | None = None) -> dict[str, str]:
     """Airflow 3 on SQLite with LocalExecutor, simple auth manager, loopback only. Its tasks get the
     pipeline's MLflow account from the connection ``mlflow_default`` (not from variables of their own)."""
     secrets = load_or_create_secrets(settings.home / "secrets.json")
     home = settings.airflow_home
     airflow_env = {name: value for name, value in env.items()
                    if name not in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
-    if mlflow_secrets is not None:
+    if mlflow_credentials is not None:
         airflow_env.update(mlflow_auth.airflow_connection_environment(
-            settings.mlflow_url, mlflow_auth.PIPELINE, mlflow_secrets[mlflow_auth.PIPELINE]))
+            settings.mlflow_url, mlflow_auth.PIPELINE, mlflow_credentials[mlflow_auth.PIPELINE]))
     airflow_env.update(
         {
             "AIRFLOW_HOME": str(home),
