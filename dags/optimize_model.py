@@ -179,7 +179,8 @@ def optimize_model():
         from tasks.settings import PipelineSettings
 
         context = get_current_context()
-        planned = planning.plan_run(PipelineSettings.in_airflow_task(os.environ), dict(context["params"]), context["run_id"])
+        settings = PipelineSettings.in_airflow_task(os.environ)
+        planned = planning.plan_run(settings, dict(context["params"]), context["run_id"])
         logging.getLogger(__name__).info("%s: %s", planned["action"], planned["reason"])
         if planned["stop"]:
             logging.getLogger(__name__).info("the run stops here: %s", planned["stop"])

@@ -131,7 +131,8 @@ def provision_accounts(url: str, admin_password: str, passwords: Mapping[str, st
                              json={"username": username, "resource_type": grant.resource_type,
                                    "resource_id": grant.resource_id, "permission": grant.permission})
             if "RESOURCE_ALREADY_EXISTS" not in response.text:  # granted at an earlier start
-                _expect_ok(response, f"grant {username} {grant.permission} on {grant.resource_type} {grant.resource_id}")
+                _expect_ok(response, f"grant {username} {grant.permission} on {grant.resource_type} "
+                                     f"{grant.resource_id}")
     return created
 
 

