@@ -98,9 +98,9 @@ def monitor_serving():
         # Scheduled runs end their window at the tick; manual runs without a logical date when they were
         # triggered. Never "now": a retry judges the same window.
         window_end = context.get("data_interval_end") or context.get("logical_date") or context["dag_run"].run_after
-        return pipeline.check_window(PipelineSettings.from_env(os.environ).monitor_settings(), dict(context["params"]),
-                                     window_end, active, known_params=(*PARAM_PATHS, *RUN_PARAMS),
-                                     reserved=TRIGGER_PARAMS)
+        monitor = PipelineSettings.in_airflow_task(os.environ).monitor_settings()
+        return pipeline.check_window(monitor, dict(context["params"]), window_end, active,
+                                     known_params=(*PARAM_PATHS, *RUN_PARAMS), reserved=TRIGGER_PARAMS)
 
     @task.short_circuit
     def should_trigger(result: dict) -> bool:

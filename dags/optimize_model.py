@@ -120,7 +120,7 @@ def _inputs():
     from tasks.settings import PipelineSettings
 
     context = get_current_context()
-    settings = PipelineSettings.from_env(os.environ)
+    settings = PipelineSettings.in_airflow_task(os.environ)
     config = config_for_run(dict(context["params"]), settings.run_dir(context["run_id"]))
     return settings, config, context["run_id"]
 
@@ -157,7 +157,7 @@ class AwaitApproval(BaseOperator):
         from tasks.planning import config_for_run
         from tasks.settings import PipelineSettings
 
-        settings = PipelineSettings.from_env(os.environ)
+        settings = PipelineSettings.in_airflow_task(os.environ)
         run_id = context["run_id"]
         config = config_for_run(dict(context["params"]), settings.run_dir(run_id))
         record = decisions.await_approval(settings, config, run_id, datetime.now(timezone.utc))
@@ -199,7 +199,8 @@ def optimize_model():
         from tasks.settings import PipelineSettings
 
         context = get_current_context()
-        planned = planning.plan_run(PipelineSettings.from_env(os.environ), dict(context["params"]), context["run_id"])
+        settings = PipelineSettings.in_airflow_task(os.environ)
+        planned = planning.plan_run(settings, dict(context["params"]), context["run_id"])
         logging.getLogger(__name__).info("%s: %s", planned["action"], planned["reason"])
         if planned["stop"]:
             logging.getLogger(__name__).info("the run stops here: %s", planned["stop"])
@@ -307,7 +308,7 @@ def optimize_model():
         from tasks.errors import PipelineError
         from tasks.settings import PipelineSettings
 
-        settings = PipelineSettings.from_env(os.environ)
+        settings = PipelineSettings.in_airflow_task(os.environ)
         try:
             written = decisions.write_report(settings, get_current_context()["run_id"])
         except PipelineError as error:

@@ -46,7 +46,7 @@ def rollback_model():
         from tasks.settings import PipelineSettings
 
         params = get_current_context()["params"]
-        settings = PipelineSettings.from_env(os.environ)
+        settings = PipelineSettings.in_airflow_task(os.environ)
         config = PromoteConfig(registered_model=params["registered_model"], triton_model=params["triton_model"])
         target = PromotionTarget(settings.triton_url, settings.triton_model_repository, settings.mlflow_tracking_uri)
         return rollback(config, target).to_dict()

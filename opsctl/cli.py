@@ -25,6 +25,23 @@ def _cmd_up(settings: StackSettings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_mlflow_password(settings: StackSettings, args: argparse.Namespace) -> int:
+    """Print one MLflow account's password (asked for explicitly: `up` never prints it)."""
+    from opsctl.services import LocalStack
+
+    if not settings.mlflow_auth:
+        print("error: MLflow runs without authentication (PIPELINE_MLFLOW_AUTH=false): there are no accounts",
+              file=sys.stderr)
+        return 1
+    password = LocalStack(settings).mlflow_password(args.account)
+    if password is None:
+        print(f"error: no password for {args.account} in {settings.mlflow_credentials_file}: start the stack "
+              "with `make up` first", file=sys.stderr)
+        return 1
+    print(password)
+    return 0
+
+
 def _cmd_down(settings: StackSettings, args: argparse.Namespace) -> int:
     from opsctl.services import LocalStack
 
@@ -138,7 +155,11 @@ def _cmd_rollback(settings: StackSettings, args: argparse.Namespace) -> int:
 
 def _print_urls(settings: StackSettings, password: str | None) -> None:
     print()
-    print(f"MLflow UI:   {settings.mlflow_url}")
+    if settings.mlflow_auth:
+        print(f"MLflow UI:   {settings.mlflow_url}  (sign in as reviewer; `opsctl mlflow-password reviewer` prints the"
+              f" password, kept in {settings.mlflow_credentials_file})")
+    else:
+        print(f"MLflow UI:   {settings.mlflow_url}  (no authentication: PIPELINE_MLFLOW_AUTH=false)")
     print(f"Airflow UI:  {settings.airflow_url}  (user admin, password {password or '(not generated yet)'};"
           f" stored in {settings.airflow_passwords_file})")
     print(f"Triton:      http://{settings.triton_http_url}  (gRPC {settings.host}:{settings.triton_grpc_port},"
@@ -163,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     champion.add_argument("--registered-model", default="text-classifier", help="MLflow registered model name")
     champion.add_argument("--triton-model", default=DEFAULT_MODEL, help="Triton ensemble name")
     champion.set_defaults(handler=_cmd_champion)
+    password = commands.add_parser("mlflow-password", help="print the password of an MLflow account of the stack")
+    password.add_argument("account", nargs="?", default="reviewer", choices=["reviewer", "pipeline", "admin"])
+    password.set_defaults(handler=_cmd_mlflow_password)
     classify = commands.add_parser("classify", help="send texts through the gateway and print the predictions")
     classify.add_argument("texts", nargs="+", help="one or more texts (quote each)")
     classify.set_defaults(handler=_cmd_classify)
@@ -197,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = StackSettings.from_env(os.environ)
+        if settings.mlflow_auth:  # opsctl's own MLflow calls (champion, rollback, the demos) sign in as the pipeline
+            from opsctl.mlflow_auth import stack_client_environment
+
+            os.environ.update(stack_client_environment(settings.mlflow_credentials_file, os.environ))
         return args.handler(settings, args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+from opsctl import mlflow_auth
 from opsctl.process import ProcessManager, ServiceError, ServiceSpec, free_port
 from opsctl.settings import TELEMETRY_OFF, StackSettings, load_or_create_secrets
 from serving.triton_server import TritonPorts, discover_runtime, prepare_backends, server_command, server_environment
@@ -27,29 +28,55 @@ def base_environment(settings: StackSettings, inherited: Mapping[str, str]) -> d
     return env
 
 
-def mlflow_spec(settings: StackSettings, env: dict[str, str]) -> ServiceSpec:
+def mlflow_spec(settings: StackSettings, env: dict[str, str],
+                secrets: dict[str, str] | None = None) -> ServiceSpec:
+    """MLflow on SQLite and local artifacts; with ``secrets`` (the stack's MLflow credentials), its basic-auth
+    app: anonymous requests refused, the first admin password and the CSRF key passed by environment."""
     settings.mlflow_dir.mkdir(parents=True, exist_ok=True)
+    argv = [str(settings.venv / "bin" / "mlflow"), "server", "--host", settings.host,
+            "--port", str(settings.mlflow_port),
+            "--backend-store-uri", f"sqlite:///{settings.mlflow_dir / 'mlflow.db'}",
+            "--artifacts-destination", str(settings.mlflow_dir / "artifacts"), "--workers", "1"]
+    server_env = dict(env)
+    if secrets is not None:
+        settings.mlflow_auth_config.write_text(mlflow_auth.auth_config(settings.mlflow_auth_database_url))
+        argv += ["--app-name", "basic-auth"]
+        server_env.update(mlflow_auth.server_environment(settings.mlflow_auth_config, secrets[mlflow_auth.ADMIN],
+                                                         secrets["flask_secret_key"]))
     return ServiceSpec(
         name="mlflow",
-        argv=[
-            str(settings.venv / "bin" / "mlflow"),
-            "server",
-            "--host",
-            settings.host,
-            "--port",
-            str(settings.mlflow_port),
-            "--backend-store-uri",
-            f"sqlite:///{settings.mlflow_dir / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(settings.mlflow_dir / "artifacts"),
-            "--workers",
-            "1",
-        ],
-        env=env,
+        argv=argv,
+        env=server_env,
         ports=(settings.mlflow_port,),
         health_url=f"{settings.mlflow_url}/health",
         cwd=settings.mlflow_dir,
     )
+
+
+def mlflow_secrets(settings: StackSettings) -> dict[str, str] | None:
+    """The stack's MLflow passwords and CSRF key (made at the first call, kept owner-only under the stack's
+    home); None when the stack runs MLflow without authentication."""
+    if not settings.mlflow_auth:
+        return None
+    return load_or_create_secrets(settings.mlflow_credentials_file, mlflow_auth.SECRET_NAMES)
+
+
+def with_pipeline_credentials(env: dict[str, str], secrets: dict[str, str] | None) -> dict[str, str]:
+    """``env`` plus the pipeline account's MLflow credentials (unchanged without authentication)."""
+    if secrets is None:
+        return dict(env)
+    return env | mlflow_auth.client_environment(mlflow_auth.PIPELINE, secrets[mlflow_auth.PIPELINE])
+
+
+def provision_mlflow_accounts(settings: StackSettings, secrets: dict[str, str]) -> list[str]:
+    """The pipeline and reviewer accounts on the stack's MLflow (created at its first start)."""
+    try:
+        return mlflow_auth.provision_accounts(settings.mlflow_url, secrets[mlflow_auth.ADMIN], secrets,
+                                              settings.registered_model)
+    except mlflow_auth.AuthSetupError as error:
+        raise ServiceError(f"{error}. Restore {settings.mlflow_credentials_file}, or delete it together with "
+                           f"{settings.mlflow_dir / 'basic_auth.db'} and restart (the accounts are made again "
+                           "with new passwords).") from None
 
 
 def triton_spec(settings: StackSettings, env: dict[str, str], prepare: bool = True,
@@ -123,11 +150,17 @@ def reconcile_spec(settings: StackSettings, env: dict[str, str]) -> ServiceSpec:
     )
 
 
-def airflow_environment(settings: StackSettings, env: dict[str, str]) -> dict[str, str]:
-    """Airflow 3 on SQLite with LocalExecutor, simple auth manager, loopback only."""
+def airflow_environment(settings: StackSettings, env: dict[str, str],
+                        mlflow_credentials: dict[str, str] | None = None) -> dict[str, str]:
+    """Airflow 3 on SQLite with LocalExecutor, simple auth manager, loopback only. Its tasks get the
+    pipeline's MLflow account from the connection ``mlflow_default`` (not from variables of their own)."""
     secrets = load_or_create_secrets(settings.home / "secrets.json")
     home = settings.airflow_home
-    airflow_env = dict(env)
+    airflow_env = {name: value for name, value in env.items()
+                   if name not in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    if mlflow_credentials is not None:
+        airflow_env.update(mlflow_auth.airflow_connection_environment(
+            settings.mlflow_url, mlflow_auth.PIPELINE, mlflow_credentials[mlflow_auth.PIPELINE]))
     airflow_env.update(
         {
             "AIRFLOW_HOME": str(home),
@@ -228,17 +261,29 @@ class LocalStack:
         return ["mlflow", "triton", "gateway", "reconcile", *[f"airflow-{c}" for c in AIRFLOW_COMPONENTS]]
 
     def up(self, *, with_airflow: bool = True, progress=print) -> None:
-        """Start every service not yet running and wait until each is healthy (idempotent)."""
+        """Start every service not yet running and wait until each is healthy (idempotent). MLflow comes
+        first: with authentication its accounts must exist before any client signs in."""
         self.settings.home.mkdir(parents=True, exist_ok=True)
+        secrets = mlflow_secrets(self.settings)
+        env = with_pipeline_credentials(self._env, secrets)
+        self._start([mlflow_spec(self.settings, env, secrets)], progress)
+        if secrets is not None:
+            created = provision_mlflow_accounts(self.settings, secrets)
+            if created:
+                progress(f"mlflow: created the accounts {', '.join(created)} (passwords in "
+                         f"{self.settings.mlflow_credentials_file})")
         triton_running = self.manager.state("triton").running
-        specs = [mlflow_spec(self.settings, self._env), triton_spec(self.settings, self._env, prepare=not triton_running),
-                 gateway_spec(self.settings, self._env), reconcile_spec(self.settings, self._env)]
+        specs = [triton_spec(self.settings, env, prepare=not triton_running),
+                 gateway_spec(self.settings, env), reconcile_spec(self.settings, env)]
         if with_airflow:
-            airflow_env = airflow_environment(self.settings, self._env)
+            airflow_env = airflow_environment(self.settings, env, secrets)
             if not all(self.manager.state(spec.name).running for spec in airflow_specs(self.settings, airflow_env)):
                 progress("airflow: migrating the metadata database")
                 airflow_db_migrate(self.settings, airflow_env)
             specs += airflow_specs(self.settings, airflow_env)
+        self._start(specs, progress)
+
+    def _start(self, specs: list[ServiceSpec], progress) -> None:
         for spec in specs:
             pid, started = self.manager.start(spec)
             progress(f"{spec.name}: {'started' if started else 'already running'} (pid {pid})")
@@ -266,6 +311,14 @@ class LocalStack:
         return json.loads(path.read_text()).get("admin")
 
     def environment(self) -> dict[str, str]:
-        """The environment tools need to reach this stack (used by the demo and tests)."""
-        return dict(self._env)
+        """The environment tools need to reach this stack (used by the demo and tests), with the pipeline's
+        MLflow account when MLflow runs with authentication."""
+        return with_pipeline_credentials(self._env, mlflow_secrets(self.settings))
+
+    def mlflow_password(self, account: str) -> str | None:
+        """An MLflow account's password from the stack's credentials file (None: no such file or account)."""
+        path = self.settings.mlflow_credentials_file
+        if not path.exists():
+            return None
+        return json.loads(path.read_text()).get(account)
 

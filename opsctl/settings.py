@@ -40,6 +40,15 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if raw == "":
+        return default
+    if raw not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise SettingsError(f"{name}={env[name]!r} is not a switch: use true or false")
+    return raw in ("1", "true", "yes", "on")
+
+
 @dataclass(frozen=True)
 class StackSettings:
     """Where the local stack keeps its state and which loopback ports it uses.
@@ -61,6 +70,8 @@ class StackSettings:
     registered_model: str = REGISTERED_MODEL  # the MLflow registered model whose alias the reconcile loop follows
     reconcile_interval_s: float = 15.0
     airflow_parallelism: int = 2
+    # MLflow's basic-auth app: anonymous requests refused, accounts for the pipeline and a reviewer.
+    mlflow_auth: bool = True
     assets_cache: Path = Path.home() / ".cache" / "transformer-optimization-pipeline"
     venv: Path = REPO_ROOT / ".venv"
     triton_venv: Path = REPO_ROOT / ".venv-triton"
@@ -81,6 +92,7 @@ class StackSettings:
             serving_model=env.get("PIPELINE_SERVING_MODEL") or DEFAULT_MODEL,
             registered_model=env.get("PIPELINE_REGISTERED_MODEL") or REGISTERED_MODEL,
             reconcile_interval_s=float(env.get("PIPELINE_RECONCILE_INTERVAL_S") or 15.0),
+            mlflow_auth=_flag(env, "PIPELINE_MLFLOW_AUTH", True),
             assets_cache=Path(cache).resolve() if cache else cls.assets_cache,
         )
 
@@ -99,6 +111,21 @@ class StackSettings:
     @property
     def mlflow_url(self) -> str:
         return f"http://{self.host}:{self.mlflow_port}"
+
+    @property
+    def mlflow_credentials_file(self) -> Path:
+        """Passwords of MLflow's accounts (admin, pipeline, reviewer) and its CSRF key: owner-only JSON."""
+        return self.home / "mlflow-credentials.json"
+
+    @property
+    def mlflow_auth_config(self) -> Path:
+        """The basic-auth app's configuration (no secret in it: the admin password goes by environment)."""
+        return self.mlflow_dir / "basic_auth.ini"
+
+    @property
+    def mlflow_auth_database_url(self) -> str:
+        """Where the basic-auth app keeps its users and permissions (beside the tracking store)."""
+        return f"sqlite:///{self.mlflow_dir / 'basic_auth.db'}"
 
     @property
     def triton_dir(self) -> Path:
@@ -158,14 +185,24 @@ class StackSettings:
         }
 
 
-def load_or_create_secrets(path: Path) -> dict[str, str]:
-    """Secrets shared by the Airflow processes (JWT signing, API secret key), kept across restarts."""
+AIRFLOW_SECRETS = ("jwt_secret", "api_secret_key")
+
+
+def load_or_create_secrets(path: Path, names: tuple[str, ...] = AIRFLOW_SECRETS) -> dict[str, str]:
+    """Random secrets named ``names``, kept in ``path`` (owner-only) across restarts.
+
+    Names missing from an existing file are generated and added; the values already there are kept.
+    """
+    values: dict[str, str] = {}
     if path.exists():
         try:
-            return json.loads(path.read_text())
+            values = json.loads(path.read_text())
         except ValueError:
             raise SettingsError(f"{path} is corrupt: delete it and restart the stack (new secrets are made)") from None
-    values = {"jwt_secret": secrets.token_urlsafe(32), "api_secret_key": secrets.token_urlsafe(32)}
+    missing = [name for name in names if not values.get(name)]
+    if not missing:
+        return values
+    values.update({name: secrets.token_urlsafe(32) for name in missing})
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_suffix(".tmp")
     temp.unlink(missing_ok=True)

@@ -31,3 +31,7 @@ class CompileError(PipelineError):
 
 class TeacherError(PipelineError):
     """The run's teacher cannot be fetched, or is not a model the pipeline can fine-tune."""
+
+
+class RegistryAccessDenied(PipelineError):
+    """MLflow refused the credentials this process sent (or it sent none)."""

@@ -5,6 +5,8 @@ Shared by the registry step (which records runs and versions) and promotion (whi
 
 from __future__ import annotations
 
+from tasks.errors import RegistryAccessDenied
+
 
 def mlflow_client(tracking_uri: str):
     import mlflow
@@ -18,10 +20,18 @@ def set_alias(tracking_uri: str, registered_model: str, alias: str, version: str
 
 
 def alias_version(tracking_uri: str, registered_model: str, alias: str) -> str | None:
+    """The version ``alias`` names; None when there is no such alias or model (MLflow with authentication
+    answers 403 for a model that does not exist). Refused credentials are an error, not "no alias"."""
+    from mlflow.exceptions import MlflowException
+
     client = mlflow_client(tracking_uri)
     try:
         return str(client.get_model_version_by_alias(registered_model, alias).version)  # an int from a SQL store
-    except Exception:  # noqa: BLE001 - MLflow raises RestException for "no such alias/model"
+    except Exception as error:  # noqa: BLE001 - MLflow raises RestException for "no such alias/model"
+        if isinstance(error, MlflowException) and error.get_http_status_code() == 401:
+            raise RegistryAccessDenied(
+                f"MLflow at {tracking_uri} refused the credentials (401): set MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD to the pipeline's account (docs/configuration.md, MLflow accounts)") from None
         return None
 
 

@@ -4,7 +4,7 @@ at the entrypoint (a DAG task body, the CLI, a test), and passed down as plain v
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,6 +13,9 @@ from tasks.errors import ConfigError
 
 if TYPE_CHECKING:
     from monitoring.monitor import MonitorSettings
+
+# The Airflow connection that holds the pipeline's MLflow account (login and password).
+MLFLOW_CONNECTION_ID = "mlflow_default"
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,14 @@ class PipelineSettings:
             triton_tensorrt=env.get("PIPELINE_TRITON_TENSORRT") or None,
         )
 
+    @classmethod
+    def in_airflow_task(cls, environ: MutableMapping[str, str]) -> PipelineSettings:
+        """``from_env`` inside an Airflow task, after exporting the MLflow credentials of the connection
+        ``mlflow_default`` into ``environ`` (the process environment, where every MLflow client of the
+        task, and its subprocesses, read them). Without that connection ``environ`` is left as it is."""
+        environ.update(mlflow_connection_credentials(MLFLOW_CONNECTION_ID))
+        return cls.from_env(environ)
+
     def monitor_settings(self) -> MonitorSettings:
         """The settings of the monitor_serving task, from the same environment as the pipeline's."""
         from monitoring.monitor import MonitorSettings
@@ -94,3 +105,19 @@ def safe_name(run_id: str) -> str:
     if not cleaned:
         raise ConfigError(f"run id {run_id!r} has no usable characters")
     return cleaned
+
+
+def mlflow_connection_credentials(connection_id: str) -> dict[str, str]:
+    """``MLFLOW_TRACKING_USERNAME`` and ``MLFLOW_TRACKING_PASSWORD`` from an Airflow connection's login and
+    password ({} when the connection is not defined or has no login). Only for Airflow tasks: the one
+    place in ``tasks`` that imports Airflow, inside the call."""
+    from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        connection = BaseHook.get_connection(connection_id)
+    except AirflowNotFoundException:
+        return {}
+    if not connection.login:
+        return {}
+    return {"MLFLOW_TRACKING_USERNAME": connection.login, "MLFLOW_TRACKING_PASSWORD": connection.password or ""}

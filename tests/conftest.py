@@ -106,7 +106,7 @@ def airflow_database(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def local_services(tmp_path_factory: pytest.TempPathFactory):
-    """Real MLflow and Triton servers on free ports, in a throw-away stack home."""
+    """Real MLflow (without authentication) and Triton servers on free ports, in a throw-away stack home."""
     from opsctl.process import free_port
     from opsctl.services import LocalStack
     from opsctl.settings import StackSettings
@@ -114,7 +114,9 @@ def local_services(tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("stack")
     ports = {name: str(free_port())
              for name in ("MLFLOW", "TRITON_HTTP", "TRITON_GRPC", "TRITON_METRICS", "AIRFLOW", "GATEWAY")}
-    env = {"PIPELINE_HOME": str(home), "PIPELINE_ASSETS_CACHE": str(home / "assets")}
+    # MLflow without authentication here: tests/integration/test_mlflow_auth.py checks the stack's
+    # authenticated MLflow, and test_local_stack.py the whole stack with it.
+    env = {"PIPELINE_HOME": str(home), "PIPELINE_ASSETS_CACHE": str(home / "assets"), "PIPELINE_MLFLOW_AUTH": "false"}
     env.update({f"PIPELINE_{name}_PORT": port for name, port in ports.items()})
     settings = StackSettings.from_env(env)
     stack = LocalStack(settings)

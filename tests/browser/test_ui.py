@@ -1,6 +1,6 @@
 """What a user sees, in headless Chromium (Debian's chromium + chromium-driver, driven by Selenium):
-log in to Airflow and find both DAGs and a successful optimize_model run; open MLflow and find the
-registered model with its `champion` alias. Screenshots go to test-artifacts/browser/.
+log in to Airflow and find both DAGs and a successful optimize_model run; open MLflow as the reviewer
+and find the registered model with its `champion` alias. Screenshots go to test-artifacts/browser/.
 
 Runs in `make test-slow` (it starts the whole stack and trains a tiny model through the scheduler,
 about four minutes here); `make browser-deps` installs the browser.
@@ -126,7 +126,14 @@ def test_airflow_shows_both_dags_and_the_successful_run(stack, browser):
 
 
 def test_mlflow_shows_the_registered_model_with_the_champion_alias(stack, browser):
+    import base64
+
     settings = stack.settings
+    # MLflow runs with authentication: the browser signs in as the reviewer (HTTP basic auth on every
+    # request, as the browser's own prompt would send it).
+    token = base64.b64encode(f"reviewer:{stack.mlflow_password('reviewer')}".encode()).decode()
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {token}"}})
     browser.get(f"{settings.mlflow_url}/#/models/text-classifier")
     page = _wait_for_text(browser, "text-classifier", "champion", "Version 1")
     assert "candidate" in page  # the version's lineage tags are on the page

@@ -35,7 +35,9 @@ def _env(home: Path) -> dict[str, str]:
 
 
 def _opsctl(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "opsctl.cli", *args], env=os.environ | env, capture_output=True,
+    """opsctl as a user runs it: no MLflow account of their own (it signs in as the pipeline from the stack's home)."""
+    user_env = {name: value for name, value in os.environ.items() if not name.startswith("MLFLOW_TRACKING_")}
+    return subprocess.run([sys.executable, "-m", "opsctl.cli", *args], env=user_env | env, capture_output=True,
                           text=True, timeout=120)
 
 
@@ -77,13 +79,18 @@ def _assert_switched_off_run(settings, tasks: dict, champion_version: str) -> No
     assert model_aliases.alias_version(settings.mlflow_url, "text-classifier", "champion") == champion_version
 
 
-def test_scheduler_runs_optimize_model_and_restart_keeps_state(tmp_path, tiny_model, labelled_csv):
+def test_scheduler_runs_optimize_model_and_restart_keeps_state(tmp_path, tiny_model, labelled_csv, monkeypatch):
     env = _env(tmp_path / "stack")
     stack = LocalStack(StackSettings.from_env(env))
     settings = stack.settings
     messages: list[str] = []
     try:
         stack.up(progress=messages.append)
+        # MLflow runs with authentication: the Airflow tasks sign in through the connection mlflow_default
+        # (their environment has no MLflow account), this test as the pipeline.
+        assert settings.mlflow_auth and any("created the accounts pipeline, reviewer" in line for line in messages)
+        for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            monkeypatch.setenv(name, stack.environment()[name])
         assert all(state["running"] for state in stack.status().values())
         pids = {name: state["pid"] for name, state in stack.status().items()}
         again: list[str] = []

@@ -60,7 +60,7 @@ def test_gateway_replicas_sit_behind_nginx():
     assert "CREATE DATABASE predictions" in (ROOT / "infra" / "postgres" / "init.sql").read_text()
 
 
-ONE_SHOT = {"airflow-init", "minio-init"}
+ONE_SHOT = {"airflow-init", "minio-init", "mlflow-accounts"}
 
 
 def test_long_running_services_restart_and_have_health_checks():
@@ -109,6 +109,48 @@ def test_mlflow_keeps_artifacts_in_minio_and_only_mlflow_holds_its_credentials()
     assert "mc mb --ignore-existing store/mlflow" in " ".join(services["minio-init"]["command"])
     assert "boto3" in (ROOT / "infra" / "mlflow" / "Dockerfile").read_text()
     assert "AWS_SECRET_ACCESS_KEY" not in services["airflow-worker"]["environment"]
+
+
+def test_mlflow_refuses_anonymous_users_and_the_pipeline_signs_in_with_its_own_account():
+    import configparser
+    import json
+
+    from opsctl.mlflow_auth import auth_config, build_parser
+    from tasks.settings import MLFLOW_CONNECTION_ID
+
+    services = _compose()["services"]
+    mlflow = services["mlflow"]
+    assert mlflow["command"].startswith("mlflow server --app-name basic-auth ")
+    assert mlflow["environment"]["MLFLOW_AUTH_ADMIN_PASSWORD"] == "${MLFLOW_AUTH_ADMIN_PASSWORD:?set in .env}"
+    assert mlflow["environment"]["MLFLOW_FLASK_SERVER_SECRET_KEY"].startswith("${MLFLOW_FLASK_SERVER_SECRET_KEY:?")
+    # The image carries the config the stack writes (NO_PERMISSIONS), its users on a volume, and Flask-WTF.
+    ini = (ROOT / "infra" / "mlflow" / "basic_auth.ini").read_text()
+    assert ini == auth_config("sqlite:////mlflow-auth/basic_auth.db")
+    parsed = configparser.ConfigParser()
+    parsed.read_string(ini)
+    assert parsed["mlflow"]["default_permission"] == "NO_PERMISSIONS" and "admin_password" not in parsed["mlflow"]
+    assert "mlflow-auth:/mlflow-auth" in mlflow["volumes"]
+    dockerfile = (ROOT / "infra" / "mlflow" / "Dockerfile").read_text()
+    assert "MLFLOW_AUTH_CONFIG_PATH=/etc/mlflow/basic_auth.ini" in dockerfile
+    locked = (ROOT / "requirements.lock").read_text().split()
+    assert "COPY basic_auth.ini /etc/mlflow/basic_auth.ini" in dockerfile
+    assert all(pin in locked and pin in dockerfile for pin in ("Flask-WTF==1.3.0", "WTForms==3.3.2"))
+    # The accounts are made once MLflow is healthy; whoever talks to MLflow waits for them.
+    accounts = services["mlflow-accounts"]
+    assert accounts["command"][:3] == ["python", "-m", "opsctl.mlflow_auth"]
+    parsed_args = build_parser().parse_args(accounts["command"][3:])
+    assert (parsed_args.url, parsed_args.registered_model) == ("http://mlflow:5000", "text-classifier")
+    assert accounts["depends_on"]["mlflow"]["condition"] == "service_healthy"
+    for name in ("reconcile", "airflow-worker", "airflow-scheduler"):
+        assert services[name]["depends_on"]["mlflow-accounts"]["condition"] == "service_completed_successfully", name
+    # Airflow tasks read the pipeline's account from the connection; the reconcile loop from its environment.
+    connection = json.loads(services["airflow-worker"]["environment"][f"AIRFLOW_CONN_{MLFLOW_CONNECTION_ID.upper()}"])
+    assert connection == {"conn_type": "http", "host": "http://mlflow:5000", "login": "pipeline",
+                          "password": "${PIPELINE_MLFLOW_PASSWORD:?set in .env}"}
+    reconcile = services["reconcile"]["environment"]
+    assert (reconcile["MLFLOW_TRACKING_USERNAME"], reconcile["MLFLOW_TRACKING_PASSWORD"]) == (
+        "pipeline", "${PIPELINE_MLFLOW_PASSWORD:?set in .env}")
+    assert accounts["environment"]["PIPELINE_MLFLOW_PASSWORD"] == reconcile["MLFLOW_TRACKING_PASSWORD"]
 
 
 def test_triton_runs_on_cpu_or_gpu_by_profile_from_the_derived_image():

@@ -182,6 +182,23 @@ def test_the_reconcile_loop_runs_once_against_every_replica():
     assert claims == {"triton-models"}
 
 
+def test_the_pipeline_signs_in_to_mlflow_from_the_secret():
+    """Airflow tasks through the connection mlflow_default, the reconcile loop through MLFLOW_TRACKING_*."""
+    from tasks.settings import MLFLOW_CONNECTION_ID
+
+    secrets = {item["envName"]: item for item in _values()["secret"]}
+    connection = secrets[f"AIRFLOW_CONN_{MLFLOW_CONNECTION_ID.upper()}"]
+    assert (connection["secretName"], connection["secretKey"]) == ("transformer-optimization", "mlflow-connection")
+    docs = {(doc["kind"], doc["metadata"]["name"]): doc for doc in _serving()}
+    env = {item["name"]: item for item in
+           docs[("Deployment", "reconcile")]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["MLFLOW_TRACKING_USERNAME"]["value"] == "pipeline"
+    assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "transformer-optimization", "key": "mlflow-pipeline-password"}
+    header = (ROOT / "infra" / "helm" / "airflow-values.yaml").read_text()
+    assert "--from-literal=mlflow-connection=" in header and "--from-literal=mlflow-pipeline-password=" in header
+
+
 # What the chart's helpers print (chart/templates/_helpers.yaml: the env helpers' lines start with two
 # spaces and a newline, the mount helper's with "- "), so the GPU pod template's indentation can be
 # checked without helm: `_render` applies `tpl`'s few constructs the template uses the way Go does.
