@@ -18,14 +18,14 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+SHOTS = REPO_ROOT / "test-artifacts" / "browser"
+RUN_ID = "browser_test_run"
 RECONCILE_INTERVAL_S = 5.0
 
 
 def run_conf(tiny_model, labelled_csv, **extra) -> dict:
     return {"data_source": str(labelled_csv), "teacher": str(tiny_model), "epochs": 3.0, "learning_rate": 5e-3,
             "max_length": 32, "student_layers": 1, "distill_epochs": 3.0, **extra}
-SHOTS = REPO_ROOT / "test-artifacts" / "browser"
-RUN_ID = "browser_test_run"
 
 
 @pytest.fixture(scope="module")
@@ -125,15 +125,19 @@ def test_airflow_shows_both_dags_and_the_successful_run(stack, browser):
     _shot(browser, "airflow-optimize-model-run")
 
 
-def test_mlflow_shows_the_registered_model_with_the_champion_alias(stack, browser):
+def _sign_in_to_mlflow_as_reviewer(browser, stack) -> None:
+    """MLflow runs with authentication: the browser signs in as the reviewer (HTTP basic auth on every
+    request, as the browser's own prompt would send it)."""
     import base64
 
-    settings = stack.settings
-    # MLflow runs with authentication: the browser signs in as the reviewer (HTTP basic auth on every
-    # request, as the browser's own prompt would send it).
     token = base64.b64encode(f"reviewer:{stack.mlflow_password('reviewer')}".encode()).decode()
     browser.execute_cdp_cmd("Network.enable", {})
     browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {token}"}})
+
+
+def test_mlflow_shows_the_registered_model_with_the_champion_alias(stack, browser):
+    settings = stack.settings
+    _sign_in_to_mlflow_as_reviewer(browser, stack)
     browser.get(f"{settings.mlflow_url}/#/models/text-classifier")
     page = _wait_for_text(browser, "text-classifier", "champion", "Version 1")
     assert "candidate" in page  # the version's lineage tags are on the page
@@ -176,7 +180,8 @@ def _until(condition, timeout_s: float, what: str) -> float:
     return time.monotonic() - started
 
 
-def test_a_reviewer_approves_in_the_mlflow_ui_and_moves_the_alias_back(stack, browser, tiny_model, labelled_csv):
+def test_a_reviewer_approves_in_the_mlflow_ui_and_moves_the_alias_back(stack, browser, tiny_model, labelled_csv,
+                                                                       monkeypatch):
     """approval=manual: the run waits (deferred) with the winner as 'challenger'; pointing 'champion' at it in
     the MLflow UI serves it within the reconcile interval with no failed request, and the run ends approved;
     pointing 'champion' back at the version before serves that one again."""
@@ -186,6 +191,9 @@ def test_a_reviewer_approves_in_the_mlflow_ui_and_moves_the_alias_back(stack, br
     from tests.integration.test_registry_and_promotion import RequestStream
 
     settings, model, served = stack.settings, "text-classifier", "text_classifier"
+    # This process reads the registry as the pipeline account (anonymous requests are refused).
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "pipeline")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", stack.mlflow_password("pipeline"))
     api = AirflowApi(settings.airflow_url, "admin", stack.airflow_admin_password())
     before = model_aliases.alias_version(settings.mlflow_url, model, "champion")
     run_id = "browser_approval_run"
@@ -199,7 +207,7 @@ def test_a_reviewer_approves_in_the_mlflow_ui_and_moves_the_alias_back(stack, br
     triton = TritonClient(settings.triton_http_url)
     assert _served_registered_version(triton, settings.triton_model_repository, served) == before
 
-    _log_in_to_airflow(browser, settings.airflow_url, stack.airflow_admin_password())
+    _sign_in_to_mlflow_as_reviewer(browser, stack)
     with RequestStream(settings.triton_http_url, served) as approving:
         _set_alias_in_the_ui(browser, settings.mlflow_url, model, challenger)
         took = _until(lambda: _served_registered_version(triton, settings.triton_model_repository, served)
