@@ -31,7 +31,9 @@ def gateway_stack(tmp_path_factory, exported_onnx):
     from opsctl.settings import StackSettings
 
     home = tmp_path_factory.mktemp("gateway-stack")
-    env = {"PIPELINE_HOME": str(home), "PIPELINE_ASSETS_CACHE": str(home / "assets"), "PIPELINE_SERVING_MODEL": MODEL}
+    # MLflow without authentication, as in conftest's local_services: test_mlflow_auth.py checks the accounts.
+    env = {"PIPELINE_HOME": str(home), "PIPELINE_ASSETS_CACHE": str(home / "assets"), "PIPELINE_SERVING_MODEL": MODEL,
+           "PIPELINE_MLFLOW_AUTH": "false"}
     env.update({f"PIPELINE_{name}_PORT": str(free_port())
                 for name in ("MLFLOW", "TRITON_HTTP", "TRITON_GRPC", "TRITON_METRICS", "AIRFLOW", "GATEWAY")})
     stack = LocalStack(StackSettings.from_env(env))
