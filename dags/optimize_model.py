@@ -289,11 +289,13 @@ def optimize_model():
 
     @task
     def promote(data: dict, evaluations: dict, gated: dict) -> dict:
-        """Serve the winner on Triton and move the `champion` alias; SKIPPED when no candidate passed."""
+        """Serve the winner on Triton and move the `champion` alias (approval=manual: make it the `challenger`,
+        and await_approval waits for a reviewer); SKIPPED when no candidate passed."""
         from tasks import decisions
 
         result = decisions.promote_winner(*_inputs(), data, evaluations, gated)
-        _skip(result.get("reason") if result["status"] == "skipped" else None)
+        # A proposal waiting for review is not a skip: a skipped promote would skip await_approval too.
+        _skip(result.get("reason") if result["status"] == "skipped" and not decisions.awaits_review(result) else None)
         return result
 
     # Runs after a failed or skipped promotion too (the report says what happened), and fails the run

@@ -62,8 +62,15 @@ class AirflowApi:
         return {item["task_id"]: item["state"] for item in self.task_instances(dag_id, run_id)}
 
     def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
-        """Every task instance of a run (task_id, state, start_date, end_date, duration, try_number...)."""
-        return self._call("GET", f"/dags/{dag_id}/dagRuns/{_quote(run_id)}/taskInstances")["task_instances"]
+        """Every task instance of a run (task_id, state, start_date, end_date, duration, try_number...).
+
+        The API pages its answer (50 by default): a run with more task instances is read page by page."""
+        path, page, instances = f"/dags/{dag_id}/dagRuns/{_quote(run_id)}/taskInstances", 100, []
+        while True:
+            answer = self._call("GET", path, params={"limit": page, "offset": len(instances)})
+            instances += answer["task_instances"]
+            if not answer["task_instances"] or len(instances) >= answer.get("total_entries", 0):
+                return instances
 
     def run(self, dag_id: str, run_id: str) -> dict:
         """One DAG run (state, start_date, end_date, conf...)."""

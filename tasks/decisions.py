@@ -228,13 +228,18 @@ def _propose(settings: PipelineSettings, config: PipelineConfig, run_id: str, da
     return result.to_dict()
 
 
+def awaits_review(promotion: dict) -> bool:
+    """Whether a promotion record is a manual-approval proposal still waiting for a reviewer."""
+    return promotion.get("info", {}).get("approval") == "pending"
+
+
 def await_approval(settings: PipelineSettings, config: PipelineConfig, run_id: str, now: datetime) -> dict | None:
     """One check of a run waiting for a reviewer: None while nobody decided (and the deadline is ahead),
     else the final promotion record (also written for the report). A run that did not wait (approval
     auto, no winner, a failed promotion) gets its promotion record back at once."""
     record_path = settings.run_dir(run_id) / DECISIONS / "promotion.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else None
-    if record is None or record.get("info", {}).get("approval") != "pending":
+    if record is None or not awaits_review(record):
         return record
     proposal = approval.Proposal(record["info"]["mlflow_version"], datetime.fromisoformat(record["info"]["deadline"]))
     outcome = approval.decision(settings.mlflow_tracking_uri, config.promote, proposal, now)

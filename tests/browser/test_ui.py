@@ -199,11 +199,12 @@ def test_a_reviewer_approves_in_the_mlflow_ui_and_moves_the_alias_back(stack, br
     run_id = "browser_approval_run"
     api.trigger("optimize_model", run_conf(tiny_model, labelled_csv, approval="manual", force_retrain=True),
                 run_id=run_id)
-    _until(lambda: model_aliases.alias_version(settings.mlflow_url, model, "challenger") is not None
-           or api.run_state("optimize_model", run_id) in ("success", "failed"), 900, "a challenger")
+    # promote_winner makes the winner the challenger; await_approval starts after it and defers.
+    _until(lambda: api.task_states("optimize_model", run_id).get("await_approval") == "deferred"
+           or api.run_state("optimize_model", run_id) in ("success", "failed"), 900, "await_approval deferred")
+    assert api.task_states("optimize_model", run_id)["await_approval"] == "deferred"
     challenger = model_aliases.alias_version(settings.mlflow_url, model, "challenger")
     assert challenger and challenger != before, api.task_states("optimize_model", run_id)
-    assert api.task_states("optimize_model", run_id)["await_approval"] == "deferred"
     triton = TritonClient(settings.triton_http_url)
     assert _served_registered_version(triton, settings.triton_model_repository, served) == before
 
