@@ -359,7 +359,7 @@ class LocalStack:
     def purge(self, progress=print) -> list[str]:
         """Drop the stack's PostgreSQL databases and delete its keys on the Celery broker; refuses while any of its
         services runs (it stops nothing). Returns what it dropped; the files under the stack's home stay."""
-        running = [name for name in self.service_names if self.manager.state(name).running]
+        running = [name for name in self._known_services() if self.manager.state(name).running]
         if running:
             raise ServiceError(f"the stack still runs ({', '.join(running)}): stop it with `opsctl down` (or "
                                "`make down-postgres`) first; purge stops nothing")
@@ -386,9 +386,15 @@ class LocalStack:
             self.manager.wait_healthy(spec, timeout_s=180.0)
             progress(f"{spec.name}: healthy")
 
+    def _known_services(self) -> list[str]:
+        """``service_names`` plus Celery workers a start with other settings left recorded (a stack started with a
+        broker and stopped without it set still has its workers stopped)."""
+        recorded = sorted(path.stem for path in self.settings.pids_dir.glob("airflow-celery-worker-*.pid"))
+        return self.service_names + [name for name in recorded if name not in self.service_names]
+
     def down(self, progress=print) -> None:
-        """Stop every running service, Airflow first (its tasks talk to MLflow and Triton)."""
-        for name in reversed(self.service_names):
+        """Stop every running service, the Celery workers and Airflow first (its tasks talk to MLflow and Triton)."""
+        for name in reversed(self._known_services()):
             if self.manager.stop(name):
                 progress(f"{name}: stopped")
 

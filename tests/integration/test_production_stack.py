@@ -8,6 +8,7 @@ them this test skips, saying why. Slow tier: several minutes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import sqlalchemy as sa
 
 from opsctl import databases
 from opsctl.airflow_api import AirflowApi
-from opsctl.process import free_port
+from opsctl.process import ServiceError, free_port
 from opsctl.services import LocalStack, celery_worker_names
 from opsctl.settings import StackSettings
 from tests.production_servers import postgres_url, redis_url  # noqa: F401 - session fixtures
@@ -105,47 +106,59 @@ def test_production_configuration_end_to_end(tmp_path, tiny_model, labelled_csv,
                                              redis_url):
     env = _env(tmp_path / "stack", postgres_url, redis_url)
     stack = LocalStack(StackSettings.from_env(env))
+    try:
+        _up_run_and_check(stack, env, tiny_model, labelled_csv, monkeypatch, postgres_url)
+        stack.down(progress=lambda _: None)
+        _purge_and_check(stack.settings, env, postgres_url, redis_url)
+    finally:  # a failed check leaves nothing behind either: no process, no database, no broker key
+        stack.down(progress=lambda _: None)
+        with contextlib.suppress(ServiceError):
+            stack.purge(progress=lambda _: None)
+
+
+def _up_run_and_check(stack: LocalStack, env: dict[str, str], tiny_model: Path, labelled_csv: Path, monkeypatch,
+                      postgres_url: str) -> None:
     settings = stack.settings
     names = settings.database_names
     messages: list[str] = []
-    try:
-        stack.up(progress=messages.append)
-        assert f"postgresql: created the databases {', '.join(names.values())}" in messages
-        assert [name for name, state in stack.status().items() if not state["running"]] == []
-        for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-            monkeypatch.setenv(name, stack.environment()[name])
+    stack.up(progress=messages.append)
+    assert f"postgresql: created the databases {', '.join(names.values())}" in messages
+    assert [name for name, state in stack.status().items() if not state["running"]] == []
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(name, stack.environment()[name])
 
-        task_instances = _run_optimize_model(stack, tiny_model, labelled_csv)
-        # Both workers ran tasks, and no other process did (the scheduler marks tasks it never runs, such as
-        # empty ones, without a hostname).
-        ran_on = {ti["hostname"] for ti in task_instances if ti["state"] == "success" and ti["hostname"]}
-        assert ran_on == set(celery_worker_names(settings)), ran_on
+    task_instances = _run_optimize_model(stack, tiny_model, labelled_csv)
+    # Both workers ran tasks, and no other process did (the scheduler marks tasks it never runs, such as
+    # empty ones, without a hostname).
+    ran_on = {ti["hostname"] for ti in task_instances if ti["state"] == "success" and ti["hostname"]}
+    assert ran_on == set(celery_worker_names(settings)), ran_on
 
-        urls = {role: databases.database_url(postgres_url, name) for role, name in names.items()}
-        assert _scalar(urls["airflow"], "SELECT count(*) FROM dag_run WHERE run_id = :id AND state = 'success'",
-                       id=RUN_ID) == 1
-        assert _scalar(urls["airflow"], "SELECT count(*) FROM celery_taskmeta WHERE status = 'SUCCESS'") > 0
-        assert _scalar(urls["mlflow"], "SELECT count(*) FROM model_versions WHERE name = 'text-classifier'") >= 1
-        assert _scalar(urls["mlflow_auth"], "SELECT count(*) FROM users WHERE username IN ('pipeline', 'reviewer')") == 2
+    urls = {role: databases.database_url(postgres_url, name) for role, name in names.items()}
+    assert _scalar(urls["airflow"], "SELECT count(*) FROM dag_run WHERE run_id = :id AND state = 'success'",
+                   id=RUN_ID) == 1
+    assert _scalar(urls["airflow"], "SELECT count(*) FROM celery_taskmeta WHERE status = 'SUCCESS'") > 0
+    assert _scalar(urls["mlflow"], "SELECT count(*) FROM model_versions WHERE name = 'text-classifier'") >= 1
+    assert _scalar(urls["mlflow_auth"], "SELECT count(*) FROM users WHERE username IN ('pipeline', 'reviewer')") == 2
 
-        body = _classify(settings)
-        prediction_id = body["predictions"][0]["prediction_id"]
-        assert _wait_logged(urls["predictions"], prediction_id) == 1
-        assert settings.gateway_journal_dir == settings.home / "prediction-journal"
-        assert settings.gateway_journal_dir.is_dir()
+    body = _classify(settings)
+    prediction_id = body["predictions"][0]["prediction_id"]
+    assert _wait_logged(urls["predictions"], prediction_id) == 1
+    assert settings.gateway_journal_dir == settings.home / "prediction-journal"
+    assert settings.gateway_journal_dir.is_dir()
 
-        refused = _opsctl(env, "purge")
-        assert refused.returncode == 1 and "stop it with `opsctl down`" in refused.stderr
-    finally:
-        stack.down(progress=messages.append)
+    refused = _opsctl(env, "purge")
+    assert refused.returncode == 1 and "stop it with `opsctl down`" in refused.stderr
 
-    purged = _opsctl(env, "purge")
-    assert purged.returncode == 0, purged.stderr
-    assert f"postgresql: dropped {', '.join(names.values())}" in purged.stdout
-    assert f"under {settings.broker_key_prefix!r}" in purged.stdout
-    assert databases.existing_databases(postgres_url, list(names.values())) == []
+
+def _purge_and_check(settings: StackSettings, env: dict[str, str], postgres_url: str, redis_url: str) -> None:
     import redis
 
+    names = list(settings.database_names.values())
+    purged = _opsctl(env, "purge")
+    assert purged.returncode == 0, purged.stderr
+    assert f"postgresql: dropped {', '.join(names)}" in purged.stdout
+    assert f"under {settings.broker_key_prefix!r}" in purged.stdout
+    assert databases.existing_databases(postgres_url, names) == []
     client = redis.Redis.from_url(redis_url)
     assert list(client.scan_iter(match=f"{settings.broker_key_prefix}*")) == []
     client.close()

@@ -160,3 +160,20 @@ def test_docker_compose_names_the_settings_the_local_production_configuration_se
                 gateway["GATEWAY_PREDICTION_LOG_URL"]):
         assert url.startswith(f"{databases.POSTGRES_DRIVER}://"), url
     assert "GATEWAY_JOURNAL_DIR" in gateway and airflow["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://")
+
+
+def test_down_without_the_broker_set_still_stops_the_workers_a_celery_start_left(tmp_path):
+    settings = _production(tmp_path)
+    manager = ProcessManager(settings.pids_dir, settings.logs_dir)
+    manager.start(ServiceSpec(name="airflow-celery-worker-2", argv=[sys.executable, "-c", "import time; time.sleep(60)"],
+                              env={}))
+    sqlite_stack = LocalStack(StackSettings(home=tmp_path))  # the same home, started again without the URLs
+    try:
+        with pytest.raises(ServiceError, match=r"still runs \(airflow-celery-worker-2\)"):
+            sqlite_stack.purge(progress=lambda _: None)
+        stopped: list[str] = []
+        sqlite_stack.down(progress=stopped.append)
+        assert stopped == ["airflow-celery-worker-2: stopped"]
+        assert not manager.state("airflow-celery-worker-2").running
+    finally:
+        manager.stop("airflow-celery-worker-2")
