@@ -173,6 +173,13 @@ def _print_urls(settings: StackSettings, password: str | None) -> None:
     print(f"Triton:      http://{settings.triton_http_url}  (gRPC {settings.host}:{settings.triton_grpc_port},"
           f" metrics http://{settings.host}:{settings.triton_metrics_port}/metrics)")
     print(f"Logs:        {settings.logs_dir}")
+    if settings.database_url:
+        from opsctl.databases import hide_password
+
+        executor = (f"CeleryExecutor, {settings.celery_workers} workers on {hide_password(settings.celery_broker_url)}"
+                    if settings.celery_broker_url else "LocalExecutor")
+        print(f"Databases:   {', '.join(settings.database_names.values())} on {hide_password(settings.database_url)}"
+              f" (Airflow: {executor}; `opsctl purge` drops them once the stack is down)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -50,22 +50,24 @@ def check_server_url(url: str) -> str:
     try:
         parsed = sa.engine.make_url(url)
     except sa.exc.ArgumentError:
-        raise ValueError(f"{url!r} is not a database URL: use postgresql://USER[:PASSWORD]@HOST:PORT/DATABASE") from None
+        raise ValueError(f"{hide_password(url)!r} is not a database URL: use "
+                         "postgresql://USER[:PASSWORD]@HOST:PORT/DATABASE") from None
     if parsed.get_backend_name() != "postgresql":
-        raise ValueError(f"{_hide_password(url)} is not a PostgreSQL URL: use postgresql://USER[:PASSWORD]@HOST:PORT/"
+        raise ValueError(f"{hide_password(url)} is not a PostgreSQL URL: use postgresql://USER[:PASSWORD]@HOST:PORT/"
                          "DATABASE (the stack without it runs on SQLite)")
     return url
 
 
 def database_url(server_url: str, database: str, driver: str = POSTGRES_DRIVER) -> str:
     """The SQLAlchemy URL of ``database`` on the server ``server_url`` names, with ``driver``; the password kept."""
-    return sa.engine.make_url(server_url).set(drivername=driver, database=database).render_as_string(hide_password=False)
+    url = sa.engine.make_url(server_url).set(drivername=driver, database=database)
+    return url.render_as_string(hide_password=False)
 
 
 def check_broker_url(url: str) -> str:
     """``url`` if it names a Redis broker (``redis://`` or ``rediss://``); ValueError otherwise."""
     if not re.match(r"^rediss?://", url):
-        raise ValueError(f"{_hide_password(url)} is not a Redis URL: use redis://[:PASSWORD@]HOST:PORT/DB")
+        raise ValueError(f"{hide_password(url)} is not a Redis URL: use redis://[:PASSWORD@]HOST:PORT/DB")
     return url
 
 
@@ -112,7 +114,7 @@ def delete_broker_keys(broker_url: str, prefix: str) -> int:
         for start in range(0, len(keys), 500):
             client.delete(*keys[start:start + 500])
     except redis.RedisError as error:
-        raise DatabaseSetupError(f"could not clean the Celery broker {_hide_password(broker_url)}: {error}") from None
+        raise DatabaseSetupError(f"could not clean the Celery broker {hide_password(broker_url)}: {error}") from None
     finally:
         client.close()
     return len(keys)
@@ -127,7 +129,7 @@ def _maintenance_connection(server_url: str):
         return _DisposingConnection(engine, engine.connect())
     except sa.exc.OperationalError as error:
         engine.dispose()
-        raise DatabaseSetupError(f"could not connect to PostgreSQL at {_hide_password(server_url)} "
+        raise DatabaseSetupError(f"could not connect to PostgreSQL at {hide_password(server_url)} "
                                  f"({str(error.orig).strip().splitlines()[0]}); check PIPELINE_DATABASE_URL and that "
                                  "the server runs") from None
 
@@ -155,5 +157,6 @@ def _escape_glob(text: str) -> str:
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
-def _hide_password(url: str) -> str:
+def hide_password(url: str) -> str:
+    """``url`` with its password, if any, shown as ``***``."""
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)

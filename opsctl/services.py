@@ -30,8 +30,8 @@ def base_environment(settings: StackSettings, inherited: Mapping[str, str]) -> d
 
 def mlflow_spec(settings: StackSettings, env: dict[str, str],
                 secrets: dict[str, str] | None = None) -> ServiceSpec:
-    """MLflow on the stack's database (SQLite, or PostgreSQL) and local artifacts; with ``secrets`` (the stack's MLflow credentials), its basic-auth
-    app: anonymous requests refused, the first admin password and the CSRF key passed by environment."""
+    """MLflow on the stack's database (SQLite, or PostgreSQL) and local artifacts; with ``secrets`` (the stack's
+    MLflow credentials), its basic-auth app: anonymous requests refused, the first admin password and the CSRF key passed by environment."""
     settings.mlflow_dir.mkdir(parents=True, exist_ok=True)
     argv = [str(settings.venv / "bin" / "mlflow"), "server", "--host", settings.host,
             "--port", str(settings.mlflow_port),
@@ -316,7 +316,8 @@ class LocalStack:
 
     @property
     def service_names(self) -> list[str]:
-        workers = [f"airflow-celery-worker-{number}" for number, _ in enumerate(celery_worker_names(self.settings), 1)]
+        workers = [f"airflow-celery-worker-{number}"
+                   for number, _ in enumerate(celery_worker_names(self.settings), start=1)]
         return ["mlflow", "triton", "gateway", "reconcile", *[f"airflow-{c}" for c in AIRFLOW_COMPONENTS], *workers]
 
     def up(self, *, with_airflow: bool = True, progress=print) -> None:
@@ -368,7 +369,8 @@ class LocalStack:
                      f"under {self.settings.home}")
             return []
         try:
-            dropped = databases.drop_databases(self.settings.database_url, list(self.settings.database_names.values()))
+            names = list(self.settings.database_names.values())
+            dropped = databases.drop_databases(self.settings.database_url, names)
             keys = (databases.delete_broker_keys(self.settings.celery_broker_url, self.settings.broker_key_prefix)
                     if self.settings.celery_broker_url else None)
         except databases.DatabaseSetupError as error:

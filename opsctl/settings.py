@@ -154,7 +154,8 @@ class StackSettings:
 
     @property
     def mlflow_backend_store_url(self) -> str:
-        """MLflow's tracking store and model registry (SQLite in the stack's home, or the stack's PostgreSQL database)."""
+        """MLflow's tracking store and model registry (SQLite in the stack's home, or the stack's PostgreSQL
+        database)."""
         return self._database("mlflow", self.mlflow_dir / "mlflow.db")
 
     @property

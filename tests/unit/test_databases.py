@@ -165,8 +165,8 @@ def test_docker_compose_names_the_settings_the_local_production_configuration_se
 def test_down_without_the_broker_set_still_stops_the_workers_a_celery_start_left(tmp_path):
     settings = _production(tmp_path)
     manager = ProcessManager(settings.pids_dir, settings.logs_dir)
-    manager.start(ServiceSpec(name="airflow-celery-worker-2", argv=[sys.executable, "-c", "import time; time.sleep(60)"],
-                              env={}))
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    manager.start(ServiceSpec(name="airflow-celery-worker-2", argv=sleeper, env={}))
     sqlite_stack = LocalStack(StackSettings(home=tmp_path))  # the same home, started again without the URLs
     try:
         with pytest.raises(ServiceError, match=r"still runs \(airflow-celery-worker-2\)"):
