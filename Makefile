@@ -12,7 +12,7 @@ export AIRFLOW__USAGE_DATA_COLLECTION__ENABLED := False
 export SCARF_ANALYTICS := false
 PYTEST_ARGS ?=
 
-.PHONY: help venv venv-triton venv-kfp venv-optimum perf-analyzer bench bench-triton bench-pipeline browser-deps kubeflow demo demo-drift demo-latency test test-slow bench-compress bench-monitor bench-drift bench-batch bench-attention bench-multiclass bench-full bench-gpu load-test up down status assets clean-stack
+.PHONY: help demo-postgres down-postgres purge-postgres venv venv-triton venv-kfp venv-optimum perf-analyzer bench bench-triton bench-pipeline browser-deps kubeflow demo demo-drift demo-latency test test-slow bench-compress bench-monitor bench-drift bench-batch bench-attention bench-multiclass bench-full bench-gpu load-test up down status assets clean-stack
 
 help:
 	@echo "make demo       create environments, start the local stack, run optimize_model end to end"
@@ -34,6 +34,8 @@ help:
 	@echo "make load-test       60 s of steady single-text requests to the local gateway -> bench/results/load-local.{json,md}"
 	@echo "make kubeflow        compile optimize_model for Kubeflow Pipelines -> build/optimize_model.kfp.yaml"
 	@echo "make up|down|status  start, stop or inspect the local stack"
+	@echo "make demo-postgres   make demo in the production configuration: PostgreSQL, CeleryExecutor with two workers on Redis"
+	@echo "make down-postgres|purge-postgres  stop that stack; drop its databases and broker keys"
 
 venv: $(VENV)/.installed
 venv-triton: $(VENV_TRITON)/.installed
@@ -182,6 +184,24 @@ bench-pipeline: venv venv-triton
 # Needs the local stack with a promoted champion (make demo).
 load-test: venv
 	$(BIN)/python -m bench.load_test --rate 20 --duration 60
+
+# The production configuration (docs/configuration.md, "Production configuration"): Airflow, MLflow and the
+# prediction log on the PostgreSQL server POSTGRES_URL names, Airflow's CeleryExecutor with two workers on the
+# Redis broker REDIS_URL. Its own home (.stack-postgres), so it never mixes with the SQLite stack of `make demo`.
+POSTGRES_URL ?= postgresql://postgres@127.0.0.1:5432/postgres
+REDIS_URL ?= redis://127.0.0.1:6379/0
+PRODUCTION_ENV := PIPELINE_HOME=$(CURDIR)/.stack-postgres PIPELINE_DATABASE_URL=$(POSTGRES_URL) PIPELINE_CELERY_BROKER_URL=$(REDIS_URL)
+
+demo-postgres: venv venv-triton
+	$(PRODUCTION_ENV) $(BIN)/opsctl up
+	$(PRODUCTION_ENV) $(BIN)/opsctl demo
+
+down-postgres:
+	@if [ -x $(BIN)/opsctl ]; then $(PRODUCTION_ENV) $(BIN)/opsctl down; else echo "nothing to stop: no environment"; fi
+
+# Drops the databases and broker keys of .stack-postgres (refused while it runs); its files stay.
+purge-postgres: venv
+	$(PRODUCTION_ENV) $(BIN)/opsctl purge
 
 clean-stack: down
 	rm -rf .stack

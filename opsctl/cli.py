@@ -51,6 +51,14 @@ def _cmd_down(settings: StackSettings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_purge(settings: StackSettings, args: argparse.Namespace) -> int:
+    """Drop the stack's PostgreSQL databases and its Celery broker keys (refused while the stack runs)."""
+    from opsctl.services import LocalStack
+
+    LocalStack(settings).purge()
+    return 0
+
+
 def _cmd_status(settings: StackSettings, args: argparse.Namespace) -> int:
     from opsctl.services import LocalStack
 
@@ -165,6 +173,13 @@ def _print_urls(settings: StackSettings, password: str | None) -> None:
     print(f"Triton:      http://{settings.triton_http_url}  (gRPC {settings.host}:{settings.triton_grpc_port},"
           f" metrics http://{settings.host}:{settings.triton_metrics_port}/metrics)")
     print(f"Logs:        {settings.logs_dir}")
+    if settings.database_url:
+        from opsctl.databases import hide_password
+
+        executor = (f"CeleryExecutor, {settings.celery_workers} workers on {hide_password(settings.celery_broker_url)}"
+                    if settings.celery_broker_url else "LocalExecutor")
+        print(f"Databases:   {', '.join(settings.database_names.values())} on {hide_password(settings.database_url)}"
+              f" (Airflow: {executor}; `opsctl purge` drops them once the stack is down)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-airflow", action="store_true", help="start only MLflow and Triton")
     up.set_defaults(handler=_cmd_up)
     commands.add_parser("down", help="stop every service the stack started").set_defaults(handler=_cmd_down)
+    commands.add_parser(
+        "purge", help="drop the stack's PostgreSQL databases and Celery broker keys (PIPELINE_DATABASE_URL, "
+                      "PIPELINE_CELERY_BROKER_URL); refused while the stack runs"
+    ).set_defaults(handler=_cmd_purge)
     status = commands.add_parser("status", help="show which services run (exit 3 when any is stopped)")
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=_cmd_status)

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from opsctl import mlflow_auth
+from opsctl import databases, mlflow_auth
 from opsctl.process import ProcessManager, ServiceError, ServiceSpec, free_port
 from opsctl.settings import TELEMETRY_OFF, StackSettings, load_or_create_secrets
 from serving.triton_server import TritonPorts, discover_runtime, prepare_backends, server_command, server_environment
@@ -30,12 +30,12 @@ def base_environment(settings: StackSettings, inherited: Mapping[str, str]) -> d
 
 def mlflow_spec(settings: StackSettings, env: dict[str, str],
                 secrets: dict[str, str] | None = None) -> ServiceSpec:
-    """MLflow on SQLite and local artifacts; with ``secrets`` (the stack's MLflow credentials), its basic-auth
-    app: anonymous requests refused, the first admin password and the CSRF key passed by environment."""
+    """MLflow on the stack's database (SQLite, or PostgreSQL) and local artifacts; with ``secrets`` (the stack's
+    MLflow credentials), its basic-auth app: anonymous requests refused, the first admin password and the CSRF key passed by environment."""
     settings.mlflow_dir.mkdir(parents=True, exist_ok=True)
     argv = [str(settings.venv / "bin" / "mlflow"), "server", "--host", settings.host,
             "--port", str(settings.mlflow_port),
-            "--backend-store-uri", f"sqlite:///{settings.mlflow_dir / 'mlflow.db'}",
+            "--backend-store-uri", settings.mlflow_backend_store_url,
             "--artifacts-destination", str(settings.mlflow_dir / "artifacts"), "--workers", "1"]
     server_env = dict(env)
     if secrets is not None:
@@ -119,12 +119,14 @@ def standalone_triton(home: Path, model_repository: Path | None = None,
 
 
 def gateway_spec(settings: StackSettings, env: dict[str, str]) -> ServiceSpec:
-    """One gateway process (uvicorn) in front of Triton, logging predictions to the stack's SQLite."""
+    """One gateway process (uvicorn) in front of Triton, logging predictions to the stack's database, its journal
+    under the stack's home."""
     gateway_env = dict(env)
     gateway_env.update({
         "GATEWAY_TRITON_GRPC_URL": settings.triton_grpc_url,
         "GATEWAY_MODEL": settings.serving_model,
         "GATEWAY_PREDICTION_LOG_URL": settings.prediction_log_url,
+        "GATEWAY_JOURNAL_DIR": str(settings.gateway_journal_dir),
     })
     return ServiceSpec(
         name="gateway",
@@ -152,8 +154,9 @@ def reconcile_spec(settings: StackSettings, env: dict[str, str]) -> ServiceSpec:
 
 def airflow_environment(settings: StackSettings, env: dict[str, str],
                         mlflow_credentials: dict[str, str] | None = None) -> dict[str, str]:
-    """Airflow 3 on SQLite with LocalExecutor, simple auth manager, loopback only. Its tasks get the
-    pipeline's MLflow account from the connection ``mlflow_default`` (not from variables of their own)."""
+    """Airflow 3 with simple auth manager, loopback only: on SQLite with the LocalExecutor, or on PostgreSQL (with
+    the CeleryExecutor when the stack has a broker; ``executor_environment``). Its tasks get the pipeline's MLflow
+    account from the connection ``mlflow_default`` (not from variables of their own)."""
     secrets = load_or_create_secrets(settings.home / "secrets.json")
     home = settings.airflow_home
     airflow_env = {name: value for name, value in env.items()
@@ -165,13 +168,12 @@ def airflow_environment(settings: StackSettings, env: dict[str, str],
         {
             "AIRFLOW_HOME": str(home),
             "AIRFLOW__CORE__DAGS_FOLDER": str(settings.repo_root / "dags"),
-            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
             "AIRFLOW__CORE__PARALLELISM": str(settings.airflow_parallelism),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(settings.airflow_passwords_file),
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{settings.airflow_url}/execution/",
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": settings.airflow_database_url,
             "AIRFLOW__API__HOST": settings.host,
             "AIRFLOW__API__PORT": str(settings.airflow_port),
             "AIRFLOW__API__BASE_URL": settings.airflow_url,
@@ -184,7 +186,63 @@ def airflow_environment(settings: StackSettings, env: dict[str, str],
             "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
         }
     )
+    airflow_env.update(executor_environment(settings))
     return airflow_env
+
+
+def executor_environment(settings: StackSettings) -> dict[str, str]:
+    """The LocalExecutor, or with a broker the CeleryExecutor (the Celery provider's ``[celery]`` options): tasks
+    queued on the stack's Redis under its own key prefix, results in Airflow's database, one task at a time per
+    worker fetched (no prefetch: a free worker takes the next task)."""
+    if settings.celery_broker_url is None:
+        return {"AIRFLOW__CORE__EXECUTOR": "LocalExecutor"}
+    return {
+        "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+        "AIRFLOW__CELERY__BROKER_URL": settings.celery_broker_url,
+        "AIRFLOW__CELERY__RESULT_BACKEND": settings.celery_result_backend,
+        "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(settings.celery_worker_concurrency),
+        "AIRFLOW__CELERY__WORKER_PREFETCH_MULTIPLIER": "1",
+        "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__GLOBAL_KEYPREFIX": settings.broker_key_prefix,
+    }
+
+
+def celery_worker_names(settings: StackSettings) -> list[str]:
+    """The Celery workers' Celery hostnames (``worker-<n>@<stack>``, unique per stack); none without a broker."""
+    if settings.celery_broker_url is None:
+        return []
+    return [f"worker-{number}@{settings.stack_name}" for number in range(1, settings.celery_workers + 1)]
+
+
+def celery_worker_specs(settings: StackSettings, env: dict[str, str], log_file) -> list[ServiceSpec]:
+    """``airflow celery worker`` per name in ``celery_worker_names``. Each records its Celery hostname as the task
+    instances' hostname (``opsctl.worker_hostname``), so the UI and the API say which worker ran a task."""
+    specs = []
+    for number, hostname in enumerate(celery_worker_names(settings), start=1):
+        name = f"airflow-celery-worker-{number}"
+        worker_env = env | {"AIRFLOW__CORE__HOSTNAME_CALLABLE": "opsctl.worker_hostname.worker_hostname",
+                            "PIPELINE_CELERY_WORKER_HOSTNAME": hostname}
+        specs.append(ServiceSpec(
+            name=name,
+            argv=[str(settings.venv / "bin" / "airflow"), "celery", "worker", "--celery-hostname", hostname,
+                  "--concurrency", str(settings.celery_worker_concurrency), "--skip-serve-logs"],
+            env=worker_env,
+            cwd=settings.airflow_home,
+            ready_check=_log_says_ready(log_file(name)),
+        ))
+    return specs
+
+
+def _log_says_ready(log: Path):
+    """A Celery worker is ready once its log, since its latest start, says ``ready.`` (connected to the broker)."""
+
+    def check() -> bool:
+        try:
+            text = log.read_text(errors="replace")
+        except FileNotFoundError:
+            return False
+        return " ready." in text.rsplit("==== starting", 1)[-1]
+
+    return check
 
 
 def airflow_db_migrate(settings: StackSettings, env: dict[str, str]) -> None:
@@ -258,12 +316,15 @@ class LocalStack:
 
     @property
     def service_names(self) -> list[str]:
-        return ["mlflow", "triton", "gateway", "reconcile", *[f"airflow-{c}" for c in AIRFLOW_COMPONENTS]]
+        workers = [f"airflow-celery-worker-{number}"
+                   for number, _ in enumerate(celery_worker_names(self.settings), start=1)]
+        return ["mlflow", "triton", "gateway", "reconcile", *[f"airflow-{c}" for c in AIRFLOW_COMPONENTS], *workers]
 
     def up(self, *, with_airflow: bool = True, progress=print) -> None:
         """Start every service not yet running and wait until each is healthy (idempotent). MLflow comes
         first: with authentication its accounts must exist before any client signs in."""
         self.settings.home.mkdir(parents=True, exist_ok=True)
+        self._create_databases(progress)
         secrets = mlflow_secrets(self.settings)
         env = with_pipeline_credentials(self._env, secrets)
         self._start([mlflow_spec(self.settings, env, secrets)], progress)
@@ -281,7 +342,43 @@ class LocalStack:
                 progress("airflow: migrating the metadata database")
                 airflow_db_migrate(self.settings, airflow_env)
             specs += airflow_specs(self.settings, airflow_env)
+            specs += celery_worker_specs(self.settings, airflow_env, self.manager.log_file)
         self._start(specs, progress)
+
+    def _create_databases(self, progress) -> None:
+        """The stack's PostgreSQL databases, created when missing (nothing to do on SQLite)."""
+        names = list(self.settings.database_names.values())
+        if not names:
+            return
+        try:
+            created = databases.create_databases(self.settings.database_url, names)
+        except databases.DatabaseSetupError as error:
+            raise ServiceError(str(error)) from None
+        if created:
+            progress(f"postgresql: created the databases {', '.join(created)}")
+
+    def purge(self, progress=print) -> list[str]:
+        """Drop the stack's PostgreSQL databases and delete its keys on the Celery broker; refuses while any of its
+        services runs (it stops nothing). Returns what it dropped; the files under the stack's home stay."""
+        running = [name for name in self._known_services() if self.manager.state(name).running]
+        if running:
+            raise ServiceError(f"the stack still runs ({', '.join(running)}): stop it with `opsctl down` (or "
+                               "`make down-postgres`) first; purge stops nothing")
+        if self.settings.database_url is None:
+            progress("nothing to drop: the stack runs on SQLite (PIPELINE_DATABASE_URL is not set); its files are "
+                     f"under {self.settings.home}")
+            return []
+        try:
+            names = list(self.settings.database_names.values())
+            dropped = databases.drop_databases(self.settings.database_url, names)
+            keys = (databases.delete_broker_keys(self.settings.celery_broker_url, self.settings.broker_key_prefix)
+                    if self.settings.celery_broker_url else None)
+        except databases.DatabaseSetupError as error:
+            raise ServiceError(str(error)) from None
+        progress(f"postgresql: dropped {', '.join(dropped) if dropped else 'nothing (no database of this stack)'}")
+        if keys is not None:
+            progress(f"redis: deleted {keys} keys under {self.settings.broker_key_prefix!r}")
+        return dropped + ([f"{keys} broker keys"] if keys else [])
 
     def _start(self, specs: list[ServiceSpec], progress) -> None:
         for spec in specs:
@@ -291,9 +388,15 @@ class LocalStack:
             self.manager.wait_healthy(spec, timeout_s=180.0)
             progress(f"{spec.name}: healthy")
 
+    def _known_services(self) -> list[str]:
+        """``service_names`` plus Celery workers a start with other settings left recorded (a stack started with a
+        broker and stopped without it set still has its workers stopped)."""
+        recorded = sorted(path.stem for path in self.settings.pids_dir.glob("airflow-celery-worker-*.pid"))
+        return self.service_names + [name for name in recorded if name not in self.service_names]
+
     def down(self, progress=print) -> None:
-        """Stop every running service, Airflow first (its tasks talk to MLflow and Triton)."""
-        for name in reversed(self.service_names):
+        """Stop every running service, the Celery workers and Airflow first (its tasks talk to MLflow and Triton)."""
+        for name in reversed(self._known_services()):
             if self.manager.stop(name):
                 progress(f"{name}: stopped")
 

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from opsctl import databases
 from serving.model_repository import DEFAULT_MODEL
 from tasks.config import REGISTERED_MODEL
 
@@ -49,12 +50,34 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     return raw in ("1", "true", "yes", "on")
 
 
+def _production_urls(env: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """``PIPELINE_DATABASE_URL`` and ``PIPELINE_CELERY_BROKER_URL``, checked (None where unset)."""
+    database = (env.get("PIPELINE_DATABASE_URL") or "").strip() or None
+    broker = (env.get("PIPELINE_CELERY_BROKER_URL") or "").strip() or None
+    try:
+        if database is not None:
+            databases.check_server_url(database)
+        if broker is not None:
+            databases.check_broker_url(broker)
+    except ValueError as error:
+        raise SettingsError(str(error)) from None
+    if broker is not None and database is None:
+        raise SettingsError("PIPELINE_CELERY_BROKER_URL needs PIPELINE_DATABASE_URL too: the CeleryExecutor keeps "
+                            "Airflow's metadata and Celery's results in PostgreSQL (SQLite allows one process only). "
+                            "Set PIPELINE_DATABASE_URL=postgresql://USER@HOST:PORT/postgres, or unset the broker")
+    return database, broker
+
+
 @dataclass(frozen=True)
 class StackSettings:
     """Where the local stack keeps its state and which loopback ports it uses.
 
     Everything lives under ``home`` (default ``<repo>/.stack``): databases, artifacts, the
     Triton model repository, logs and pid files. Deleting that folder resets the stack.
+
+    With ``database_url`` (a PostgreSQL server) the databases are on that server instead, one per
+    component and stack (``opsctl/databases.py``); with ``celery_broker_url`` as well, Airflow runs
+    the CeleryExecutor with ``celery_workers`` workers on that Redis broker.
     """
 
     home: Path
@@ -72,6 +95,10 @@ class StackSettings:
     airflow_parallelism: int = 2
     # MLflow's basic-auth app: anonymous requests refused, accounts for the pipeline and a reviewer.
     mlflow_auth: bool = True
+    database_url: str | None = None  # a PostgreSQL server: the production configuration; None: SQLite files
+    celery_broker_url: str | None = None  # a Redis broker: Airflow's CeleryExecutor; None: LocalExecutor
+    celery_workers: int = 2
+    celery_worker_concurrency: int = 1
     assets_cache: Path = Path.home() / ".cache" / "transformer-optimization-pipeline"
     venv: Path = REPO_ROOT / ".venv"
     triton_venv: Path = REPO_ROOT / ".venv-triton"
@@ -81,6 +108,7 @@ class StackSettings:
         """Build settings from ``PIPELINE_*`` variables; unset ones take the defaults."""
         home = Path(env.get("PIPELINE_HOME") or REPO_ROOT / ".stack").resolve()
         cache = env.get("PIPELINE_ASSETS_CACHE")
+        database_url, celery_broker_url = _production_urls(env)
         return cls(
             home=home,
             mlflow_port=_int(env, "PIPELINE_MLFLOW_PORT", 5000),
@@ -94,6 +122,8 @@ class StackSettings:
             reconcile_interval_s=float(env.get("PIPELINE_RECONCILE_INTERVAL_S") or 15.0),
             mlflow_auth=_flag(env, "PIPELINE_MLFLOW_AUTH", True),
             assets_cache=Path(cache).resolve() if cache else cls.assets_cache,
+            database_url=database_url,
+            celery_broker_url=celery_broker_url,
         )
 
     @property
@@ -123,9 +153,44 @@ class StackSettings:
         return self.mlflow_dir / "basic_auth.ini"
 
     @property
+    def mlflow_backend_store_url(self) -> str:
+        """MLflow's tracking store and model registry (SQLite in the stack's home, or the stack's PostgreSQL
+        database)."""
+        return self._database("mlflow", self.mlflow_dir / "mlflow.db")
+
+    @property
     def mlflow_auth_database_url(self) -> str:
         """Where the basic-auth app keeps its users and permissions (beside the tracking store)."""
-        return f"sqlite:///{self.mlflow_dir / 'basic_auth.db'}"
+        return self._database("mlflow_auth", self.mlflow_dir / "basic_auth.db")
+
+    @property
+    def stack_name(self) -> str:
+        """The name that sets this stack's databases and broker keys apart from other stacks' (its home's)."""
+        return databases.stack_name(self.home)
+
+    @property
+    def database_names(self) -> dict[str, str]:
+        """The stack's PostgreSQL database per role; empty when the stack runs on SQLite."""
+        return databases.database_names(self.stack_name) if self.database_url else {}
+
+    def _database(self, role: str, sqlite_file: Path) -> str:
+        if self.database_url is None:
+            return f"sqlite:///{sqlite_file}"
+        return databases.database_url(self.database_url, self.database_names[role])
+
+    @property
+    def airflow_database_url(self) -> str:
+        """Airflow's metadata database."""
+        return self._database("airflow", self.airflow_home / "airflow.db")
+
+    @property
+    def celery_result_backend(self) -> str:
+        """Where Celery keeps task results: Airflow's own database (Celery's ``db+`` SQLAlchemy form)."""
+        return f"db+{self.airflow_database_url}"
+
+    @property
+    def broker_key_prefix(self) -> str:
+        return databases.broker_key_prefix(self.stack_name)
 
     @property
     def triton_dir(self) -> Path:
@@ -149,8 +214,14 @@ class StackSettings:
 
     @property
     def prediction_log_url(self) -> str:
-        """SQLAlchemy URL of the prediction log (SQLite in the stack's home)."""
-        return f"sqlite:///{self.home / 'predictions.db'}"
+        """SQLAlchemy URL of the prediction log (SQLite in the stack's home, or the stack's PostgreSQL database)."""
+        return self._database("predictions", self.home / "predictions.db")
+
+    @property
+    def gateway_journal_dir(self) -> Path:
+        """The gateway's prediction journal: under the stack's home in both configurations (beside the SQLite
+        log as before, or a folder of its own when the log is on PostgreSQL)."""
+        return self.home / ("prediction-journal" if self.database_url else "predictions.db.journal")
 
     @property
     def airflow_home(self) -> Path:
