@@ -83,8 +83,15 @@ def run(config: PromoteConfig, target: PromotionTarget, model_dir: Path, predict
         log_bundle(target.tracking_uri, config.registered_model, mlflow_version, bundle)
         with serving_lock(target.model_repository, config.triton_model):
             previous = repo.ensemble_versions(target.model_repository, config.triton_model)
-            version, diff = serve_bundle(bundle, config, replicas, target.model_repository, mlflow_version,
-                                         before_switch=shadow_step(config, target, replicas, mlflow_version))
+            try:
+                version, diff = serve_bundle(bundle, config, replicas, target.model_repository, mlflow_version,
+                                             before_switch=shadow_step(config, target, replicas, mlflow_version))
+            except OSError as error:  # writing the version (a full disk): nothing was renamed into place
+                raise PromotionFailed(
+                    f"{config.triton_model}: writing the new version into {target.model_repository} failed: "
+                    f"{error}. Nothing was loaded; version {previous[-1] if previous else '(none)'} keeps "
+                    f"serving; the alias {config.alias!r} is unchanged. Free space on the model repository "
+                    "and retry.") from error
             champion_or_restore(target, config, replicas, mlflow_version, version, previous)
     log.info("promoted MLflow %s v%s as %r -> Triton %s v%d", config.registered_model, mlflow_version,
              config.alias, config.triton_model, version)
@@ -145,16 +152,8 @@ def serve_bundle(bundle: ServingBundle, config: PromoteConfig, replicas: TritonR
                                        intra_op_threads=bundle.intra_op_threads, **gpu_serving(bundle.model_dir))
     previous = repo.ensemble_versions(repository, ensemble.name)
     tables = (bundle.embedding_table,) if bundle.embedding_table else ()
-    try:
-        version = repo.write_component_versions(repository, ensemble, bundle.model_dir,
-                                                served_format(bundle.model_dir), tokenizer_files=tables,
-                                                min_version=min_version)
-    except OSError as error:  # a full disk, a read-only repository: nothing was renamed into place
-        raise PromotionFailed(
-            f"{ensemble.name}: writing the new version into {repository} failed: {error}. Nothing was loaded; "
-            f"version {previous[-1] if previous else '(none)'} keeps serving; the alias {config.alias!r} is "
-            f"unchanged. Free space on (or fix) the model repository and retry."
-        ) from error
+    version = repo.write_component_versions(repository, ensemble, bundle.model_dir, served_format(bundle.model_dir),
+                                            tokenizer_files=tables, min_version=min_version)
     log.info("wrote %s version %d; loading it on %s", ensemble.name, version, ", ".join(replicas.urls))
     try:
         with tempfile.TemporaryDirectory(prefix="marker-") as scratch:

@@ -398,7 +398,15 @@ def test_corrupted_model_file_in_the_repository(stack, promoter, observe):
             time.sleep(0.5)
         reported_s = time.monotonic() - started
         repo.remove_ensemble_version(repository, MODEL, served_before[-1])
-        recovered_s = traffic.wait_for(200, timeout_s=120) + reported_s
+        try:
+            recovered_s = traffic.wait_for(200, timeout_s=120) + reported_s
+        except AssertionError:
+            tail = [line[24:220] for line in reconcile_log.read_text()[log_offset:].splitlines()
+                    if "tasks.reconcile" in line][-2:]
+            observe(served_before=served_before, statuses=traffic.statuses(), reconcile_reported_after_s=round(
+                reported_s, 1), recovered="no 200 within 120 s of the repair",
+                    triton_running=stack.manager.state("triton").running, reconcile_last=tail)
+            raise
         first_served = promoter.served()
         first_holds = repo.registered_version(repository, MODEL, first_served[-1]) if first_served else None
         holds, deadline = first_holds, time.monotonic() + 90
