@@ -12,13 +12,14 @@ export AIRFLOW__USAGE_DATA_COLLECTION__ENABLED := False
 export SCARF_ANALYTICS := false
 PYTEST_ARGS ?=
 
-.PHONY: help demo-postgres down-postgres purge-postgres venv venv-triton venv-kfp venv-optimum perf-analyzer bench bench-triton bench-pipeline browser-deps kubeflow demo demo-drift demo-latency test test-slow bench-compress bench-monitor bench-drift bench-batch bench-attention bench-multiclass bench-full bench-gpu load-test up down status assets clean-stack
+.PHONY: help demo-postgres down-postgres purge-postgres venv venv-triton venv-kfp venv-optimum perf-analyzer bench bench-triton bench-pipeline browser-deps kubeflow demo demo-drift demo-latency test test-slow test-faults bench-compress bench-monitor bench-drift bench-batch bench-attention bench-multiclass bench-full bench-gpu load-test up down status assets clean-stack
 
 help:
 	@echo "make demo       create environments, start the local stack, run optimize_model end to end"
 	@echo "make demo-drift after make demo: normal then shifted traffic, the monitor triggers a retrain (~20 min)"
 	@echo "make demo-latency after make demo: a slow champion breaches the p95 SLO, the monitor triggers a re-optimization (~15 min)"
 	@echo "make test       create environments and run the test suite"
+	@echo "make test-faults  kill -9 Triton, the gateway, MLflow; full disk and a corrupted model (~4 min) -> bench/results/faults.md"
 	@echo "make test-slow  the long checks (real demo assets, the browser test in headless Chromium)"
 	@echo "make bench       every benchmark (~1 h): compression + Optimum peer, Triton vs in-process, pipeline cost -> bench/results/bench.md"
 	@echo "make bench-triton    the promoted model through Triton (perf_analyzer) vs in-process ONNX Runtime -> bench/results/triton-e2e.{json,md}"
@@ -125,6 +126,10 @@ browser-deps:
 
 test-slow: venv venv-triton venv-kfp venv-optimum browser-deps perf-analyzer
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+# The fault suite (tests/faults): real processes killed with SIGKILL, a full disk, a corrupted model file.
+test-faults: venv venv-triton
+	FAULTS_REPORT=bench/results/faults.md $(BIN)/python -m pytest -m faults tests/faults $(PYTEST_ARGS)
 
 # ~25 minutes on 2 cores; exits 2 when a target of the compression issue is not met.
 bench-compress: venv venv-optimum

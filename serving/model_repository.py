@@ -644,17 +644,22 @@ def _write_versions(repository: Path, version: int, layout: dict[str, tuple[str,
     every loaded version of the model, not just add the new one).
     """
     staged = []
-    for model, (config_text, files) in layout.items():
-        folder = repository / model
-        folder.mkdir(parents=True, exist_ok=True)
-        staging = folder / f".incoming-{version}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        for source in files:
-            shutil.copy2(source, staging / source.name)
-        (staging / CONFIG_SNAPSHOT).write_text(config_text)
-        write_config_if_changed(folder, config_text)
-        staged.append((staging, folder / str(version)))
+    try:
+        for model, (config_text, files) in layout.items():
+            folder = repository / model
+            folder.mkdir(parents=True, exist_ok=True)
+            staging = folder / f".incoming-{version}"
+            shutil.rmtree(staging, ignore_errors=True)
+            staged.append((staging, folder / str(version)))
+            staging.mkdir()
+            for source in files:
+                shutil.copy2(source, staging / source.name)
+            (staging / CONFIG_SNAPSHOT).write_text(config_text)
+            write_config_if_changed(folder, config_text)
+    except OSError:  # a full disk: no half-written folder is left behind
+        for staging, _ in staged:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     for staging, final in staged:
         staging.rename(final)
 

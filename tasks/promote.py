@@ -82,9 +82,17 @@ def run(config: PromoteConfig, target: PromotionTarget, model_dir: Path, predict
         bundle = build_bundle(config, model_dir, predictions, data_dir, max_length, intra_op_threads, Path(scratch))
         log_bundle(target.tracking_uri, config.registered_model, mlflow_version, bundle)
         with serving_lock(target.model_repository, config.triton_model):
-            version, diff = serve_bundle(bundle, config, replicas, target.model_repository, mlflow_version,
-                                         before_switch=shadow_step(config, target, replicas, mlflow_version))
-            make_champion(target.tracking_uri, config, mlflow_version, version)
+            previous = repo.ensemble_versions(target.model_repository, config.triton_model)
+            try:
+                version, diff = serve_bundle(bundle, config, replicas, target.model_repository, mlflow_version,
+                                             before_switch=shadow_step(config, target, replicas, mlflow_version))
+            except OSError as error:  # writing the version (a full disk): nothing was renamed into place
+                raise PromotionFailed(
+                    f"{config.triton_model}: writing the new version into {target.model_repository} failed: "
+                    f"{error}. Nothing was loaded; version {previous[-1] if previous else '(none)'} keeps "
+                    f"serving; the alias {config.alias!r} is unchanged. Free space on the model repository "
+                    "and retry.") from error
+            champion_or_restore(target, config, replicas, mlflow_version, version, previous)
     log.info("promoted MLflow %s v%s as %r -> Triton %s v%d", config.registered_model, mlflow_version,
              config.alias, config.triton_model, version)
     return StepResult(
@@ -166,6 +174,23 @@ def serve_bundle(bundle: ServingBundle, config: PromoteConfig, replicas: TritonR
             f"the alias {config.alias!r} is unchanged."
         ) from error
     return version, diff
+
+
+def champion_or_restore(target: PromotionTarget, config: PromoteConfig, replicas: TritonReplicas,
+                        mlflow_version: str, version: int, previous: list[int]) -> None:
+    """Move the alias to the version now served; when the registry cannot be written (MLflow down),
+    serve the version before again, so Triton never serves a version the alias does not name for
+    longer than the switch. If the registry took part of the change, the reconcile loop serves
+    whatever the alias names once MLflow answers."""
+    try:
+        make_champion(target.tracking_uri, config, mlflow_version, version)
+    except Exception as error:  # noqa: BLE001 - any registry failure: the switch is undone
+        restore_serving(replicas, target.model_repository, config.triton_model, version, previous)
+        raise PromotionFailed(
+            f"{config.triton_model} version {version} was served, but moving the alias {config.alias!r} of "
+            f"{config.registered_model} to version {mlflow_version} failed: {error}. Version "
+            f"{previous[-1] if previous else '(none)'} serves again; retry the promotion once MLflow answers."
+        ) from error
 
 
 def make_champion(tracking_uri: str, config: PromoteConfig, mlflow_version: str, triton_version: int) -> None:

@@ -103,6 +103,21 @@ def test_ensemble_versions_are_written_to_every_model_with_one_number(tmp_path):
     assert all(repo.versions(repository, model) == [1] for model in ensemble.load_order)
 
 
+def test_a_failed_write_leaves_no_half_written_version(tmp_path):
+    """A write that fails midway (a full disk; here the tokenizer file cannot be copied) raises and
+    leaves neither a new version nor a staging folder, in any component."""
+    ensemble = repo.ClassifierEnsemble("clf", ("negative", "positive"), max_length=64)
+    repository = tmp_path / "repo"
+    repo.write_ensemble_version(repository, ensemble, _exported(tmp_path))
+    broken = _exported(tmp_path / "b")
+    (broken / "tokenizer.json").unlink()
+    (broken / "tokenizer.json").mkdir()  # copying it fails after the classifier's folder is staged
+    with pytest.raises(OSError):
+        repo.write_component_versions(repository, ensemble, broken)
+    assert all(repo.versions(repository, model) == [1] for model in ensemble.load_order)
+    assert not list(repository.glob("*/.incoming-*"))
+
+
 def test_components_are_written_before_the_ensemble_that_routes_to_them(tmp_path):
     ensemble = repo.ClassifierEnsemble("clf", ("negative", "positive"), max_length=64)
     repository = tmp_path / "repo"
