@@ -129,7 +129,7 @@ def test_triton_down_gives_503_with_the_reason_then_recovers(gateway_stack, http
         time.sleep(0.5)
     assert status == 200
     metrics = http.get("/metrics").text
-    assert 'gateway_requests_total{status="503"}' in metrics
+    assert 'gateway_requests_total{model="gw_model",status="503"}' in metrics
 
 
 def _metric(http: httpx.Client, name: str) -> float:
@@ -238,7 +238,8 @@ def test_feedback_attaches_true_labels_to_served_predictions(gateway_stack, http
     labelled = plog.read_labelled(engine, time.time() - 60, time.time() + 1)
     assert set(labelled["prediction_id"]) == set(ids) and set(labelled["true_label"]) == {"negative"}
     metrics = http.get("/metrics").text
-    assert 'gateway_feedback_requests_total{status="422"} 1.0' in metrics and "gateway_feedback_total 2.0" in metrics
+    assert 'gateway_feedback_requests_total{model="gw_model",status="422"} 1.0' in metrics
+    assert 'gateway_feedback_total{model="gw_model"} 2.0' in metrics
 
 
 class GatewayTraffic:
