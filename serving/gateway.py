@@ -172,8 +172,8 @@ class Metrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
-        self.requests = Counter("gateway_requests_total", "Requests by served model and HTTP status", ["model", "status"],
-                                registry=self.registry)
+        self.requests = Counter("gateway_requests_total", "Requests by served model and HTTP status",
+                                ["model", "status"], registry=self.registry)
         self.latency = Histogram("gateway_request_latency_seconds", "Classify latency, request in to response out",
                                  ["model"], buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
                                  registry=self.registry)
@@ -475,7 +475,8 @@ def _add_classify_route(app: FastAPI, settings: GatewaySettings, prediction_log:
 
 
 async def classify_texts(model: str, texts: list[str], path: str, settings: GatewaySettings,
-                         prediction_log: PredictionLog, metrics: Metrics, state: dict) -> ClassifyResponse | JSONResponse:
+                         prediction_log: PredictionLog, metrics: Metrics,
+                         state: dict) -> ClassifyResponse | JSONResponse:
     """Classify ``texts`` with the served ``model``, log the predictions and count the request under it."""
     problem = _unacceptable_texts(texts, settings)
     if problem:
@@ -609,7 +610,8 @@ def _add_feedback_route(app: FastAPI, settings: GatewaySettings, prediction_log:
 
 
 async def store_feedback(model: str, items: list[FeedbackItem], path: str, settings: GatewaySettings,
-                         prediction_log: PredictionLog, metrics: Metrics, state: dict) -> FeedbackResponse | JSONResponse:
+                         prediction_log: PredictionLog, metrics: Metrics,
+                         state: dict) -> FeedbackResponse | JSONResponse:
     """Store true labels given for the served ``model`` (checked against its labels), counted under it."""
     problem = unacceptable_feedback(items, settings.max_feedback_items, await state["triton"][model].known_labels(),
                                     model)

@@ -67,3 +67,8 @@ def served_models(env: Mapping[str, str]) -> tuple[ServedModel, ...]:
 def monitor_dag_id(model: ServedModel, default: ServedModel) -> str:
     """``monitor_serving`` for the default model, ``monitor_serving__<served>`` for each other."""
     return "monitor_serving" if model == default else f"monitor_serving__{model.served}"
+
+
+def model_params(model: ServedModel) -> dict[str, str]:
+    """The optimize_model params that make a run train, register and serve ``model``."""
+    return {"registered_model": model.registered, "triton_model": model.served}
