@@ -9,7 +9,8 @@
     POST /v1/models/{name}/classify, /v1/models/{name}/feedback   the same, for the served model ``name``;
                         a model the gateway does not serve is a 404 that lists the served ones
     GET  /healthz       the process is up
-    GET  /readyz        Triton is ready and every served model is loaded (503 with the reason if not)
+    GET  /readyz        Triton is ready and the default model is loaded (503 with the reason if not); the other
+                        served models not loaded are listed under ``unavailable``
     GET  /metrics       Prometheus (this replica's own counters, labelled by served model): requests by status,
                         latency, texts per request, in-flight,
                         texts answered with invalid (non-finite) outputs, the prediction journal
@@ -648,12 +649,15 @@ def _add_probe_routes(app: FastAPI, settings: GatewaySettings, metrics: Metrics,
 
     @app.get("/readyz", responses={503: {"model": ErrorResponse}})
     async def readyz():
-        """Triton is ready and every served model is loaded."""
-        for model in state["models"]:
-            reason = await state["triton"][model].readiness()
-            if reason:
-                return JSONResponse(status_code=503, content={"error": reason})
-        return {"status": "ready", "model": state["models"][0], "models": list(state["models"])}
+        """Triton is ready and the default model is loaded (the others not loaded are listed)."""
+        default, *others = state["models"]
+        reason = await state["triton"][default].readiness()
+        if reason:
+            return JSONResponse(status_code=503, content={"error": reason})
+        # Another model not loaded yet (never trained, say) does not stop the default one from serving.
+        unavailable = {model: await state["triton"][model].readiness() for model in others}
+        return {"status": "ready", "model": default, "models": list(state["models"]),
+                "unavailable": {model: reason for model, reason in unavailable.items() if reason}}
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

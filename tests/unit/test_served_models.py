@@ -128,3 +128,17 @@ def test_metrics_are_labelled_per_model_and_the_monitor_reads_each_alone(client)
     assert parse_gateway_metrics(page, "topics") == {"200": 3.0, INVALID_OUTPUTS: 0.0}
     assert parse_gateway_metrics(page, "sentiment") == {"422": 1.0, INVALID_OUTPUTS: 0.0}
     assert 'gateway_requests_total{model="unknown",status="404"} 1.0' in page
+
+
+def test_the_local_stack_serves_reconciles_and_monitors_every_model(tmp_path):
+    from opsctl.services import gateway_spec, reconcile_spec
+    from opsctl.settings import StackSettings
+
+    settings = StackSettings.from_env({"PIPELINE_HOME": str(tmp_path), "PIPELINE_EXTRA_MODELS": "topics=topic-clf"})
+    assert gateway_spec(settings, {}).env["GATEWAY_MODELS"] == "text_classifier,topics"
+    argv = reconcile_spec(settings, {}).argv
+    assert [argv[i + 1] for i, argument in enumerate(argv) if argument == "--model"] == [
+        "text_classifier=text-classifier", "topics=topic-clf"]
+    environment = settings.pipeline_environment()  # what Airflow's monitor DAG file reads
+    assert served_models(environment) == (ServedModel("text_classifier", "text-classifier"),
+                                          ServedModel("topics", "topic-clf"))
