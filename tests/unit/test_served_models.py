@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from monitoring.monitor import INVALID_OUTPUTS, parse_gateway_metrics
 from serving.gateway import GatewaySettings, create_app
 from tasks.errors import ConfigError
-from tasks.served_models import ServedModel, monitor_dag_id, parse_model_list, served_models
+from tasks.served_models import ServedModel, model_params, monitor_dag_id, parse_model_list, served_models
 
 LABELS = {"sentiment": ["negative", "positive"], "topics": ["sports", "business", "science"]}
 
@@ -142,3 +142,13 @@ def test_the_local_stack_serves_reconciles_and_monitors_every_model(tmp_path):
     environment = settings.pipeline_environment()  # what Airflow's monitor DAG file reads
     assert served_models(environment) == (ServedModel("text_classifier", "text-classifier"),
                                           ServedModel("topics", "topic-clf"))
+
+
+def test_the_multimodel_demo_trains_the_topic_model_under_its_own_names():
+    from opsctl.demo_multimodel import TOPIC_PROFILE
+    from tasks.pipeline import config_from_params
+
+    topic = served_models({})[1]
+    config = config_from_params(TOPIC_PROFILE | model_params(topic))
+    assert (config.promote.registered_model, config.promote.triton_model) == ("topic-classifier", "topic_classifier")
+    assert config.data.source == "demo:reuters8"
