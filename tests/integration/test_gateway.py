@@ -278,10 +278,10 @@ def _metric_value(page: str, sample: str) -> float:
 class GatewayTraffic:
     """Single-text classify requests through the gateway in a thread until stopped (at most 120 s)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, path: str = "/v1/classify") -> None:
         import threading
 
-        self.url, self.statuses = url, []
+        self.url, self.path, self.statuses = url, path, []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -289,7 +289,7 @@ class GatewayTraffic:
         started = time.monotonic()
         with httpx.Client(base_url=self.url, timeout=30) as client:
             while not self._stop.is_set() and time.monotonic() - started < 120:
-                self.statuses.append(client.post("/v1/classify", json={"texts": ["good great film"]}).status_code)
+                self.statuses.append(client.post(self.path, json={"texts": ["good great film"]}).status_code)
                 time.sleep(0.05)
 
     def __enter__(self) -> GatewayTraffic:
@@ -350,3 +350,14 @@ def test_a_shadow_is_judged_on_copied_live_traffic_and_a_failed_one_blocks_the_s
     assert triton.ready_versions(MODEL) == [served_before[-1] + 1] and not triton.is_ready(shadow_model(MODEL))
     assert model_aliases.alias_version(settings.mlflow_url, "shadow-model", "champion") == first
     assert "median call latency" in model_aliases.version_tags(settings.mlflow_url, "shadow-model", second)["shadow"]
+
+    # A shadow of this model copies only this model's traffic: with requests to the second model alone,
+    # none is copied and the shadow cannot be judged.
+    third = _register(settings, "shadow-model", "shadow-3", exported_onnx, evaluated.metrics)
+    starved = PromoteConfig(registered_model="shadow-model", triton_model=MODEL, smoke_samples=4, shadow_requests=3,
+                            shadow_minutes=0.25)
+    with GatewayTraffic(settings.gateway_url, f"/v1/models/{SECOND_MODEL}/classify") as traffic, \
+            pytest.raises(PromotionFailed, match="only 0 of 3 requests were copied"):
+        promote(starved, target, exported_onnx, predictions, prepared_data, third, max_length=32)
+    assert traffic.statuses and set(traffic.statuses) == {200}
+    assert model_aliases.alias_version(settings.mlflow_url, "shadow-model", "champion") == first
