@@ -152,3 +152,30 @@ def test_the_multimodel_demo_trains_the_topic_model_under_its_own_names():
     config = config_from_params(TOPIC_PROFILE | model_params(topic))
     assert (config.promote.registered_model, config.promote.triton_model) == ("topic-classifier", "topic_classifier")
     assert config.data.source == "demo:reuters8"
+
+
+def test_compose_and_kubernetes_serve_reconcile_and_monitor_the_same_models():
+    from pathlib import Path
+
+    import yaml
+
+    from tasks.reconcile import parse_args
+
+    root = Path(__file__).resolve().parents[2]
+    compose = yaml.safe_load((root / "docker-compose.yml").read_text())["services"]
+    airflow = compose["airflow-worker"]["environment"]
+    models = served_models(airflow)
+    loop = parse_args(compose["reconcile"]["command"][3:], {})
+    reconciled = [(config.triton_model, config.registered_model) for config in loop.configs]
+    assert reconciled == [(model.served, model.registered) for model in models] and len(models) == 2
+    assert compose["gateway"]["environment"]["GATEWAY_MODELS"].split(",") == [model.served for model in models]
+    kubernetes = [doc for doc in yaml.safe_load_all((root / "infra" / "k8s" / "serving.yaml").read_text()) if doc]
+    containers = {container["name"]: container for doc in kubernetes if doc.get("kind") == "Deployment"
+                  for container in doc["spec"]["template"]["spec"]["containers"]}
+    loop = parse_args(containers["reconcile"]["command"][3:], {})
+    assert [(c.triton_model, c.registered_model) for c in loop.configs] == reconciled
+    gateway_env = {item["name"]: item.get("value") for item in containers["gateway"]["env"]}
+    assert gateway_env["GATEWAY_MODELS"].split(",") == [model.served for model in models]
+    helm = yaml.safe_load((root / "infra" / "helm" / "airflow-values.yaml").read_text())
+    helm_env = {item["name"]: item.get("value") for item in helm["env"]}
+    assert served_models(helm_env) == models
