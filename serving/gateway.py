@@ -696,5 +696,10 @@ def _error(status: int, message: str, metrics: Metrics, details: list | None = N
 def app_from_env() -> FastAPI:
     """The uvicorn factory: settings from ``GATEWAY_*`` environment variables."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return create_app(GatewaySettings.from_env(os.environ))
+    try:
+        settings = GatewaySettings.from_env(os.environ)
+        settings.served_models()
+    except ValueError as error:  # a bad GATEWAY_* value: say which, without a traceback
+        raise SystemExit(f"error: {error}") from None
+    return create_app(settings)
 

@@ -179,3 +179,11 @@ def test_compose_and_kubernetes_serve_reconcile_and_monitor_the_same_models():
     helm = yaml.safe_load((root / "infra" / "helm" / "airflow-values.yaml").read_text())
     helm_env = {item["name"]: item.get("value") for item in helm["env"]}
     assert served_models(helm_env) == models
+
+
+def test_the_gateway_refuses_to_start_with_a_bad_model_list(monkeypatch):
+    from serving.gateway import app_from_env
+
+    monkeypatch.setenv("GATEWAY_MODELS", "sentiment,sentiment")
+    with pytest.raises(SystemExit, match="GATEWAY_MODELS names a model twice"):
+        app_from_env()
