@@ -583,10 +583,10 @@ def invalid_outputs_message(invalid: int, texts: int) -> str:
 
 
 def _logged_predictions(texts: list[str], result: dict, latency_ms: float, settings: GatewaySettings,
-                        prediction_ids: list[str], model: str) -> Iterator[Prediction]:
+                        prediction_ids: list[str], model: str | None = None) -> Iterator[Prediction]:
     """The prediction log's rows for one answered request (texts only when ``settings.log_texts``);
     the length is the normalised text's (``serving.text``), as the model and the reference see it."""
-    served_at = time.time()
+    served_at, model = time.time(), model or settings.model
     return (
         Prediction(served_at=served_at, model=model, model_version=result["version"],
                    text_chars=len(normalise_text(text)), token_count=result["tokens"][i] if result["tokens"] else None,
