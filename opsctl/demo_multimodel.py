@@ -50,7 +50,7 @@ def run_multimodel_demo(settings: StackSettings, timeout_s: float = 2400.0, forc
 
     summary_path = settings.runs_dir / safe_name(run_id) / "summary.json"
     if summary_path.exists():
-        print_summary(settings, DAG_ID, run_id, json.loads(summary_path.read_text()))
+        print_summary(settings, DAG_ID, run_id, json.loads(summary_path.read_text()), samples=TOPIC_TEXTS)
     if not wait_until_served(settings.gateway_url, topic.served, timeout_s=180.0):
         return 1
     answered = [ask_model(settings.gateway_url, model, texts) for model, texts in
