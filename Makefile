@@ -12,12 +12,13 @@ export AIRFLOW__USAGE_DATA_COLLECTION__ENABLED := False
 export SCARF_ANALYTICS := false
 PYTEST_ARGS ?=
 
-.PHONY: help demo-postgres down-postgres purge-postgres venv venv-triton venv-kfp venv-optimum perf-analyzer bench bench-triton bench-pipeline browser-deps kubeflow demo demo-drift demo-latency test test-slow test-faults bench-compress bench-monitor bench-drift bench-batch bench-attention bench-multiclass bench-full bench-gpu load-test up down status assets clean-stack
+.PHONY: help demo-postgres down-postgres purge-postgres venv venv-triton venv-kfp venv-optimum perf-analyzer bench bench-triton bench-pipeline browser-deps kubeflow demo demo-drift demo-latency demo-multimodel test test-slow test-faults bench-compress bench-monitor bench-drift bench-batch bench-attention bench-multiclass bench-full bench-gpu load-test up down status assets clean-stack
 
 help:
 	@echo "make demo       create environments, start the local stack, run optimize_model end to end"
 	@echo "make demo-drift after make demo: normal then shifted traffic, the monitor triggers a retrain (~20 min)"
 	@echo "make demo-latency after make demo: a slow champion breaches the p95 SLO, the monitor triggers a re-optimization (~15 min)"
+	@echo "make demo-multimodel after make demo: a topic classifier served beside the sentiment one, each on its own route and monitor (~20 min)"
 	@echo "make test       create environments and run the test suite"
 	@echo "make test-faults  kill -9 Triton, the gateway, MLflow; full disk and a corrupted model (~4 min) -> bench/results/faults.md"
 	@echo "make test-slow  the long checks (real demo assets, the browser test in headless Chromium)"
@@ -114,6 +115,11 @@ demo-drift: venv venv-triton
 demo-latency: venv venv-triton
 	$(BIN)/opsctl up
 	$(BIN)/opsctl demo-latency
+
+# After `make demo`: a topic classifier (Reuters R8, eight news topics) served beside the sentiment one.
+demo-multimodel: venv venv-triton
+	$(BIN)/opsctl up
+	$(BIN)/opsctl demo-multimodel
 
 test: venv venv-triton venv-kfp venv-optimum
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

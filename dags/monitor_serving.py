@@ -32,6 +32,11 @@ drift (none in all: the latest window's first). optimize_model answers each kind
 
 Each window is an MLflow run in the `monitoring` experiment with the Evidently HTML report and a
 JSON summary.
+
+There is one such DAG per served model (`PIPELINE_EXTRA_MODELS`): `monitor_serving` watches the
+default one, `monitor_serving__<served>` each other, with its own state under
+`$PIPELINE_HOME/monitoring/<served>/`; the runs a monitor triggers carry its model's
+`registered_model` and `triton_model`.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOpe
 from airflow.sdk import CronTriggerTimetable, Param, dag, task
 
 from monitoring.policy import SLO_P95_MS  # standard library only: cheap at parse time
+from tasks.served_models import ServedModel, monitor_dag_id, served_models  # standard library only
 
 INTERVAL_MINUTES = int(os.environ.get("PIPELINE_MONITOR_INTERVAL_MINUTES", "15"))
 
@@ -72,52 +78,67 @@ PARAMS = {
 }
 
 
-@dag(
-    dag_id="monitor_serving",
-    schedule=CronTriggerTimetable(f"*/{INTERVAL_MINUTES} * * * *", timezone="UTC"),
-    catchup=False,
-    max_active_runs=1,
-    default_args={"retries": 1, "retry_delay": timedelta(minutes=1)},
-    params=PARAMS,
-    render_template_as_native_obj=True,
-    tags=["monitoring", "evidently", "triton"],
-    doc_md=__doc__,
-)
-def monitor_serving():
-    @task
-    def check_window() -> dict:
-        """Judge the last window (drift, latency, errors, live accuracy) and decide whether to re-optimize."""
-        from airflow.sdk import get_current_context
+def build_monitor(dag_id: str, served: ServedModel, default: bool):
+    """The monitor DAG of one served model: its own prediction-log rows, counters, drift reference and
+    state; the runs it triggers retrain that model (its registered and served names in their conf)."""
 
-        from monitoring import pipeline
-        from tasks.pipeline import PARAM_PATHS, RUN_PARAMS, TRIGGER_PARAMS
-        from tasks.settings import PipelineSettings
-
-        context = get_current_context()
-        active = context["ti"].get_dr_count(dag_id="optimize_model", states=["queued", "running"]) > 0
-        # Scheduled runs end their window at the tick; manual runs without a logical date when they were
-        # triggered. Never "now": a retry judges the same window.
-        window_end = context.get("data_interval_end") or context.get("logical_date") or context["dag_run"].run_after
-        monitor = PipelineSettings.in_airflow_task(os.environ).monitor_settings()
-        return pipeline.check_window(monitor, dict(context["params"]), window_end, active,
-                                     known_params=(*PARAM_PATHS, *RUN_PARAMS), reserved=TRIGGER_PARAMS)
-
-    @task.short_circuit
-    def should_trigger(result: dict) -> bool:
-        """Continue to the trigger only when the policy says so (the reason is in the log either way)."""
-        print(result["decision"]["reason"])
-        return bool(result["decision"]["trigger"])
-
-    trigger = TriggerDagRunOperator(
-        task_id="trigger_optimize_model",
-        trigger_dag_id="optimize_model",
-        conf="{{ ti.xcom_pull(task_ids='check_window')['trigger_conf'] }}",
-        trigger_run_id="monitor__{{ run_id }}",
-        wait_for_completion=False,
+    @dag(
+        dag_id=dag_id,
+        schedule=CronTriggerTimetable(f"*/{INTERVAL_MINUTES} * * * *", timezone="UTC"),
+        catchup=False,
+        max_active_runs=1,
+        default_args={"retries": 1, "retry_delay": timedelta(minutes=1)},
+        params=PARAMS,
+        render_template_as_native_obj=True,
+        tags=["monitoring", "evidently", "triton", f"model:{served.served}"],
+        doc_md=__doc__ + f"\n\nThis DAG watches the served model `{served.served}` (registered model "
+                         f"`{served.registered}`).",
     )
+    def monitor():
+        @task
+        def check_window() -> dict:
+            """Judge the last window (drift, latency, errors, live accuracy) and decide whether to re-optimize."""
+            from airflow.sdk import get_current_context
 
-    result = check_window()
-    should_trigger(result) >> trigger
+            from monitoring import pipeline
+            from tasks.pipeline import PARAM_PATHS, RUN_PARAMS, TRIGGER_PARAMS
+            from tasks.served_models import model_params
+            from tasks.settings import PipelineSettings
+
+            context = get_current_context()
+            active = context["ti"].get_dr_count(dag_id="optimize_model", states=["queued", "running"]) > 0
+            # Scheduled runs end their window at the tick; manual runs without a logical date when they were
+            # triggered. Never "now": a retry judges the same window.
+            window_end = context.get("data_interval_end") or context.get("logical_date") or context["dag_run"].run_after
+            settings = PipelineSettings.in_airflow_task(os.environ)
+            monitor_settings = settings.monitor_settings(None if default else served.served)
+            result = pipeline.check_window(monitor_settings, dict(context["params"]), window_end, active,
+                                           known_params=(*PARAM_PATHS, *RUN_PARAMS), reserved=TRIGGER_PARAMS)
+            result["trigger_conf"] |= model_params(served)  # a retrain of this model, whatever retrain_conf says
+            return result
+
+        @task.short_circuit
+        def should_trigger(result: dict) -> bool:
+            """Continue to the trigger only when the policy says so (the reason is in the log either way)."""
+            print(result["decision"]["reason"])
+            return bool(result["decision"]["trigger"])
+
+        trigger = TriggerDagRunOperator(
+            task_id="trigger_optimize_model",
+            trigger_dag_id="optimize_model",
+            conf="{{ ti.xcom_pull(task_ids='check_window')['trigger_conf'] }}",
+            trigger_run_id="monitor__{{ run_id }}",
+            wait_for_completion=False,
+        )
+
+        result = check_window()
+        should_trigger(result) >> trigger
+
+    return monitor()
 
 
-monitor_serving()
+# One monitor per served model: monitor_serving for the default, monitor_serving__<served> for each of
+# PIPELINE_EXTRA_MODELS (tasks/served_models.py; parsed from the environment only, no I/O).
+SERVED = served_models(os.environ)
+for model in SERVED:
+    build_monitor(monitor_dag_id(model, SERVED[0]), model, default=model == SERVED[0])

@@ -259,24 +259,28 @@ def parse_triton_metrics(text: str, model: str) -> dict[str, float]:
     return counts
 
 
-def gateway_counts(gateway_url: str | None) -> dict[str, dict[str, float]] | None:
-    """Each gateway replica's counters (``parse_gateway_metrics``) by its metrics URL; None when
-    none could be read. ``gateway_url``: ``PIPELINE_GATEWAY_URL`` (see ``metrics_urls``)."""
-    return replica_counts(gateway_url, "gateway", parse_gateway_metrics)
+def gateway_counts(gateway_url: str | None, model: str | None = None) -> dict[str, dict[str, float]] | None:
+    """Each gateway replica's counters of the served ``model`` (``parse_gateway_metrics``) by its metrics
+    URL; None when none could be read. ``gateway_url``: ``PIPELINE_GATEWAY_URL`` (see ``metrics_urls``)."""
+    return replica_counts(gateway_url, "gateway", lambda text: parse_gateway_metrics(text, model))
 
 
 INVALID_OUTPUTS = "invalid_outputs"  # the gateway counters' key of gateway_invalid_outputs_total
 
 
-def parse_gateway_metrics(text: str) -> dict[str, float]:
+def parse_gateway_metrics(text: str, model: str | None = None) -> dict[str, float]:
     """``gateway_requests_total`` by status and, under ``INVALID_OUTPUTS``, the texts the model
-    answered with non-finite outputs."""
-    counts = {}
+    answered with non-finite outputs: those of the served ``model`` (samples labelled with another
+    model are skipped; a gateway from before the ``model`` label counts as serving it), summed over
+    every model when ``model`` is None."""
+    counts: dict[str, float] = {}
     for name, labels, value in _samples(text):
+        if model is not None and labels.get("model", model) != model:
+            continue
         if name == "gateway_requests" and "status" in labels:
-            counts[labels["status"]] = value
+            counts[labels["status"]] = counts.get(labels["status"], 0.0) + value
         elif name == "gateway_invalid_outputs":
-            counts[INVALID_OUTPUTS] = value
+            counts[INVALID_OUTPUTS] = counts.get(INVALID_OUTPUTS, 0.0) + value
     return counts
 
 
@@ -327,7 +331,7 @@ def server_evidence(settings: MonitorSettings, state: MonitorState,
     be read is absent)."""
     # Deltas against the counters read before this window, not against what an earlier attempt of
     # this same window saved: a retry sees the same baseline.
-    gateway = gateway_counts(settings.gateway_url)
+    gateway = gateway_counts(settings.gateway_url, settings.serving_model)
     gateway_delta = replica_deltas(state.replica_baseline(window_end, "gateway", gateway), gateway or {})
     errors, requests = failure_share(gateway_delta)
     triton = triton_counts(settings.triton_metrics_url, settings.serving_model)
@@ -346,6 +350,11 @@ def server_evidence(settings: MonitorSettings, state: MonitorState,
     return evidence, counters
 
 
+def of_model(rows: pd.DataFrame, model: str) -> pd.DataFrame:
+    """The rows the served ``model`` logged (several models log to one prediction log)."""
+    return rows[rows["model"] == model] if "model" in rows else rows
+
+
 def token_count_p99(rows: pd.DataFrame) -> float | None:
     """The 99th percentile of the logged token counts (None when the rows have none)."""
     counts = pd.to_numeric(rows["token_count"], errors="coerce").dropna() if "token_count" in rows else []
@@ -356,7 +365,7 @@ def window_quality(engine: sa.Engine, settings: MonitorSettings, version: str, r
                    start: float, end: float) -> tuple[dict, float | None]:
     """The live quality (``feedback.live_quality``) of the champion's predictions whose true labels
     arrived in [start, end), and the champion's test accuracy from its reference (None: unknown)."""
-    labelled = plog.read_labelled(engine, start, end)
+    labelled = of_model(plog.read_labelled(engine, start, end), settings.serving_model)
     labelled = labelled[labelled["model_version"] == version]
     labels = sorted(set(reference_labels.astype(str)) | set(labelled["label"].astype(str)))
     reference = read_reference_accuracy(settings.model_repository / settings.serving_model / version / REFERENCE_FILE)
@@ -389,7 +398,7 @@ def run_window(settings: MonitorSettings, config: MonitorConfig, window_end: flo
     state = MonitorState.load(state_path)
     engine = plog.create_engine(settings.prediction_log_url)
     window_start = window_end - config.window_minutes * 60
-    rows = plog.read_window(engine, window_start, window_end)
+    rows = of_model(plog.read_window(engine, window_start, window_end), settings.serving_model)
     version = champion_version(settings.model_repository, settings.serving_model, rows["model_version"])
     champion_rows = rows[rows["model_version"] == version] if version else rows.iloc[0:0]
     out_dir.mkdir(parents=True, exist_ok=True)

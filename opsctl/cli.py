@@ -99,6 +99,12 @@ def _cmd_demo_latency(settings: StackSettings, args: argparse.Namespace) -> int:
     return run_latency_demo(settings, timeout_s=args.timeout, rate=args.rate, duration_s=args.duration, run=args.run)
 
 
+def _cmd_demo_multimodel(settings: StackSettings, args: argparse.Namespace) -> int:
+    from opsctl.demo_multimodel import run_multimodel_demo
+
+    return run_multimodel_demo(settings, timeout_s=args.timeout, force=args.force)
+
+
 def _cmd_champion(settings: StackSettings, args: argparse.Namespace) -> int:
     """Which MLflow version is the champion, what it is, and what Triton serves."""
     from serving.triton_client import TritonClient
@@ -233,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     latency.add_argument("--duration", type=float, default=40.0, help="seconds of traffic in each phase")
     latency.add_argument("--run", help="the optimize_model run whose FP32 model to pin (default: the champion's)")
     latency.set_defaults(handler=_cmd_demo_latency)
+    multimodel = commands.add_parser("demo-multimodel", help="train a topic classifier (multi-class news) and serve it "
+                                                             "beside the sentiment one; ask each on its own route and "
+                                                             "run each model's monitor")
+    multimodel.add_argument("--timeout", type=float, default=2400.0, help="seconds to wait for the training run")
+    multimodel.add_argument("--force", action="store_true", help="retrain even when nothing changed")
+    multimodel.set_defaults(handler=_cmd_demo_multimodel)
     return parser
 
 

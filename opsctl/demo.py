@@ -137,7 +137,8 @@ def _run_state(api: AirflowApi, dag_id: str, run_id: str) -> str:
         raise
 
 
-def print_summary(settings: StackSettings, dag_id: str, run_id: str, summary: dict) -> None:
+def print_summary(settings: StackSettings, dag_id: str, run_id: str, summary: dict,
+                  samples: tuple[str, ...] = SAMPLE_TEXTS) -> None:
     from tasks.settings import safe_name
 
     print()
@@ -178,7 +179,7 @@ def print_summary(settings: StackSettings, dag_id: str, run_id: str, summary: di
     triton_version = int(promotion["metrics"]["triton_version"])
     print(f"promoted: MLflow {info['registered_model']} version {info['mlflow_version']} (alias {info['alias']!r})"
           f" -> Triton {info['triton_model']} version {triton_version}")
-    _send_samples(settings, info["triton_model"], Path(promotion["uris"]["triton_version_dir"]))
+    _send_samples(settings, info["triton_model"], Path(promotion["uris"]["triton_version_dir"]), samples)
     print()
     print(f"Airflow run:  {settings.airflow_url}/dags/{dag_id}/runs/{run_id}")
     print(f"MLflow model: {settings.mlflow_url}/#/models/{info['registered_model']}/versions/{info['mlflow_version']}")
@@ -188,13 +189,14 @@ def print_summary(settings: StackSettings, dag_id: str, run_id: str, summary: di
     print(f"Triton:       http://{settings.triton_http_url}/v2/models/{info['triton_model']}")
 
 
-def _send_samples(settings: StackSettings, triton_model: str, version_dir: Path) -> None:
+def _send_samples(settings: StackSettings, triton_model: str, version_dir: Path,
+                  samples: tuple[str, ...] = SAMPLE_TEXTS) -> None:
     """Classify a few raw texts through the Triton ensemble (tokenizer -> model -> probabilities)."""
     from serving.triton_client import TritonClient
 
     client = TritonClient(settings.triton_http_url)
     print(f"sample requests to Triton {triton_model} v{version_dir.name} (raw text in, label out):")
-    for text in SAMPLE_TEXTS:
+    for text in samples:
         started = time.perf_counter()
         result = client.classify(triton_model, [text])
         elapsed = (time.perf_counter() - started) * 1000

@@ -125,6 +125,7 @@ def gateway_spec(settings: StackSettings, env: dict[str, str]) -> ServiceSpec:
     gateway_env.update({
         "GATEWAY_TRITON_GRPC_URL": settings.triton_grpc_url,
         "GATEWAY_MODEL": settings.serving_model,
+        "GATEWAY_MODELS": ",".join(model.served for model in settings.served_models()),
         "GATEWAY_PREDICTION_LOG_URL": settings.prediction_log_url,
         "GATEWAY_JOURNAL_DIR": str(settings.gateway_journal_dir),
     })
@@ -140,12 +141,14 @@ def gateway_spec(settings: StackSettings, env: dict[str, str]) -> ServiceSpec:
 
 
 def reconcile_spec(settings: StackSettings, env: dict[str, str]) -> ServiceSpec:
-    """The loop that makes Triton serve the version the MLflow alias names (tasks/reconcile.py)."""
+    """The loop that makes Triton serve the version the MLflow alias names (tasks/reconcile.py), for each
+    served model from its own registered model."""
     return ServiceSpec(
         name="reconcile",
         argv=[str(settings.venv / "bin" / "python"), "-m", "tasks.reconcile", "--mlflow", settings.mlflow_url,
               "--triton", settings.triton_http_url, "--repository", str(settings.triton_model_repository),
-              "--registered-model", settings.registered_model, "--triton-model", settings.serving_model,
+              *[argument for model in settings.served_models()
+                for argument in ("--model", f"{model.served}={model.registered}")],
               "--interval", str(settings.reconcile_interval_s)],
         env=env,
         cwd=settings.repo_root,

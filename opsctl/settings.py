@@ -12,6 +12,7 @@ from pathlib import Path
 from opsctl import databases
 from serving.model_repository import DEFAULT_MODEL
 from tasks.config import REGISTERED_MODEL
+from tasks.served_models import DEFAULT_EXTRA_MODELS, ServedModel, served_models
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,6 +92,7 @@ class StackSettings:
     gateway_port: int = 8090
     serving_model: str = DEFAULT_MODEL
     registered_model: str = REGISTERED_MODEL  # the MLflow registered model whose alias the reconcile loop follows
+    extra_models: str = DEFAULT_EXTRA_MODELS  # served beside the default one (tasks/served_models.py)
     reconcile_interval_s: float = 15.0
     airflow_parallelism: int = 2
     # MLflow's basic-auth app: anonymous requests refused, accounts for the pipeline and a reviewer.
@@ -119,6 +121,7 @@ class StackSettings:
             gateway_port=_int(env, "PIPELINE_GATEWAY_PORT", 8090),
             serving_model=env.get("PIPELINE_SERVING_MODEL") or DEFAULT_MODEL,
             registered_model=env.get("PIPELINE_REGISTERED_MODEL") or REGISTERED_MODEL,
+            extra_models=env.get("PIPELINE_EXTRA_MODELS", DEFAULT_EXTRA_MODELS),
             reconcile_interval_s=float(env.get("PIPELINE_RECONCILE_INTERVAL_S") or 15.0),
             mlflow_auth=_flag(env, "PIPELINE_MLFLOW_AUTH", True),
             assets_cache=Path(cache).resolve() if cache else cls.assets_cache,
@@ -253,7 +256,15 @@ class StackSettings:
             "PIPELINE_TRITON_METRICS_URL": f"http://{self.host}:{self.triton_metrics_port}/metrics",
             "PIPELINE_PREDICTION_LOG_URL": self.prediction_log_url,
             "PIPELINE_SERVING_MODEL": self.serving_model,
+            "PIPELINE_REGISTERED_MODEL": self.registered_model,
+            "PIPELINE_EXTRA_MODELS": self.extra_models,
         }
+
+    def served_models(self) -> tuple[ServedModel, ...]:
+        """Every served model, the default first (a ConfigError names a bad ``PIPELINE_EXTRA_MODELS`` entry)."""
+        return served_models({"PIPELINE_SERVING_MODEL": self.serving_model,
+                              "PIPELINE_REGISTERED_MODEL": self.registered_model,
+                              "PIPELINE_EXTRA_MODELS": self.extra_models})
 
 
 AIRFLOW_SECRETS = ("jwt_secret", "api_secret_key")

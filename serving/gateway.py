@@ -4,9 +4,15 @@
                         latency
     POST /v1/feedback   {"items": [{"prediction_id": "...", "label": "..."}, ...]}  -> the true labels of
                         logged predictions, for live accuracy in monitoring: {"stored": n, "unknown_ids": [...]}
+    GET  /v1/models     the served models (``GATEWAY_MODELS``; the first is the default, the one the two
+                        routes above serve)
+    POST /v1/models/{name}/classify, /v1/models/{name}/feedback   the same, for the served model ``name``;
+                        a model the gateway does not serve is a 404 that lists the served ones
     GET  /healthz       the process is up
-    GET  /readyz        Triton is ready and the champion model is loaded (503 with the reason if not)
-    GET  /metrics       Prometheus (this replica's own counters): requests by status, latency, texts per request, in-flight,
+    GET  /readyz        Triton is ready and the default model is loaded (503 with the reason if not); the other
+                        served models not loaded are listed under ``unavailable``
+    GET  /metrics       Prometheus (this replica's own counters, labelled by served model): requests by status,
+                        latency, texts per request, in-flight,
                         texts answered with invalid (non-finite) outputs, the prediction journal
                         (bytes, bound, refusals) and the database writes behind it; feedback
                         requests by status and labels stored
@@ -28,11 +34,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +58,10 @@ from serving.text import normalise_text
 
 log = logging.getLogger(__name__)
 
+MODEL_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+MODEL_ROUTE = re.compile(r"^/v1/models/([^/]+)/")
+UNKNOWN_MODEL = "unknown"  # the metrics' model label of a request for a model the gateway does not serve
+
 
 @dataclass(frozen=True)
 class GatewaySettings:
@@ -58,6 +69,7 @@ class GatewaySettings:
 
     triton_grpc_url: str = "127.0.0.1:8001"
     model: str = DEFAULT_MODEL
+    models: str = ""  # comma list of served models, the default first; empty: only ``model``
     prediction_log_url: str = "sqlite:///predictions.db"
     max_texts: int = 32  # the ensemble's max_batch_size: one request is one Triton batch
     max_chars: int = 10_000
@@ -82,6 +94,17 @@ class GatewaySettings:
             else:
                 values[name] = type(default)(raw)
         return cls(**values)
+
+    def served_models(self) -> tuple[str, ...]:
+        """The served models, the default (the one ``/v1/classify`` serves) first; a ConfigError-like
+        ValueError names a bad or repeated entry of ``models``."""
+        names = tuple(name.strip() for name in self.models.split(",") if name.strip()) or (self.model,)
+        bad = [name for name in names if not MODEL_NAME.match(name)]
+        if bad:
+            raise ValueError(f"GATEWAY_MODELS: {bad} are not Triton model names (letters, digits, '_' or '-')")
+        if len(set(names)) != len(names):
+            raise ValueError(f"GATEWAY_MODELS names a model twice: {self.models!r}")
+        return names
 
 
 class ClassifyRequest(BaseModel):
@@ -131,6 +154,7 @@ class FeedbackResponse(BaseModel):
 class ErrorResponse(BaseModel):
     error: str
     details: list | None = None
+    models: list[str] | None = None  # a 404 for a model not served: the served ones
 
 
 class TritonProblem(ServingError):
@@ -145,25 +169,32 @@ class TritonProblem(ServingError):
 class Metrics:
     """The gateway's Prometheus metrics in their own registry (several apps can live in one process)."""
 
-    def __init__(self, prediction_log: PredictionLog) -> None:
+    def __init__(self, prediction_log: PredictionLog, models: tuple[str, ...] = (DEFAULT_MODEL,)) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
-        self.requests = Counter("gateway_requests_total", "Requests by HTTP status", ["status"], registry=self.registry)
+        self.requests = Counter("gateway_requests_total", "Requests by served model and HTTP status",
+                                ["model", "status"], registry=self.registry)
         self.latency = Histogram("gateway_request_latency_seconds", "Classify latency, request in to response out",
-                                 buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+                                 ["model"], buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
                                  registry=self.registry)
-        self.batch = Histogram("gateway_texts_per_request", "Texts per classify request",
+        self.batch = Histogram("gateway_texts_per_request", "Texts per classify request", ["model"],
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
-        self.in_flight = Gauge("gateway_in_flight_requests", "Classify requests being served", registry=self.registry)
-        self.predictions = Counter("gateway_predictions_total", "Texts classified", registry=self.registry)
+        self.in_flight = Gauge("gateway_in_flight_requests", "Classify requests being served", ["model"],
+                               registry=self.registry)
+        self.predictions = Counter("gateway_predictions_total", "Texts classified", ["model"], registry=self.registry)
         self.invalid_outputs = Counter("gateway_invalid_outputs_total",
                                        "Texts the model answered with non-finite probabilities (NaN or Inf; "
-                                       "answered 502, not logged)", registry=self.registry)
+                                       "answered 502, not logged)", ["model"], registry=self.registry)
         # Apart from gateway_requests_total: the monitor's error-rate SLO is about classify requests.
         self.feedback_requests = Counter("gateway_feedback_requests_total", "Feedback requests by HTTP status",
-                                         ["status"], registry=self.registry)
-        self.feedback = Counter("gateway_feedback_total", "True labels stored from feedback", registry=self.registry)
+                                         ["model", "status"], registry=self.registry)
+        self.feedback = Counter("gateway_feedback_total", "True labels stored from feedback", ["model"],
+                                registry=self.registry)
+        self.models = models
+        for model in models:  # every served model's counters from 0, before its first request
+            for counter in (self.predictions, self.invalid_outputs, self.feedback):
+                counter.labels(model)
         journal, stats = prediction_log.journal, prediction_log.stats
         gauges = {
             "prediction_log_queue_depth": ("Predictions in the journal, not yet in the database",
@@ -182,6 +213,15 @@ class Metrics:
         }
         for name, (description, read) in gauges.items():
             Gauge(name, description, registry=self.registry).set_function(read)
+
+
+    def model_of(self, path: str) -> str:
+        """The served model a request path is about: the one ``/v1/models/{name}/...`` names when it is
+        served, ``UNKNOWN_MODEL`` when it is not, else the default model."""
+        match = MODEL_ROUTE.match(path)
+        if match is None:
+            return self.models[0]
+        return match.group(1) if match.group(1) in self.models else UNKNOWN_MODEL
 
 
 class TritonClassifier:
@@ -332,25 +372,31 @@ def _triton_problem(error, model: str) -> TritonProblem:
 
 def create_app(settings: GatewaySettings,
                classifier: Callable[[GatewaySettings], TritonClassifier] | None = None) -> FastAPI:
-    """The gateway app; ``classifier`` builds the Triton client at startup (default: TritonClassifier)."""
+    """The gateway app; ``classifier`` builds the Triton client of one served model at startup, from the
+    settings with ``model`` set to that model (default: TritonClassifier)."""
+    models = settings.served_models()
     prediction_log = PredictionLog(settings.prediction_log_url, Path(settings.journal_dir) if settings.journal_dir
                                    else None, settings.journal_max_bytes, retention_days=settings.retention_days)
-    metrics = Metrics(prediction_log)
-    state: dict = {}
+    metrics = Metrics(prediction_log, models)
+    state: dict = {"models": models, "triton": {}, "shadow": {}}
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         await prediction_log.start()
-        state["triton"] = classifier(settings) if classifier else \
-            TritonClassifier(settings.triton_grpc_url, settings.model, settings.triton_timeout_s)
-        state["shadow"] = await _start_shadow(settings)
+        for name in models:
+            model_settings = replace(settings, model=name)
+            state["triton"][name] = classifier(model_settings) if classifier else \
+                TritonClassifier(settings.triton_grpc_url, name, settings.triton_timeout_s)
+            state["shadow"][name] = await _start_shadow(model_settings)  # a shadow of this model copies its traffic
         try:
             yield
         finally:
-            if state["shadow"] is not None:
-                await state["shadow"].close()
+            for mirror in state["shadow"].values():
+                if mirror is not None:
+                    await mirror.close()
             await prediction_log.close()
-            await state["triton"].close()
+            for triton in state["triton"].values():
+                await triton.close()
 
     app = FastAPI(title="Text classification gateway", version="1.0",
                   description="Raw texts in, labels and probabilities out, served by the promoted champion "
@@ -361,6 +407,7 @@ def create_app(settings: GatewaySettings,
     _add_error_handling(app, settings, metrics)
     _add_classify_route(app, settings, prediction_log, metrics, state)
     _add_feedback_route(app, settings, prediction_log, metrics, state)
+    _add_model_routes(app, settings, prediction_log, metrics, state)
     _add_probe_routes(app, settings, metrics, state)
     return app
 
@@ -393,7 +440,7 @@ def _add_error_handling(app: FastAPI, settings: GatewaySettings, metrics: Metric
     async def invalid_request(request: Request, error: RequestValidationError):
         details = [{"loc": list(item.get("loc", ())), "msg": item.get("msg", "")} for item in error.errors()]
         json_broken = any(item.get("type") == "json_invalid" for item in error.errors())
-        expected = FEEDBACK_EXPECTED if request.url.path == FEEDBACK_PATH else CLASSIFY_EXPECTED
+        expected = FEEDBACK_EXPECTED if is_feedback_path(request.url.path) else CLASSIFY_EXPECTED
         message = "the body is not valid JSON (UTF-8)" if json_broken else f"expected {expected}"
         return _error(400 if json_broken else 422, message, metrics, details, path=request.url.path)
 
@@ -415,44 +462,86 @@ def _add_error_handling(app: FastAPI, settings: GatewaySettings, metrics: Metric
                       path=request.url.path)
 
 
+ERROR_RESPONSES = {400: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
+                   502: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
+
+
 def _add_classify_route(app: FastAPI, settings: GatewaySettings, prediction_log: PredictionLog, metrics: Metrics,
                         state: dict) -> None:
-    @app.post("/v1/classify", response_model=ClassifyResponse,
-              responses={400: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
-                         502: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+    @app.post("/v1/classify", response_model=ClassifyResponse, responses=ERROR_RESPONSES)
     async def classify(body: ClassifyRequest) -> ClassifyResponse | JSONResponse:
-        """Classify one or more texts with the serving champion."""
-        problem = _unacceptable_texts(body.texts, settings)
-        if problem:
-            return _error(422, problem, metrics)
-        started = time.perf_counter()
-        metrics.in_flight.inc()
-        try:
-            result = await state["triton"].classify(body.texts)
-        finally:
-            metrics.in_flight.dec()
-        latency_ms = (time.perf_counter() - started) * 1000.0
-        invalid = non_finite_rows(result["probabilities"])
-        if invalid:
-            # The model's fault, not the server's or the caller's: no answer, nothing logged, counted.
-            metrics.invalid_outputs.inc(len(invalid))
-            return _error(502, invalid_outputs_message(len(invalid), len(body.texts)), metrics)
-        labels = result["labels"]
-        ids = [uuid.uuid4().hex for _ in body.texts]
-        predictions = [
-            TextPrediction(label=label, probabilities=dict(zip(labels, probabilities, strict=False)),
-                           tokens=result["tokens"][i] if result["tokens"] else None, prediction_id=ids[i])
-            for i, (label, probabilities) in enumerate(zip(result["label"], result["probabilities"], strict=True))
-        ]
-        await prediction_log.record(_logged_predictions(body.texts, result, latency_ms, settings, ids))
-        if state.get("shadow") is not None:  # a challenger shadowing: it answers a copy, after the client
-            state["shadow"].offer(body.texts, result["label"], result["version"], latency_ms)
-        metrics.requests.labels("200").inc()
-        metrics.latency.observe(latency_ms / 1000.0)
-        metrics.batch.observe(len(body.texts))
-        metrics.predictions.inc(len(body.texts))
-        return ClassifyResponse(model=settings.model, model_version=result["version"], predictions=predictions,
-                                latency_ms=latency_ms)
+        """Classify one or more texts with the default model's serving champion."""
+        return await classify_texts(state["models"][0], body.texts, "/v1/classify", settings, prediction_log,
+                                    metrics, state)
+
+
+async def classify_texts(model: str, texts: list[str], path: str, settings: GatewaySettings,
+                         prediction_log: PredictionLog, metrics: Metrics,
+                         state: dict) -> ClassifyResponse | JSONResponse:
+    """Classify ``texts`` with the served ``model``, log the predictions and count the request under it."""
+    problem = _unacceptable_texts(texts, settings)
+    if problem:
+        return _error(422, problem, metrics, path=path)
+    started = time.perf_counter()
+    metrics.in_flight.labels(model).inc()
+    try:
+        result = await state["triton"][model].classify(texts)
+    finally:
+        metrics.in_flight.labels(model).dec()
+    latency_ms = (time.perf_counter() - started) * 1000.0
+    invalid = non_finite_rows(result["probabilities"])
+    if invalid:
+        # The model's fault, not the server's or the caller's: no answer, nothing logged, counted.
+        metrics.invalid_outputs.labels(model).inc(len(invalid))
+        return _error(502, invalid_outputs_message(len(invalid), len(texts)), metrics, path=path)
+    labels = result["labels"]
+    ids = [uuid.uuid4().hex for _ in texts]
+    predictions = [
+        TextPrediction(label=label, probabilities=dict(zip(labels, probabilities, strict=False)),
+                       tokens=result["tokens"][i] if result["tokens"] else None, prediction_id=ids[i])
+        for i, (label, probabilities) in enumerate(zip(result["label"], result["probabilities"], strict=True))
+    ]
+    await prediction_log.record(_logged_predictions(texts, result, latency_ms, settings, ids, model))
+    if state["shadow"].get(model) is not None:  # a challenger of this model shadowing: it answers a copy, after
+        state["shadow"][model].offer(texts, result["label"], result["version"], latency_ms)
+    metrics.requests.labels(model, "200").inc()
+    metrics.latency.labels(model).observe(latency_ms / 1000.0)
+    metrics.batch.labels(model).observe(len(texts))
+    metrics.predictions.labels(model).inc(len(texts))
+    return ClassifyResponse(model=model, model_version=result["version"], predictions=predictions,
+                            latency_ms=latency_ms)
+
+
+def _add_model_routes(app: FastAPI, settings: GatewaySettings, prediction_log: PredictionLog, metrics: Metrics,
+                      state: dict) -> None:
+    """``/v1/models`` and the classify and feedback routes of each served model by name."""
+    models = state["models"]
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        """The served models; the first is the default (the one /v1/classify and /v1/feedback serve)."""
+        return {"default": models[0], "models": list(models)}
+
+    @app.post("/v1/models/{name}/classify", response_model=ClassifyResponse,
+              responses={404: {"model": ErrorResponse}, **ERROR_RESPONSES})
+    async def classify_model(name: str, body: ClassifyRequest, request: Request) -> ClassifyResponse | JSONResponse:
+        """Classify one or more texts with the serving champion of the served model ``name``."""
+        if name not in models:
+            return _unknown_model(name, models, metrics, request.url.path)
+        return await classify_texts(name, body.texts, request.url.path, settings, prediction_log, metrics, state)
+
+    @app.post("/v1/models/{name}/feedback", response_model=FeedbackResponse,
+              responses={404: {"model": ErrorResponse}, **ERROR_RESPONSES})
+    async def feedback_model(name: str, body: FeedbackRequest, request: Request) -> FeedbackResponse | JSONResponse:
+        """True labels of predictions the served model ``name`` made (as /v1/feedback)."""
+        if name not in models:
+            return _unknown_model(name, models, metrics, request.url.path)
+        return await store_feedback(name, body.items, request.url.path, settings, prediction_log, metrics, state)
+
+
+def _unknown_model(name: str, models: tuple[str, ...], metrics: Metrics, path: str) -> JSONResponse:
+    return _error(404, f"model {name!r} is not served here; the served models: {', '.join(models)}", metrics,
+                  path=path, models=list(models))
 
 
 async def _start_shadow(settings: GatewaySettings) -> ShadowMirror | None:
@@ -494,12 +583,12 @@ def invalid_outputs_message(invalid: int, texts: int) -> str:
 
 
 def _logged_predictions(texts: list[str], result: dict, latency_ms: float, settings: GatewaySettings,
-                        prediction_ids: list[str]) -> Iterator[Prediction]:
+                        prediction_ids: list[str], model: str | None = None) -> Iterator[Prediction]:
     """The prediction log's rows for one answered request (texts only when ``settings.log_texts``);
     the length is the normalised text's (``serving.text``), as the model and the reference see it."""
-    served_at = time.time()
+    served_at, model = time.time(), model or settings.model
     return (
-        Prediction(served_at=served_at, model=settings.model, model_version=result["version"],
+        Prediction(served_at=served_at, model=model, model_version=result["version"],
                    text_chars=len(normalise_text(text)), token_count=result["tokens"][i] if result["tokens"] else None,
                    unknown_tokens=result["unknown"][i] if result["unknown"] else None, label=label,
                    probabilities=tuple(probabilities), latency_ms=latency_ms,
@@ -517,17 +606,25 @@ def _add_feedback_route(app: FastAPI, settings: GatewaySettings, prediction_log:
     async def feedback(body: FeedbackRequest) -> FeedbackResponse | JSONResponse:
         """Attach true labels to logged predictions by their ids (a later label for an id replaces the
         earlier one); ids not in the prediction log are returned in ``unknown_ids``, not stored."""
-        problem = unacceptable_feedback(body.items, settings.max_feedback_items, await state["triton"].known_labels(),
-                                        settings.model)
-        if problem:
-            return _error(422, problem, metrics, path=FEEDBACK_PATH)
-        try:
-            stored, unknown = await prediction_log.record_feedback([(i.prediction_id, i.label) for i in body.items])
-        except FeedbackNotStored as error:
-            return _error(503, str(error), metrics, path=FEEDBACK_PATH)
-        metrics.feedback_requests.labels("200").inc()
-        metrics.feedback.inc(stored)
-        return FeedbackResponse(stored=stored, unknown_ids=unknown)
+        return await store_feedback(state["models"][0], body.items, FEEDBACK_PATH, settings, prediction_log, metrics,
+                                    state)
+
+
+async def store_feedback(model: str, items: list[FeedbackItem], path: str, settings: GatewaySettings,
+                         prediction_log: PredictionLog, metrics: Metrics,
+                         state: dict) -> FeedbackResponse | JSONResponse:
+    """Store true labels given for the served ``model`` (checked against its labels), counted under it."""
+    problem = unacceptable_feedback(items, settings.max_feedback_items, await state["triton"][model].known_labels(),
+                                    model)
+    if problem:
+        return _error(422, problem, metrics, path=path)
+    try:
+        stored, unknown = await prediction_log.record_feedback([(i.prediction_id, i.label) for i in items])
+    except FeedbackNotStored as error:
+        return _error(503, str(error), metrics, path=path)
+    metrics.feedback_requests.labels(model, "200").inc()
+    metrics.feedback.labels(model).inc(stored)
+    return FeedbackResponse(stored=stored, unknown_ids=unknown)
 
 
 def unacceptable_feedback(items: list[FeedbackItem], max_items: int, labels: set[str] | None, model: str) -> str | None:
@@ -552,11 +649,15 @@ def _add_probe_routes(app: FastAPI, settings: GatewaySettings, metrics: Metrics,
 
     @app.get("/readyz", responses={503: {"model": ErrorResponse}})
     async def readyz():
-        """Triton is ready and the model is loaded."""
-        reason = await state["triton"].readiness()
+        """Triton is ready and the default model is loaded (the others not loaded are listed)."""
+        default, *others = state["models"]
+        reason = await state["triton"][default].readiness()
         if reason:
             return JSONResponse(status_code=503, content={"error": reason})
-        return {"status": "ready", "model": settings.model}
+        # Another model not loaded yet (never trained, say) does not stop the default one from serving.
+        unavailable = {model: await state["triton"][model].readiness() for model in others}
+        return {"status": "ready", "model": default, "models": list(state["models"]),
+                "unavailable": {model: reason for model, reason in unavailable.items() if reason}}
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -573,19 +674,32 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def _error(status: int, message: str, metrics: Metrics, details: list | None = None, path: str = "") -> JSONResponse:
-    """An error answer, counted by status: feedback's in gateway_feedback_requests_total, every other
-    request's in gateway_requests_total (the classify error rate the monitor judges)."""
-    counter = metrics.feedback_requests if path == FEEDBACK_PATH else metrics.requests
-    counter.labels(str(status)).inc()
+def is_feedback_path(path: str) -> bool:
+    return path == FEEDBACK_PATH or (MODEL_ROUTE.match(path) is not None and path.endswith("/feedback"))
+
+
+def _error(status: int, message: str, metrics: Metrics, details: list | None = None, path: str = "",
+           models: list[str] | None = None) -> JSONResponse:
+    """An error answer, counted by served model (the one the path names, else the default) and status:
+    feedback's in gateway_feedback_requests_total, every other request's in gateway_requests_total (the
+    classify error rate the monitor judges)."""
+    counter = metrics.feedback_requests if is_feedback_path(path) else metrics.requests
+    counter.labels(metrics.model_of(path), str(status)).inc()
     content: dict = {"error": message}
     if details:
         content["details"] = details
+    if models is not None:
+        content["models"] = models
     return JSONResponse(status_code=status, content=content)
 
 
 def app_from_env() -> FastAPI:
     """The uvicorn factory: settings from ``GATEWAY_*`` environment variables."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return create_app(GatewaySettings.from_env(os.environ))
+    try:
+        settings = GatewaySettings.from_env(os.environ)
+        settings.served_models()
+    except ValueError as error:  # a bad GATEWAY_* value: say which, without a traceback
+        raise SystemExit(f"error: {error}") from None
+    return create_app(settings)
 

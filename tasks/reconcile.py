@@ -35,11 +35,12 @@ from serving import model_repository as repo
 from serving.triton_client import TritonReplicas, TritonUnavailable, load_and_wait
 from tasks import model_aliases
 from tasks.config import PromoteConfig
-from tasks.errors import PipelineError, PromotionFailed
+from tasks.errors import ConfigError, PipelineError, PromotionFailed
 from tasks.promote import (PREVIOUS_ALIAS, ROLLED_BACK_TAG, SERVING_ERROR_TAG, SWITCHED_AT_TAG, PromotionTarget,
                            check_serving, restore_serving, switch_to, record_served, serve_bundle, serving_lock)
 from tasks.registry import VERSION_ROLE_TAG
 from tasks.results import StepResult, StepStatus
+from tasks.served_models import parse_model_entry, unique_models
 from tasks.serving_bundle import download_bundle
 
 log = logging.getLogger("tasks.reconcile")
@@ -231,13 +232,30 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
                         help="the shared model repository")
     parser.add_argument("--registered-model", default=PromoteConfig.registered_model, help="MLflow registered model")
     parser.add_argument("--triton-model", default=PromoteConfig.triton_model, help="Triton ensemble")
+    parser.add_argument("--model", action="append", default=[], metavar="SERVED=REGISTERED",
+                        help="a served model (Triton ensemble) and the registered model whose alias it follows; "
+                             "repeat it for several models side by side (given: --registered-model and "
+                             "--triton-model are not used)")
     parser.add_argument("--interval", type=float, default=15.0, help="seconds between passes")
     parser.add_argument("--once", action="store_true", help="one pass, then exit (status 1 when not in sync)")
     args = parser.parse_args(argv)
     if not args.mlflow or not args.repository:
         parser.error("--mlflow and --repository (or PIPELINE_MLFLOW_TRACKING_URI and "
                      "PIPELINE_TRITON_MODEL_REPOSITORY) are required")
+    try:
+        args.configs = configs_of(args.model, args.registered_model, args.triton_model)
+    except ConfigError as error:
+        parser.error(str(error))
     return args
+
+
+def configs_of(entries: list[str], registered_model: str, triton_model: str) -> list[PromoteConfig]:
+    """The promote configs of the models to reconcile: one per ``served=registered`` entry, else the one
+    ``registered_model`` / ``triton_model`` name."""
+    if not entries:
+        return [PromoteConfig(registered_model=registered_model, triton_model=triton_model)]
+    models = unique_models(tuple(parse_model_entry(entry) for entry in entries))
+    return [PromoteConfig(registered_model=model.registered, triton_model=model.served) for model in models]
 
 
 def pass_once(config: PromoteConfig, target: PromotionTarget) -> tuple[bool, str]:
@@ -254,16 +272,18 @@ def pass_once(config: PromoteConfig, target: PromotionTarget) -> tuple[bool, str
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    config = PromoteConfig(registered_model=args.registered_model, triton_model=args.triton_model)
     target = PromotionTarget(args.triton, args.repository, args.mlflow)
-    last = ""
+    last: dict[str, str] = {}
     while True:
-        in_sync, state = pass_once(config, target)
-        if state != last:  # log changes, not every pass
-            (log.info if in_sync else log.warning)(state)
-            last = state
+        all_in_sync = True
+        for config in args.configs:  # each served model from its own registered model's alias
+            in_sync, state = pass_once(config, target)
+            if state != last.get(config.triton_model):  # log changes, not every pass
+                (log.info if in_sync else log.warning)(state)
+                last[config.triton_model] = state
+            all_in_sync = all_in_sync and in_sync
         if args.once:
-            return 0 if in_sync else 1
+            return 0 if all_in_sync else 1
         time.sleep(args.interval)
 
 

@@ -74,8 +74,10 @@ class PipelineSettings:
         environ.update(mlflow_connection_credentials(MLFLOW_CONNECTION_ID))
         return cls.from_env(environ)
 
-    def monitor_settings(self) -> MonitorSettings:
-        """The settings of the monitor_serving task, from the same environment as the pipeline's."""
+    def monitor_settings(self, served: str | None = None) -> MonitorSettings:
+        """The settings of a monitor task, from the same environment as the pipeline's: of the default
+        served model (``served`` None), else of the served model ``served``, with its state in its own
+        folder (``monitoring/<served>/``)."""
         from monitoring.monitor import MonitorSettings
 
         missing = [name for name, value in (("PIPELINE_PREDICTION_LOG_URL", self.prediction_log_url),
@@ -86,9 +88,9 @@ class PipelineSettings:
         return MonitorSettings(
             prediction_log_url=self.prediction_log_url,
             model_repository=self.triton_model_repository,
-            serving_model=self.serving_model,
+            serving_model=served or self.serving_model,
             mlflow_tracking_uri=self.mlflow_tracking_uri,
-            state_dir=self.monitor_state_dir,
+            state_dir=self.monitor_state_dir / served if served else self.monitor_state_dir,
             gateway_url=self.gateway_url,
             triton_metrics_url=self.triton_metrics_url,
             retrain_conf=self.retrain_conf,

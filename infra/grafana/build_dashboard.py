@@ -19,7 +19,7 @@ MODEL = 'model="$model"'
 
 PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
     ("Gateway latency (request in to response out)", "s", [
-        (f"histogram_quantile({q}, sum by (le) (rate(gateway_request_latency_seconds_bucket[5m])))", f"p{p}")
+        (f"histogram_quantile({q}, sum by (le) (rate(gateway_request_latency_seconds_bucket{{{MODEL}}}[5m])))", f"p{p}")
         for q, p in (("0.5", "50"), ("0.95", "95"), ("0.99", "99"))
     ]),
     ("Triton ensemble latency", "µs", [
@@ -27,12 +27,12 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
         for q, p in (("0.5", "50"), ("0.9", "90"), ("0.99", "99"))
     ]),
     ("Throughput", "reqps", [
-        ("sum(rate(gateway_predictions_total[1m]))", "texts/s (gateway)"),
+        (f"sum(rate(gateway_predictions_total{{{MODEL}}}[1m]))", "texts/s (gateway)"),
         (f"sum by (model) (rate(nv_inference_count{{{MODEL}}}[1m]))", "inferences/s (Triton)"),
     ]),
     ("Error rate", "percentunit", [
-        ('sum(rate(gateway_requests_total{status=~"5.."}[5m])) / clamp_min(sum(rate(gateway_requests_total[5m])), 1e-9)',
-         "gateway 5xx share"),
+        (f'sum(rate(gateway_requests_total{{{MODEL}, status=~"5.."}}[5m])) '
+         f'/ clamp_min(sum(rate(gateway_requests_total{{{MODEL}}}[5m])), 1e-9)', "gateway 5xx share"),
         ("sum(rate(nv_inference_request_failure[5m])) / clamp_min(sum(rate(nv_inference_request_success[5m]))"
          " + sum(rate(nv_inference_request_failure[5m])), 1e-9)", "Triton failure share"),
     ]),
@@ -45,7 +45,7 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
         ("sum(nv_gpu_memory_used_bytes)", "GPU memory used (GPU hosts only)"),
     ]),
     ("Queueing", "short", [
-        ("sum(gateway_in_flight_requests)", "gateway requests in flight"),
+        (f"sum(gateway_in_flight_requests{{{MODEL}}})", "gateway requests in flight"),
         (f"sum(nv_inference_pending_request_count{{{MODEL}}})", "Triton pending requests"),
         ("sum(prediction_log_queue_depth)", "predictions in the journals, not yet in the database"),
     ]),
@@ -71,9 +71,9 @@ def dashboard() -> dict:
         "uid": "serving", "title": "Serving: gateway and Triton", "schemaVersion": 39, "version": 1,
         "editable": False, "refresh": "30s", "time": {"from": "now-6h", "to": "now"}, "tags": ["serving", "triton"],
         "templating": {"list": [{
-            "name": "model", "type": "query", "label": "Triton model",
+            "name": "model", "type": "query", "label": "served model",
             "datasource": {"type": "prometheus", "uid": "prometheus"},
-            "query": "label_values(nv_inference_count, model)", "current": {"text": DEFAULT_MODEL,
+            "query": "label_values(gateway_predictions_total, model)", "current": {"text": DEFAULT_MODEL,
                                                                             "value": DEFAULT_MODEL},
         }]},
         "panels": [panel(index, *spec) for index, spec in enumerate(PANELS)],

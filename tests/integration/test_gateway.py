@@ -21,6 +21,7 @@ from tests.integration.test_registry_and_promotion import evaluated  # noqa: F40
 
 pytestmark = pytest.mark.integration
 MODEL = "gw_model"
+SECOND_MODEL, SECOND_LABELS = "gw_topics", ("sports", "business")
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +34,15 @@ def gateway_stack(tmp_path_factory, exported_onnx):
     home = tmp_path_factory.mktemp("gateway-stack")
     # MLflow without authentication, as in conftest's local_services: test_mlflow_auth.py checks the accounts.
     env = {"PIPELINE_HOME": str(home), "PIPELINE_ASSETS_CACHE": str(home / "assets"), "PIPELINE_SERVING_MODEL": MODEL,
-           "PIPELINE_MLFLOW_AUTH": "false"}
+           "PIPELINE_MLFLOW_AUTH": "false", "PIPELINE_EXTRA_MODELS": f"{SECOND_MODEL}=gw-topics"}
     env.update({f"PIPELINE_{name}_PORT": str(free_port())
                 for name in ("MLFLOW", "TRITON_HTTP", "TRITON_GRPC", "TRITON_METRICS", "AIRFLOW", "GATEWAY")})
     stack = LocalStack(StackSettings.from_env(env))
     repo.write_ensemble_version(stack.settings.triton_model_repository,
                                 repo.ClassifierEnsemble(MODEL, ("negative", "positive"), max_length=32), exported_onnx)
+    # A second served model beside it (the same tiny network, other labels): its own ensemble and route.
+    repo.write_ensemble_version(stack.settings.triton_model_repository,
+                                repo.ClassifierEnsemble(SECOND_MODEL, SECOND_LABELS, max_length=32), exported_onnx)
     stack.up(with_airflow=False, progress=lambda _: None)
     yield stack
     stack.down(progress=lambda _: None)
@@ -129,14 +133,15 @@ def test_triton_down_gives_503_with_the_reason_then_recovers(gateway_stack, http
         time.sleep(0.5)
     assert status == 200
     metrics = http.get("/metrics").text
-    assert 'gateway_requests_total{status="503"}' in metrics
+    assert 'gateway_requests_total{model="gw_model",status="503"}' in metrics
 
 
 def _metric(http: httpx.Client, name: str) -> float:
-    for line in http.get("/metrics").text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in /metrics")
+    """The metric ``name`` summed over its labels (every served model)."""
+    values = [float(line.rsplit(" ", 1)[1]) for line in http.get("/metrics").text.splitlines()
+              if line.startswith(name + " ") or line.startswith(name + "{")]
+    assert values, f"{name} not in /metrics"
+    return sum(values)
 
 
 def _log_caught_up(http: httpx.Client, timeout_s: float = 10.0) -> None:
@@ -238,16 +243,45 @@ def test_feedback_attaches_true_labels_to_served_predictions(gateway_stack, http
     labelled = plog.read_labelled(engine, time.time() - 60, time.time() + 1)
     assert set(labelled["prediction_id"]) == set(ids) and set(labelled["true_label"]) == {"negative"}
     metrics = http.get("/metrics").text
-    assert 'gateway_feedback_requests_total{status="422"} 1.0' in metrics and "gateway_feedback_total 2.0" in metrics
+    assert 'gateway_feedback_requests_total{model="gw_model",status="422"} 1.0' in metrics
+    assert 'gateway_feedback_total{model="gw_model"} 2.0' in metrics
+
+
+def test_a_second_model_answers_on_its_own_route_with_its_own_metrics(gateway_stack, http):
+    """Two ensembles in one Triton, one gateway: each answers on its own route and is counted and logged
+    under its own name; a model not served is a 404 that lists the served ones."""
+    assert http.get("/v1/models").json() == {"default": MODEL, "models": [MODEL, SECOND_MODEL]}
+    before = _metric_value(http.get("/metrics").text, f'gateway_predictions_total{{model="{MODEL}"}}')
+    second = http.post(f"/v1/models/{SECOND_MODEL}/classify", json={"texts": ["a match", "a merger", "a goal"]})
+    assert second.status_code == 200, second.text
+    assert second.json()["model"] == SECOND_MODEL
+    assert {prediction["label"] for prediction in second.json()["predictions"]} <= set(SECOND_LABELS)
+    assert set(second.json()["predictions"][0]["probabilities"]) == set(SECOND_LABELS)
+    default = http.post(f"/v1/models/{MODEL}/classify", json={"texts": ["good film"]}).json()
+    assert set(default["predictions"][0]["probabilities"]) == {"negative", "positive"}
+    missing = http.post("/v1/models/nope/classify", json={"texts": ["x"]})
+    assert missing.status_code == 404 and missing.json()["models"] == [MODEL, SECOND_MODEL]
+    metrics = http.get("/metrics").text
+    assert _metric_value(metrics, f'gateway_predictions_total{{model="{SECOND_MODEL}"}}') >= 3.0
+    assert _metric_value(metrics, f'gateway_predictions_total{{model="{MODEL}"}}') == before + 1.0
+    _log_caught_up(http)
+    logged = plog.read_window(plog.create_engine(gateway_stack.settings.prediction_log_url), time.time() - 60,
+                              time.time() + 1)
+    ids = {prediction["prediction_id"] for prediction in second.json()["predictions"]}
+    assert set(logged[logged["prediction_id"].isin(ids)]["model"]) == {SECOND_MODEL}
+
+
+def _metric_value(page: str, sample: str) -> float:
+    return next(float(line.rsplit(" ", 1)[1]) for line in page.splitlines() if line.startswith(sample + " "))
 
 
 class GatewayTraffic:
     """Single-text classify requests through the gateway in a thread until stopped (at most 120 s)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, path: str = "/v1/classify") -> None:
         import threading
 
-        self.url, self.statuses = url, []
+        self.url, self.path, self.statuses = url, path, []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -255,7 +289,7 @@ class GatewayTraffic:
         started = time.monotonic()
         with httpx.Client(base_url=self.url, timeout=30) as client:
             while not self._stop.is_set() and time.monotonic() - started < 120:
-                self.statuses.append(client.post("/v1/classify", json={"texts": ["good great film"]}).status_code)
+                self.statuses.append(client.post(self.path, json={"texts": ["good great film"]}).status_code)
                 time.sleep(0.05)
 
     def __enter__(self) -> GatewayTraffic:
@@ -316,3 +350,14 @@ def test_a_shadow_is_judged_on_copied_live_traffic_and_a_failed_one_blocks_the_s
     assert triton.ready_versions(MODEL) == [served_before[-1] + 1] and not triton.is_ready(shadow_model(MODEL))
     assert model_aliases.alias_version(settings.mlflow_url, "shadow-model", "champion") == first
     assert "median call latency" in model_aliases.version_tags(settings.mlflow_url, "shadow-model", second)["shadow"]
+
+    # A shadow of this model copies only this model's traffic: with requests to the second model alone,
+    # none is copied and the shadow cannot be judged.
+    third = _register(settings, "shadow-model", "shadow-3", exported_onnx, evaluated.metrics)
+    starved = PromoteConfig(registered_model="shadow-model", triton_model=MODEL, smoke_samples=4, shadow_requests=3,
+                            shadow_minutes=0.25)
+    with GatewayTraffic(settings.gateway_url, f"/v1/models/{SECOND_MODEL}/classify") as traffic, \
+            pytest.raises(PromotionFailed, match="only 0 of 3 requests were copied"):
+        promote(starved, target, exported_onnx, predictions, prepared_data, third, max_length=32)
+    assert traffic.statuses and set(traffic.statuses) == {200}
+    assert model_aliases.alias_version(settings.mlflow_url, "shadow-model", "champion") == first

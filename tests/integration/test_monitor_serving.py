@@ -118,6 +118,8 @@ def test_monitor_dag_reports_no_drift_then_triggers_on_shifted_traffic(local_ser
     (optimize_run,) = shifted["triggered"]
     assert optimize_run["run_id"].startswith("monitor__")
     assert optimize_run["conf"]["data_source"] == "/data/labelled" and optimize_run["conf"]["max_train"] == 300
+    # ... and retrains the model this monitor watches, under its own names.
+    assert (optimize_run["conf"]["triton_model"], optimize_run["conf"]["registered_model"]) == (MODEL, "text-classifier")
     assert "output drift" in optimize_run["conf"]["trigger_reason"] and optimize_run["conf"]["trigger_kind"] == "drift"
     evidence = json.loads(optimize_run["conf"]["trigger_evidence"])
     assert evidence["windows"] and evidence["kind"] == "drift" and evidence["champion_version"] == str(version)

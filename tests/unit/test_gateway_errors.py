@@ -57,7 +57,7 @@ def test_an_unhandled_exception_is_a_counted_json_500(tmp_path):
         assert feedback.status_code == 500 and "KeyError" in feedback.json()["error"]
         page = client.get("/metrics").text
     assert parse_gateway_metrics(page) == {"500": 1.0, INVALID_OUTPUTS: 0.0}
-    assert 'gateway_feedback_requests_total{status="500"} 1.0' in page  # apart from the classify SLO
+    assert 'gateway_feedback_requests_total{model="text_classifier",status="500"} 1.0' in page  # apart from the classify SLO
 
 
 class Replica:

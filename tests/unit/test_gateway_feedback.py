@@ -49,10 +49,16 @@ def _classified_ids(client: TestClient, texts: list[str]) -> list[str]:
     ids = [prediction["prediction_id"] for prediction in response.json()["predictions"]]
     assert len(set(ids)) == len(texts) and all(len(pid) == 32 for pid in ids)
     deadline = time.monotonic() + 10  # the log writes in batches: wait until these are written
-    while client.app.state.prediction_log.stats.written < client.app.state.metrics.predictions._value.get():
+    while client.app.state.prediction_log.stats.written < _predictions_counted(client):
         assert time.monotonic() < deadline, "the prediction log did not catch up"
         time.sleep(0.02)
     return ids
+
+
+def _predictions_counted(client: TestClient) -> float:
+    """gateway_predictions_total summed over the served models."""
+    return sum(sample.value for metric in client.app.state.metrics.predictions.collect() for sample in metric.samples
+               if sample.name == "gateway_predictions_total")
 
 
 def test_classified_ids_are_logged_and_take_feedback(tmp_path):
@@ -70,8 +76,8 @@ def test_classified_ids_are_logged_and_take_feedback(tmp_path):
     labelled = plog.read_labelled(engine, 0, time.time() + 1).set_index("prediction_id")
     assert labelled.loc[ids[0], ["label", "true_label"]].tolist() == ["positive", "negative"]
     assert labelled.loc[ids[1], ["label", "true_label"]].tolist() == ["negative", "negative"]
-    assert 'gateway_feedback_requests_total{status="200"} 1.0' in metrics
-    assert "gateway_feedback_total 2.0" in metrics
+    assert 'gateway_feedback_requests_total{model="text_classifier",status="200"} 1.0' in metrics
+    assert 'gateway_feedback_total{model="text_classifier"} 2.0' in metrics
 
 
 @pytest.mark.parametrize("body, message", [
@@ -97,7 +103,7 @@ def test_unreadable_json_is_a_400_counted_as_feedback(tmp_path):
     with _client(tmp_path) as client:
         response = client.post("/v1/feedback", content=b"{nope", headers={"content-type": "application/json"})
         assert response.status_code == 400 and "not valid JSON" in response.json()["error"]
-        assert 'gateway_feedback_requests_total{status="400"} 1.0' in client.get("/metrics").text
+        assert 'gateway_feedback_requests_total{model="text_classifier",status="400"} 1.0' in client.get("/metrics").text
 
 
 def test_any_label_is_taken_when_the_model_labels_are_unknown(tmp_path):
@@ -117,5 +123,5 @@ def test_a_failed_database_write_is_a_503_with_the_reason(tmp_path, monkeypatch)
         response = client.post("/v1/feedback", json={"items": [{"prediction_id": "a", "label": "positive"}]})
         assert response.status_code == 503 and "could not store the feedback" in response.json()["error"]
         metrics = client.get("/metrics").text
-    assert 'gateway_feedback_requests_total{status="503"} 1.0' in metrics
-    assert 'gateway_requests_total{status="503"}' not in metrics
+    assert 'gateway_feedback_requests_total{model="text_classifier",status="503"} 1.0' in metrics
+    assert 'gateway_requests_total{model="text_classifier",status="503"}' not in metrics

@@ -22,9 +22,12 @@ def test_the_message_says_how_many_texts_and_whose_fault():
 def test_the_counter_the_gateway_exports_is_the_one_the_monitor_reads():
     from prometheus_client import generate_latest
 
-    metrics = Metrics(PredictionLog("sqlite://"))
-    metrics.requests.labels("200").inc(4)
-    metrics.requests.labels("502").inc()
-    metrics.invalid_outputs.inc(3)
-    counts = parse_gateway_metrics(generate_latest(metrics.registry).decode())
-    assert counts == {"200": 4.0, "502": 1.0, INVALID_OUTPUTS: 3.0}
+    metrics = Metrics(PredictionLog("sqlite://"), ("sentiment", "topics"))
+    metrics.requests.labels("sentiment", "200").inc(4)
+    metrics.requests.labels("sentiment", "502").inc()
+    metrics.invalid_outputs.labels("sentiment").inc(3)
+    metrics.requests.labels("topics", "200").inc(10)
+    page = generate_latest(metrics.registry).decode()
+    assert parse_gateway_metrics(page, "sentiment") == {"200": 4.0, "502": 1.0, INVALID_OUTPUTS: 3.0}
+    assert parse_gateway_metrics(page, "topics") == {"200": 10.0, INVALID_OUTPUTS: 0.0}  # each model judged alone
+    assert parse_gateway_metrics(page) == {"200": 14.0, "502": 1.0, INVALID_OUTPUTS: 3.0}

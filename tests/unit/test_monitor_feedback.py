@@ -61,7 +61,7 @@ def _serve_and_label(settings: MonitorSettings, window_end: float, right: int, w
 
 
 def _window(settings: MonitorSettings, monkeypatch, end: float, log_to_mlflow: bool = False) -> dict:
-    monkeypatch.setattr(monitor, "gateway_counts", lambda url: {"http://gateway/metrics": {"200": end}})
+    monkeypatch.setattr(monitor, "gateway_counts", lambda url, model=None: {"http://gateway/metrics": {"200": end}})
     monkeypatch.setattr(monitor, "triton_counts", lambda url, model: None)
     return run_window(settings, CONFIG, end, False, settings.state_dir / "windows" / str(int(end)),
                       log_to_mlflow=log_to_mlflow)

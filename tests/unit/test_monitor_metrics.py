@@ -34,9 +34,9 @@ def _gateway_page(statuses: dict[str, int], invalid: int = 0) -> str:
 
     metrics = Metrics(PredictionLog("sqlite://"))
     for status, times in statuses.items():
-        metrics.requests.labels(status).inc(times)
-    metrics.invalid_outputs.inc(invalid)
-    metrics.feedback_requests.labels("500").inc(7)  # feedback is not a classify request
+        metrics.requests.labels("text_classifier", status).inc(times)
+    metrics.invalid_outputs.labels("text_classifier").inc(invalid)
+    metrics.feedback_requests.labels("text_classifier", "500").inc(7)  # feedback is not a classify request
     return generate_latest(metrics.registry).decode()
 
 

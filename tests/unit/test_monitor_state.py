@@ -23,7 +23,7 @@ def settings(tmp_path) -> MonitorSettings:
 def _counters(monkeypatch, gateway: dict[str, float] | None, triton: tuple[float, float] | None) -> None:
     """What the next window's scrapes read: the gateway's counters by status, Triton's (success, failure),
     each of one replica."""
-    monkeypatch.setattr(monitor, "gateway_counts", lambda url: None if gateway is None else {GATEWAY: gateway})
+    monkeypatch.setattr(monitor, "gateway_counts", lambda url, model=None: None if gateway is None else {GATEWAY: gateway})
     monkeypatch.setattr(monitor, "triton_counts", lambda url, model: None if triton is None else
                         {TRITON: {"success": triton[0], "failure": triton[1]}})
 

@@ -52,7 +52,7 @@ def _serve(settings: MonitorSettings, window_end: float, latency_ms: float, shor
 def _window(settings: MonitorSettings, monkeypatch, end: float, invalid_outputs: float = 0.0,
             config: MonitorConfig = CONFIG) -> dict:
     gateway = {"200": end, "502": 0.0, INVALID_OUTPUTS: invalid_outputs}  # ~no 5xx: errors only from invalid
-    monkeypatch.setattr(monitor, "gateway_counts", lambda url: {"http://gateway/metrics": gateway})
+    monkeypatch.setattr(monitor, "gateway_counts", lambda url, model=None: {"http://gateway/metrics": gateway})
     monkeypatch.setattr(monitor, "triton_counts", lambda url, model: None)
     return run_window(settings, config, end, False, settings.state_dir / "windows" / str(int(end)),
                       log_to_mlflow=False)

@@ -194,7 +194,7 @@ def test_the_gateway_serves_through_an_outage_and_answers_503_when_the_journal_i
         assert refused.status_code == 503 and "journal is full" in refused.json()["error"]
         assert "the prediction was not served" in refused.json()["error"]
         page = client.get("/metrics").text
-        assert f'gateway_requests_total{{status="503"}} {21 - served}.0' in page
+        assert f'gateway_requests_total{{model="text_classifier",status="503"}} {21 - served}.0' in page
         assert "prediction_journal_rejected " in page and "prediction_journal_max_bytes 4096.0" in page
         folder.mkdir()
         deadline = time.monotonic() + 10

@@ -132,3 +132,17 @@ def test_the_loop_reads_its_services_from_the_pipeline_environment(tmp_path):
     assert (args.registered_model, args.triton_model) == ("text-classifier", "text_classifier")
     with pytest.raises(SystemExit):
         parse_args([], {})
+
+
+def test_the_loop_reconciles_every_served_model_from_its_own_registered_model(tmp_path, capsys):
+    env = {"PIPELINE_MLFLOW_TRACKING_URI": "http://127.0.0.1:5000", "PIPELINE_TRITON_MODEL_REPOSITORY": str(tmp_path)}
+    args = parse_args(["--model", "text_classifier=text-classifier", "--model", "topics=topic-clf"], env)
+    assert [(config.triton_model, config.registered_model) for config in args.configs] == [
+        ("text_classifier", "text-classifier"), ("topics", "topic-clf")]
+    assert [(c.triton_model, c.registered_model) for c in parse_args([], env | {"PIPELINE_TRITON_URL": "x"}).configs] \
+        == [("text_classifier", "text-classifier")]
+    for bad, message in ((["--model", "topics"], "is not served=registered"),
+                         (["--model", "a=m", "--model", "b=m"], "registered model names ['m']")):
+        with pytest.raises(SystemExit):
+            parse_args(bad, env)
+        assert message in capsys.readouterr().err
