@@ -53,7 +53,7 @@ from serving.errors import ServingError
 from serving.journal import JournalError
 from serving.model_repository import DEFAULT_MODEL
 from serving.prediction_log import FeedbackNotStored, Prediction, PredictionLog, encode_embedding
-from serving.shadow import ShadowMirror
+from serving.shadow import ShadowMirror, text_input
 from serving.text import normalise_text
 
 log = logging.getLogger(__name__)
@@ -264,10 +264,8 @@ class TritonClassifier:
                                     for name in names)
 
     async def _infer(self, texts: list[str], names: tuple[str, ...]):
-        text = self._grpc.InferInput("TEXT", [len(texts), 1], "BYTES")
-        text.set_data_from_numpy(np.array([t.encode("utf-8") for t in texts], dtype=object).reshape(-1, 1))
         # No version: whichever version serves now; the response says which one it was.
-        return await self._client.infer(self.model, [text], outputs=[self._grpc.InferRequestedOutput(n) for n in names],
+        return await self._client.infer(self.model, [text_input(self._grpc, texts)], outputs=[self._grpc.InferRequestedOutput(n) for n in names],
                                         client_timeout=self.timeout_s)
 
     async def _infer_available(self, texts: list[str]):

@@ -136,6 +136,14 @@ class ShadowSummary:
                    champion_p50_ms=float(np.percentile(champion, 50)), shadow_p50_ms=float(np.percentile(shadow, 50)))
 
 
+def text_input(grpc, texts: Sequence[str]):
+    """The ensemble's TEXT input for ``texts`` (``grpc``: the ``tritonclient.grpc.aio`` module): one UTF-8
+    string per row. The gateway's requests and the shadow's copies are built the same way."""
+    text = grpc.InferInput("TEXT", [len(texts), 1], "BYTES")
+    text.set_data_from_numpy(np.array([t.encode("utf-8") for t in texts], dtype=object).reshape(-1, 1))
+    return text
+
+
 class ShadowMirror:
     """One gateway's copies of its answered requests to the shadow model, while Triton has one."""
 
@@ -222,9 +230,8 @@ class ShadowMirror:
             log.warning("shadow comparison not written: %s", error)
 
     async def _labels(self, texts: list[str]) -> tuple[list[str], str]:
-        text = self._grpc.InferInput("TEXT", [len(texts), 1], "BYTES")
-        text.set_data_from_numpy(np.array([t.encode("utf-8") for t in texts], dtype=object).reshape(-1, 1))
-        result = await self._client.infer(self.shadow, [text], outputs=[self._grpc.InferRequestedOutput("LABEL")],
+        result = await self._client.infer(self.shadow, [text_input(self._grpc, texts)],
+                                          outputs=[self._grpc.InferRequestedOutput("LABEL")],
                                           client_timeout=self.timeout_s)
         labels = [item.decode() if isinstance(item, bytes) else str(item)
                   for item in result.as_numpy("LABEL").reshape(-1)]
