@@ -8,14 +8,15 @@ and an account reads or changes only what it was granted (403 otherwise). Beside
   it creates experiments, runs, registered models and versions, moves and deletes aliases, sets and
   deletes tags.
 - ``reviewer``: a person who decides what serves. READ on every experiment and registered model;
-  EDIT on the registered model serving follows, which lets it move that model's aliases (approve a
-  challenger, roll back by hand) and tag its versions (``rejected``). It deletes nothing.
+  EDIT on the registered models serving follows (one per served model), which lets it move their
+  aliases (approve a challenger, roll back by hand) and tag their versions (``rejected``). It deletes
+  nothing.
 
 MLflow's permissions do not single out aliases: EDIT on the model also lets the reviewer change its
 descriptions and tags. Any signed-in account may create a new experiment or registered model (MLflow
 gives its creator MANAGE on it); nobody else sees it until granted.
 
-``python -m opsctl.mlflow_auth --url URL --registered-model NAME`` sets the accounts up on a running
+``python -m opsctl.mlflow_auth --url URL --registered-model NAME [--registered-model NAME ...]`` sets the accounts up on a running
 server (docker-compose's one-shot ``mlflow-accounts``): passwords from ``MLFLOW_AUTH_ADMIN_PASSWORD``,
 ``PIPELINE_MLFLOW_PASSWORD`` and ``PIPELINE_MLFLOW_REVIEWER_PASSWORD``.
 """
@@ -26,7 +27,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,12 +59,13 @@ class Grant:
     permission: str  # READ | EDIT | MANAGE
 
 
-def account_grants(registered_model: str) -> dict[str, tuple[Grant, ...]]:
-    """What each account may do; ``registered_model`` is the one whose aliases the reviewer moves."""
+def account_grants(registered_models: Sequence[str]) -> dict[str, tuple[Grant, ...]]:
+    """What each account may do; ``registered_models`` are those whose aliases the reviewer moves (one per
+    served model)."""
     return {
         PIPELINE: (Grant("experiment", "*", "MANAGE"), Grant("registered_model", "*", "MANAGE")),
         REVIEWER: (Grant("experiment", "*", "READ"), Grant("registered_model", "*", "READ"),
-                   Grant("registered_model", registered_model, "EDIT")),
+                   *(Grant("registered_model", name, "EDIT") for name in registered_models)),
     }
 
 
@@ -109,7 +111,7 @@ def stack_client_environment(credentials_file: Path, environ: Mapping[str, str])
     return client_environment(PIPELINE, password) if password else {}
 
 
-def provision_accounts(url: str, admin_password: str, passwords: Mapping[str, str], registered_model: str,
+def provision_accounts(url: str, admin_password: str, passwords: Mapping[str, str], registered_models: Sequence[str],
                        timeout_s: float = 10.0) -> list[str]:
     """Create the accounts that do not exist yet and grant each what it may do (idempotent).
 
@@ -118,7 +120,7 @@ def provision_accounts(url: str, admin_password: str, passwords: Mapping[str, st
     session = requests.Session()
     session.auth = (ADMIN, admin_password)
     created = []
-    for username, grants in account_grants(registered_model).items():
+    for username, grants in account_grants(registered_models).items():
         found = _call(session, "GET", url + GET_USER, timeout_s, params={"username": username})
         if "RESOURCE_DOES_NOT_EXIST" in found.text:
             _expect_ok(_call(session, "POST", url + CREATE_USER, timeout_s,
@@ -158,7 +160,8 @@ def _expect_ok(response: requests.Response, what: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m opsctl.mlflow_auth", description=__doc__.splitlines()[0])
     parser.add_argument("--url", required=True, help="the MLflow server, e.g. http://mlflow:5000")
-    parser.add_argument("--registered-model", required=True, help="the registered model the reviewer moves aliases of")
+    parser.add_argument("--registered-model", required=True, action="append", dest="registered_models",
+                        help="a registered model the reviewer moves aliases of (repeat it for each served model)")
     return parser
 
 
@@ -172,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     passwords = {account: os.environ[variable] for account, variable in names.items()}
     try:
-        created = provision_accounts(args.url.rstrip("/"), passwords[ADMIN], passwords, args.registered_model)
+        created = provision_accounts(args.url.rstrip("/"), passwords[ADMIN], passwords, args.registered_models)
     except AuthSetupError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -69,10 +69,11 @@ def with_pipeline_credentials(env: dict[str, str], secrets: dict[str, str] | Non
 
 
 def provision_mlflow_accounts(settings: StackSettings, secrets: dict[str, str]) -> list[str]:
-    """The pipeline and reviewer accounts on the stack's MLflow (created at its first start)."""
+    """The pipeline and reviewer accounts on the stack's MLflow (created at its first start; the reviewer may
+    move the aliases of every served model's registered model)."""
     try:
         return mlflow_auth.provision_accounts(settings.mlflow_url, secrets[mlflow_auth.ADMIN], secrets,
-                                              settings.registered_model)
+                                              [model.registered for model in settings.served_models()])
     except mlflow_auth.AuthSetupError as error:
         raise ServiceError(f"{error}. Restore {settings.mlflow_credentials_file}, or delete it together with "
                            f"{settings.mlflow_dir / 'basic_auth.db'} and restart (the accounts are made again "

@@ -149,9 +149,16 @@ def _set_alias_in_the_ui(browser, mlflow_url: str, model: str, version: str, ali
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.wait import WebDriverWait
+
     browser.get(f"{mlflow_url}/#/models/{model}/versions/{version}")
     _wait_for_text(browser, f"Version {version}", "Aliases")
-    browser.find_element(By.CSS_SELECTOR, "[data-component-id$='modelversionviewaliaseditor.tsx_29']").click()
+    # MLflow 3's alias editor: "Add" on a version without aliases (_29), the pencil "Edit aliases" on one
+    # that has some (_37; the challenger has its alias, the version before has previous_champion).
+    editor = ("[data-component-id$='modelversionviewaliaseditor.tsx_29'], "
+              "[data-component-id$='modelversionviewaliaseditor.tsx_37']")
+    WebDriverWait(browser, 30).until(expected_conditions.element_to_be_clickable((By.CSS_SELECTOR, editor))).click()
     dialog = browser.find_element(By.CSS_SELECTOR, "[role=dialog]")
     box = dialog.find_element(By.CSS_SELECTOR, "input[role=combobox]")
     box.send_keys(alias)

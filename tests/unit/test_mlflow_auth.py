@@ -106,10 +106,11 @@ def test_opsctl_signs_in_as_the_pipeline_unless_the_user_chose_an_account(settin
     assert mlflow_auth.stack_client_environment(settings.home / "absent.json", {}) == {}
 
 
-def test_the_reviewer_may_move_aliases_of_the_served_model_only():
-    grants = mlflow_auth.account_grants("text-classifier")
+def test_the_reviewer_may_move_aliases_of_the_served_models_only():
+    grants = mlflow_auth.account_grants(["text-classifier", "topic-classifier"])
     assert {grant.permission for grant in grants["reviewer"] if grant.resource_id == "*"} == {"READ"}
-    assert mlflow_auth.Grant("registered_model", "text-classifier", "EDIT") in grants["reviewer"]
+    assert {grant.resource_id for grant in grants["reviewer"] if grant.permission == "EDIT"} == {
+        "text-classifier", "topic-classifier"}
     assert all(grant.permission == "MANAGE" for grant in grants["pipeline"])
 
 
