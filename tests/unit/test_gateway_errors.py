@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from monitoring import monitor
 from monitoring.monitor import INVALID_OUTPUTS, MonitorConfig, MonitorSettings, parse_gateway_metrics, run_window
 from serving.gateway import GatewaySettings, create_app
+from serving.model_repository import DEFAULT_MODEL
 
 LABELS = ["negative", "positive"]
 
@@ -105,7 +106,7 @@ def _window(settings: MonitorSettings, end: float) -> dict:
 def test_the_error_rate_of_two_replicas_one_of_them_restarted(tmp_path, replicas, monkeypatch):
     monkeypatch.setattr(monitor, "triton_counts", lambda url, model: None)
     healthy, failing = replicas("a"), replicas("b", broken=True)
-    settings = MonitorSettings(f"sqlite:///{tmp_path / 'log.db'}", tmp_path / "models", "model", "unused",
+    settings = MonitorSettings(f"sqlite:///{tmp_path / 'log.db'}", tmp_path / "models", DEFAULT_MODEL, "unused",
                                tmp_path / "state", gateway_url=f"{healthy.url},{failing.url}")
     assert healthy.classify(6) == [200] * 6 and failing.classify(4) == [500] * 4
     first = _window(settings, 900)
