@@ -12,7 +12,7 @@ export AIRFLOW__USAGE_DATA_COLLECTION__ENABLED := False
 export SCARF_ANALYTICS := false
 PYTEST_ARGS ?=
 
-.PHONY: help demo-postgres down-postgres purge-postgres venv venv-triton venv-kfp venv-optimum perf-analyzer bench bench-triton bench-pipeline browser-deps kubeflow demo demo-drift demo-latency demo-multimodel test test-slow test-faults bench-compress bench-monitor bench-drift bench-batch bench-attention bench-multiclass bench-full bench-gpu load-test up down status assets clean-stack
+.PHONY: help demo-postgres down-postgres purge-postgres venv venv-triton venv-kfp venv-optimum perf-analyzer bench bench-triton bench-pipeline browser-deps kubeflow demo demo-drift demo-latency demo-multimodel test test-slow test-faults bench-compress bench-monitor bench-drift bench-batch bench-attention bench-multiclass bench-soak bench-full bench-gpu load-test up down status assets clean-stack
 
 help:
 	@echo "make demo       create environments, start the local stack, run optimize_model end to end"
@@ -30,6 +30,7 @@ help:
 	@echo "make bench-drift     false alarms and detection per shift family and window size, demo model (~15 min) -> bench/results/drift.{json,md}"
 	@echo "make bench-batch     after make demo: each served format's answers alone vs batched (label flips, logit change) -> bench/results/batch-invariance.{json,md}"
 	@echo "make bench-multiclass the recipe end to end on demo:reuters8 (8 imbalanced topics), gates by accuracy and macro-F1, teacher 1 vs 3 epochs -> bench/results/multiclass.{json,md}"
+	@echo "make bench-soak      10 min at 20 requests/s through the gateway, a promotion and a rollback midway: 5xx, RSS per service, log count -> bench/results/soak.{json,md}"
 	@echo "make bench-full      the strong-teacher run of record (hours): full profile through the local stack, teacher vs promoted model -> bench/results/full.{json,md}"
 	@echo "make bench-attention after make demo: eager vs SDPA attention in PyTorch on this CPU (inference, training step) -> bench/results/attention.{json,md}"
 	@echo "make bench-gpu       on an NVIDIA GPU: teacher and students in PyTorch FP32/FP16 (SDPA, flash) and TensorRT -> bench/results/gpu.{json,md}"
@@ -136,6 +137,11 @@ test-slow: venv venv-triton venv-kfp venv-optimum browser-deps perf-analyzer
 # The fault suite (tests/faults): real processes killed with SIGKILL, a full disk, a corrupted model file.
 test-faults: venv venv-triton
 	FAULTS_REPORT=bench/results/faults.md $(BIN)/python -m pytest -m faults tests/faults $(PYTEST_ARGS)
+
+# The soak (tests/faults/test_soak.py, marker soak): its own stack, SOAK_SECONDS (default 600) of traffic.
+SOAK_SECONDS ?= 600
+bench-soak: venv venv-triton
+	SOAK_SECONDS=$(SOAK_SECONDS) SOAK_REPORT=bench/results/soak.md $(BIN)/python -m pytest -m soak tests/faults/test_soak.py $(PYTEST_ARGS)
 
 # ~25 minutes on 2 cores; exits 2 when a target of the compression issue is not met.
 bench-compress: venv venv-optimum
