@@ -160,12 +160,20 @@ class SoakRun:
     events: dict[str, object] = field(default_factory=dict)
     late_starts: int = 0
     header: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def _switches_succeeded(events: dict[str, object]) -> bool:
+    """Every recorded switch (an event with an ``ok`` flag) succeeded, and there was at least one."""
+    switches = [event for event in events.values() if isinstance(event, dict) and "ok" in event]
+    return bool(switches) and all(event["ok"] for event in switches)
 
 
 def build_report(run: SoakRun) -> dict:
     """Every figure of the run, and a verdict per promise."""
     errors = classify_errors(run.answers, run.windows)
-    marks = [("before promotion", 0.0)] + [(f"after {w.name}", w.end_s) for w in run.windows]
+    marks = [(f"before {run.windows[0].name}" if run.windows else "all", 0.0)]
+    marks += [(f"after {w.name}", w.end_s) for w in run.windows]
     rss = {name: rss_trend(series, run.warmup_s) | {"phase_medians_mib": phase_medians(series, marks)}
            for name, series in run.rss.items()}
     predictions = prediction_check(run.answers, run.logged_ids)
@@ -173,9 +181,9 @@ def build_report(run: SoakRun) -> dict:
     promises = {"no 5xx outside the 503 windows": errors["outside_count"] == 0,
                 f"memory flat (growth < {GROWTH_LIMIT:.0%}) for every service": all(r["flat"] for r in rss.values()),
                 "prediction log rows = texts answered": predictions["equal"],
-                "promotion and rollback succeeded": all(e.get("ok") for e in run.events.values()
-                                                        if isinstance(e, dict))}
-    return {"header": run.header, "duration_s": run.duration_s, "target_rate_per_s": run.rate_per_s,
+                "promotions and rollback succeeded": _switches_succeeded(run.events)}
+    return {"header": run.header, "notes": run.notes, "duration_s": run.duration_s,
+            "target_rate_per_s": run.rate_per_s,
             "achieved_rate_per_s": round(len(run.answers) / wall, 2) if wall else 0.0,
             "requests": len(run.answers), "late_starts": run.late_starts, "warmup_s": run.warmup_s,
             "growth_limit": GROWTH_LIMIT, "windows": [asdict(w) | {"duration_s": round(w.end_s - w.start_s, 2)}
@@ -227,7 +235,8 @@ def render(report: dict) -> str:
              "Produced by `make bench-soak` (tests/faults/test_soak.py, bench/soak.py); do not edit by hand.", "",
              f"{report['requests']} classify requests in {report['duration_s']:.0f} s at {report['target_rate_per_s']}/s "
              f"(achieved {report['achieved_rate_per_s']}/s, {report['late_starts']} started over 50 ms late), texts per "
-             f"request cycling {BATCH_PATTERN}.", "", "## Promises", "", "| promise | result |", "|---|---|"]
+             f"request cycling {BATCH_PATTERN}.", "", *[f"{note}\n" for note in report["notes"]], "## Promises", "",
+             "| promise | result |", "|---|---|"]
     lines += [f"| {name} | {'pass' if ok else '**FAIL**'} |" for name, ok in report["promises"].items()]
     lines += ["", "## Requests", "", "| status | count |", "|---|---|"]
     lines += [f"| {'no answer' if s == '0' else s} | {n} |" for s, n in errors["by_status"].items()]
