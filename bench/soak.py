@@ -222,10 +222,22 @@ def _window_rows(report: dict) -> list[str]:
 
 def _prediction_rows(p: dict) -> list[str]:
     return ["| texts answered 200 | prediction ids returned | distinct | log rows (new) | rows for answered ids | "
-            "answered, not logged | logged twice | logged, not answered | equal |", "|---|---|---|---|---|---|---|---|---|",
-            f"| {p['texts_answered']} | {p['prediction_ids_answered']} | {p['distinct_ids_answered']} | {p['log_rows']} | "
+            "answered, not logged | logged twice | logged, not answered | equal |",
+            "|---|---|---|---|---|---|---|---|---|",
+            f"| {p['texts_answered']} | {p['prediction_ids_answered']} | {p['distinct_ids_answered']} | "
+            f"{p['log_rows']} | "
             f"{p['log_rows_for_answered_ids']} | {p['answered_not_logged']} | {p['logged_twice_or_more']} | "
             f"{p['logged_not_answered']} | {'yes' if p['equal'] else '**no**'} |"]
+
+
+def _event_line(name: str, event: object) -> str:
+    if not (isinstance(event, dict) and "ok" in event):
+        return f"- {name}: {event}"
+    if not event["ok"]:
+        return f"- {name}: **failed** after {event['seconds']} s: {event['error']}"
+    info, metrics = event.get("info", {}), event.get("metrics", {})
+    return (f"- {name}: {event.get('status')} in {event.get('seconds')} s, MLflow version "
+            f"{info.get('mlflow_version')} served as Triton version {int(metrics.get('triton_version', 0))}")
 
 
 def render(report: dict) -> str:
@@ -233,8 +245,9 @@ def render(report: dict) -> str:
     lat, errors = report["latency"], report["errors"]
     lines = ["# Soak benchmark", "", report["header"], "",
              "Produced by `make bench-soak` (tests/faults/test_soak.py, bench/soak.py); do not edit by hand.", "",
-             f"{report['requests']} classify requests in {report['duration_s']:.0f} s at {report['target_rate_per_s']}/s "
-             f"(achieved {report['achieved_rate_per_s']}/s, {report['late_starts']} started over 50 ms late), texts per "
+             f"{report['requests']} classify requests in {report['duration_s']:.0f} s at "
+             f"{report['target_rate_per_s']}/s (achieved {report['achieved_rate_per_s']}/s, "
+             f"{report['late_starts']} started over 50 ms late), texts per "
              f"request cycling {BATCH_PATTERN}.", "", *[f"{note}\n" for note in report["notes"]], "## Promises", "",
              "| promise | result |", "|---|---|"]
     lines += [f"| {name} | {'pass' if ok else '**FAIL**'} |" for name, ok in report["promises"].items()]
@@ -251,7 +264,8 @@ def render(report: dict) -> str:
               f"last third's median at most {report['growth_limit']:.0%} over the first third's. The series are in "
               "soak.json.", ""] + _rss_rows(report["rss"])
     lines += ["", "## Prediction log", ""] + _prediction_rows(report["predictions"])
-    lines += ["", "## Promotion and rollback", ""] + [f"- {name}: {value}" for name, value in report["events"].items()]
+    lines += ["", "## Promotions and rollback", ""]
+    lines += [_event_line(name, value) for name, value in report["events"].items()]
     return "\n".join(lines) + "\n"
 
 

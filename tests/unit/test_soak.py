@@ -90,7 +90,9 @@ def _run(rss_end_mib: float, logged: list[str]) -> soak.SoakRun:
     growing = _series([300.0] * 30 + [rss_end_mib] * 30)
     return soak.SoakRun(duration_s=300.0, rate_per_s=0.5, warmup_s=10.0, answers=answers, windows=[PROMOTION, ROLLBACK],
                         rss={"triton": growing, "gateway": flat}, logged_ids=logged,
-                        events={"promotion": {"ok": True}, "rollback": {"ok": True}, "served_after": [3],
+                        events={"promotion": {"ok": True, "status": "success", "seconds": 7.5,
+                                              "metrics": {"triton_version": 3.0}, "info": {"mlflow_version": "3"}},
+                                "rollback": {"ok": True}, "served_after": [3],
                                 "service_pids": {"triton": [1]}}, header="test run", notes=["A note."])
 
 
@@ -103,6 +105,8 @@ def test_report_passes_a_clean_run_and_renders_every_section(tmp_path):
     for heading in ("## Promises", "## Requests", "## 503 windows", "## Latency", "## Memory", "## Prediction log"):
         assert heading in text
     assert "| promotion | switch | 100.0 | 104.0 | 4.0 | 503: 1 |" in text
+    assert "- promotion: success in 7.5 s, MLflow version 3 served as Triton version 3\n" in text
+    assert "- served_after: [3]\n" in text
     assert "| triton | 58 |" in text and "FAIL" not in text and "\nA note.\n" in text
     assert json.loads(json_path.read_text())["rss_series"]["gateway"][0] == [0.0, 300 * MIB]
 
@@ -120,8 +124,10 @@ def test_report_fails_growing_memory_and_a_missing_log_row():
 
 def test_a_failed_switch_or_none_recorded_fails_the_switch_promise():
     run = _run(300.0, [f"id{t}" for t in range(0, 300, 2)])
-    run.events["rollback"] = {"ok": False, "error": "PromotionFailed: ..."}
-    assert not soak.build_report(run)["promises"]["promotions and rollback succeeded"]
+    run.events["rollback"] = {"ok": False, "error": "PromotionFailed: ...", "seconds": 2.0}
+    report = soak.build_report(run)
+    assert not report["promises"]["promotions and rollback succeeded"]
+    assert "- rollback: **failed** after 2.0 s: PromotionFailed: ...\n" in soak.render(report)
     run.events = {"served_after": [1]}
     assert not soak.build_report(run)["promises"]["promotions and rollback succeeded"]
 
