@@ -126,6 +126,27 @@ def latency_summary(answers: Iterable[Answer]) -> dict:
             "p99_ms": round(float(p99), 1), "max_ms": round(float(values.max()), 1)}
 
 
+def latency_by_phase(answers: Sequence[Answer], windows: Sequence[Window],
+                     marks: Sequence[tuple[str, float]]) -> dict[str, dict]:
+    """Latency of the 200 answers inside each window, and in each phase between marks outside every window
+    (so a switch's cost shows apart from the steady state's)."""
+    result = {f"during {w.name}": latency_summary(a for a in answers if w.overlaps(a)) for w in windows}
+    steady = [a for a in answers if not any(w.overlaps(a) for w in windows)]
+    for index, (name, start) in enumerate(marks):
+        end = marks[index + 1][1] if index + 1 < len(marks) else float("inf")
+        result[name] = latency_summary(a for a in steady if start <= a.sent_s < end)
+    return result
+
+
+def latency_series(answers: Sequence[Answer], bucket_s: float = 30.0) -> list[dict]:
+    """Per ``bucket_s`` of sending time: requests, 200 answers, p50 and p99 (ms) of those answers."""
+    buckets: dict[int, list[Answer]] = {}
+    for answer in answers:
+        buckets.setdefault(int(answer.sent_s // bucket_s), []).append(answer)
+    return [{"from_s": key * bucket_s, "requests": len(group)} | latency_summary(group)
+            for key, group in sorted(buckets.items())]
+
+
 def prediction_check(answers: Iterable[Answer], logged: Sequence[str]) -> dict:
     """The 200 answers against the prediction log's new rows: one id per text answered, each id logged
     exactly once, no logged id that was not answered."""
@@ -188,8 +209,10 @@ def build_report(run: SoakRun) -> dict:
             "requests": len(run.answers), "late_starts": run.late_starts, "warmup_s": run.warmup_s,
             "growth_limit": GROWTH_LIMIT, "windows": [asdict(w) | {"duration_s": round(w.end_s - w.start_s, 2)}
                                                       for w in run.windows],
-            "errors": errors, "latency": latency_summary(run.answers), "rss": rss, "predictions": predictions,
+            "errors": errors, "latency": latency_summary(run.answers),
+            "latency_by_phase": latency_by_phase(run.answers, run.windows, marks), "rss": rss, "predictions": predictions,
             "events": run.events, "promises": promises, "passed": all(promises.values()),
+            "latency_series": latency_series(run.answers),
             "rss_series": {name: [[round(t, 1), rss] for t, rss in series] for name, series in run.rss.items()}}
 
 
@@ -259,6 +282,10 @@ def render(report: dict) -> str:
               "|---|---|---|---|---|"]
     lines.append(f"| {lat['count']} | {lat.get('p50_ms', '-')} | {lat.get('p95_ms', '-')} | {lat.get('p99_ms', '-')} | "
                  f"{lat.get('max_ms', '-')} |")
+    lines += ["", "By phase (a request overlapping a window counts in the window, not in its phase):", "",
+              "| span | requests | p50 ms | p95 ms | p99 ms | max ms |", "|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {r['count']} | {r.get('p50_ms', '-')} | {r.get('p95_ms', '-')} | {r.get('p99_ms', '-')} | "
+              f"{r.get('max_ms', '-')} |" for name, r in report["latency_by_phase"].items()]
     lines += ["", "## Memory (RSS of each service's process tree)", "",
               f"Sampled every few seconds; the first {report['warmup_s']:.0f} s are warm-up and left out. Flat: the "
               f"last third's median at most {report['growth_limit']:.0%} over the first third's. The series are in "

@@ -55,7 +55,7 @@ def _run_soak(stack, promoter: Promoter) -> soak.SoakRun:
 
     before = set(logged_ids(stack))
     texts = generate_texts(200, seed=11)[0]
-    origin = time.monotonic()
+    origin, started_at = time.monotonic(), time.gmtime()
     windows, events = [], {}
     traffic = soak.RateTraffic(stack.settings.gateway_url, RATE_PER_S, SECONDS, texts, origin)
     with soak.RssSampler(stack.manager.read_pid, SERVICES, origin, every_s=5.0) as sampler:
@@ -80,7 +80,7 @@ def _run_soak(stack, promoter: Promoter) -> soak.SoakRun:
     events["champion_after"] = promoter.champion()
     events["service_pids"] = {name: sorted(pids) for name, pids in sampler.pids.items()}
     logged = [pid for pid in logged_ids(stack, timeout_s=120) if pid not in before]
-    header = (f"Run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.machine()} "
+    header = (f"Run started {time.strftime('%Y-%m-%d %H:%M UTC', started_at)} on {platform.machine()} "
               f"({os.cpu_count()} CPUs): real MLflow, Triton, gateway and reconcile processes on loopback, the "
               "fault suite's tiny fixture model.")
     warmup_s = max(min(60.0, SECONDS / 6), windows[0].end_s + 1)

@@ -77,6 +77,24 @@ def test_prediction_check_counts_missing_duplicate_and_extra_rows():
     assert short["texts_answered"] == 2 and not short["equal"]
 
 
+def test_latency_by_phase_keeps_the_windows_apart_from_the_steady_phases():
+    answers = [Answer(50.0, 10.0, 200, 1), Answer(102.0, 900.0, 200, 1), Answer(150.0, 20.0, 200, 1),
+               Answer(250.0, 30.0, 200, 1), Answer(251.0, 5.0, 503, 1)]
+    phases = soak.latency_by_phase(answers, [PROMOTION, ROLLBACK],
+                                   [("before promotion", 0.0), ("after promotion", 104.0), ("after rollback", 203.0)])
+    assert list(phases) == ["during promotion", "during rollback", "before promotion", "after promotion",
+                            "after rollback"]
+    assert phases["during promotion"]["max_ms"] == 900.0 and phases["during rollback"] == {"count": 0}
+    assert phases["before promotion"]["p50_ms"] == 10.0 and phases["after rollback"]["count"] == 1
+
+
+def test_latency_series_buckets_by_sending_time():
+    answers = [Answer(1.0, 10.0, 200, 1), Answer(29.0, 30.0, 200, 1), Answer(31.0, 5.0, 503, 1)]
+    assert soak.latency_series(answers, bucket_s=30.0) == [
+        {"from_s": 0.0, "requests": 2, "count": 2, "p50_ms": 20.0, "p95_ms": 29.0, "p99_ms": 29.8, "max_ms": 30.0},
+        {"from_s": 30.0, "requests": 1, "count": 0}]
+
+
 def test_latency_summary_uses_only_200_answers():
     answers = [Answer(float(i), float(i + 1), 200, 1) for i in range(100)] + [Answer(0.0, 9999.0, 503, 1)]
     summary = soak.latency_summary(answers)
@@ -102,7 +120,8 @@ def test_report_passes_a_clean_run_and_renders_every_section(tmp_path):
     assert report["passed"] and report["errors"]["inside_windows"]["promotion"] == {"503": 1}
     markdown_path, json_path = soak.write_report(report, tmp_path / "soak.md")
     text = markdown_path.read_text()
-    for heading in ("## Promises", "## Requests", "## 503 windows", "## Latency", "## Memory", "## Prediction log"):
+    for heading in ("## Promises", "## Requests", "## 503 windows", "## Latency", "## Memory", "## Prediction log",
+                    "| during promotion | 3 |", "| after rollback | 48 |"):
         assert heading in text
     assert "| promotion | switch | 100.0 | 104.0 | 4.0 | 503: 1 |" in text
     assert "- promotion: success in 7.5 s, MLflow version 3 served as Triton version 3\n" in text
