@@ -210,7 +210,8 @@ def build_report(run: SoakRun) -> dict:
             "growth_limit": GROWTH_LIMIT, "windows": [asdict(w) | {"duration_s": round(w.end_s - w.start_s, 2)}
                                                       for w in run.windows],
             "errors": errors, "latency": latency_summary(run.answers),
-            "latency_by_phase": latency_by_phase(run.answers, run.windows, marks), "rss": rss, "predictions": predictions,
+            "latency_by_phase": latency_by_phase(run.answers, run.windows, marks), "rss": rss,
+            "predictions": predictions,
             "events": run.events, "promises": promises, "passed": all(promises.values()),
             "latency_series": latency_series(run.answers),
             "rss_series": {name: [[round(t, 1), rss] for t, rss in series] for name, series in run.rss.items()}}
