@@ -1,0 +1,248 @@
+"""Faults of the Airflow side in the production configuration: Airflow 3 on PostgreSQL with the
+CeleryExecutor and two workers on Redis (as tests/integration/test_production_stack.py), running
+optimize_model through the scheduler on a tiny model. A Celery worker, then the scheduler, is killed
+with SIGKILL (its process group, by its recorded pid) while a task of the run is running; the test
+restarts the dead service with ``LocalStack.up`` (what `opsctl up` does), as the stack does not
+supervise its processes. The stack's task heartbeat timeout is 20 s
+(``PIPELINE_AIRFLOW_TASK_HEARTBEAT_TIMEOUT_S``; Airflow's default is 300 s).
+
+PostgreSQL and Redis come from tests/production_servers.py; without them these tests skip, saying why.
+Run by `make test-faults` (marker ``faults``)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from opsctl.airflow_api import AirflowApi
+from opsctl.process import ServiceError, free_port
+from opsctl.services import LocalStack, celery_worker_names
+from opsctl.settings import StackSettings
+from tests.faults.test_faults import kill_service
+from tests.production_servers import postgres_url, redis_url  # noqa: F401 - session fixtures
+
+pytestmark = [pytest.mark.faults, pytest.mark.integration]
+DAG = "optimize_model"
+HEARTBEAT_TIMEOUT_S = 20
+# The run's longest task on the tiny model: a kill lands while it runs, not between tasks.
+KILLED_DURING = "finetune_teacher"
+RUN_TIMEOUT_S = 900
+
+
+@dataclass
+class AirflowStack:
+    stack: LocalStack
+    api: AirflowApi
+    conf: dict
+
+    @property
+    def settings(self) -> StackSettings:
+        return self.stack.settings
+
+
+@pytest.fixture(scope="module")
+def airflow_stack(tmp_path_factory, postgres_url, redis_url, tiny_model, labelled_csv):  # noqa: F811
+    home = tmp_path_factory.mktemp("airflow-faults")
+    env = {"PIPELINE_HOME": str(home), "PIPELINE_ASSETS_CACHE": str(home / "assets"),
+           "PIPELINE_DATABASE_URL": postgres_url, "PIPELINE_CELERY_BROKER_URL": redis_url,
+           "PIPELINE_MLFLOW_AUTH": "false", "PIPELINE_AIRFLOW_TASK_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S)}
+    env.update({f"PIPELINE_{name}_PORT": str(free_port())
+                for name in ("MLFLOW", "TRITON_HTTP", "TRITON_GRPC", "TRITON_METRICS", "AIRFLOW", "GATEWAY")})
+    stack = LocalStack(StackSettings.from_env(env))
+    try:
+        stack.up(progress=lambda _: None)
+        api = AirflowApi(stack.settings.airflow_url, "admin", stack.airflow_admin_password())
+        api.wait_for_dag(DAG)
+        api.unpause(DAG)
+        conf = {"data_source": str(labelled_csv), "teacher": str(tiny_model), "epochs": 3.0,
+                "learning_rate": 5e-3, "max_length": 32, "distill": False, "prune": False, "quantize": False}
+        yield AirflowStack(stack, api, conf)
+    finally:
+        stack.down(progress=lambda _: None)
+        with contextlib.suppress(ServiceError):
+            stack.purge(progress=lambda _: None)
+
+
+def restart(stack: LocalStack) -> float:
+    """`opsctl up`: start what is not running; the seconds until every service is healthy again."""
+    started = time.monotonic()
+    stack.up(progress=lambda _: None)
+    return time.monotonic() - started
+
+
+def wait_running(api: AirflowApi, run_id: str, task_id: str, timeout_s: float = 600) -> dict:
+    """The task instance once it runs on a worker (its hostname recorded)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for ti in api.task_instances(DAG, run_id):
+            if ti["task_id"] == task_id and ti["state"] == "running" and ti["hostname"]:
+                return ti
+        assert api.run_state(DAG, run_id) in ("queued", "running"), api.task_states(DAG, run_id)
+        time.sleep(1)
+    raise AssertionError(f"{task_id} did not run within {timeout_s} s: {api.task_states(DAG, run_id)}")
+
+
+def wait_task_leaves(api: AirflowApi, run_id: str, task_id: str, state: str, timeout_s: float) -> tuple[str, float]:
+    """(the task's next state, seconds until it left ``state``)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        now = api.task_states(DAG, run_id)[task_id]
+        if now != state:
+            return now, time.monotonic() - started
+        time.sleep(1)
+    return state, time.monotonic() - started
+
+
+def wait_run(api: AirflowApi, run_id: str, timeout_s: float = RUN_TIMEOUT_S) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = api.run_state(DAG, run_id)
+        if state in ("success", "failed"):
+            return state
+        time.sleep(3)
+    return "timeout"
+
+
+def finish_or_retry(api: AirflowApi, run_id: str) -> dict:
+    """Wait for the run; when it failed, note the failed tasks, clear them (the UI's "Clear") and wait again."""
+    outcome = {"first_outcome": wait_run(api, run_id)}
+    if outcome["first_outcome"] == "failed":
+        outcome["failed_tasks"] = sorted(t for t, s in api.task_states(DAG, run_id).items() if s == "failed")
+        outcome["cleared"] = api.clear_failed(DAG, run_id)
+        outcome["after_clear"] = wait_run(api, run_id)
+    outcome["final"] = outcome.get("after_clear", outcome["first_outcome"])
+    return outcome
+
+
+def worker_service(settings: StackSettings, hostname: str) -> str:
+    """The stack's service name of the Celery worker that records ``hostname`` on its task instances."""
+    number = celery_worker_names(settings).index(hostname) + 1
+    return f"airflow-celery-worker-{number}"
+
+
+def processes_with_env(variable: str, value: str) -> list[int]:
+    """Live processes whose environment has ``variable=value`` (a worker's task processes carry its hostname)."""
+    wanted, found = f"{variable}={value}".encode(), []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if wanted in environ:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def alive(pids: list[int]) -> list[int]:
+    living = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            living.append(pid)
+    return living
+
+
+def registry_of_run(settings: StackSettings, run_id: str) -> dict:
+    """What the run left in MLflow: its parent runs, its model versions per candidate, the champion alias."""
+    from tasks import model_aliases
+    from tasks.config import REGISTERED_MODEL
+    from tasks.registry import CANDIDATE_TAG, ROLE_TAG, RUN_TAG
+
+    client = model_aliases.mlflow_client(settings.mlflow_url)
+    versions = [v for v in client.search_model_versions(f"name='{REGISTERED_MODEL}'")
+                if v.tags.get(RUN_TAG) == run_id]
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    parents = client.search_runs(experiments, filter_string=f"tags.{RUN_TAG} = '{run_id}' and tags.{ROLE_TAG} = 'parent'")
+    candidates = Counter(v.tags.get(CANDIDATE_TAG) for v in versions)
+    return {"parent_runs": len(parents), "versions": sorted(int(v.version) for v in versions),
+            "versions_per_candidate": dict(candidates),
+            "champion": model_aliases.alias_version(settings.mlflow_url, REGISTERED_MODEL, "champion")}
+
+
+def check_consistent(api: AirflowApi, run_id: str, registry: dict) -> None:
+    """No task instance left running or queued; one parent run and one version per candidate; a run that
+    promoted moved the champion alias to one of its own versions."""
+    states = api.task_states(DAG, run_id)
+    assert not [t for t, s in states.items() if s in ("running", "queued", "scheduled", "up_for_retry")], states
+    assert registry["parent_runs"] == 1, registry
+    assert registry["versions"] and all(n == 1 for n in registry["versions_per_candidate"].values()), registry
+    if states.get("promote") == "success":
+        assert registry["champion"] is not None and int(registry["champion"]) in registry["versions"], registry
+
+
+def test_kill_a_celery_worker_during_optimize_model(airflow_stack, observe):
+    """A Celery worker killed (SIGKILL, its process group) while it runs a task of optimize_model
+    (finetune_teacher). Promise: the scheduler sees the task's heartbeat stop and fails that try
+    within the heartbeat timeout plus its detection interval (20 s + 10 s here); the task's retry
+    (retries=1) runs on a live worker (either one, once `opsctl up` restarted the dead worker) and
+    the run succeeds, or it fails naming the task and clearing the failed tasks (a retry) makes it
+    succeed; no task instance is left running; the registry holds one parent run and one model
+    version per candidate of the run, and the champion alias names one of them. The report shows
+    whether the killed try's task process outlived its worker (Airflow 3 starts it in a process group
+    of its own)."""
+    harness = airflow_stack
+    api, settings = harness.api, harness.settings
+    run_id = api.trigger(DAG, harness.conf, run_id="faults_worker_kill")
+    victim = wait_running(api, run_id, KILLED_DURING)
+    worker = worker_service(settings, victim["hostname"])
+    task_pids = processes_with_env("PIPELINE_CELERY_WORKER_HOSTNAME", victim["hostname"])
+    kill_service(harness.stack, worker)
+    orphans = alive(task_pids)
+    after_kill, detected_s = wait_task_leaves(api, run_id, KILLED_DURING, "running", timeout_s=300)
+    restart_s = restart(harness.stack)
+    outcome = finish_or_retry(api, run_id)
+    task = next(ti for ti in api.task_instances(DAG, run_id) if ti["task_id"] == KILLED_DURING)
+    registry = registry_of_run(settings, run_id)
+    orphans_left = alive(orphans)
+    for pid in orphans_left:  # a leftover of the killed worker must not outlive the test
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    observe(killed=f"{worker} ({victim['hostname']}) during {KILLED_DURING} try {victim['try_number']}",
+            orphaned_task_processes=len(orphans), orphans_alive_at_end=len(orphans_left),
+            worker_restart_s=round(restart_s, 1), task_state_after_kill=after_kill,
+            detected_after_s=round(detected_s, 1), **outcome,
+            task_final=f"{task['state']} on {task['hostname']} try {task['try_number']}", **registry)
+    assert after_kill in ("up_for_retry", "failed", "queued", "scheduled", "running", "success"), after_kill
+    assert after_kill != "running", f"{KILLED_DURING} still running {detected_s:.0f} s after its worker died"
+    assert outcome["final"] == "success", (outcome, api.task_states(DAG, run_id))
+    assert task["state"] == "success" and task["try_number"] > victim["try_number"], task
+    check_consistent(api, run_id, registry)
+
+
+def test_kill_the_scheduler_during_optimize_model(airflow_stack, observe):
+    """The scheduler killed (SIGKILL) while a task of optimize_model runs on a worker (finetune_teacher,
+    run with force_retrain). Promise: the running task goes on without it (workers report to the
+    api-server); once `opsctl up` restarts the scheduler the run resumes and succeeds (or fails
+    naming the task, and clearing it makes it succeed); no task instance is left running or queued;
+    the registry holds one parent run and one model version per candidate of the run."""
+    harness = airflow_stack
+    api, settings = harness.api, harness.settings
+    run_id = api.trigger(DAG, harness.conf | {"force_retrain": True}, run_id="faults_scheduler_kill")
+    victim = wait_running(api, run_id, KILLED_DURING)
+    killed_at = time.monotonic()
+    kill_service(harness.stack, "airflow-scheduler")
+    time.sleep(HEARTBEAT_TIMEOUT_S)  # down for longer than a task heartbeat timeout
+    while_down = api.task_states(DAG, run_id)
+    restart_s = restart(harness.stack)
+    outcome = finish_or_retry(api, run_id)
+    finished_s = time.monotonic() - killed_at
+    instances = api.task_instances(DAG, run_id)
+    registry = registry_of_run(settings, run_id)
+    observe(killed=f"airflow-scheduler during {KILLED_DURING} (on {victim['hostname']})",
+            down_s=HEARTBEAT_TIMEOUT_S, task_states_while_down=dict(Counter(while_down.values())),
+            scheduler_restart_s=round(restart_s, 1), **outcome, run_finished_after_kill_s=round(finished_s, 1),
+            retried_tasks=sorted(ti["task_id"] for ti in instances if ti["try_number"] > 1), **registry)
+    assert outcome["final"] == "success", (outcome, api.task_states(DAG, run_id))
+    check_consistent(api, run_id, registry)
