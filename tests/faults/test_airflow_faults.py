@@ -237,7 +237,7 @@ def test_kill_a_celery_worker_during_optimize_model(airflow_stack, observe):
             os.kill(pid, signal.SIGKILL)
     observe(killed=f"{worker} ({victim['hostname']}) during {REGISTERING} try {victim['try_number']}",
             registry_at_kill={key: at_kill[key] for key in ("parent_runs", "versions", "untagged_versions")},
-            task_processes_outliving_worker=len(orphans), alive_at_detection=len(orphans_at_detection),
+            worker_processes=len(task_pids), task_processes_outliving_worker=len(orphans), alive_at_detection=len(orphans_at_detection),
             alive_at_end=len(orphans_left), task_state_after_kill=after_kill, detected_after_s=round(detected_s, 1),
             worker_restart_s=round(restart_s, 1), **outcome,
             task_final=f"{task['state']} on {task['hostname']} try {task['try_number']}", **registry)
@@ -252,7 +252,8 @@ def test_kill_the_scheduler_during_optimize_model(airflow_stack, observe):
     run with force_retrain). Promise: the running task goes on without it (workers report to the
     api-server); once `opsctl up` restarts the scheduler the run resumes and succeeds (or fails
     naming the task, and clearing it makes it succeed); no task instance is left running or queued;
-    the registry holds one parent run and one model version per candidate of the run."""
+    the task that ran at the kill succeeds in that same try (not retried); the registry holds one
+    parent run and one model version per candidate of the run."""
     harness = airflow_stack
     api, settings = harness.api, harness.settings
     run_id = api.trigger(DAG, harness.conf | {"force_retrain": True}, run_id="faults_scheduler_kill")
@@ -261,6 +262,7 @@ def test_kill_the_scheduler_during_optimize_model(airflow_stack, observe):
     kill_service(harness.stack, "airflow-scheduler")
     time.sleep(HEARTBEAT_TIMEOUT_S)  # down for longer than a task heartbeat timeout
     while_down = api.task_states(DAG, run_id)
+    victim_while_down = while_down[KILLED_DURING]
     restart_s = restart(harness.stack)
     outcome = finish_or_retry(api, run_id)
     finished_s = time.monotonic() - killed_at
@@ -268,7 +270,10 @@ def test_kill_the_scheduler_during_optimize_model(airflow_stack, observe):
     registry = registry_of_run(settings, run_id)
     observe(killed=f"airflow-scheduler during {KILLED_DURING} (on {victim['hostname']})",
             down_s=HEARTBEAT_TIMEOUT_S, task_states_while_down=dict(Counter(while_down.values())),
+            killed_during_task_while_down=victim_while_down,
             scheduler_restart_s=round(restart_s, 1), **outcome, run_finished_after_kill_s=round(finished_s, 1),
             retried_tasks=sorted(ti["task_id"] for ti in instances if ti["try_number"] > 1), **registry)
     assert outcome["final"] == "success", (outcome, api.task_states(DAG, run_id))
+    victim_after = next(ti for ti in instances if ti["task_id"] == KILLED_DURING)
+    assert victim_after["state"] == "success" and victim_after["try_number"] == victim["try_number"], victim_after
     check_consistent(api, run_id, registry)
