@@ -40,6 +40,8 @@ RUN_TIMEOUT_S = 900
 
 @dataclass
 class AirflowStack:
+    """The module's stack, a signed-in client of its Airflow API and the optimize_model conf of its runs."""
+
     stack: LocalStack
     api: AirflowApi
     conf: dict
