@@ -142,19 +142,33 @@ def worker_service(settings: StackSettings, hostname: str) -> str:
     return f"airflow-celery-worker-{number}"
 
 
-def processes_with_env(variable: str, value: str) -> list[int]:
-    """Live processes whose environment has ``variable=value`` (a worker's task processes carry its hostname)."""
-    wanted, found = f"{variable}={value}".encode(), []
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (a worker's pool processes, their task supervisors and the task
+    processes these start in process groups of their own). Found by parent pid, as Celery and Airflow
+    overwrite their processes' titles and with them what /proc shows of their environments."""
+    children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if wanted in environ:
-            found.append(int(entry.name))
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
     return sorted(found)
+
+
+def process_groups(pids: list[int]) -> int:
+    """How many process groups ``pids`` belong to."""
+    groups = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            groups.add(os.getpgid(pid))
+    return len(groups)
 
 
 def alive(pids: list[int]) -> list[int]:
@@ -223,7 +237,8 @@ def test_kill_a_celery_worker_during_optimize_model(airflow_stack, observe):
     run_id = api.trigger(DAG, harness.conf, run_id="faults_worker_kill")
     victim = wait_half_registered(settings, api, run_id)
     worker = worker_service(settings, victim["hostname"])
-    task_pids = processes_with_env("PIPELINE_CELERY_WORKER_HOSTNAME", victim["hostname"])
+    task_pids = descendants(harness.stack.manager.read_pid(worker))
+    groups = process_groups(task_pids)
     kill_service(harness.stack, worker)
     orphans = alive(task_pids)
     at_kill = registry_of_run(settings, run_id)
@@ -239,7 +254,8 @@ def test_kill_a_celery_worker_during_optimize_model(airflow_stack, observe):
             os.kill(pid, signal.SIGKILL)
     observe(killed=f"{worker} ({victim['hostname']}) during {REGISTERING} try {victim['try_number']}",
             registry_at_kill={key: at_kill[key] for key in ("parent_runs", "versions", "untagged_versions")},
-            worker_processes=len(task_pids), task_processes_outliving_worker=len(orphans), alive_at_detection=len(orphans_at_detection),
+            worker_descendants=f"{len(task_pids)} in {groups} process groups",
+            outliving_the_worker=len(orphans), alive_at_detection=len(orphans_at_detection),
             alive_at_end=len(orphans_left), task_state_after_kill=after_kill, detected_after_s=round(detected_s, 1),
             worker_restart_s=round(restart_s, 1), **outcome,
             task_final=f"{task['state']} on {task['hostname']} try {task['try_number']}", **registry)
