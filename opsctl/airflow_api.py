@@ -76,6 +76,13 @@ class AirflowApi:
         """One DAG run (state, start_date, end_date, conf...)."""
         return self._call("GET", f"/dags/{dag_id}/dagRuns/{_quote(run_id)}")
 
+    def clear_failed(self, dag_id: str, run_id: str) -> list[str]:
+        """Clear a run's failed (and upstream-failed) task instances, so the scheduler runs them again (the
+        UI's "Clear" on a failed run); returns the cleared task ids."""
+        body = {"dag_run_id": run_id, "only_failed": True, "reset_dag_runs": True, "dry_run": False}
+        answer = self._call("POST", f"/dags/{dag_id}/clearTaskInstances", json=body)
+        return [item["task_id"] for item in answer.get("task_instances", [])]
+
     def xcom(self, dag_id: str, run_id: str, task_id: str) -> Any:
         path = f"/dags/{dag_id}/dagRuns/{_quote(run_id)}/taskInstances/{task_id}/xcomEntries/return_value"
         return self._call("GET", path, params={"deserialize": "true"}).get("value")

@@ -95,6 +95,8 @@ class StackSettings:
     extra_models: str = DEFAULT_EXTRA_MODELS  # served beside the default one (tasks/served_models.py)
     reconcile_interval_s: float = 15.0
     airflow_parallelism: int = 2
+    # Seconds without a task heartbeat before the scheduler fails the task (a dead worker); Airflow's default.
+    airflow_task_heartbeat_timeout_s: int = 300
     # MLflow's basic-auth app: anonymous requests refused, accounts for the pipeline and a reviewer.
     mlflow_auth: bool = True
     database_url: str | None = None  # a PostgreSQL server: the production configuration; None: SQLite files
@@ -118,6 +120,7 @@ class StackSettings:
             triton_grpc_port=_int(env, "PIPELINE_TRITON_GRPC_PORT", 8001),
             triton_metrics_port=_int(env, "PIPELINE_TRITON_METRICS_PORT", 8002),
             airflow_port=_int(env, "PIPELINE_AIRFLOW_PORT", 8080),
+            airflow_task_heartbeat_timeout_s=_int(env, "PIPELINE_AIRFLOW_TASK_HEARTBEAT_TIMEOUT_S", 300),
             gateway_port=_int(env, "PIPELINE_GATEWAY_PORT", 8090),
             serving_model=env.get("PIPELINE_SERVING_MODEL") or DEFAULT_MODEL,
             registered_model=env.get("PIPELINE_REGISTERED_MODEL") or REGISTERED_MODEL,

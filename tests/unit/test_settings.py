@@ -61,3 +61,14 @@ def test_a_worker_builds_one_settings_object_that_also_carries_the_monitors(tmp_
     settings = PipelineSettings.from_env(pipeline_only)
     with pytest.raises(ConfigError, match="PIPELINE_PREDICTION_LOG_URL', 'PIPELINE_HOME"):
         settings.monitor_settings()
+
+
+def test_the_task_heartbeat_timeout_reaches_airflow(tmp_path):
+    from opsctl.services import airflow_environment, base_environment
+
+    for env, expected in (({}, "300"), ({"PIPELINE_AIRFLOW_TASK_HEARTBEAT_TIMEOUT_S": "20"}, "20")):
+        settings = StackSettings.from_env({"PIPELINE_HOME": str(tmp_path)} | env)
+        airflow = airflow_environment(settings, base_environment(settings, {}))
+        assert airflow["AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT"] == expected
+    with pytest.raises(SettingsError, match="PIPELINE_AIRFLOW_TASK_HEARTBEAT_TIMEOUT_S"):
+        StackSettings.from_env({"PIPELINE_AIRFLOW_TASK_HEARTBEAT_TIMEOUT_S": "soon"})
