@@ -10,9 +10,10 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export AIRFLOW__USAGE_DATA_COLLECTION__ENABLED := False
 export SCARF_ANALYTICS := false
-PYTEST_ARGS ?=
+# The slowest tests are listed after each run, to keep make test within its time budget.
+PYTEST_ARGS ?= --durations=30
 
-.PHONY: help demo-postgres down-postgres purge-postgres venv venv-triton venv-kfp venv-optimum perf-analyzer bench bench-triton bench-pipeline browser-deps kubeflow demo demo-drift demo-latency demo-multimodel test test-slow test-faults bench-compress bench-monitor bench-drift bench-batch bench-attention bench-multiclass bench-soak bench-full bench-gpu load-test up down status assets clean-stack
+.PHONY: help envs demo-postgres down-postgres purge-postgres venv venv-triton venv-kfp venv-optimum perf-analyzer bench bench-triton bench-pipeline browser-deps kubeflow demo demo-drift demo-latency demo-multimodel test test-slow test-faults bench-compress bench-monitor bench-drift bench-batch bench-attention bench-multiclass bench-soak bench-full bench-gpu load-test up down status assets clean-stack
 
 help:
 	@echo "make demo       create environments, start the local stack, run optimize_model end to end"
@@ -41,6 +42,9 @@ help:
 	@echo "make down-postgres|purge-postgres  stop that stack; drop its databases and broker keys"
 
 venv: $(VENV)/.installed
+# The four environments are independent: built side by side (pip waits on disk as much as on the CPU).
+envs:
+	@$(MAKE) --no-print-directory -j4 venv venv-triton venv-kfp venv-optimum
 venv-triton: $(VENV_TRITON)/.installed
 venv-kfp: $(VENV_KFP)/.installed
 venv-optimum: $(VENV_OPTIMUM)/.installed
@@ -122,7 +126,7 @@ demo-multimodel: venv venv-triton
 	$(BIN)/opsctl up
 	$(BIN)/opsctl demo-multimodel
 
-test: venv venv-triton venv-kfp venv-optimum
+test: envs
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Headless Chromium and its driver for the browser test (Debian packages; root or sudo).
@@ -131,7 +135,7 @@ browser-deps:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends chromium chromium-driver; }
 
-test-slow: venv venv-triton venv-kfp venv-optimum browser-deps perf-analyzer
+test-slow: envs browser-deps perf-analyzer
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 # The fault suite (tests/faults): real processes killed with SIGKILL, a full disk, a corrupted model file.

@@ -52,7 +52,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serving.errors import ServingError
 from serving.journal import JournalError
 from serving.model_repository import DEFAULT_MODEL
-from serving.prediction_log import FeedbackNotStored, Prediction, PredictionLog, encode_embedding
+from serving.prediction_log import FeedbackNotStored, FeedbackOfAnotherModel, Prediction, PredictionLog, encode_embedding
 from serving.shadow import ShadowMirror, text_input
 from serving.text import normalise_text
 
@@ -402,7 +402,7 @@ def create_app(settings: GatewaySettings,
     app.state.settings = settings
     app.state.prediction_log = prediction_log
     app.state.metrics = metrics
-    _add_error_handling(app, settings, metrics)
+    _add_error_handling(app, settings, metrics, state["models"])
     _add_classify_route(app, settings, prediction_log, metrics, state)
     _add_feedback_route(app, settings, prediction_log, metrics, state)
     _add_model_routes(app, settings, prediction_log, metrics, state)
@@ -410,9 +410,10 @@ def create_app(settings: GatewaySettings,
     return app
 
 
-def _add_error_handling(app: FastAPI, settings: GatewaySettings, metrics: Metrics) -> None:
+def _add_error_handling(app: FastAPI, settings: GatewaySettings, metrics: Metrics, models: tuple[str, ...]) -> None:
     """The body size limit, and every error answered as ``{"error": ...}`` with a 4xx or 5xx status,
-    counted: an exception no handler below takes is a counted 500 (logged with its traceback)."""
+    counted: an exception no handler below takes is a counted 500 (logged with its traceback). A
+    request for a model not served is a 404 whatever its body (``models``: the served ones)."""
 
     @app.middleware("http")
     async def unhandled_is_500(request: Request, call_next):
@@ -438,6 +439,9 @@ def _add_error_handling(app: FastAPI, settings: GatewaySettings, metrics: Metric
     async def invalid_request(request: Request, error: RequestValidationError):
         details = [{"loc": list(item.get("loc", ())), "msg": item.get("msg", "")} for item in error.errors()]
         json_broken = any(item.get("type") == "json_invalid" for item in error.errors())
+        unserved = unserved_model(request.url.path, models)
+        if unserved is not None:  # the model is the first thing wrong, whatever the body holds
+            return _unknown_model(unserved, models, metrics, request.url.path)
         expected = FEEDBACK_EXPECTED if is_feedback_path(request.url.path) else CLASSIFY_EXPECTED
         message = "the body is not valid JSON (UTF-8)" if json_broken else f"expected {expected}"
         return _error(400 if json_broken else 422, message, metrics, details, path=request.url.path)
@@ -617,9 +621,11 @@ async def store_feedback(model: str, items: list[FeedbackItem], path: str, setti
     if problem:
         return _error(422, problem, metrics, path=path)
     try:
-        stored, unknown = await prediction_log.record_feedback([(i.prediction_id, i.label) for i in items])
+        stored, unknown = await prediction_log.record_feedback([(i.prediction_id, i.label) for i in items], model)
     except FeedbackNotStored as error:
         return _error(503, str(error), metrics, path=path)
+    except FeedbackOfAnotherModel as error:
+        return _error(422, str(error), metrics, path=path)
     metrics.feedback_requests.labels(model, "200").inc()
     metrics.feedback.labels(model).inc(stored)
     return FeedbackResponse(stored=stored, unknown_ids=unknown)
@@ -670,6 +676,12 @@ def _encodable(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def unserved_model(path: str, models: tuple[str, ...]) -> str | None:
+    """The model a ``/v1/models/{name}/...`` path names when the gateway does not serve it, else None."""
+    match = MODEL_ROUTE.match(path)
+    return match.group(1) if match is not None and match.group(1) not in models else None
 
 
 def is_feedback_path(path: str) -> bool:

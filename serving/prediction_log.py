@@ -112,6 +112,17 @@ class FeedbackNotStored(ServingError):
     """The prediction log's database failed the feedback write; nothing of it was stored (send it again)."""
 
 
+class FeedbackOfAnotherModel(ServingError):
+    """Feedback sent for one model names predictions another model made; nothing of it was stored.
+    ``models``: each such prediction id's model."""
+
+    def __init__(self, model: str, models: dict[str, str]) -> None:
+        self.models = models
+        ids = ", ".join(f"{pid} ({other})" for pid, other in list(models.items())[:10])
+        super().__init__(f"{len(models)} prediction ids were not made by {model!r} but by another model: {ids}; "
+                         "send their labels to /v1/models/<that model>/feedback (nothing was stored)")
+
+
 @dataclass
 class LogStats:
     written: int = 0  # rows inserted into the database
@@ -262,12 +273,12 @@ class PredictionLog:
         self._appended.set()
         await done
 
-    async def record_feedback(self, items: list[tuple[str, str]]) -> tuple[int, list[str]]:
+    async def record_feedback(self, items: list[tuple[str, str]], model: str | None = None) -> tuple[int, list[str]]:
         """``record_feedback`` on the log's database in a worker thread; FeedbackNotStored when the
         database fails the write (the transaction is rolled back: nothing was stored)."""
         assert self._appended is not None, "PredictionLog.start() was not awaited"
         try:
-            return await asyncio.to_thread(lambda: record_feedback(self._connect(), items))
+            return await asyncio.to_thread(lambda: record_feedback(self._connect(), items, model=model))
         except sa.exc.SQLAlchemyError as error:
             raise FeedbackNotStored(f"the prediction log could not store the feedback "
                                     f"({type(error).__name__}: {_first_line(error)}); "
@@ -448,12 +459,14 @@ def _upsert_feedback(connection: sa.Connection, rows: list[dict]) -> None:
 
 
 def record_feedback(engine: sa.Engine, items: Iterable[tuple[str, str]],
-                    received_at: float | None = None) -> tuple[int, list[str]]:
+                    received_at: float | None = None, model: str | None = None) -> tuple[int, list[str]]:
     """Store true labels of logged predictions, in one transaction.
 
     Args:
         items: (prediction_id, label) pairs; of an id given twice, the last label counts.
         received_at: unix seconds recorded with each label (default: now).
+        model: the served model the labels are for; FeedbackOfAnotherModel (nothing stored) when an id
+            was logged by another model. None: any model's predictions.
 
     Returns:
         How many labels were stored, and the ids that are not in the prediction log (not stored:
@@ -464,10 +477,14 @@ def record_feedback(engine: sa.Engine, items: Iterable[tuple[str, str]],
         return 0, []
     at = time.time() if received_at is None else received_at
     with engine.begin() as connection:
-        known: set[str] = set()
+        known: dict[str, str] = {}  # prediction id -> the model that made it
         for chunk in _chunks(list(labels)):
-            query = sa.select(PREDICTIONS.c.prediction_id).where(PREDICTIONS.c.prediction_id.in_(chunk))
-            known.update(connection.execute(query).scalars())
+            query = (sa.select(PREDICTIONS.c.prediction_id, PREDICTIONS.c.model)
+                     .where(PREDICTIONS.c.prediction_id.in_(chunk)))
+            known.update({pid: made_by for pid, made_by in connection.execute(query)})
+        others = {pid: made_by for pid, made_by in known.items() if model is not None and made_by != model}
+        if others:
+            raise FeedbackOfAnotherModel(model, others)
         rows = [{"prediction_id": pid, "label": label, "received_at": at}
                 for pid, label in labels.items() if pid in known]
         if rows:

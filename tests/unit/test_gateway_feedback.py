@@ -114,7 +114,7 @@ def test_any_label_is_taken_when_the_model_labels_are_unknown(tmp_path):
 
 
 def test_a_failed_database_write_is_a_503_with_the_reason(tmp_path, monkeypatch):
-    async def failing(self, items):
+    async def failing(self, items, model=None):
         raise FeedbackNotStored("the prediction log could not store the feedback (OperationalError: locked); "
                                 "nothing was stored, send it again")
 

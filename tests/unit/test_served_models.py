@@ -9,6 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from monitoring.monitor import INVALID_OUTPUTS, parse_gateway_metrics
+from serving import prediction_log as plog
 from serving.gateway import GatewaySettings, create_app
 from tasks.errors import ConfigError
 from tasks.served_models import ServedModel, model_params, monitor_dag_id, parse_model_list, served_models
@@ -104,13 +105,19 @@ def test_feedback_is_checked_against_the_labels_of_the_model_its_route_names(cli
     assert stored.status_code == 200 and stored.json()["stored"] == 1
     wrong = client.post("/v1/feedback", json={"items": [{"prediction_id": topic_id, "label": "sports"}]})
     assert wrong.status_code == 422 and "not labels of 'sentiment'" in wrong.json()["error"]
+    other = client.post("/v1/feedback", json={"items": [{"prediction_id": topic_id, "label": "negative"}]})
+    assert other.status_code == 422, other.text  # a sentiment label, but the prediction is the topic model's
+    assert f"{topic_id} (topics)" in other.json()["error"] and "nothing was stored" in other.json()["error"]
+    labelled = plog.read_labelled(plog.create_engine(client.app.state.settings.prediction_log_url), 0, 2e9)
+    assert labelled["true_label"].tolist() == ["sports"]  # the refused label did not replace it
     invalid = client.post("/v1/models/topics/feedback", json={"items": []})
     assert invalid.status_code == 422 and "prediction_id" in invalid.json()["error"]  # the feedback example
 
 
 def test_an_unknown_model_is_a_404_that_lists_the_served_ones(client):
     for path, body in (("/v1/models/weather/classify", {"texts": ["rain"]}),
-                       ("/v1/models/weather/feedback", {"items": [{"prediction_id": "x", "label": "sun"}]})):
+                       ("/v1/models/weather/feedback", {"items": [{"prediction_id": "x", "label": "sun"}]}),
+                       ("/v1/models/weather/classify", {"text": "not the classify body"})):
         answer = client.post(path, json=body)
         assert answer.status_code == 404
         assert answer.json() == {"error": "model 'weather' is not served here; the served models: sentiment, topics",
