@@ -21,7 +21,7 @@ help:
 	@echo "make demo-latency after make demo: a slow champion breaches the p95 SLO, the monitor triggers a re-optimization (~15 min)"
 	@echo "make demo-multimodel after make demo: a topic classifier served beside the sentiment one, each on its own route and monitor (~20 min)"
 	@echo "make test       create environments and run the test suite"
-	@echo "make test-faults  kill -9 Triton, the gateway, MLflow, a Celery worker, the scheduler; full disk, a corrupted model (~13 min) -> bench/results/faults.md"
+	@echo "make test-faults  kill -9 Triton, the gateway, MLflow, a Celery worker, the scheduler; full disk, a corrupted model, the prediction log database cut off (~9-15 min) -> bench/results/faults.md"
 	@echo "make test-slow  the long checks (real demo assets, the browser test in headless Chromium)"
 	@echo "make bench       every benchmark (~1 h): compression + Optimum peer, Triton vs in-process, pipeline cost -> bench/results/bench.md"
 	@echo "make bench-triton    the promoted model through Triton (perf_analyzer) vs in-process ONNX Runtime -> bench/results/triton-e2e.{json,md}"
@@ -138,7 +138,8 @@ browser-deps:
 test-slow: envs browser-deps perf-analyzer
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
-# The fault suite (tests/faults): real processes killed with SIGKILL, a full disk, a corrupted model file.
+# The fault suite (tests/faults): real processes killed with SIGKILL, a full disk, a corrupted model file, the
+# prediction log's database cut off under traffic.
 test-faults: venv venv-triton
 	FAULTS_REPORT=bench/results/faults.md $(BIN)/python -m pytest -m faults tests/faults $(PYTEST_ARGS)
 

@@ -53,5 +53,6 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         return
     header = (f"Run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.machine()} "
               f"({os.cpu_count()} CPUs), real MLflow, Triton, gateway and reconcile processes on loopback; the Airflow "
-              "faults on a stack of their own with Airflow 3 (CeleryExecutor, two workers) on PostgreSQL and Redis.")
+              "faults on a stack of their own with Airflow 3 (CeleryExecutor, two workers) on PostgreSQL and Redis; the "
+              "database outage on a stack of its own whose prediction log is on PostgreSQL through a TCP proxy.")
     write_report(list(_RESULTS.values()), Path(target), header)
