@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.stack_env import stack_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -32,15 +33,11 @@ def run_conf(tiny_model, labelled_csv, **extra) -> dict:
 def stack(tmp_path_factory, tiny_model, labelled_csv):
     """The local stack with a champion promoted by a real optimize_model run through the scheduler."""
     from opsctl.airflow_api import AirflowApi
-    from opsctl.process import free_port
     from opsctl.services import LocalStack
     from opsctl.settings import StackSettings
 
     home = tmp_path_factory.mktemp("browser-stack")
-    env = {"PIPELINE_HOME": str(home), "PIPELINE_ASSETS_CACHE": str(home / "assets"),
-           "PIPELINE_RECONCILE_INTERVAL_S": str(RECONCILE_INTERVAL_S)}
-    env.update({f"PIPELINE_{name}_PORT": str(free_port())
-                for name in ("MLFLOW", "TRITON_HTTP", "TRITON_GRPC", "TRITON_METRICS", "AIRFLOW", "GATEWAY")})
+    env = stack_env(home, {"PIPELINE_RECONCILE_INTERVAL_S": str(RECONCILE_INTERVAL_S)})
     # The waiting approval task checks the registry every 5 s here (60 s by default).
     local = LocalStack(StackSettings.from_env(env), inherited_env=dict(os.environ, PIPELINE_APPROVAL_CHECK_S="5"))
     local.up(progress=lambda _: None)

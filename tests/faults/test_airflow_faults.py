@@ -22,11 +22,12 @@ from pathlib import Path
 import pytest
 
 from opsctl.airflow_api import AirflowApi
-from opsctl.process import ServiceError, free_port
+from opsctl.process import ServiceError
 from opsctl.services import LocalStack, celery_worker_names
 from opsctl.settings import StackSettings
 from tests.faults.test_faults import kill_service
 from tests.production_servers import postgres_url, redis_url  # noqa: F401 - session fixtures
+from tests.stack_env import stack_env
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 DAG = "optimize_model"
@@ -54,11 +55,8 @@ class AirflowStack:
 @pytest.fixture(scope="module")
 def airflow_stack(tmp_path_factory, postgres_url, redis_url, tiny_model, labelled_csv):  # noqa: F811
     home = tmp_path_factory.mktemp("airflow-faults")
-    env = {"PIPELINE_HOME": str(home), "PIPELINE_ASSETS_CACHE": str(home / "assets"),
-           "PIPELINE_DATABASE_URL": postgres_url, "PIPELINE_CELERY_BROKER_URL": redis_url,
-           "PIPELINE_MLFLOW_AUTH": "false", "PIPELINE_AIRFLOW_TASK_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S)}
-    env.update({f"PIPELINE_{name}_PORT": str(free_port())
-                for name in ("MLFLOW", "TRITON_HTTP", "TRITON_GRPC", "TRITON_METRICS", "AIRFLOW", "GATEWAY")})
+    env = stack_env(home, {"PIPELINE_DATABASE_URL": postgres_url, "PIPELINE_CELERY_BROKER_URL": redis_url,
+                           "PIPELINE_MLFLOW_AUTH": "false", "PIPELINE_AIRFLOW_TASK_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S)})
     stack = LocalStack(StackSettings.from_env(env))
     try:
         stack.up(progress=lambda _: None)

@@ -33,6 +33,7 @@ from serving import prediction_log as plog
 from tests.faults.test_faults import MODEL, REGISTERED, Promoter, Traffic, _classify, _metric
 from tests.integration.test_registry_and_promotion import evaluated  # noqa: F401 - a fixture
 from tests.production_servers import postgres_url  # noqa: F401 - a session fixture
+from tests.stack_env import stack_env
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 HOST = "127.0.0.1"
@@ -179,11 +180,9 @@ def db_stack(tmp_path_factory, log_database, log_proxy):
     from opsctl.services import LocalStack
 
     home = tmp_path_factory.mktemp("dboutage-stack")
-    env = {"PIPELINE_HOME": str(home), "PIPELINE_ASSETS_CACHE": str(home / "assets"), "PIPELINE_SERVING_MODEL": MODEL,
-           "PIPELINE_REGISTERED_MODEL": REGISTERED, "PIPELINE_MLFLOW_AUTH": "false",
-           "PIPELINE_RECONCILE_INTERVAL_S": "3"}
-    env.update({f"PIPELINE_{name}_PORT": str(free_port())
-                for name in ("MLFLOW", "TRITON_HTTP", "TRITON_GRPC", "TRITON_METRICS", "AIRFLOW", "GATEWAY")})
+    env = stack_env(home, {"PIPELINE_SERVING_MODEL": MODEL,
+                           "PIPELINE_REGISTERED_MODEL": REGISTERED, "PIPELINE_MLFLOW_AUTH": "false",
+                           "PIPELINE_RECONCILE_INTERVAL_S": "3"})
     proxied = sa.engine.make_url(log_database).set(host=HOST, port=log_proxy.port)
     settings = ProxiedLogSettings(**vars(StackSettings.from_env(env)),
                                   log_url=proxied.render_as_string(hide_password=False))

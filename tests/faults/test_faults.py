@@ -50,16 +50,13 @@ def restart(stack) -> float:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    from opsctl.process import free_port
     from opsctl.services import LocalStack
     from opsctl.settings import StackSettings
 
     home = tmp_path_factory.mktemp("faults-stack")
-    env = {"PIPELINE_HOME": str(home), "PIPELINE_ASSETS_CACHE": str(home / "assets"), "PIPELINE_SERVING_MODEL": MODEL,
-           "PIPELINE_REGISTERED_MODEL": REGISTERED, "PIPELINE_MLFLOW_AUTH": "false",
-           "PIPELINE_RECONCILE_INTERVAL_S": "3"}
-    env.update({f"PIPELINE_{name}_PORT": str(free_port())
-                for name in ("MLFLOW", "TRITON_HTTP", "TRITON_GRPC", "TRITON_METRICS", "AIRFLOW", "GATEWAY")})
+    env = stack_env(home, {"PIPELINE_SERVING_MODEL": MODEL,
+                           "PIPELINE_REGISTERED_MODEL": REGISTERED, "PIPELINE_MLFLOW_AUTH": "false",
+                           "PIPELINE_RECONCILE_INTERVAL_S": "3"})
     local = LocalStack(StackSettings.from_env(env))
     small_disk = mount_small_disk(local.settings.triton_model_repository)
     local.up(with_airflow=False, progress=lambda _: None)
@@ -307,6 +304,7 @@ if args["limit"]:
     resource.setrlimit(resource.RLIMIT_FSIZE, (args["limit"], args["limit"]))
 from tasks.config import PromoteConfig
 from tasks.promote import PromotionTarget, run
+from tests.stack_env import stack_env
 target = PromotionTarget(args["triton"], Path(args["repository"]), args["mlflow"])
 config = PromoteConfig(registered_model=args["registered"], triton_model=args["model"], smoke_samples=4)
 run(config, target, Path(args["model_dir"]), Path(args["predictions"]), Path(args["data"]), args["version"], max_length=32)

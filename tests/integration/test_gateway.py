@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from serving import prediction_log as plog
 from serving import model_repository as repo
 from tests.integration.test_registry_and_promotion import evaluated  # noqa: F401 - a fixture
+from tests.stack_env import stack_env
 
 pytestmark = pytest.mark.integration
 MODEL = "gw_model"
@@ -27,16 +28,13 @@ SECOND_MODEL, SECOND_LABELS = "gw_topics", ("sports", "business")
 @pytest.fixture(scope="module")
 def gateway_stack(tmp_path_factory, exported_onnx):
     """Its own MLflow + Triton + gateway (this module stops and restarts Triton)."""
-    from opsctl.process import free_port
     from opsctl.services import LocalStack
     from opsctl.settings import StackSettings
 
     home = tmp_path_factory.mktemp("gateway-stack")
     # MLflow without authentication, as in conftest's local_services: test_mlflow_auth.py checks the accounts.
-    env = {"PIPELINE_HOME": str(home), "PIPELINE_ASSETS_CACHE": str(home / "assets"), "PIPELINE_SERVING_MODEL": MODEL,
-           "PIPELINE_MLFLOW_AUTH": "false", "PIPELINE_EXTRA_MODELS": f"{SECOND_MODEL}=gw-topics"}
-    env.update({f"PIPELINE_{name}_PORT": str(free_port())
-                for name in ("MLFLOW", "TRITON_HTTP", "TRITON_GRPC", "TRITON_METRICS", "AIRFLOW", "GATEWAY")})
+    env = stack_env(home, {"PIPELINE_SERVING_MODEL": MODEL, "PIPELINE_MLFLOW_AUTH": "false",
+                           "PIPELINE_EXTRA_MODELS": f"{SECOND_MODEL}=gw-topics"})
     stack = LocalStack(StackSettings.from_env(env))
     repo.write_ensemble_version(stack.settings.triton_model_repository,
                                 repo.ClassifierEnsemble(MODEL, ("negative", "positive"), max_length=32), exported_onnx)

@@ -11,34 +11,24 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from opsctl.airflow_api import AirflowApi
-from opsctl.process import free_port
 from opsctl.services import LocalStack
 from opsctl.settings import StackSettings
+from tests.stack_env import opsctl as _opsctl
+from tests.stack_env import stack_env
 from tests.switched_off_run import assert_switched_off_run
 
 pytestmark = pytest.mark.integration
 
 
 def _env(home: Path) -> dict[str, str]:
-    env = {"PIPELINE_HOME": str(home), "PIPELINE_ASSETS_CACHE": str(home / "assets")}
-    env.update({f"PIPELINE_{name}_PORT": str(free_port())
-                for name in ("MLFLOW", "TRITON_HTTP", "TRITON_GRPC", "TRITON_METRICS", "AIRFLOW", "GATEWAY")})
-    return env
+    return stack_env(home)
 
-
-def _opsctl(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    """opsctl as a user runs it: no MLflow account of their own (it signs in as the pipeline from the stack's home)."""
-    user_env = {name: value for name, value in os.environ.items() if not name.startswith("MLFLOW_TRACKING_")}
-    return subprocess.run([sys.executable, "-m", "opsctl.cli", *args], env=user_env | env, capture_output=True,
-                          text=True, timeout=120)
 
 
 def _alive(pid: int) -> bool:

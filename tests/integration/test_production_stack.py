@@ -9,9 +9,6 @@ them this test skips, saying why. Slow tier: several minutes."""
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,10 +18,12 @@ import sqlalchemy as sa
 
 from opsctl import databases
 from opsctl.airflow_api import AirflowApi
-from opsctl.process import ServiceError, free_port
+from opsctl.process import ServiceError
 from opsctl.services import LocalStack, celery_worker_names
 from opsctl.settings import StackSettings
 from tests.production_servers import postgres_url, redis_url  # noqa: F401 - session fixtures
+from tests.stack_env import opsctl as _opsctl
+from tests.stack_env import stack_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -32,17 +31,8 @@ RUN_ID = "production_stack_run"
 
 
 def _env(home: Path, database: str, broker: str) -> dict[str, str]:
-    env = {"PIPELINE_HOME": str(home), "PIPELINE_ASSETS_CACHE": str(home / "assets"),
-           "PIPELINE_DATABASE_URL": database, "PIPELINE_CELERY_BROKER_URL": broker}
-    env.update({f"PIPELINE_{name}_PORT": str(free_port())
-                for name in ("MLFLOW", "TRITON_HTTP", "TRITON_GRPC", "TRITON_METRICS", "AIRFLOW", "GATEWAY")})
-    return env
+    return stack_env(home, {"PIPELINE_DATABASE_URL": database, "PIPELINE_CELERY_BROKER_URL": broker})
 
-
-def _opsctl(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    user_env = {name: value for name, value in os.environ.items() if not name.startswith("MLFLOW_TRACKING_")}
-    return subprocess.run([sys.executable, "-m", "opsctl.cli", *args], env=user_env | env, capture_output=True,
-                          text=True, timeout=120)
 
 
 def _scalar(url: str, query: str, **params) -> int:
