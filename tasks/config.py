@@ -40,6 +40,14 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# Training arithmetic (tasks.training: autocast, resolve_precision).
+PRECISIONS = ("fp32", "bf16", "auto")
+
+
+def _require_precision(section: str, precision: str) -> None:
+    _require(precision in PRECISIONS, f"{section}.precision must be one of {list(PRECISIONS)}, got {precision!r}")
+
+
 def _require_distillation(section: str, temperature: float, alpha: float, batch_size: int, learning_rate: float,
                           max_length: int) -> None:
     """The settings distillation and pruning recovery share (in a PipelineConfig they follow
@@ -113,6 +121,9 @@ class FinetuneConfig:
         attention: attention kernel used while training ("sdpa" is faster; "eager" is what the
             exported graph uses; both compute the same function).
         max_length: tokens per text (truncation).
+        precision: training arithmetic: ``fp32``, ``bf16`` (CPU autocast; float32 weights) or ``auto``
+            (bf16 where the CPU has native bfloat16, AMX or AVX-512 BF16); ``tasks.training``. The
+            early-stopping scores use it too; the reported accuracies are float32.
         seed: initialisation and shuffling seed; with deterministic, torch's deterministic
             algorithms are requested too.
     """
@@ -143,6 +154,10 @@ class FinetuneConfig:
     early_stopping_patience: int = 2
     attention: str = "sdpa"
     max_length: int = field(default=128, metadata=param("max_length", "tokens per text", minimum=8, maximum=4096))
+    precision: str = field(default="fp32", metadata=param(
+        "train_precision", "training arithmetic for fine-tuning, distillation and pruning recovery: fp32, bf16 "
+                           "(bfloat16 autocast, float32 weights: 2.3x faster steps on CPUs with AMX) or auto (bf16 "
+                           "where the CPU computes bfloat16 natively)", enum=list(PRECISIONS)))
     seed: int = 13
     deterministic: bool = True
 
@@ -162,6 +177,7 @@ class FinetuneConfig:
         _require(0 <= self.evaluations_per_epoch <= 100, "finetune.evaluations_per_epoch must be in 0..100")
         _require(self.early_stopping_patience >= 0, "finetune.early_stopping_patience must be >= 0")
         _require(self.attention in ATTENTION_KERNELS, f"finetune.attention must be one of {ATTENTION_KERNELS}")
+        _require_precision("finetune", self.precision)
 
 
 @dataclass(frozen=True)
@@ -191,6 +207,7 @@ class DistillConfig:
     batch_size: int = 16
     learning_rate: float = 1e-4
     max_length: int = 128
+    precision: str = "fp32"
     seed: int = 13
     enabled: bool = field(default=True, metadata=param(
         "distill", "distill the teacher into a student with fewer layers (candidates student_onnx_fp32 and "
@@ -204,6 +221,7 @@ class DistillConfig:
         _require(0 < self.epochs <= 100, "distill.epochs must be in (0, 100]")
         _require_distillation("distill", self.temperature, self.alpha, self.batch_size, self.learning_rate,
                               self.max_length)
+        _require_precision("distill", self.precision)
 
 
 @dataclass(frozen=True)
@@ -237,6 +255,7 @@ class PruneConfig:
     batch_size: int = 16
     learning_rate: float = 1e-4
     max_length: int = 128
+    precision: str = "fp32"
     seed: int = 13
     enabled: bool = field(default=True, metadata=param(
         "prune", "prune the distilled student's least important heads and FFN neurons, then recover it by "
@@ -253,6 +272,7 @@ class PruneConfig:
                  "prune.unstructured_sparsity needs recovery_epochs > 0: the schedule runs during recovery")
         _require_distillation("prune", self.temperature, self.alpha, self.batch_size, self.learning_rate,
                               self.max_length)
+        _require_precision("prune", self.precision)
 
     @property
     def structured(self) -> bool:
@@ -688,7 +708,7 @@ class PipelineConfig:
         return cls(**built)
 
 
-# Sections whose sequence length, batch size and learning rate follow fine-tuning's unless given:
+# Sections whose sequence length, batch size, learning rate and precision follow fine-tuning's unless given:
 # distillation and both recoveries (and the evaluation's sequence length).
 FOLLOWS_FINETUNE = ("distill", "prune", "sparsify")
 
@@ -702,7 +722,7 @@ def _follow_finetune(data: dict[str, Any]) -> dict[str, Any]:
     evaluate = data.setdefault("evaluate", {})
     if isinstance(evaluate, dict):
         evaluate.setdefault("max_length", finetune.get("max_length", FinetuneConfig.max_length))
-    for key in ("max_length", "batch_size", "learning_rate"):
+    for key in ("max_length", "batch_size", "learning_rate", "precision"):
         value = finetune.get(key, getattr(FinetuneConfig, key))
         for section in FOLLOWS_FINETUNE:
             if isinstance(data.setdefault(section, {}), dict):
@@ -779,7 +799,8 @@ def preset(name: str, source: str = "demo:imdb", model: str = "demo:minilm") -> 
                   "prune": {"recovery_epochs": 0.5}},
         "demo": {},
         "full": {"data": {"max_train": 0, "max_eval": 5000},
-                 "finetune": {"epochs": 3.0, "layer_learning_rates": (1e-5, 5e-5, 1e-4), "evaluations_per_epoch": 4},
+                 "finetune": {"epochs": 3.0, "layer_learning_rates": (1e-5, 5e-5, 1e-4), "evaluations_per_epoch": 4,
+                              "precision": "auto"},
                  "distill": {"epochs": 3.0}, "prune": {"recovery_epochs": 2.0}},
     }
     _require(name in presets, f"unknown preset {name!r}; presets: {sorted(presets)}")

@@ -77,6 +77,7 @@ def run(config: DistillConfig, teacher_dir: Path, data_dir: Path, out_dir: Path,
         student, tokenizer, train["text"].tolist(), loss_fn, total_steps=total_steps,
         batch_size=config.batch_size, learning_rate=config.learning_rate, weight_decay=0.01, warmup_ratio=0.1,
         max_length=config.max_length, seed=config.seed, name="distill", progress_every=progress_every,
+        precision=config.precision,
     )
     student_accuracy = accuracy(student, tokenizer, validation, config.max_length)
     teacher_accuracy = accuracy(teacher, tokenizer, validation, config.max_length)

@@ -45,7 +45,7 @@ def run(config: FinetuneConfig, data_dir: Path, out_dir: Path, progress_every: i
     stopping = None
     if config.evaluations_per_epoch:
         epoch_steps = steps_for(len(train), config.batch_size, 1.0)
-        stopping = EarlyStopping(lambda: accuracy(model, tokenizer, validation, config.max_length),
+        stopping = EarlyStopping(lambda: accuracy(model, tokenizer, validation, config.max_length, config.precision),
                                  every=max(1, epoch_steps // config.evaluations_per_epoch),
                                  patience=config.early_stopping_patience,
                                  # Never before one epoch and half the planned steps: validation often
@@ -58,7 +58,7 @@ def run(config: FinetuneConfig, data_dir: Path, out_dir: Path, progress_every: i
         total_steps=total_steps, batch_size=config.batch_size, learning_rate=config.learning_rate,
         weight_decay=config.weight_decay, warmup_ratio=config.warmup_ratio, max_length=config.max_length,
         seed=config.seed, name="fine-tune", progress_every=progress_every, layer_decay=config.layer_lr_decay,
-        layer_tiers=config.layer_learning_rates, early_stopping=stopping,
+        layer_tiers=config.layer_learning_rates, early_stopping=stopping, precision=config.precision,
     )
     step, train_seconds = trained.steps, trained.seconds
 

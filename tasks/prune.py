@@ -193,7 +193,7 @@ def recover(model: torch.nn.Module, tokenizer, texts: list[str], loss_on: Callab
         model, tokenizer, texts, lambda batch, index: loss_on(index), total_steps=total_steps,
         batch_size=config.batch_size, learning_rate=config.learning_rate, weight_decay=0.01, warmup_ratio=0.1,
         max_length=config.max_length, seed=config.seed, name="prune-recovery", progress_every=progress_every,
-        after_step=pruner,
+        after_step=pruner, precision=config.precision,
     )
     return trained.seconds
 

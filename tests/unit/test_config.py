@@ -35,6 +35,8 @@ def test_round_trip_through_plain_data():
         ({"quantize": "no"}, "quantize.enabled must be true or false"),
         ({"distill": False}, "prune needs distill: pruning works on the distilled student"),
         ({"distill": False, "overrides": {"prune": {"enabled": True}}}, "prune needs distill"),
+        ({"train_precision": "fp16"}, "finetune.precision must be one of"),
+        ({"overrides": {"prune": {"precision": "half"}}}, "prune.precision must be one of"),
     ],
 )
 def test_invalid_params_name_the_field(params, message):
@@ -172,3 +174,13 @@ def test_layer_learning_rates_are_a_list_param_of_the_form():
         config_from_params({"layer_learning_rates": [1e-5, 1e-4]})
     with pytest.raises(ConfigError, match="list of numbers"):
         config_from_params({"layer_learning_rates": ["fast", "slow", "slower"]})
+
+
+def test_training_precision_is_one_param_that_every_training_step_follows():
+    from tasks.params import form
+
+    assert form()["train_precision"]["enum"] == ["fp32", "bf16", "auto"]
+    assert form()["train_precision"]["default"] == "fp32"
+    config = config_from_params({"train_precision": "bf16", "overrides": {"prune": {"precision": "fp32"}}})
+    assert (config.finetune.precision, config.distill.precision, config.sparsify.precision) == ("bf16",) * 3
+    assert config.prune.precision == "fp32"

@@ -77,3 +77,52 @@ def test_chance_level_is_the_majority_share_plus_two_standard_errors():
 
     assert chance_level(pd.Series([0, 1] * 50)) == pytest.approx(0.5 + 2 * 0.05)
     assert chance_level(pd.Series([0] * 90 + [1] * 10)) == pytest.approx(0.9 + 2 * 0.03)
+
+
+def _train_two_texts(tiny_model, model, precision: str, steps: int = 30):
+    from tasks.modeling import load_tokenizer
+
+    texts, labels = ["good movie", "bad film"] * 8, torch.tensor([1, 0] * 8)
+    return training.train(model, load_tokenizer(tiny_model), texts,
+                          lambda batch, index: model(**batch, labels=labels[index]).loss,
+                          total_steps=steps, batch_size=4, learning_rate=1e-2, weight_decay=0.0, warmup_ratio=0.0,
+                          max_length=16, seed=0, name="test", precision=precision)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_in_either_precision_learns_and_keeps_float32_weights(tiny_model, precision):
+    """bf16 autocast computes the matrix products in bfloat16 (seen by a hook on the classifier) while the
+    weights the optimiser updates, and those saved, stay float32; both precisions fit two texts."""
+    from tasks.modeling import load_tokenizer
+
+    model = load_classifier(tiny_model)
+    seen = []
+    model.classifier.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    before = model.classifier.weight.detach().clone()
+    _train_two_texts(tiny_model, model, precision)
+    assert seen[0] == (torch.bfloat16 if precision == "bf16" else torch.float32)
+    assert all(parameter.dtype == torch.float32 for parameter in model.parameters())
+    assert not torch.equal(model.classifier.weight, before)
+    logits = training.predict_logits(model, load_tokenizer(tiny_model), ["good movie", "bad film"], 16)
+    assert logits.dtype == "float32" and list(logits.argmax(axis=1)) == [1, 0]
+
+
+def test_bf16_predictions_are_float32_and_close_to_fp32(tiny_model):
+    from tasks.modeling import load_tokenizer
+
+    model, tokenizer = load_classifier(tiny_model), load_tokenizer(tiny_model)
+    texts = ["good movie", "bad film", "an ordinary evening at the cinema"]
+    exact = training.predict_logits(model, tokenizer, texts, 16)
+    approximate = training.predict_logits(model, tokenizer, texts, 16, precision="bf16")
+    assert approximate.dtype == "float32"
+    assert abs(approximate - exact).max() < 0.05  # bfloat16 keeps 8 bits of mantissa
+
+
+def test_auto_precision_follows_the_cpu(monkeypatch):
+    monkeypatch.setattr(training, "native_bf16", lambda: True)
+    assert training.resolve_precision("auto") == "bf16"
+    monkeypatch.setattr(training, "native_bf16", lambda: False)
+    assert training.resolve_precision("auto") == "fp32"
+    assert training.resolve_precision("bf16") == "bf16" and training.resolve_precision("fp32") == "fp32"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        training.resolve_precision("fp16")
