@@ -53,6 +53,7 @@ class PromotedRun:
     winner: str
     version: str
     candidates: dict[str, dict]
+    summary: dict
 
     @classmethod
     def read(cls, run_dir: Path) -> PromotedRun:
@@ -63,7 +64,7 @@ class PromotedRun:
         if not summary.get("winner"):
             raise SystemExit(f"run {summary['run_id']} promoted nothing: {summary.get('no_winner_reason')}")
         return cls(run_dir, summary["run_id"], summary["winner"],
-                   str(summary["versions"].get(summary["winner"]) or "-"), summary["candidates"])
+                   str(summary["versions"].get(summary["winner"]) or "-"), summary["candidates"], summary)
 
     def model(self, candidate: str) -> tuple[Path, str]:
         """The candidate's model folder in the run and its format (the recipe's stage output)."""
@@ -139,6 +140,14 @@ def target_checks(accuracy: dict, latency: dict) -> dict[str, dict]:
             for name, (value, interval) in observed.items()}
 
 
+def candidate_table(summary: dict) -> list[dict]:
+    """Every candidate of the run as its report shows it: why the promoted one won, and why the others did not."""
+    from tasks.report import candidate_rows
+
+    keys = ("name", "version", "accuracy", "retention", "p50", "faster", "size_mb", "gates")
+    return [{key: row[key] for key in keys} for row in candidate_rows(summary)]
+
+
 def test_texts(run_dir: Path) -> list[str]:
     import pandas as pd
 
@@ -157,7 +166,7 @@ def measure_run(run_dir: Path, conf: dict, max_length: int, rounds: int = ROUNDS
     return {"measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
             "run_id": run.run_id, "run_dir": str(run_dir), "conf": conf, "max_length": max_length,
             "winner": run.winner, "mlflow_version": run.version, "accuracy": accuracy, "latency": latency,
-            "targets": target_checks(accuracy, latency)}
+            "targets": target_checks(accuracy, latency), "candidates": candidate_table(run.summary)}
 
 
 def _interval(pair, scale: float = 1.0, digits: int = 3) -> str:
@@ -194,7 +203,20 @@ def markdown(report: dict, full_profile: bool) -> str:
         "",
         "Met: the figure meets the target; (interval too) when the interval's low end does as well.",
     ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _candidate_lines(report.get("candidates"))) + "\n"
+
+
+def _candidate_lines(candidates: list[dict] | None) -> list[str]:
+    """The run's own table of candidates (its evaluation task's batch-1 p50, in-process, not interleaved)."""
+    if not candidates:
+        return []
+    lines = ["", "Every candidate, from the run's evaluation task (batch-1 p50 in the task, not interleaved; "
+             "the gates' verdicts):", "",
+             "| candidate | MLflow version | accuracy | retention | p50 ms | faster | size MB | gates |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {row['name']} | {row['version']} | {row['accuracy']:.4f} | {row['retention']:.1%} | {row['p50']:.2f} "
+              f"| {row['faster']:.1f}x | {row['size_mb']:.1f} | {row['gates']} |" for row in candidates]
+    return lines
 
 
 def _met(check: dict) -> str:

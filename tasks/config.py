@@ -156,7 +156,7 @@ class FinetuneConfig:
     max_length: int = field(default=128, metadata=param("max_length", "tokens per text", minimum=8, maximum=4096))
     precision: str = field(default="fp32", metadata=param(
         "train_precision", "training arithmetic for fine-tuning, distillation and pruning recovery: fp32, bf16 "
-                           "(bfloat16 autocast, float32 weights: 2.3x faster steps on CPUs with AMX) or auto (bf16 "
+                           "(bfloat16 autocast, float32 weights: about 1.3x faster training steps on CPUs with AMX) or auto (bf16 "
                            "where the CPU computes bfloat16 natively)", enum=list(PRECISIONS)))
     seed: int = 13
     deterministic: bool = True

@@ -74,3 +74,16 @@ def test_a_run_without_a_winner_is_refused_with_the_reason(tmp_path):
         full.PromotedRun.read(tmp_path)
     with pytest.raises(SystemExit, match="no summary.json"):
         full.PromotedRun.read(tmp_path / "missing")
+
+
+def test_the_page_lists_every_candidate_with_the_gates_verdicts():
+    from tests.unit.test_report import _summary
+
+    report = _report(0.885, 0.99, 4.0)
+    report["candidates"] = full.candidate_table(_summary())
+    assert [row["name"] for row in report["candidates"]] == ["teacher_pytorch", "onnx_int8", "pruned_int8", "slow_worse"]
+    page = full.markdown(report, full_profile=False)
+    assert "| onnx_int8 | 2 | 0.7900 | 98.8% | 10.00 | 2.5x | 23.0 | FAIL: champion_regression: 0.79 vs champion 0.81 |" \
+        in page
+    assert "| teacher_pytorch | - | 0.8000 | 100.0% | 25.00 | 1.0x | 90.0 | not gated (reference) |" in page
+    assert "| candidate |" not in full.markdown(_report(0.885, 0.99, 4.0), full_profile=False)  # older reports
