@@ -74,3 +74,13 @@ def test_a_run_without_a_winner_is_refused_with_the_reason(tmp_path):
         full.PromotedRun.read(tmp_path)
     with pytest.raises(SystemExit, match="no summary.json"):
         full.PromotedRun.read(tmp_path / "missing")
+
+
+def test_the_page_names_the_runs_truncation():
+    from opsctl.demo import PROFILES
+
+    assert full.truncation_of(PROFILES["full"]) == "head_tail"
+    assert full.truncation_of({"max_train": 4000}) == "head"  # the config's default
+    report = _report(0.885, 0.99, 12.0) | {"truncation": "head_tail"}
+    assert "256 tokens per text (head_tail truncation)" in full.markdown(report, full_profile=True)
+    assert "256 tokens per text (head truncation)" in full.markdown(_report(0.885, 0.99, 12.0), full_profile=False)
