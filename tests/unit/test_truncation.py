@@ -100,3 +100,38 @@ def test_head_tail_pads_to_max_length_for_calibration(tiny_model):
     batch = encode(tokenizer, ["short", _long_texts()[0]], 32, "head_tail", padding="max_length", return_tensors="np")
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (2, 32)
     assert batch["attention_mask"][1].sum() == 32
+
+
+def test_the_steps_tokenize_with_the_runs_strategy(tiny_model):
+    """Evaluation inputs, PyTorch logits and static INT8 calibration feeds all cut a long text by the strategy."""
+    import torch
+
+    from tasks.evaluate import tokenize
+    from tasks.modeling import load_classifier
+    from tasks.quantize import TextCalibrationReader
+    from tasks.training import predict_logits
+
+    tokenizer, model = load_tokenizer(tiny_model), load_classifier(tiny_model).eval()
+    text = _long_texts()[0]
+    head, tail = (tokenize(tokenizer, [text], 24, strategy) for strategy in TRUNCATIONS)
+    assert head["input_ids"].tolist() != tail["input_ids"].tolist()
+    np.testing.assert_array_equal(tail["input_ids"], encode(tokenizer, [text], 24, "head_tail")["input_ids"])
+    with torch.no_grad():
+        expected = model(**{key: torch.from_numpy(value) for key, value in tail.items()}).logits.numpy()
+    np.testing.assert_allclose(predict_logits(model, tokenizer, [text], 24, truncation="head_tail"), expected,
+                               atol=1e-6)
+    feed = TextCalibrationReader(tokenizer, [text, "short"], 24, "head_tail")
+    np.testing.assert_array_equal(feed.get_next()["input_ids"], tail["input_ids"])
+    assert feed.get_next()["attention_mask"].shape == (1, 24)  # padded to max_length, as calibration needs
+
+
+def test_export_checks_and_records_the_runs_strategy(tiny_model, prepared_data, tmp_path):
+    import json
+
+    from tasks import export
+    from tasks.config import ExportConfig
+
+    result = export.run(ExportConfig(), tiny_model, prepared_data, tmp_path / "onnx", max_length=16,
+                        truncation="head_tail")
+    assert result.metrics["max_abs_diff"] < 1e-4
+    assert json.loads((tmp_path / "onnx" / "export_config.json").read_text())["truncation"] == "head_tail"
