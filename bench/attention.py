@@ -45,12 +45,11 @@ def workloads(teacher: Path, texts: list[str], max_length: int) -> dict:
     import torch
 
     from tasks.modeling import load_classifier, load_tokenizer
+    from tasks.tokens import encode
 
     tokenizer = load_tokenizer(teacher)
-    singles = [tokenizer([text], truncation=True, max_length=max_length, return_tensors="pt",
-                         return_token_type_ids=False) for text in texts[:20]]
-    batch = tokenizer(texts[:32], truncation=True, max_length=max_length, padding=True, return_tensors="pt",
-                      return_token_type_ids=False)
+    singles = [encode(tokenizer, [text], max_length, return_tensors="pt") for text in texts[:20]]
+    batch = encode(tokenizer, texts[:32], max_length, return_tensors="pt")
     labels = torch.zeros(len(texts[:32]), dtype=torch.long)
     built = {}
     for name in IMPLEMENTATIONS:

@@ -128,9 +128,11 @@ def measure_source(source: Path, work: Path, data: Texts, calibration: list[str]
     """Every format of one FP32 model: invariance figures, accuracy, and interleaved timings."""
     from tasks.evaluate import onnx_predictor, tokenize
     from tasks.modeling import load_tokenizer
+    from tasks.tokens import encode
 
     tokenizer = load_tokenizer(source)
-    lengths = [len(ids) for ids in tokenizer(data.texts, truncation=True, max_length=data.max_length)["input_ids"]]
+    lengths = [len(ids) for ids in encode(tokenizer, data.texts, data.max_length, padding=False,
+                                          return_tensors=None)["input_ids"]]
     requests, same_length = random_requests(len(data.texts), batch, seed), equal_length_batches(lengths, batch)
     singles = [tokenize(tokenizer, [text], data.max_length) for text in data.texts]
     padded = [tokenize(tokenizer, [data.texts[i] for i in group], data.max_length) for group in requests]

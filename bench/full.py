@@ -111,8 +111,10 @@ def speedup_figures(latency: InterleavedLatency, reference: str, name: str) -> d
             "p50_ms": latency.percentiles(name)["p50"]}
 
 
-def measure_latency(run: PromotedRun, texts: list[str], max_length: int, rounds: int, progress=print) -> dict:
-    """Teacher and promoted model interleaved, at default threads and at one thread: their figures."""
+def measure_latency(run: PromotedRun, texts: list[str], max_length: int, rounds: int, progress=print,
+                    truncation: str = "head") -> dict:
+    """Teacher and promoted model interleaved, at default threads and at one thread, on the inputs the
+    run evaluated them on (``max_length`` tokens cut by ``truncation``): their figures."""
     from bench import latency_workers
 
     teacher_dir, teacher_format = run.model(REFERENCE)
@@ -123,7 +125,8 @@ def measure_latency(run: PromotedRun, texts: list[str], max_length: int, rounds:
         candidates = [Candidate(REFERENCE + suffix, teacher_dir, teacher_format, threads),
                       Candidate(run.winner + suffix, winner_dir, winner_format, threads)]
         progress(f"latency at {'default threads' if threads == 0 else 'one thread'}: {rounds} interleaved rounds")
-        latency = latency_workers.measure(candidates, texts, max_length, rounds=rounds, progress=progress)
+        latency = latency_workers.measure(candidates, texts, max_length, rounds=rounds, progress=progress,
+                                          truncation=truncation)
         figures["default_threads" if threads == 0 else "one_thread"] = speedup_figures(
             latency, REFERENCE + suffix, run.winner + suffix)
     return figures
@@ -154,19 +157,27 @@ def test_texts(run_dir: Path) -> list[str]:
     return pd.read_parquet(run_dir / "data" / "test.parquet", columns=["text"])["text"].tolist()
 
 
+def truncation_of(conf: dict) -> str:
+    """The truncation the run's params set (``head`` where they set none: the config's default)."""
+    from tasks.config import FinetuneConfig
+
+    return str(conf.get("truncation", FinetuneConfig.truncation))
+
+
 def measure_run(run_dir: Path, conf: dict, max_length: int, rounds: int = ROUNDS, progress=print) -> dict:
     """Every figure of ``bench/results/full.json`` from a finished run folder."""
+    truncation = truncation_of(conf)
     run = PromotedRun.read(run_dir)
     teacher_correct = correct_per_text(run_dir / "evaluation" / REFERENCE)
     winner_correct = correct_per_text(run_dir / "evaluation" / run.winner)
     if teacher_correct is None or winner_correct is None:
         raise SystemExit(f"{run_dir}/evaluation lacks the teacher's or {run.winner}'s predictions.parquet")
     accuracy = accuracy_figures(teacher_correct, winner_correct)
-    latency = measure_latency(run, test_texts(run_dir), max_length, rounds, progress)
+    latency = measure_latency(run, test_texts(run_dir), max_length, rounds, progress, truncation)
     return {"measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
             "run_id": run.run_id, "run_dir": str(run_dir), "conf": conf, "max_length": max_length,
-            "winner": run.winner, "mlflow_version": run.version, "accuracy": accuracy, "latency": latency,
-            "targets": target_checks(accuracy, latency), "candidates": candidate_table(run.summary)}
+            "truncation": truncation, "winner": run.winner, "mlflow_version": run.version, "accuracy": accuracy,
+            "latency": latency, "targets": target_checks(accuracy, latency), "candidates": candidate_table(run.summary)}
 
 
 def _interval(pair, scale: float = 1.0, digits: int = 3) -> str:
@@ -182,7 +193,8 @@ def markdown(report: dict, full_profile: bool) -> str:
         "# The strong-teacher run (`make bench-full`)", "",
         f"Measured {report['measured_at']} on **{report['machine']['processor']}**, {report['machine']['cpus']} CPUs, "
         f"on the models optimize_model run `{report['run_id']}` built and promoted ({scope}). Params: "
-        f"`{json.dumps(report['conf'])}`; {report['max_length']} tokens per text (head truncation).", "",
+        f"`{json.dumps(report['conf'])}`; {report['max_length']} tokens per text "
+        f"({report.get('truncation', 'head')} truncation).", "",
         f"Promoted: **{report['winner']}** (MLflow version {report['mlflow_version']}).", "",
         "| figure | value | 95% interval | target | met |", "|---|---|---|---|---|",
         f"| teacher accuracy (PyTorch FP32, {accuracy['test_texts']} test texts) | {accuracy['teacher_accuracy']:.4f} | "

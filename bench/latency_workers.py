@@ -75,11 +75,12 @@ class InterleavedLatency:
 class Worker:
     """One model in its own process, timing batch-1 calls on request."""
 
-    def __init__(self, candidate: Candidate, texts_file: Path, max_length: int, warmup: int) -> None:
+    def __init__(self, candidate: Candidate, texts_file: Path, max_length: int, warmup: int,
+                 truncation: str = "head") -> None:
         self.name = candidate.name
         self._process = subprocess.Popen(
             [sys.executable, "-m", "bench.latency_workers", str(candidate.model_dir), candidate.model_format,
-             str(max_length), str(warmup), str(candidate.threads), str(texts_file)],
+             str(max_length), str(warmup), str(candidate.threads), str(texts_file), truncation],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
         )
 
@@ -114,9 +115,11 @@ class Worker:
 
 
 def measure(candidates: list[Candidate], texts: list[str], max_length: int, warmup: int = 10,
-            rounds: int = 5, turn_texts: int = TURN_TEXTS, progress=lambda message: None) -> InterleavedLatency:
+            rounds: int = 5, turn_texts: int = TURN_TEXTS, progress=lambda message: None,
+            truncation: str = "head") -> InterleavedLatency:
     """Start one worker per candidate, then time ``rounds`` rounds of every candidate, each turn on
-    the next ``turn_texts`` of ``texts`` (the same slice for every candidate in a round)."""
+    the next ``turn_texts`` of ``texts`` (the same slice for every candidate in a round), each text
+    cut to ``max_length`` tokens by ``truncation`` as the run evaluated it."""
     if rounds < 1 or turn_texts < 1:
         raise ValueError("rounds and turn_texts must be >= 1")
     result = InterleavedLatency(rounds=rounds, texts=len(texts))
@@ -126,7 +129,7 @@ def measure(candidates: list[Candidate], texts: list[str], max_length: int, warm
     texts_file.write_text(json.dumps(texts))
     try:
         # All start at once (nothing is timed until every worker is ready).
-        workers.extend(Worker(candidate, texts_file, max_length, warmup) for candidate in candidates)
+        workers.extend(Worker(candidate, texts_file, max_length, warmup, truncation) for candidate in candidates)
         for worker in workers:
             worker.wait_ready()
             result.per_round_p50[worker.name], result.calls[worker.name] = [], []
@@ -147,7 +150,8 @@ def measure(candidates: list[Candidate], texts: list[str], max_length: int, warm
     return result
 
 
-def _serve(model_dir: Path, model_format: str, max_length: int, warmup: int, threads: int, texts_file: Path) -> None:
+def _serve(model_dir: Path, model_format: str, max_length: int, warmup: int, threads: int, texts_file: Path,
+           truncation: str = "head") -> None:
     # The protocol owns stdout; anything a library prints goes to stderr.
     protocol, sys.stdout = sys.stdout, sys.stderr
     from tasks import evaluate
@@ -156,7 +160,7 @@ def _serve(model_dir: Path, model_format: str, max_length: int, warmup: int, thr
     texts = json.loads(texts_file.read_text())
     predict = evaluate.PREDICTORS[ModelFormat(model_format)](model_dir, threads)
     tokenizer = evaluate.load_tokenizer(model_dir)
-    batches = [evaluate.tokenize(tokenizer, [text], max_length) for text in texts]
+    batches = [evaluate.tokenize(tokenizer, [text], max_length, truncation) for text in texts]
     for batch in batches[:warmup]:
         predict(batch)
     print(READY, file=protocol, flush=True)
@@ -177,4 +181,5 @@ def _serve(model_dir: Path, model_format: str, max_length: int, warmup: int, thr
 
 
 if __name__ == "__main__":
-    _serve(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), Path(sys.argv[6]))
+    _serve(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), Path(sys.argv[6]),
+           *sys.argv[7:8])

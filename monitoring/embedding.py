@@ -27,6 +27,7 @@ from serving.model_repository import EMBEDDING_DIMS as DIMS
 from serving.model_repository import EMBEDDING_TABLE_FILE as TABLE_FILE  # beside the tokenizer's tokenizer.json
 from serving.prediction_log import decode_embedding as decode
 from serving.prediction_log import encode_embedding as encode
+from serving.truncation import DEFAULT_TRUNCATION, kept_positions
 
 __all__ = ["COLUMNS", "COLUMN_PREFIX", "DIMS", "TABLE_FILE", "EmbeddingUnavailable", "decode", "encode",
            "fit_table", "fit_table_for", "mean_pooled", "pool_padded", "reference_embeddings", "token_embeddings", "token_ids"]
@@ -102,7 +103,8 @@ def _quantization_of(graph, name: str, constants: dict) -> tuple[str, str, int, 
     return f"{base}_scale", zero, 1, False
 
 
-def fit_table_for(model_file: Path, tokenizer_file: Path, texts: Sequence[str], max_length: int) -> np.ndarray:
+def fit_table_for(model_file: Path, tokenizer_file: Path, texts: Sequence[str], max_length: int,
+                  truncation: str = DEFAULT_TRUNCATION) -> np.ndarray:
     """The projection table of a served ONNX model, fitted on ``texts`` (its training texts, not the
     reference's: see the module's docstring). ``EmbeddingUnavailable`` when the model has no
     readable token-embedding matrix (a TensorRT engine, an unrecognised quantization)."""
@@ -111,17 +113,25 @@ def fit_table_for(model_file: Path, tokenizer_file: Path, texts: Sequence[str], 
     if model_file.suffix != ".onnx" or not model_file.exists():
         raise EmbeddingUnavailable(f"{model_file} is not an ONNX file: its token embeddings cannot be read")
     vocab = Tokenizer.from_file(str(tokenizer_file)).get_vocab_size()
-    return fit_table(token_embeddings(model_file, vocab), token_ids(tokenizer_file, texts, max_length))
+    return fit_table(token_embeddings(model_file, vocab), token_ids(tokenizer_file, texts, max_length, truncation))
 
 
-def token_ids(tokenizer_file: Path, texts: Sequence[str], max_length: int) -> list[np.ndarray]:
-    """Each text's token ids as the serving tokenizer makes them (truncated, special tokens kept)."""
+def token_ids(tokenizer_file: Path, texts: Sequence[str], max_length: int,
+              truncation: str = DEFAULT_TRUNCATION) -> list[np.ndarray]:
+    """Each text's token ids as the serving tokenizer makes them (cut to ``max_length`` by
+    ``truncation``, special tokens kept): the served model's embeddings pool these tokens, so the
+    reference's and the fitted table's must too."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    tokenizer.enable_truncation(max_length=max_length)
     tokenizer.no_padding()
-    return [np.asarray(encoding.ids, dtype=np.int64) for encoding in tokenizer.encode_batch(list(texts))]
+    if truncation == "head":
+        tokenizer.enable_truncation(max_length=max_length)
+        return [np.asarray(encoding.ids, dtype=np.int64) for encoding in tokenizer.encode_batch(list(texts))]
+    tokenizer.no_truncation()
+    encodings = tokenizer.encode_batch(list(texts))
+    return [np.asarray(encoding.ids, dtype=np.int64)[kept_positions(encoding.special_tokens_mask, max_length,
+                                                                    truncation)] for encoding in encodings]
 
 
 def mean_pooled(matrix: np.ndarray, ids: Sequence[np.ndarray]) -> np.ndarray:
@@ -157,7 +167,8 @@ def pool_padded(table: np.ndarray, input_ids: np.ndarray, attention_mask: np.nda
     return total / np.maximum(mask.sum(axis=1), 1.0)
 
 
-def reference_embeddings(table: np.ndarray, tokenizer_file: Path, texts: Sequence[str], max_length: int) -> np.ndarray:
+def reference_embeddings(table: np.ndarray, tokenizer_file: Path, texts: Sequence[str], max_length: int,
+                         truncation: str = DEFAULT_TRUNCATION) -> np.ndarray:
     """The reference texts' embeddings through the table, rounded through float16 as logged."""
-    pooled = mean_pooled(table, token_ids(tokenizer_file, texts, max_length))
+    pooled = mean_pooled(table, token_ids(tokenizer_file, texts, max_length, truncation))
     return pooled.astype(np.float16).astype(np.float64)

@@ -55,19 +55,21 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def reference_features(logits: np.ndarray, texts: list[str], labels: list[str], tokenizer_file: Path,
-                       max_length: int, embedding_table: np.ndarray | None = None) -> pd.DataFrame:
+                       max_length: int, embedding_table: np.ndarray | None = None,
+                       truncation: str = "head") -> pd.DataFrame:
     """Features of the champion's evaluation outputs on its test texts (one text per row, in order),
-    with their embeddings through ``embedding_table`` (rounded through float16, as logged) if given."""
+    with their embeddings through ``embedding_table`` (rounded through float16, as logged) if given.
+    Token counts, unknown tokens and embeddings are of the tokens the served tokenizer keeps
+    (``max_length`` of them, chosen by ``truncation``), as the gateway logs them."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    tokenizer.enable_truncation(max_length=max_length)
-    tokenizer.no_padding()
     unknown_token = getattr(tokenizer.model, "unk_token", None)
     unknown_id = tokenizer.token_to_id(unknown_token) if unknown_token else None
-    encodings = tokenizer.encode_batch(texts)
-    tokens = np.array([len(encoding.ids) for encoding in encodings], dtype=float)
-    unknown = np.array([sum(1 for i in encoding.ids if i == unknown_id) for encoding in encodings], dtype=float)
+    ids = emb.token_ids(tokenizer_file, texts, max_length, truncation)
+    tokens = np.array([len(text_ids) for text_ids in ids], dtype=float)
+    unknown = np.array([int((text_ids == unknown_id).sum()) if unknown_id is not None else 0 for text_ids in ids],
+                       dtype=float)
     probabilities = softmax(logits.astype(np.float64))
     features = pd.DataFrame({
         "confidence": probabilities.max(axis=1),
@@ -78,5 +80,5 @@ def reference_features(logits: np.ndarray, texts: list[str], labels: list[str], 
     })
     if embedding_table is None:
         return features
-    vectors = emb.reference_embeddings(embedding_table, tokenizer_file, texts, max_length)
+    vectors = emb.reference_embeddings(embedding_table, tokenizer_file, texts, max_length, truncation)
     return features.join(pd.DataFrame(vectors, columns=list(emb.COLUMNS)))

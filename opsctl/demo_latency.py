@@ -73,7 +73,8 @@ def serve_candidate(settings: StackSettings, run_id: str, summary: dict, candida
     promote_step.run(config, target, model_dir=run_dir / OPTIMIZE_MODEL.producer(candidate).output,
                      predictions=run_dir / "evaluation" / candidate / "predictions.parquet", data_dir=run_dir / "data",
                      mlflow_version=version, max_length=int(params.get("evaluate.max_length", 128)),
-                     intra_op_threads=int(params.get("evaluate.threads", 0)))
+                     intra_op_threads=int(params.get("evaluate.threads", 0)),
+                     truncation=params.get("evaluate.truncation", "head"))
     return version
 
 

@@ -15,10 +15,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from serving.errors import ServingError
+from serving.truncation import DEFAULT_TRUNCATION, TRUNCATIONS
 
 PYTHON_MODELS_DIR = Path(__file__).parent / "triton_models"
 # The text normalisation the tokenizer model applies (serving/text.py), copied beside its model.py.
 NORMALISER_FILE = Path(__file__).parent / "text.py"
+# The truncation rule it applies to a long text (serving/truncation.py), copied there too.
+TRUNCATION_FILE = Path(__file__).parent / "truncation.py"
 # The served ensemble's name wherever none is given: the one place it is written (the pipeline's
 # config, the gateway, the monitor, the CLI and the replica sync all read it from here).
 DEFAULT_MODEL = "text_classifier"
@@ -328,6 +331,7 @@ class ClassifierEnsemble:
     labels: tuple[str, ...]
     max_length: int
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    truncation: str = DEFAULT_TRUNCATION  # which max_length tokens of a longer text the tokenizer keeps
     intra_op_threads: int = 0
     instances: int = 1  # model instances of the classifier and the tokenizer (requests served at once)
     gpu: bool = False  # an ONNX classifier on the GPU (a TensorRT plan always is)
@@ -340,6 +344,8 @@ class ClassifierEnsemble:
             raise RepositoryError(f"labels {self.labels} must be two or more names without ',' or '\"'")
         if self.max_length < 1:
             raise RepositoryError("max_length must be >= 1")
+        if self.truncation not in TRUNCATIONS:
+            raise RepositoryError(f"truncation must be one of {list(TRUNCATIONS)}, got {self.truncation!r}")
         classifier_config(self.onnx_model, len(self.labels))  # validates the name
 
     @property
@@ -487,11 +493,12 @@ def write_component_versions(repository: Path, ensemble: ClassifierEnsemble, mod
         ensemble.tokenizer_model: (
             render_python_config(
                 ensemble.tokenizer_model, ensemble.max_batch_size, TEXT_INPUT, TOKENIZER_OUTPUTS,
-                {"max_length": str(ensemble.max_length), "pad_token": pad_token(model_dir)},
+                {"max_length": str(ensemble.max_length), "truncation": ensemble.truncation,
+                 "pad_token": pad_token(model_dir)},
                 instances=ensemble.instances,
             ),
-            [PYTHON_MODELS_DIR / "tokenizer" / "model.py", NORMALISER_FILE, model_dir / "tokenizer.json",
-             *(Path(path) for path in tokenizer_files)],
+            [PYTHON_MODELS_DIR / "tokenizer" / "model.py", NORMALISER_FILE, TRUNCATION_FILE,
+             model_dir / "tokenizer.json", *(Path(path) for path in tokenizer_files)],
         ),
         ensemble.postprocess_model: (
             render_python_config(

@@ -49,10 +49,12 @@ class Proposal:
 
 
 def propose(config: PromoteConfig, target: PromotionTarget, model_dir: Path, predictions: Path, data_dir: Path,
-            version: str, max_length: int, intra_op_threads: int, now: datetime) -> Proposal:
+            version: str, max_length: int, intra_op_threads: int, now: datetime,
+            truncation: str = "head") -> Proposal:
     """Make ``version`` the challenger: its serving bundle in the registry, the alias and the tags."""
     with tempfile.TemporaryDirectory(prefix="propose-") as scratch:
-        bundle = build_bundle(config, model_dir, predictions, data_dir, max_length, intra_op_threads, Path(scratch))
+        bundle = build_bundle(config, model_dir, predictions, data_dir, max_length, intra_op_threads, Path(scratch),
+                              truncation)
         log_bundle(target.tracking_uri, config.registered_model, version, bundle)
     proposal = Proposal(version, now + timedelta(hours=config.approval_timeout_hours))
     model_aliases.set_alias(target.tracking_uri, config.registered_model, CHALLENGER_ALIAS, version)

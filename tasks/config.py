@@ -13,6 +13,7 @@ from typing import Any
 
 from monitoring.policy import SLO_P95_MS  # standard library only, like this module and the one below
 from serving.model_repository import DEFAULT_MODEL
+from serving.truncation import TRUNCATIONS
 from tasks.errors import ConfigError
 from tasks.teacher_source import EXAMPLES as TEACHER_EXAMPLES
 from tasks.teacher_source import FORMS as TEACHER_FORMS
@@ -46,6 +47,12 @@ PRECISIONS = ("fp32", "bf16", "auto")
 
 def _require_precision(section: str, precision: str) -> None:
     _require(precision in PRECISIONS, f"{section}.precision must be one of {list(PRECISIONS)}, got {precision!r}")
+
+
+def _require_truncation(section: str, truncation: str) -> None:
+    """How a text longer than max_length is cut (``serving.truncation``): one of ``TRUNCATIONS``."""
+    _require(truncation in TRUNCATIONS,
+             f"{section}.truncation must be one of {list(TRUNCATIONS)}, got {truncation!r}")
 
 
 def _require_distillation(section: str, temperature: float, alpha: float, batch_size: int, learning_rate: float,
@@ -124,6 +131,9 @@ class FinetuneConfig:
         precision: training arithmetic: ``fp32``, ``bf16`` (CPU autocast; float32 weights) or ``auto``
             (bf16 where the CPU has native bfloat16, AMX or AVX-512 BF16); ``tasks.training``. The
             early-stopping scores use it too; the reported accuracies are float32.
+        truncation: which tokens of a longer text are kept (``serving.truncation``): ``head`` (the
+            first max_length) or ``head_tail`` (a quarter of them from the start, three quarters from
+            the end). Every later step and the served tokenizer follow it.
         seed: initialisation and shuffling seed; with deterministic, torch's deterministic
             algorithms are requested too.
     """
@@ -158,6 +168,11 @@ class FinetuneConfig:
         "train_precision", "training arithmetic for fine-tuning, distillation and pruning recovery: fp32, bf16 "
                            "(bfloat16 autocast, float32 weights: about 1.3x faster training steps on CPUs with AMX) or auto (bf16 "
                            "where the CPU computes bfloat16 natively)", enum=list(PRECISIONS)))
+    truncation: str = field(default="head", metadata=param(
+        "truncation", "which tokens of a text longer than max_length the models read, in training, evaluation and "
+                      "serving alike: head (the first ones) or head_tail (the first quarter and the last three "
+                      "quarters of the budget: a review's verdict is often at its end; Sun et al. 2019)",
+        enum=list(TRUNCATIONS)))
     seed: int = 13
     deterministic: bool = True
 
@@ -178,6 +193,7 @@ class FinetuneConfig:
         _require(self.early_stopping_patience >= 0, "finetune.early_stopping_patience must be >= 0")
         _require(self.attention in ATTENTION_KERNELS, f"finetune.attention must be one of {ATTENTION_KERNELS}")
         _require_precision("finetune", self.precision)
+        _require_truncation("finetune", self.truncation)
 
 
 @dataclass(frozen=True)
@@ -208,6 +224,7 @@ class DistillConfig:
     learning_rate: float = 1e-4
     max_length: int = 128
     precision: str = "fp32"
+    truncation: str = "head"
     seed: int = 13
     enabled: bool = field(default=True, metadata=param(
         "distill", "distill the teacher into a student with fewer layers (candidates student_onnx_fp32 and "
@@ -222,6 +239,7 @@ class DistillConfig:
         _require_distillation("distill", self.temperature, self.alpha, self.batch_size, self.learning_rate,
                               self.max_length)
         _require_precision("distill", self.precision)
+        _require_truncation("distill", self.truncation)
 
 
 @dataclass(frozen=True)
@@ -256,6 +274,7 @@ class PruneConfig:
     learning_rate: float = 1e-4
     max_length: int = 128
     precision: str = "fp32"
+    truncation: str = "head"
     seed: int = 13
     enabled: bool = field(default=True, metadata=param(
         "prune", "prune the distilled student's least important heads and FFN neurons, then recover it by "
@@ -273,6 +292,7 @@ class PruneConfig:
         _require_distillation("prune", self.temperature, self.alpha, self.batch_size, self.learning_rate,
                               self.max_length)
         _require_precision("prune", self.precision)
+        _require_truncation("prune", self.truncation)
 
     @property
     def structured(self) -> bool:
@@ -488,6 +508,7 @@ class EvaluateConfig:
     Attributes:
         warmup: untimed batch-1 calls before timing.
         max_length: tokens per text.
+        truncation: how a longer text is cut (follows fine-tuning's; ``serving.truncation``).
         threads: intra-op threads for both PyTorch and ONNX Runtime (0 = library default).
         batch_size: the batch that saturates the cores, for throughput (0 = skip that measurement).
         throughput_batches: timed batches of ``batch_size`` test texts (padded to the longest).
@@ -495,6 +516,7 @@ class EvaluateConfig:
 
     warmup: int = 10
     max_length: int = 128
+    truncation: str = "head"
     threads: int = 0
     batch_size: int = 32
     throughput_batches: int = 4
@@ -504,6 +526,7 @@ class EvaluateConfig:
         _require(1 <= self.throughput_batches <= 1000, "evaluate.throughput_batches must be in 1..1000")
         _require(0 <= self.warmup <= 10_000, "evaluate.warmup must be in 0..10000")
         _require(8 <= self.max_length <= 4096, "evaluate.max_length must be in 8..4096")
+        _require_truncation("evaluate", self.truncation)
         _require(self.threads >= 0, "evaluate.threads must be >= 0")
 
 
@@ -708,8 +731,8 @@ class PipelineConfig:
         return cls(**built)
 
 
-# Sections whose sequence length, batch size, learning rate and precision follow fine-tuning's unless given:
-# distillation and both recoveries (and the evaluation's sequence length).
+# Sections whose sequence length, batch size, learning rate, precision and truncation follow fine-tuning's
+# unless given: distillation and both recoveries (and the evaluation's sequence length and truncation).
 FOLLOWS_FINETUNE = ("distill", "prune", "sparsify")
 
 
@@ -721,8 +744,9 @@ def _follow_finetune(data: dict[str, Any]) -> dict[str, Any]:
     data = {name: dict(values) if isinstance(values, dict) else values for name, values in data.items()}
     evaluate = data.setdefault("evaluate", {})
     if isinstance(evaluate, dict):
-        evaluate.setdefault("max_length", finetune.get("max_length", FinetuneConfig.max_length))
-    for key in ("max_length", "batch_size", "learning_rate", "precision"):
+        for key in ("max_length", "truncation"):
+            evaluate.setdefault(key, finetune.get(key, getattr(FinetuneConfig, key)))
+    for key in ("max_length", "batch_size", "learning_rate", "precision", "truncation"):
         value = finetune.get(key, getattr(FinetuneConfig, key))
         for section in FOLLOWS_FINETUNE:
             if isinstance(data.setdefault(section, {}), dict):
@@ -800,7 +824,7 @@ def preset(name: str, source: str = "demo:imdb", model: str = "demo:minilm") -> 
         "demo": {},
         "full": {"data": {"max_train": 0, "max_eval": 5000},
                  "finetune": {"epochs": 3.0, "layer_learning_rates": (1e-5, 5e-5, 1e-4), "evaluations_per_epoch": 4,
-                              "precision": "auto"},
+                              "precision": "auto", "truncation": "head_tail"},
                  "distill": {"epochs": 3.0}, "prune": {"recovery_epochs": 2.0}},
     }
     _require(name in presets, f"unknown preset {name!r}; presets: {sorted(presets)}")

@@ -193,7 +193,8 @@ def promote_winner(settings: PipelineSettings, config: PipelineConfig, run_id: s
         result = promote_step.run(config.promote, _promotion_target(settings), model_dir=Path(candidate.uri("model")),
                                   predictions=Path(candidate.uri("predictions")),
                                   data_dir=Path(StepResult.from_dict(data).uri("data")), mlflow_version=version,
-                                  max_length=config.evaluate.max_length, intra_op_threads=config.evaluate.threads)
+                                  max_length=config.evaluate.max_length, intra_op_threads=config.evaluate.threads,
+                                  truncation=config.evaluate.truncation)
     except PromotionFailed as error:
         registry.describe_decision(uri, model_name, version, f"gates passed but run {run_id} could not serve it: {error}")
         failed = StepResult(step="promote", status=StepStatus.FAILED, reason=str(error), info={"candidate": winner})
@@ -217,7 +218,7 @@ def _propose(settings: PipelineSettings, config: PipelineConfig, run_id: str, da
     proposal = approval.propose(config.promote, _promotion_target(settings), Path(candidate.uri("model")),
                                 Path(candidate.uri("predictions")), Path(StepResult.from_dict(data).uri("data")),
                                 version, config.evaluate.max_length, config.evaluate.threads,
-                                datetime.now(timezone.utc))
+                                datetime.now(timezone.utc), truncation=config.evaluate.truncation)
     waiting = proposal.describe(config.promote)
     registry.describe_decision(settings.mlflow_tracking_uri, config.promote.registered_model, version,
                                f"every gate passed in run {run_id}; {waiting}.")

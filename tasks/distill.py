@@ -77,10 +77,10 @@ def run(config: DistillConfig, teacher_dir: Path, data_dir: Path, out_dir: Path,
         student, tokenizer, train["text"].tolist(), loss_fn, total_steps=total_steps,
         batch_size=config.batch_size, learning_rate=config.learning_rate, weight_decay=0.01, warmup_ratio=0.1,
         max_length=config.max_length, seed=config.seed, name="distill", progress_every=progress_every,
-        precision=config.precision,
+        precision=config.precision, truncation=config.truncation,
     )
-    student_accuracy = accuracy(student, tokenizer, validation, config.max_length)
-    teacher_accuracy = accuracy(teacher, tokenizer, validation, config.max_length)
+    student_accuracy = accuracy(student, tokenizer, validation, config.max_length, truncation=config.truncation)
+    teacher_accuracy = accuracy(teacher, tokenizer, validation, config.max_length, truncation=config.truncation)
     with staged_dir(out_dir) as staging:
         student.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

@@ -21,6 +21,7 @@ from tasks.onnx_model import (ENGINE_FILENAME, INPUT_NAMES, MODEL_FILENAME, OUTP
                               compare_logits, model_size_bytes)
 from tasks.results import ModelFormat, StepResult, StepStatus, staged_dir, write_json_atomic
 from tasks.splits import read_split
+from tasks.tokens import encode
 
 log = logging.getLogger(__name__)
 
@@ -203,9 +204,9 @@ def predictor_for(model_dir: Path, threads: int, model_format: ModelFormat | Non
     return predictors_on(device)[model_format_of(model_dir, model_format, device)](model_dir, threads)
 
 
-def tokenize(tokenizer, texts: list[str], max_length: int) -> dict[str, np.ndarray]:
-    batch = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="np",
-                      return_token_type_ids=False)
+def tokenize(tokenizer, texts: list[str], max_length: int, truncation: str = "head") -> dict[str, np.ndarray]:
+    """A model's int64 inputs for ``texts`` (``tasks.tokens.encode``: cut by ``truncation``, padded to the longest)."""
+    batch = encode(tokenizer, texts, max_length, truncation, return_tensors="np")
     return {name: batch[name].astype(np.int64) for name in INPUT_NAMES}
 
 
@@ -222,7 +223,7 @@ def macro_f1(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> f
 def timed_logits(predict: Predictor, tokenizer, texts: list[str], config: EvaluateConfig) -> tuple[np.ndarray, np.ndarray]:
     """Logits of every text sent alone (batch 1, no padding: what a serving client sends) and each call's
     latency in ms (tokenization excluded), after ``config.warmup`` untimed calls."""
-    inputs = [tokenize(tokenizer, [text], config.max_length) for text in texts]
+    inputs = [tokenize(tokenizer, [text], config.max_length, config.truncation) for text in texts]
     for index in range(min(config.warmup, len(inputs))):
         predict(inputs[index])
     logits, timings = [], np.empty(len(inputs))
@@ -269,7 +270,7 @@ def throughput_inputs(tokenizer, texts: list[str], config: EvaluateConfig) -> li
     ``batch_size`` texts, each padded to its longest text."""
     size = config.batch_size
     groups = [texts[start:start + size] for start in range(0, min(len(texts), size * config.throughput_batches), size)]
-    return [tokenize(tokenizer, group, config.max_length) for group in groups]
+    return [tokenize(tokenizer, group, config.max_length, config.truncation) for group in groups]
 
 
 def adversarial_texts(tokenizer, max_length: int) -> list[str]:

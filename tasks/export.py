@@ -14,6 +14,7 @@ from tasks.modeling import block_parts, load_classifier, load_tokenizer
 from tasks.onnx_model import INPUT_NAMES, MODEL_FILENAME, OUTPUT_NAME, compare_logits, model_size_bytes, onnx_logits
 from tasks.results import ModelFormat, StepResult, StepStatus, staged_dir, write_json_atomic
 from tasks.splits import read_split
+from tasks.tokens import encode
 from tasks.training import predict_logits
 
 
@@ -35,8 +36,7 @@ def export_onnx(model: torch.nn.Module, tokenizer, path: Path, opset: int, max_l
     it is the graph shape ONNX Runtime's transformer optimizer fuses attention for.
     """
     model.eval()
-    sample = tokenizer(["an example text to trace"], truncation=True, max_length=max_length, padding=True,
-                       return_tensors="pt", return_token_type_ids=False)
+    sample = encode(tokenizer, ["an example text to trace"], max_length, return_tensors="pt")
     axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES}
     axes[OUTPUT_NAME] = {0: "batch"}
     with torch.inference_mode():
@@ -87,7 +87,8 @@ def optimize_graph(path: Path, shape: tuple[int, int] | None, model_type: str = 
     return {name: int(count) for name, count in optimized.get_fused_operator_statistics().items() if count}
 
 
-def run(config: ExportConfig, model_dir: Path, data_dir: Path, out_dir: Path, max_length: int) -> StepResult:
+def run(config: ExportConfig, model_dir: Path, data_dir: Path, out_dir: Path, max_length: int,
+        truncation: str = "head") -> StepResult:
     """Export ``model_dir`` to ``out_dir/model.onnx`` (+ tokenizer files) and verify it on test texts."""
     tokenizer = load_tokenizer(model_dir)
     model = load_classifier(model_dir)
@@ -97,10 +98,12 @@ def run(config: ExportConfig, model_dir: Path, data_dir: Path, out_dir: Path, ma
         fused = optimize_graph(staging / MODEL_FILENAME, attention_shape(model)) if config.optimize_graph else {}
         tokenizer.save_pretrained(staging)
         model.config.save_pretrained(staging)
-        reference = predict_logits(model, tokenizer, texts, max_length)
-        check = compare_logits(reference, onnx_logits(staging / MODEL_FILENAME, tokenizer, texts, max_length))
+        reference = predict_logits(model, tokenizer, texts, max_length, truncation=truncation)
+        check = compare_logits(reference, onnx_logits(staging / MODEL_FILENAME, tokenizer, texts, max_length,
+                                                     truncation=truncation))
         write_json_atomic(staging / "export_config.json",
-                          asdict(config) | {"max_length": max_length, "check": check, "fused_operators": fused})
+                          asdict(config) | {"max_length": max_length, "truncation": truncation, "check": check,
+                                            "fused_operators": fused})
         if check["max_abs_diff"] > config.max_abs_diff:
             raise ExportError(
                 f"ONNX export differs from PyTorch by {check['max_abs_diff']:.2e} (> {config.max_abs_diff:.0e}) on "
@@ -108,7 +111,8 @@ def run(config: ExportConfig, model_dir: Path, data_dir: Path, out_dir: Path, ma
             )
         write_manifest(staging, format=ModelFormat.ONNX, precision=Precision.FP32, step="export_onnx",
                        created_by=__name__, source=ModelSource(str(model_dir), ModelFormat.PYTORCH),
-                       config=asdict(config) | {"max_length": max_length}, config_file="export_config.json",
+                       config=asdict(config) | {"max_length": max_length, "truncation": truncation},
+                       config_file="export_config.json",
                        details={"opset": str(config.opset), "graph_optimized": str(config.optimize_graph).lower()})
     return StepResult(
         step="export_onnx",

@@ -45,7 +45,8 @@ def run(config: FinetuneConfig, data_dir: Path, out_dir: Path, progress_every: i
     stopping = None
     if config.evaluations_per_epoch:
         epoch_steps = steps_for(len(train), config.batch_size, 1.0)
-        stopping = EarlyStopping(lambda: accuracy(model, tokenizer, validation, config.max_length, config.precision),
+        stopping = EarlyStopping(lambda: accuracy(model, tokenizer, validation, config.max_length, config.precision,
+                                                  config.truncation),
                                  every=max(1, epoch_steps // config.evaluations_per_epoch),
                                  patience=config.early_stopping_patience,
                                  # Never before one epoch and half the planned steps: validation often
@@ -59,10 +60,11 @@ def run(config: FinetuneConfig, data_dir: Path, out_dir: Path, progress_every: i
         weight_decay=config.weight_decay, warmup_ratio=config.warmup_ratio, max_length=config.max_length,
         seed=config.seed, name="fine-tune", progress_every=progress_every, layer_decay=config.layer_lr_decay,
         layer_tiers=config.layer_learning_rates, early_stopping=stopping, precision=config.precision,
+        truncation=config.truncation,
     )
     step, train_seconds = trained.steps, trained.seconds
 
-    val_accuracy = accuracy(model, tokenizer, validation, config.max_length)
+    val_accuracy = accuracy(model, tokenizer, validation, config.max_length, truncation=config.truncation)
     log.info("fine-tune done: %d steps in %.0fs, validation accuracy %.4f", step, train_seconds, val_accuracy)
 
     with staged_dir(out_dir) as staging:

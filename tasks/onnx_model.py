@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.tokens import encode
+
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "logits"
 MODEL_FILENAME = "model.onnx"
@@ -24,8 +26,8 @@ def copy_tokenizer_files(source: Path, target: Path) -> None:
 
 
 def onnx_logits(model_path: Path, tokenizer, texts: list[str], max_length: int, batch_size: int = 32,
-                threads: int = 0) -> np.ndarray:
-    """Logits of an ONNX classifier via ONNX Runtime on CPU."""
+                threads: int = 0, truncation: str = "head") -> np.ndarray:
+    """Logits of an ONNX classifier via ONNX Runtime on CPU (long texts cut by ``truncation``)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -33,8 +35,7 @@ def onnx_logits(model_path: Path, tokenizer, texts: list[str], max_length: int, 
     session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     outputs = []
     for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_length, padding=True,
-                          return_tensors="np", return_token_type_ids=False)
+        batch = encode(tokenizer, texts[start:start + batch_size], max_length, truncation, return_tensors="np")
         feeds = {name: batch[name].astype(np.int64) for name in INPUT_NAMES}
         outputs.append(session.run([OUTPUT_NAME], feeds)[0])
     return np.concatenate(outputs)

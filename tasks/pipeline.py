@@ -256,16 +256,17 @@ def run_stage(settings: PipelineSettings, config: PipelineConfig, run_id: str, s
     if stage.section == "finetune":
         section = replace(section, model=resolve_teacher(section.model, settings))
     result = _run_step(stage, section, models, data_dir, settings.run_dir(run_id) / stage.output,
-                       config.finetune.max_length, settings.triton_tensorrt)
+                       config.finetune.max_length, settings.triton_tensorrt, config.finetune.truncation)
     if result.status is StepStatus.SKIPPED:
         record_skip(settings, run_id, stage.id, result.reason or "")
     return result.to_dict()
 
 
 def _run_step(stage: Stage, section: Any, models: dict[str, Path], data_dir: Path, out_dir: Path,
-              length: int, serving_tensorrt: str | None = None) -> StepResult:
+              length: int, serving_tensorrt: str | None = None, truncation: str = "head") -> StepResult:
     """Call the stage's step with its section of the config (``serving_tensorrt``: the serving Triton's
-    TensorRT, which an engine must be built with)."""
+    TensorRT, which an engine must be built with; ``length`` and ``truncation``: the run's tokens per text
+    and how a longer text is cut, which export and quantization tokenize with)."""
     if stage.step is Step.FINETUNE:
         return finetune_step.run(section, data_dir, out_dir)
     if stage.step is Step.DISTILL:
@@ -275,10 +276,10 @@ def _run_step(stage: Stage, section: Any, models: dict[str, Path], data_dir: Pat
                               data_dir=data_dir, out_dir=out_dir)
     if stage.step is Step.EXPORT:
         return export_step.run(section, model_dir=models[MODEL_INPUT], data_dir=data_dir, out_dir=out_dir,
-                               max_length=length)
+                               max_length=length, truncation=truncation)
     if stage.step is Step.QUANTIZE:
         return quantize_step.run(section, onnx_dir=models[MODEL_INPUT], data_dir=data_dir, out_dir=out_dir,
-                                 max_length=length)
+                                 max_length=length, truncation=truncation)
     if stage.step is Step.COMPILE:  # the engine takes what Triton will send it
         return compile_step.run(compile_step.serving_profile(section, length, DEFAULT_MAX_BATCH_SIZE),
                                 models[MODEL_INPUT], out_dir, serving_tensorrt=serving_tensorrt)

@@ -71,7 +71,7 @@ class PromotionTarget:
 
 
 def run(config: PromoteConfig, target: PromotionTarget, model_dir: Path, predictions: Path, data_dir: Path,
-        mlflow_version: str, max_length: int, intra_op_threads: int = 0) -> StepResult:
+        mlflow_version: str, max_length: int, intra_op_threads: int = 0, truncation: str = "head") -> StepResult:
     """Serve ``model_dir`` as a new version of the ``config.triton_model`` ensemble and move the alias.
     The classifier's Triton platform follows the folder's manifest (``served_format``). The serving
     bundle is logged on the version's run first, so the registry can serve it again later."""
@@ -79,7 +79,8 @@ def run(config: PromoteConfig, target: PromotionTarget, model_dir: Path, predict
     replicas = TritonReplicas.from_spec(target.triton_url)
     replicas.wait_ready(timeout_s=30)
     with tempfile.TemporaryDirectory(prefix="promote-") as scratch:
-        bundle = build_bundle(config, model_dir, predictions, data_dir, max_length, intra_op_threads, Path(scratch))
+        bundle = build_bundle(config, model_dir, predictions, data_dir, max_length, intra_op_threads, Path(scratch),
+                              truncation)
         log_bundle(target.tracking_uri, config.registered_model, mlflow_version, bundle)
         with serving_lock(target.model_repository, config.triton_model):
             previous = repo.ensemble_versions(target.model_repository, config.triton_model)
@@ -106,15 +107,16 @@ def run(config: PromoteConfig, target: PromotionTarget, model_dir: Path, predict
 
 
 def build_bundle(config: PromoteConfig, model_dir: Path, predictions: Path, data_dir: Path, max_length: int,
-                 intra_op_threads: int, scratch: Path) -> ServingBundle:
+                 intra_op_threads: int, scratch: Path, truncation: str = "head") -> ServingBundle:
     """The candidate's serving bundle: its folder, the drift monitoring's embedding table and reference
     (the evaluation outputs and their features), and the first test texts with their evaluation logits
-    for the smoke test."""
+    for the smoke test. ``max_length`` and ``truncation`` are how the evaluation cut a long text: the
+    served tokenizer, the table and the reference cut it the same way."""
     labels = tuple(read_meta(data_dir)["labels"])
-    table = fit_embedding_table(model_dir, data_dir, max_length, scratch / repo.EMBEDDING_TABLE_FILE)
+    table = fit_embedding_table(model_dir, data_dir, max_length, scratch / repo.EMBEDDING_TABLE_FILE, truncation)
     try:
         reference = write_reference(predictions, data_dir, model_dir, list(labels), max_length,
-                                    scratch / REFERENCE_FILE, embedding_table=table)
+                                    scratch / REFERENCE_FILE, embedding_table=table, truncation=truncation)
     except Exception as error:  # noqa: BLE001 - reported as a failed promotion; nothing was changed yet
         raise PromotionFailed(
             f"{config.triton_model}: could not build the drift reference from {predictions.name}: {error}. "
@@ -123,7 +125,7 @@ def build_bundle(config: PromoteConfig, model_dir: Path, predictions: Path, data
     texts = read_split(data_dir, "test")["text"].head(config.smoke_samples).tolist()
     return ServingBundle(model_dir=model_dir, labels=labels, max_length=max_length, reference=reference,
                          smoke_texts=tuple(texts), smoke_logits=read_logits(predictions)[: len(texts)],
-                         embedding_table=table, intra_op_threads=intra_op_threads)
+                         embedding_table=table, intra_op_threads=intra_op_threads, truncation=truncation)
 
 
 def shadow_step(config: PromoteConfig, target: PromotionTarget, replicas: TritonReplicas,
@@ -149,7 +151,8 @@ def serve_bundle(bundle: ServingBundle, config: PromoteConfig, replicas: TritonR
     and a version serves (a shadow; it raises to stop the switch). Returns the Triton version and
     the smoke test's largest logit difference."""
     ensemble = repo.ClassifierEnsemble(config.triton_model, bundle.labels, bundle.max_length,
-                                       intra_op_threads=bundle.intra_op_threads, **gpu_serving(bundle.model_dir))
+                                       truncation=bundle.truncation, intra_op_threads=bundle.intra_op_threads,
+                                       **gpu_serving(bundle.model_dir))
     previous = repo.ensemble_versions(repository, ensemble.name)
     tables = (bundle.embedding_table,) if bundle.embedding_table else ()
     version = repo.write_component_versions(repository, ensemble, bundle.model_dir, served_format(bundle.model_dir),
@@ -311,7 +314,8 @@ EMBEDDING_FIT_TEXTS = 5000
 EMBEDDING_SMOKE_TOLERANCE = 1e-2
 
 
-def fit_embedding_table(model_dir: Path, data_dir: Path, max_length: int, target: Path) -> Path | None:
+def fit_embedding_table(model_dir: Path, data_dir: Path, max_length: int, target: Path,
+                        truncation: str = "head") -> Path | None:
     """Fit the embedding projection table (``monitoring.embedding``) of ``model_dir``'s ONNX model on
     the training split's texts (at most ``EMBEDDING_FIT_TEXTS``) and save it at ``target``.
 
@@ -323,7 +327,8 @@ def fit_embedding_table(model_dir: Path, data_dir: Path, max_length: int, target
 
     try:
         texts = read_split(data_dir, "train")["text"].head(EMBEDDING_FIT_TEXTS).tolist()
-        table = emb.fit_table_for(model_dir / "model.onnx", model_dir / "tokenizer.json", texts, max_length)
+        table = emb.fit_table_for(model_dir / "model.onnx", model_dir / "tokenizer.json", texts, max_length,
+                                  truncation)
     except Exception as error:  # noqa: BLE001 - never fail a promotion for the optional embeddings
         log.warning("%s: no embedding table, so no embedding drift for this version: %s", model_dir, error)
         return None
@@ -332,7 +337,7 @@ def fit_embedding_table(model_dir: Path, data_dir: Path, max_length: int, target
 
 
 def write_reference(predictions: Path, data_dir: Path, model_dir: Path, labels: list[str], max_length: int,
-                    target: Path, embedding_table: Path | None = None) -> Path:
+                    target: Path, embedding_table: Path | None = None, truncation: str = "head") -> Path:
     """The evaluation's per-text outputs (label, prediction, logits) plus the monitoring features
     (confidence, predicted label, text length, token and unknown-token share) of the same test texts,
     and their embeddings through ``embedding_table`` (a saved table, ``fit_embedding_table``) if given."""
@@ -344,7 +349,7 @@ def write_reference(predictions: Path, data_dir: Path, model_dir: Path, labels: 
     texts = read_split(data_dir, "test")["text"].tolist()
     table = np.load(embedding_table) if embedding_table is not None else None
     features = reference_features(read_logits(predictions), texts, labels, model_dir / "tokenizer.json", max_length,
-                                  embedding_table=table)
+                                  embedding_table=table, truncation=truncation)
     pd.concat([frame.reset_index(drop=True), features], axis=1).to_parquet(target, index=False)
     return target
 

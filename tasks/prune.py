@@ -22,6 +22,7 @@ from tasks.modeling import (PLAN_FILENAME, LayerParts, PruningPlan, apply_plan, 
                             unsupported_family)
 from tasks.results import ModelFormat, StepResult, StepStatus, staged_dir, write_json_atomic
 from tasks.splits import read_split
+from tasks.tokens import encode
 from tasks.training import accuracy, batches, distillation_loss, seed_everything, steps_for
 from tasks.training import train as train_loop
 
@@ -157,8 +158,8 @@ def distillation_loss_on(model: torch.nn.Module, teacher: torch.nn.Module, token
     """``loss_on(index)``: the distillation loss of ``model`` against ``teacher`` on the texts at ``index``."""
 
     def loss_on(index: list[int]) -> torch.Tensor:
-        batch = tokenizer([texts[i] for i in index], truncation=True, max_length=config.max_length, padding=True,
-                          return_tensors="pt", return_token_type_ids=False)
+        batch = encode(tokenizer, [texts[i] for i in index], config.max_length, config.truncation,
+                       return_tensors="pt")
         with torch.no_grad():
             teacher_logits = teacher(**batch).logits
         return distillation_loss(model(**batch).logits, teacher_logits, targets[index], config.temperature,
@@ -193,7 +194,7 @@ def recover(model: torch.nn.Module, tokenizer, texts: list[str], loss_on: Callab
         model, tokenizer, texts, lambda batch, index: loss_on(index), total_steps=total_steps,
         batch_size=config.batch_size, learning_rate=config.learning_rate, weight_decay=0.01, warmup_ratio=0.1,
         max_length=config.max_length, seed=config.seed, name="prune-recovery", progress_every=progress_every,
-        after_step=pruner, precision=config.precision,
+        after_step=pruner, precision=config.precision, truncation=config.truncation,
     )
     return trained.seconds
 
@@ -237,19 +238,19 @@ def run(config: PruneConfig, student_dir: Path, teacher_dir: Path, data_dir: Pat
     model = load_classifier(student_dir, attention="sdpa")
     heads_before, neurons_before = count_structure(model)
     parameters_before = parameter_count(model)
-    accuracy_before = accuracy(model, tokenizer, validation, config.max_length)
+    accuracy_before = accuracy(model, tokenizer, validation, config.max_length, truncation=config.truncation)
     loss_on = distillation_loss_on(model, teacher, tokenizer, texts, targets, config)
 
     plan = prune_structure(model, loss_on, len(texts), config)
     heads_after, neurons_after = count_structure(model)
-    accuracy_pruned = accuracy(model, tokenizer, validation, config.max_length)
+    accuracy_pruned = accuracy(model, tokenizer, validation, config.max_length, truncation=config.truncation)
     log.info("structured pruning kept %d/%d heads and %d/%d neurons; validation accuracy %.4f -> %.4f",
              heads_after, heads_before, neurons_after, neurons_before, accuracy_before, accuracy_pruned)
 
     seconds = recover(model, tokenizer, texts, loss_on, config, progress_every)
     achieved = sparsity(prunable_weights(model))
-    accuracy_after = accuracy(model, tokenizer, validation, config.max_length)
-    teacher_accuracy = accuracy(teacher, tokenizer, validation, config.max_length)
+    accuracy_after = accuracy(model, tokenizer, validation, config.max_length, truncation=config.truncation)
+    teacher_accuracy = accuracy(teacher, tokenizer, validation, config.max_length, truncation=config.truncation)
     _save(model, tokenizer, plan, config, student_dir, teacher_dir, out_dir)
     return StepResult(
         step="prune",

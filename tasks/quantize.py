@@ -17,6 +17,7 @@ from tasks.onnx_model import (INPUT_NAMES, MODEL_FILENAME, TORCH_INT8_FILENAME, 
                               model_size_bytes, onnx_logits)
 from tasks.results import ModelFormat, StepResult, StepStatus, staged_dir, write_json_atomic
 from tasks.splits import read_split
+from tasks.tokens import encode
 
 log = logging.getLogger(__name__)
 
@@ -203,11 +204,11 @@ class TextCalibrationReader:
     """ONNX Runtime calibration data: one tokenized text per call, padded to ``max_length`` (the
     histogram calibrators need every call to have the same shape)."""
 
-    def __init__(self, tokenizer, texts: list[str], max_length: int) -> None:
+    def __init__(self, tokenizer, texts: list[str], max_length: int, truncation: str = "head") -> None:
         self._feeds = iter([
             {name: encoded[name].astype(np.int64) for name in INPUT_NAMES}
-            for encoded in (tokenizer([text], truncation=True, max_length=max_length, padding="max_length",
-                                      return_tensors="np", return_token_type_ids=False) for text in texts)
+            for encoded in (encode(tokenizer, [text], max_length, truncation, padding="max_length", return_tensors="np")
+                            for text in texts)
         ])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -215,7 +216,7 @@ class TextCalibrationReader:
 
 
 def quantize_static_int8(source: Path, target: Path, config: QuantizeConfig, tokenizer, texts: list[str],
-                         max_length: int) -> list[str]:
+                         max_length: int, truncation: str = "head") -> list[str]:
     """Write a QDQ static INT8 copy of ``source`` calibrated on ``texts``; returns the nodes kept in FP32."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -227,7 +228,7 @@ def quantize_static_int8(source: Path, target: Path, config: QuantizeConfig, tok
         quantize_static(
             model_input=str(source),
             model_output=str(target),
-            calibration_data_reader=TextCalibrationReader(tokenizer, texts, max_length),
+            calibration_data_reader=TextCalibrationReader(tokenizer, texts, max_length, truncation),
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=["MatMul", "Gemm"],
             per_channel=config.per_channel,
@@ -296,7 +297,7 @@ def quantize_torch_dynamic(model_dir: Path, out_dir: Path) -> StepResult:
 
 
 def run(config: QuantizeConfig, onnx_dir: Path, data_dir: Path, out_dir: Path, max_length: int,
-        check_samples: int = 64) -> StepResult:
+        check_samples: int = 64, truncation: str = "head") -> StepResult:
     """Quantize ``onnx_dir/model.onnx`` into ``out_dir`` and report its agreement with the FP32 model."""
     mode = QuantizeMode(config.mode)
     texts = read_split(data_dir, "test")["text"].head(check_samples).tolist()
@@ -309,7 +310,7 @@ def run(config: QuantizeConfig, onnx_dir: Path, data_dir: Path, out_dir: Path, m
         elif mode is QuantizeMode.STATIC_INT8:
             calibration = read_split(data_dir, "train")["text"].head(config.calibration_samples).tolist()
             log.info("calibrating static INT8 on %d training texts (%s)", len(calibration), config.calibration_method)
-            kept = quantize_static_int8(source, target, config, tokenizer, calibration, max_length)
+            kept = quantize_static_int8(source, target, config, tokenizer, calibration, max_length, truncation)
             info["fp32_nodes"] = ",".join(kept)
         else:
             convert_fp16(source, target)
@@ -317,12 +318,13 @@ def run(config: QuantizeConfig, onnx_dir: Path, data_dir: Path, out_dir: Path, m
         write_json_atomic(staging / "quantize_config.json", asdict(config) | {"fp32_nodes": info.get("fp32_nodes", "")})
         write_manifest(staging, format=ModelFormat.ONNX, precision=MODE_PRECISION[mode], step=f"quantize_{mode.value}",
                        created_by=__name__, source=ModelSource(str(onnx_dir), ModelFormat.ONNX),
-                       config=asdict(config) | {"max_length": max_length}, config_file="quantize_config.json",
+                       config=asdict(config) | {"max_length": max_length, "truncation": truncation},
+                       config_file="quantize_config.json",
                        details={"quantization": mode.value})
         # One text per call, as served: dynamic INT8 scales depend on the whole input tensor.
         check = compare_logits(
-            onnx_logits(source, tokenizer, texts, max_length, batch_size=1),
-            onnx_logits(target, tokenizer, texts, max_length, batch_size=1),
+            onnx_logits(source, tokenizer, texts, max_length, batch_size=1, truncation=truncation),
+            onnx_logits(target, tokenizer, texts, max_length, batch_size=1, truncation=truncation),
         )
     log.info("%s: max |logit diff| %.4f, label agreement %.4f vs FP32", mode.value, check["max_abs_diff"],
              check["label_agreement"])

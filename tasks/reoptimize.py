@@ -112,6 +112,8 @@ def aggressive_overrides(champion_params: dict[str, str], teacher_layers: int, t
     length = shorter_max_length(int(float(champion_params.get("finetune.max_length", 128))), token_p99)
     if length is not None:
         overrides["finetune"] = {"max_length": length}
+    if "finetune.truncation" in champion_params:  # the reused teacher was fine-tuned on the tokens it keeps
+        overrides.setdefault("finetune", {})["truncation"] = champion_params["finetune.truncation"]
     return overrides
 
 

@@ -2,7 +2,7 @@
 
 A promotion logs the winner's serving bundle on the version's run (artifact folder ``serving``):
 the model folder as served (model file, tokenizer, manifest), ``serving.json`` (labels, maximum
-length, ONNX Runtime threads), the drift reference, the embedding table and the smoke texts with
+length and truncation, ONNX Runtime threads), the drift reference, the embedding table and the smoke texts with
 the logits the evaluation gave them. With it, any process that can read the registry can serve the
 version again through the same safe switch: the reconcile loop after someone moved the alias in the
 MLflow UI, or after the model repository was lost (``tasks.reconcile``).
@@ -20,6 +20,7 @@ import numpy as np
 
 from monitoring.features import REFERENCE_FILE
 from serving import model_repository as repo
+from serving.truncation import DEFAULT_TRUNCATION
 from tasks.errors import PromotionFailed
 
 BUNDLE_ARTIFACT = "serving"
@@ -40,6 +41,7 @@ class ServingBundle:
     smoke_logits: np.ndarray  # (texts, labels): the evaluation's outputs for smoke_texts, one text at a time
     embedding_table: Path | None = None
     intra_op_threads: int = 0
+    truncation: str = DEFAULT_TRUNCATION  # how the version was trained to cut a long text (serving.truncation)
 
     def __post_init__(self) -> None:
         if len(self.smoke_texts) != len(self.smoke_logits):
@@ -54,7 +56,7 @@ def write_bundle(bundle: ServingBundle, folder: Path) -> Path:
     if bundle.embedding_table is not None:
         shutil.copy2(bundle.embedding_table, folder / repo.EMBEDDING_TABLE_FILE)
     (folder / SERVING_FILE).write_text(json.dumps(
-        {"labels": list(bundle.labels), "max_length": bundle.max_length,
+        {"labels": list(bundle.labels), "max_length": bundle.max_length, "truncation": bundle.truncation,
          "intra_op_threads": bundle.intra_op_threads}, indent=2))
     (folder / SMOKE_FILE).write_text(json.dumps(
         {"texts": list(bundle.smoke_texts), "logits": np.asarray(bundle.smoke_logits, dtype=float).tolist()}))
@@ -74,6 +76,8 @@ def read_bundle(folder: Path) -> ServingBundle:
         reference=folder / REFERENCE_FILE, smoke_texts=tuple(smoke["texts"]),
         smoke_logits=np.asarray(smoke["logits"], dtype=np.float32).reshape(len(smoke["texts"]), -1),
         embedding_table=table if table.exists() else None, intra_op_threads=int(serving.get("intra_op_threads", 0)),
+        # A bundle logged before head_tail existed was served with head truncation.
+        truncation=serving.get("truncation", DEFAULT_TRUNCATION),
     )
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from transformers import get_linear_schedule_with_warmup
 
 from tasks.config import PRECISIONS
+from tasks.tokens import encode
 
 log = logging.getLogger(__name__)
 
@@ -100,23 +101,23 @@ def autocast(precision: str):
 
 
 def predict_logits(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 32,
-                   precision: str = "fp32") -> np.ndarray:
-    """Logits of a PyTorch classifier for ``texts`` (eval mode, no grad), float32 whatever ``precision``."""
+                   precision: str = "fp32", truncation: str = "head") -> np.ndarray:
+    """Logits of a PyTorch classifier for ``texts`` (eval mode, no grad), float32 whatever ``precision``;
+    long texts cut by ``truncation`` (``tasks.tokens.encode``)."""
     model.eval()
     outputs = []
     with torch.inference_mode(), autocast(precision):
         for start in range(0, len(texts), batch_size):
-            batch = tokenizer(
-                texts[start:start + batch_size], truncation=True, max_length=max_length, padding=True,
-                return_tensors="pt", return_token_type_ids=False,
-            )
+            batch = encode(tokenizer, texts[start:start + batch_size], max_length, truncation, return_tensors="pt")
             outputs.append(model(**batch).logits.float().numpy())
     return np.concatenate(outputs) if outputs else np.zeros((0, model.config.num_labels), dtype=np.float32)
 
 
-def accuracy(model, tokenizer, split: pd.DataFrame, max_length: int, precision: str = "fp32") -> float:
+def accuracy(model, tokenizer, split: pd.DataFrame, max_length: int, precision: str = "fp32",
+             truncation: str = "head") -> float:
     """Share of ``split``'s texts whose predicted class equals the label."""
-    logits = predict_logits(model, tokenizer, split["text"].tolist(), max_length, precision=precision)
+    logits = predict_logits(model, tokenizer, split["text"].tolist(), max_length, precision=precision,
+                            truncation=truncation)
     return float((logits.argmax(axis=1) == split["label"].to_numpy()).mean())
 
 
@@ -205,10 +206,12 @@ def train(model: torch.nn.Module, tokenizer, texts: list[str], loss_fn: LossFn, 
           batch_size: int, learning_rate: float, weight_decay: float, warmup_ratio: float, max_length: int,
           seed: int, name: str, progress_every: int = 10, layer_decay: float = 1.0,
           layer_tiers: tuple[float, ...] = (), early_stopping: EarlyStopping | None = None,
-          after_step: Callable[[int], None] | None = None, precision: str = "fp32") -> TrainingRun:
+          after_step: Callable[[int], None] | None = None, precision: str = "fp32",
+          truncation: str = "head") -> TrainingRun:
     """Train ``model`` for up to ``total_steps`` batches of ``texts``; ``loss_fn(batch, indices)`` gives the loss.
 
     ``precision``: the forward pass and loss run under ``autocast(precision)`` (module docstring).
+    ``truncation``: how a long text is cut to ``max_length`` tokens (``tasks.tokens.encode``).
 
     ``after_step(step)`` runs after every optimiser step (gradual pruning uses it to re-apply masks).
     With ``early_stopping`` the best-scoring weights are restored at the end.
@@ -221,8 +224,7 @@ def train(model: torch.nn.Module, tokenizer, texts: list[str], loss_fn: LossFn, 
     started, losses, step, scores, best, stopped = time.monotonic(), [], 0, [], _Best(), False
     log.info("%s: %d steps in %s precision", name, total_steps, resolve_precision(precision))
     for step, index in enumerate(batches(len(texts), batch_size, total_steps, generator), start=1):
-        batch = tokenizer([texts[i] for i in index], truncation=True, max_length=max_length, padding=True,
-                          return_tensors="pt", return_token_type_ids=False)
+        batch = encode(tokenizer, [texts[i] for i in index], max_length, truncation, return_tensors="pt")
         with autocast(precision):
             loss = loss_fn(batch, index)
         loss.float().backward()

@@ -87,3 +87,13 @@ def test_the_page_lists_every_candidate_with_the_gates_verdicts():
         in page
     assert "| teacher_pytorch | - | 0.8000 | 100.0% | 25.00 | 1.0x | 90.0 | not gated (reference) |" in page
     assert "| candidate |" not in full.markdown(_report(0.885, 0.99, 4.0), full_profile=False)  # older reports
+
+
+def test_the_page_names_the_runs_truncation():
+    from opsctl.demo import PROFILES
+
+    assert full.truncation_of(PROFILES["full"]) == "head_tail"
+    assert full.truncation_of({"max_train": 4000}) == "head"  # the config's default
+    report = _report(0.885, 0.99, 12.0) | {"truncation": "head_tail"}
+    assert "256 tokens per text (head_tail truncation)" in full.markdown(report, full_profile=True)
+    assert "256 tokens per text (head truncation)" in full.markdown(_report(0.885, 0.99, 12.0), full_profile=False)

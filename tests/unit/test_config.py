@@ -37,6 +37,8 @@ def test_round_trip_through_plain_data():
         ({"distill": False, "overrides": {"prune": {"enabled": True}}}, "prune needs distill"),
         ({"train_precision": "fp16"}, "finetune.precision must be one of"),
         ({"overrides": {"prune": {"precision": "half"}}}, "prune.precision must be one of"),
+        ({"truncation": "tail"}, "finetune.truncation must be one of"),
+        ({"overrides": {"evaluate": {"truncation": "middle"}}}, "evaluate.truncation must be one of"),
     ],
 )
 def test_invalid_params_name_the_field(params, message):
@@ -184,3 +186,18 @@ def test_training_precision_is_one_param_that_every_training_step_follows():
     config = config_from_params({"train_precision": "bf16", "overrides": {"prune": {"precision": "fp32"}}})
     assert (config.finetune.precision, config.distill.precision, config.sparsify.precision) == ("bf16",) * 3
     assert config.prune.precision == "fp32"
+
+
+def test_truncation_is_one_param_that_every_step_tokenizing_for_a_model_follows():
+    from tasks.params import form
+
+    assert form()["truncation"]["enum"] == ["head", "head_tail"]
+    assert form()["truncation"]["default"] == "head"
+    config = config_from_params({"truncation": "head_tail", "overrides": {"sparsify": {"truncation": "head"}}})
+    followers = (config.finetune, config.distill, config.prune, config.evaluate)
+    assert [section.truncation for section in followers] == ["head_tail"] * 4
+    assert config.sparsify.truncation == "head"
+    assert config_from_params({}).evaluate.truncation == "head"
+    from tasks.config import preset
+
+    assert preset("full").evaluate.truncation == "head_tail"

@@ -128,3 +128,14 @@ def test_a_serving_breach_soon_after_a_switch_rolls_back_and_nothing_else_does()
     assert rollback_after_switch(latency, "5", now - 60, "4", 0.0, now) is None
     drift = Trigger(TriggerKind.DRIFT, "drift", {})
     assert rollback_after_switch(drift, "5", now - 60, "4", 60.0, now) is None
+
+
+def test_a_reoptimization_keeps_the_truncation_its_reused_teacher_was_fine_tuned_with():
+    from tasks.pipeline import config_from_params
+
+    budget = reoptimize.LatencyBudget(100.0, 150.0, 120.0)
+    champion = {"finetune.max_length": "128", "finetune.truncation": "head_tail"}
+    overrides = reoptimize.aggressive_overrides(champion, teacher_layers=6, token_p99=None, budget=budget)
+    assert overrides["finetune"] == {"truncation": "head_tail"}
+    config = config_from_params({"overrides": overrides})
+    assert config.distill.truncation == config.prune.truncation == config.evaluate.truncation == "head_tail"
