@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import types
 from pathlib import Path
 
 import numpy as np
@@ -16,37 +15,12 @@ import pytest
 from monitoring import embedding as emb
 from serving import model_repository as repo
 from serving import prediction_log as plog
-from tests.python_backend import loaded_with_stub
-
-TOKENIZER_MODEL = Path(__file__).resolve().parents[2] / "serving" / "triton_models" / "tokenizer" / "model.py"
-
-
-class _Tensor:
-    def __init__(self, name: str, array: np.ndarray) -> None:
-        self.name, self.array = name, array
-
-    def as_numpy(self) -> np.ndarray:
-        return self.array
-
-
-class _Response:
-    def __init__(self, output_tensors=None, error=None) -> None:
-        self.outputs = {tensor.name: tensor.array for tensor in output_tensors or []}
-        self.error = error
-
-
-class _ModelException(Exception):
-    pass
+from tests.python_backend import StubModelException, loaded_tokenizer_model
 
 
 @pytest.fixture(scope="module")
 def tokenizer_model():
-    """serving/triton_models/tokenizer/model.py with a stand-in for ``triton_python_backend_utils``."""
-    stub = types.ModuleType("triton_python_backend_utils")
-    stub.Tensor, stub.InferenceResponse, stub.TritonModelException = _Tensor, _Response, _ModelException
-    stub.TritonError = str
-    stub.get_input_tensor_by_name = lambda request, name: _Tensor(name, request[name])
-    with loaded_with_stub(TOKENIZER_MODEL, "tokenizer_model", stub) as module:
+    with loaded_tokenizer_model("tokenizer_model") as module:
         yield module
 
 
@@ -122,7 +96,7 @@ def test_loaded_with_a_config_without_the_output_it_returns_none(tokenizer_model
 
 def test_a_table_of_the_wrong_shape_is_refused_with_the_reason(tokenizer_model, tiny_model, tmp_path):
     folder = _version_folder(tmp_path, tiny_model, np.zeros((7, repo.EMBEDDING_DIMS), dtype=np.float32))
-    with pytest.raises(_ModelException, match="promote the model again"):
+    with pytest.raises(StubModelException, match="promote the model again"):
         _loaded(tokenizer_model, folder)
 
 

@@ -6,7 +6,6 @@ counts the tokens the served model reads."""
 from __future__ import annotations
 
 import json
-import types
 from pathlib import Path
 
 import numpy as np
@@ -21,33 +20,14 @@ from tasks import modeling
 from tasks.modeling import load_tokenizer
 from tasks.serving_bundle import SERVING_FILE, ServingBundle, read_bundle, write_bundle
 from tasks.tokens import encode
-from tests.python_backend import loaded_with_stub
+from tests.python_backend import loaded_tokenizer_model
 
-TOKENIZER_MODEL = Path(__file__).resolve().parents[2] / "serving" / "triton_models" / "tokenizer" / "model.py"
 MAX_LENGTH = 24
-
-
-class _Tensor:
-    def __init__(self, name: str, array: np.ndarray) -> None:
-        self.name, self.array = name, array
-
-    def as_numpy(self) -> np.ndarray:
-        return self.array
-
-
-class _Response:
-    def __init__(self, output_tensors=None, error=None) -> None:
-        self.outputs = {tensor.name: tensor.array for tensor in output_tensors or []}
-        self.error = error
 
 
 @pytest.fixture(scope="module")
 def tokenizer_model():
-    stub = types.ModuleType("triton_python_backend_utils")
-    stub.Tensor, stub.InferenceResponse, stub.TritonModelException = _Tensor, _Response, RuntimeError
-    stub.TritonError = str
-    stub.get_input_tensor_by_name = lambda request, name: _Tensor(name, request[name])
-    with loaded_with_stub(TOKENIZER_MODEL, "tokenizer_model_truncation", stub) as module:
+    with loaded_tokenizer_model("tokenizer_model_truncation") as module:
         yield module
 
 
