@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from monitoring import embedding as emb
+from serving.truncation import DEFAULT_TRUNCATION
 
 # Written beside each served Triton version at promotion; read by every monitoring window.
 REFERENCE_FILE = "reference_predictions.parquet"
@@ -56,7 +57,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def reference_features(logits: np.ndarray, texts: list[str], labels: list[str], tokenizer_file: Path,
                        max_length: int, embedding_table: np.ndarray | None = None,
-                       truncation: str = "head") -> pd.DataFrame:
+                       truncation: str = DEFAULT_TRUNCATION) -> pd.DataFrame:
     """Features of the champion's evaluation outputs on its test texts (one text per row, in order),
     with their embeddings through ``embedding_table`` (rounded through float16, as logged) if given.
     Token counts, unknown tokens and embeddings are of the tokens the served tokenizer keeps

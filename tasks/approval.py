@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from serving.truncation import DEFAULT_TRUNCATION
 from tasks import model_aliases
 from tasks.config import PromoteConfig
 from tasks.promote import PromotionTarget, build_bundle
@@ -50,7 +51,7 @@ class Proposal:
 
 def propose(config: PromoteConfig, target: PromotionTarget, model_dir: Path, predictions: Path, data_dir: Path,
             version: str, max_length: int, intra_op_threads: int, now: datetime,
-            truncation: str = "head") -> Proposal:
+            truncation: str = DEFAULT_TRUNCATION) -> Proposal:
     """Make ``version`` the challenger: its serving bundle in the registry, the alias and the tags."""
     with tempfile.TemporaryDirectory(prefix="propose-") as scratch:
         bundle = build_bundle(config, model_dir, predictions, data_dir, max_length, intra_op_threads, Path(scratch),

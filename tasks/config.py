@@ -13,7 +13,7 @@ from typing import Any
 
 from monitoring.policy import SLO_P95_MS  # standard library only, like this module and the one below
 from serving.model_repository import DEFAULT_MODEL
-from serving.truncation import TRUNCATIONS
+from serving.truncation import DEFAULT_TRUNCATION, TRUNCATIONS
 from tasks.errors import ConfigError
 from tasks.teacher_source import EXAMPLES as TEACHER_EXAMPLES
 from tasks.teacher_source import FORMS as TEACHER_FORMS
@@ -166,9 +166,9 @@ class FinetuneConfig:
     max_length: int = field(default=128, metadata=param("max_length", "tokens per text", minimum=8, maximum=4096))
     precision: str = field(default="fp32", metadata=param(
         "train_precision", "training arithmetic for fine-tuning, distillation and pruning recovery: fp32, bf16 "
-                           "(bfloat16 autocast, float32 weights: about 1.3x faster training steps on CPUs with AMX) or auto (bf16 "
-                           "where the CPU computes bfloat16 natively)", enum=list(PRECISIONS)))
-    truncation: str = field(default="head", metadata=param(
+                           "(bfloat16 autocast, float32 weights: about 1.3x faster training steps on CPUs with AMX) "
+                           "or auto (bf16 where the CPU computes bfloat16 natively)", enum=list(PRECISIONS)))
+    truncation: str = field(default=DEFAULT_TRUNCATION, metadata=param(
         "truncation", "which tokens of a text longer than max_length the models read, in training, evaluation and "
                       "serving alike: head (the first ones) or head_tail (the first quarter and the last three "
                       "quarters of the budget: a review's verdict is often at its end; Sun et al. 2019)",
@@ -224,7 +224,7 @@ class DistillConfig:
     learning_rate: float = 1e-4
     max_length: int = 128
     precision: str = "fp32"
-    truncation: str = "head"
+    truncation: str = DEFAULT_TRUNCATION
     seed: int = 13
     enabled: bool = field(default=True, metadata=param(
         "distill", "distill the teacher into a student with fewer layers (candidates student_onnx_fp32 and "
@@ -274,7 +274,7 @@ class PruneConfig:
     learning_rate: float = 1e-4
     max_length: int = 128
     precision: str = "fp32"
-    truncation: str = "head"
+    truncation: str = DEFAULT_TRUNCATION
     seed: int = 13
     enabled: bool = field(default=True, metadata=param(
         "prune", "prune the distilled student's least important heads and FFN neurons, then recover it by "
@@ -516,7 +516,7 @@ class EvaluateConfig:
 
     warmup: int = 10
     max_length: int = 128
-    truncation: str = "head"
+    truncation: str = DEFAULT_TRUNCATION
     threads: int = 0
     batch_size: int = 32
     throughput_batches: int = 4

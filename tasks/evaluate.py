@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from serving.truncation import DEFAULT_TRUNCATION
 from tasks.config import EvaluateConfig
 from tasks.errors import PipelineError
 from tasks.manifest import ArtifactManifest, read_manifest
@@ -204,7 +205,8 @@ def predictor_for(model_dir: Path, threads: int, model_format: ModelFormat | Non
     return predictors_on(device)[model_format_of(model_dir, model_format, device)](model_dir, threads)
 
 
-def tokenize(tokenizer, texts: list[str], max_length: int, truncation: str = "head") -> dict[str, np.ndarray]:
+def tokenize(tokenizer, texts: list[str], max_length: int,
+             truncation: str = DEFAULT_TRUNCATION) -> dict[str, np.ndarray]:
     """A model's int64 inputs for ``texts`` (``tasks.tokens.encode``: cut by ``truncation``, padded to the longest)."""
     batch = encode(tokenizer, texts, max_length, truncation, return_tensors="np")
     return {name: batch[name].astype(np.int64) for name in INPUT_NAMES}

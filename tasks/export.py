@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from serving.truncation import DEFAULT_TRUNCATION
 from tasks.config import ExportConfig
 from tasks.errors import ConfigError, ExportError
 from tasks.manifest import ModelSource, Precision, write_manifest
@@ -88,7 +89,7 @@ def optimize_graph(path: Path, shape: tuple[int, int] | None, model_type: str = 
 
 
 def run(config: ExportConfig, model_dir: Path, data_dir: Path, out_dir: Path, max_length: int,
-        truncation: str = "head") -> StepResult:
+        truncation: str = DEFAULT_TRUNCATION) -> StepResult:
     """Export ``model_dir`` to ``out_dir/model.onnx`` (+ tokenizer files) and verify it on test texts."""
     tokenizer = load_tokenizer(model_dir)
     model = load_classifier(model_dir)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.truncation import DEFAULT_TRUNCATION
 from tasks.tokens import encode
 
 INPUT_NAMES = ("input_ids", "attention_mask")
@@ -26,7 +27,7 @@ def copy_tokenizer_files(source: Path, target: Path) -> None:
 
 
 def onnx_logits(model_path: Path, tokenizer, texts: list[str], max_length: int, batch_size: int = 32,
-                threads: int = 0, truncation: str = "head") -> np.ndarray:
+                threads: int = 0, truncation: str = DEFAULT_TRUNCATION) -> np.ndarray:
     """Logits of an ONNX classifier via ONNX Runtime on CPU (long texts cut by ``truncation``)."""
     import onnxruntime as ort
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.model_repository import DEFAULT_MAX_BATCH_SIZE
+from serving.truncation import DEFAULT_TRUNCATION
 from tasks import compile as compile_step
 from tasks import data as data_step
 from tasks import distill as distill_step
@@ -263,7 +264,7 @@ def run_stage(settings: PipelineSettings, config: PipelineConfig, run_id: str, s
 
 
 def _run_step(stage: Stage, section: Any, models: dict[str, Path], data_dir: Path, out_dir: Path,
-              length: int, serving_tensorrt: str | None = None, truncation: str = "head") -> StepResult:
+              length: int, serving_tensorrt: str | None = None, truncation: str = DEFAULT_TRUNCATION) -> StepResult:
     """Call the stage's step with its section of the config (``serving_tensorrt``: the serving Triton's
     TensorRT, which an engine must be built with; ``length`` and ``truncation``: the run's tokens per text
     and how a longer text is cut, which export and quantization tokenize with)."""

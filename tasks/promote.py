@@ -37,6 +37,7 @@ import numpy as np
 from monitoring.features import REFERENCE_FILE
 from serving import model_repository as repo
 from serving.triton_client import TritonClient, TritonReplicas, TritonUnavailable, load_and_wait, replica_urls
+from serving.truncation import DEFAULT_TRUNCATION
 from tasks import model_aliases
 from tasks.champion import ChampionScore
 from tasks.config import PromoteConfig
@@ -71,7 +72,8 @@ class PromotionTarget:
 
 
 def run(config: PromoteConfig, target: PromotionTarget, model_dir: Path, predictions: Path, data_dir: Path,
-        mlflow_version: str, max_length: int, intra_op_threads: int = 0, truncation: str = "head") -> StepResult:
+        mlflow_version: str, max_length: int, intra_op_threads: int = 0,
+        truncation: str = DEFAULT_TRUNCATION) -> StepResult:
     """Serve ``model_dir`` as a new version of the ``config.triton_model`` ensemble and move the alias.
     The classifier's Triton platform follows the folder's manifest (``served_format``). The serving
     bundle is logged on the version's run first, so the registry can serve it again later."""
@@ -107,7 +109,7 @@ def run(config: PromoteConfig, target: PromotionTarget, model_dir: Path, predict
 
 
 def build_bundle(config: PromoteConfig, model_dir: Path, predictions: Path, data_dir: Path, max_length: int,
-                 intra_op_threads: int, scratch: Path, truncation: str = "head") -> ServingBundle:
+                 intra_op_threads: int, scratch: Path, truncation: str = DEFAULT_TRUNCATION) -> ServingBundle:
     """The candidate's serving bundle: its folder, the drift monitoring's embedding table and reference
     (the evaluation outputs and their features), and the first test texts with their evaluation logits
     for the smoke test. ``max_length`` and ``truncation`` are how the evaluation cut a long text: the
@@ -315,7 +317,7 @@ EMBEDDING_SMOKE_TOLERANCE = 1e-2
 
 
 def fit_embedding_table(model_dir: Path, data_dir: Path, max_length: int, target: Path,
-                        truncation: str = "head") -> Path | None:
+                        truncation: str = DEFAULT_TRUNCATION) -> Path | None:
     """Fit the embedding projection table (``monitoring.embedding``) of ``model_dir``'s ONNX model on
     the training split's texts (at most ``EMBEDDING_FIT_TEXTS``) and save it at ``target``.
 
@@ -337,7 +339,7 @@ def fit_embedding_table(model_dir: Path, data_dir: Path, max_length: int, target
 
 
 def write_reference(predictions: Path, data_dir: Path, model_dir: Path, labels: list[str], max_length: int,
-                    target: Path, embedding_table: Path | None = None, truncation: str = "head") -> Path:
+                    target: Path, embedding_table: Path | None = None, truncation: str = DEFAULT_TRUNCATION) -> Path:
     """The evaluation's per-text outputs (label, prediction, logits) plus the monitoring features
     (confidence, predicted label, text length, token and unknown-token share) of the same test texts,
     and their embeddings through ``embedding_table`` (a saved table, ``fit_embedding_table``) if given."""

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.truncation import DEFAULT_TRUNCATION
 from tasks.config import ActivationScales, QuantizeConfig, QuantizeMode
 from tasks.manifest import ModelSource, Precision, write_manifest
 from tasks.modeling import load_classifier, load_tokenizer
@@ -204,7 +205,7 @@ class TextCalibrationReader:
     """ONNX Runtime calibration data: one tokenized text per call, padded to ``max_length`` (the
     histogram calibrators need every call to have the same shape)."""
 
-    def __init__(self, tokenizer, texts: list[str], max_length: int, truncation: str = "head") -> None:
+    def __init__(self, tokenizer, texts: list[str], max_length: int, truncation: str = DEFAULT_TRUNCATION) -> None:
         self._feeds = iter([
             {name: encoded[name].astype(np.int64) for name in INPUT_NAMES}
             for encoded in (encode(tokenizer, [text], max_length, truncation, padding="max_length", return_tensors="np")
@@ -216,7 +217,7 @@ class TextCalibrationReader:
 
 
 def quantize_static_int8(source: Path, target: Path, config: QuantizeConfig, tokenizer, texts: list[str],
-                         max_length: int, truncation: str = "head") -> list[str]:
+                         max_length: int, truncation: str = DEFAULT_TRUNCATION) -> list[str]:
     """Write a QDQ static INT8 copy of ``source`` calibrated on ``texts``; returns the nodes kept in FP32."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -297,7 +298,7 @@ def quantize_torch_dynamic(model_dir: Path, out_dir: Path) -> StepResult:
 
 
 def run(config: QuantizeConfig, onnx_dir: Path, data_dir: Path, out_dir: Path, max_length: int,
-        check_samples: int = 64, truncation: str = "head") -> StepResult:
+        check_samples: int = 64, truncation: str = DEFAULT_TRUNCATION) -> StepResult:
     """Quantize ``onnx_dir/model.onnx`` into ``out_dir`` and report its agreement with the FP32 model."""
     mode = QuantizeMode(config.mode)
     texts = read_split(data_dir, "test")["text"].head(check_samples).tolist()

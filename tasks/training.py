@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers import get_linear_schedule_with_warmup
 
+from serving.truncation import DEFAULT_TRUNCATION
 from tasks.config import PRECISIONS
 from tasks.tokens import encode
 
@@ -101,7 +102,7 @@ def autocast(precision: str):
 
 
 def predict_logits(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 32,
-                   precision: str = "fp32", truncation: str = "head") -> np.ndarray:
+                   precision: str = "fp32", truncation: str = DEFAULT_TRUNCATION) -> np.ndarray:
     """Logits of a PyTorch classifier for ``texts`` (eval mode, no grad), float32 whatever ``precision``;
     long texts cut by ``truncation`` (``tasks.tokens.encode``)."""
     model.eval()
@@ -114,7 +115,7 @@ def predict_logits(model, tokenizer, texts: list[str], max_length: int, batch_si
 
 
 def accuracy(model, tokenizer, split: pd.DataFrame, max_length: int, precision: str = "fp32",
-             truncation: str = "head") -> float:
+             truncation: str = DEFAULT_TRUNCATION) -> float:
     """Share of ``split``'s texts whose predicted class equals the label."""
     logits = predict_logits(model, tokenizer, split["text"].tolist(), max_length, precision=precision,
                             truncation=truncation)
@@ -207,7 +208,7 @@ def train(model: torch.nn.Module, tokenizer, texts: list[str], loss_fn: LossFn, 
           seed: int, name: str, progress_every: int = 10, layer_decay: float = 1.0,
           layer_tiers: tuple[float, ...] = (), early_stopping: EarlyStopping | None = None,
           after_step: Callable[[int], None] | None = None, precision: str = "fp32",
-          truncation: str = "head") -> TrainingRun:
+          truncation: str = DEFAULT_TRUNCATION) -> TrainingRun:
     """Train ``model`` for up to ``total_steps`` batches of ``texts``; ``loss_fn(batch, indices)`` gives the loss.
 
     ``precision``: the forward pass and loss run under ``autocast(precision)`` (module docstring).
